@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "stockade", version, about = "Privilege-separated Nix store daemon")]
+#[command(
+    name = "stockade",
+    version,
+    about = "Privilege-separated Nix store daemon"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
