@@ -578,3 +578,22 @@ fn peer_cred_of_child_process() {
         println!("not root: cross-uid peer_cred check skipped");
     }
 }
+
+#[test]
+fn spilled_messages_travel_in_a_memfd() {
+    let (mut a, mut b) = stockade_common::ipc::socketpair().unwrap();
+    a.enable_spill(16 << 20);
+    b.enable_spill(16 << 20);
+    let big: Vec<String> = (0..20_000).map(|i| format!("/nix/store/{i:032}-x")).collect();
+    a.send_value(&big, &[]).unwrap();
+    a.send_value(&vec!["small".to_string()], &[]).unwrap();
+    let (got, fds): (Vec<String>, _) = b.recv_value(0).unwrap();
+    assert_eq!(got, big);
+    assert!(fds.is_empty(), "the memfd is consumed, not handed out");
+    let (got, _): (Vec<String>, _) = b.recv_value(0).unwrap();
+    assert_eq!(got, vec!["small".to_string()]);
+    // Over the spill maximum: refused on send.
+    let mut c = a;
+    c.enable_spill(1000);
+    assert!(c.send_value(&big, &[]).is_err());
+}

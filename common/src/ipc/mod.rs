@@ -55,6 +55,12 @@ pub const MAX_LIMIT: usize = 128 * 1024;
 /// Most descriptors the kernel lets one `sendmsg` carry (`SCM_MAX_FD`).
 pub const MAX_FDS: usize = 253;
 
+/// Header byte of a message on a spilling channel: the payload follows inline.
+const SPILL_INLINE: u8 = 0;
+/// Header byte of a message on a spilling channel: a `u64` length follows, and the payload is
+/// in a sealed memfd passed as the last descriptor.
+const SPILL_MEMFD: u8 = 1;
+
 /// Errors of the IPC layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -91,6 +97,8 @@ pub enum Error {
     InvalidTimeout,
     #[error("socket has no peer credentials")]
     NoPeer,
+    #[error("malformed spilled IPC message: {0}")]
+    BadSpill(&'static str),
 }
 
 /// A value that can travel over a [`Channel`], together with the number of descriptors it
@@ -144,6 +152,9 @@ fn own_received_fd(raw: RawFd) -> OwnedFd {
 pub struct Channel {
     fd: OwnedFd,
     limit: usize,
+    /// When set, messages larger than `limit` travel in a memfd of at most this many bytes
+    /// (and every message carries a one-byte header saying which way it came).
+    spill: Option<usize>,
     /// Receive buffer, `limit + 1` bytes once used.
     buf: Vec<u8>,
     /// Control buffer with room for `MAX_FDS` descriptors (nix uses its capacity).
@@ -175,6 +186,7 @@ impl Channel {
         Channel {
             fd,
             limit: DEFAULT_LIMIT,
+            spill: None,
             buf: Vec::new(),
             cmsg: nix::cmsg_space!([RawFd; MAX_FDS]),
         }
@@ -213,6 +225,13 @@ impl Channel {
         self.limit = limit;
         self.buf = Vec::new();
         Ok(())
+    }
+
+    /// Let messages up to `max` bytes through by spilling those over the message limit into a
+    /// sealed memfd. Both ends must enable it: it adds a header byte to every message. Meant
+    /// for replies such as a path set, whose size a request cannot bound.
+    pub fn enable_spill(&mut self, max: usize) {
+        self.spill = Some(max);
     }
 
     /// Fail a receive with [`Error::Timeout`] after `timeout` without a message (`SO_RCVTIMEO`);
@@ -265,8 +284,23 @@ impl Channel {
         value: &T,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
-        let payload = encode(value, self.limit)?;
-        self.send_bytes(&payload, fds)
+        let Some(max) = self.spill else {
+            let payload = encode(value, self.limit)?;
+            return self.send_bytes(&payload, fds);
+        };
+        let payload = encode(value, max)?;
+        if payload.len() < self.limit {
+            let mut framed = Vec::with_capacity(payload.len() + 1);
+            framed.push(SPILL_INLINE);
+            framed.extend_from_slice(&payload);
+            return self.send_bytes(&framed, fds);
+        }
+        let memfd = spill_to_memfd(&payload)?;
+        let mut all: Vec<BorrowedFd<'_>> = fds.to_vec();
+        all.push(memfd.as_fd());
+        let mut header = vec![SPILL_MEMFD];
+        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        self.send_bytes(&header, &all)
     }
 
     /// Receive a value with at most `max_fds` descriptors.
@@ -274,6 +308,9 @@ impl Channel {
         &mut self,
         max_fds: usize,
     ) -> Result<(T, Vec<OwnedFd>), Error> {
+        if let Some(max) = self.spill {
+            return self.recv_spilling(max_fds, max);
+        }
         let (len, fds) = self.recv_bytes(max_fds)?;
         let payload = self.buf.get(..len).ok_or(Error::TooLarge {
             size: len,
@@ -283,6 +320,42 @@ impl Channel {
             .deserialize(payload)
             .map_err(Error::Decode)?;
         Ok((value, fds))
+    }
+
+    fn recv_spilling<T: DeserializeOwned>(
+        &mut self,
+        max_fds: usize,
+        max: usize,
+    ) -> Result<(T, Vec<OwnedFd>), Error> {
+        let (len, mut fds) = self.recv_bytes(max_fds.saturating_add(1))?;
+        let msg = self.buf.get(..len).ok_or(Error::BadSpill("length"))?;
+        match msg.split_first() {
+            Some((&SPILL_INLINE, payload)) => {
+                if fds.len() > max_fds {
+                    return Err(Error::TooManyFds {
+                        got: fds.len(),
+                        max: max_fds,
+                    });
+                }
+                let value = codec(max).deserialize(payload).map_err(Error::Decode)?;
+                Ok((value, fds))
+            }
+            Some((&SPILL_MEMFD, rest)) => {
+                let size: [u8; 8] = rest.try_into().map_err(|_| Error::BadSpill("header"))?;
+                let size = u64::from_le_bytes(size);
+                if size > max as u64 {
+                    return Err(Error::TooLarge {
+                        size: usize::try_from(size).unwrap_or(usize::MAX),
+                        limit: max,
+                    });
+                }
+                let memfd = fds.pop().ok_or(Error::BadSpill("no memfd"))?;
+                let payload = read_spill(memfd, size as usize)?;
+                let value = codec(max).deserialize(&payload).map_err(Error::Decode)?;
+                Ok((value, fds))
+            }
+            _ => Err(Error::BadSpill("header")),
+        }
     }
 
     fn send_bytes(&mut self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
@@ -405,6 +478,44 @@ impl AsFd for Channel {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// Writes `payload` into a new memfd and seals it, so the receiver reads exactly these bytes.
+fn spill_to_memfd(payload: &[u8]) -> Result<OwnedFd, Error> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::io::{Seek, SeekFrom, Write};
+    let fd = memfd_create(
+        c"stockade-ipc",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(payload)
+        .and_then(|_| file.seek(SeekFrom::Start(0)).map(|_| ()))
+        .map_err(|e| Error::Sys(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+    let seals = SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Reads a spilled payload of exactly `size` bytes. The descriptor must be a regular file of
+/// that size (a memfd); a pipe or socket could block us forever.
+fn read_spill(fd: OwnedFd, size: usize) -> Result<Vec<u8>, Error> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|_| Error::BadSpill("cannot stat memfd"))?;
+    if !meta.is_file() || meta.len() != size as u64 {
+        return Err(Error::BadSpill("memfd is not a regular file of the stated size"));
+    }
+    let mut buf = vec![0u8; size];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(|_| Error::BadSpill("short memfd"))?;
+    Ok(buf)
 }
 
 fn timeval(timeout: Option<Duration>) -> Result<TimeVal, Error> {
