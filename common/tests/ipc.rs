@@ -76,10 +76,10 @@ fn typed_round_trip() {
     // Several messages queued keep their boundaries and order.
     let reqs = [
         BrokerToStoreWriter::IsValidPath {
-            path: "/nix/store/00000000000000000000000000000000-a".into(),
+            path: sp("00000000000000000000000000000000-a"),
         },
         BrokerToStoreWriter::Hello { version: 7 },
-        BrokerToStoreWriter::IsValidPath { path: "x".into() },
+        BrokerToStoreWriter::IsValidPath { path: sp("11111111111111111111111111111111-x") },
     ];
     for r in &reqs {
         b.send(r, &[]).unwrap();
@@ -145,10 +145,10 @@ fn passed_channel_works_after_from_fd() {
     let mut client_chan = Channel::from_fd(fds.pop().unwrap()).unwrap();
 
     broker_end
-        .send(&BrokerToStoreWriter::IsValidPath { path: "p".into() }, &[])
+        .send(&BrokerToStoreWriter::IsValidPath { path: sp("22222222222222222222222222222222-p") }, &[])
         .unwrap();
     let (req, _) = client_chan.recv::<BrokerToStoreWriter>().unwrap();
-    assert_eq!(req, BrokerToStoreWriter::IsValidPath { path: "p".into() });
+    assert_eq!(req, BrokerToStoreWriter::IsValidPath { path: sp("22222222222222222222222222222222-p") });
     client_chan
         .send(&StoreWriterToBroker::Bool(true), &[])
         .unwrap();
@@ -258,7 +258,7 @@ fn garbage_truncated_and_trailing_bytes_rejected() {
     let (a, mut b) = ipc::socketpair().unwrap();
     let good = ipc::encode(
         &BrokerToStoreWriter::IsValidPath {
-            path: "/nix/store/abc".into(),
+            path: sp("33333333333333333333333333333333-abc"),
         },
         ipc::DEFAULT_LIMIT,
     )
@@ -311,7 +311,7 @@ fn extra_fds_rejected_and_closed() {
     // 200 copies of one fd where the type allows none.
     let many = vec![wr.as_raw_fd(); 200];
     send_raw(&a, &payload, &many).unwrap();
-    let err = b.recv::<BrokerToStoreWriter>().unwrap_err();
+    let err = b.recv::<StoreWriterToBroker>().unwrap_err();
     assert!(
         matches!(err, Error::TooManyFds { got: 200, max: 0 }),
         "{err:?}"
@@ -420,7 +420,7 @@ fn closed_peer_and_timeout() {
     c.set_write_timeout(Some(Duration::from_millis(20)))
         .unwrap();
     let filler = BrokerToStoreWriter::IsValidPath {
-        path: "x".repeat(4000),
+        path: sp(&format!("44444444444444444444444444444444-{}", "x".repeat(200))),
     };
     let mut sent = 0;
     let err = loop {
@@ -596,4 +596,8 @@ fn spilled_messages_travel_in_a_memfd() {
     let mut c = a;
     c.enable_spill(1000);
     assert!(c.send_value(&big, &[]).is_err());
+}
+
+fn sp(base: &str) -> stockade_common::store_path::StorePath {
+    base.parse().unwrap()
 }

@@ -8,9 +8,15 @@
 //! bincode cannot encode `#[serde(flatten)]`, `#[serde(untagged)]` or `skip_serializing_if`;
 //! keep these types plain.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::Message;
+use crate::content_address::ContentAddressMethod;
+use crate::hash::HashAlgo;
+use crate::narinfo::PathInfo;
+use crate::store_path::StorePath;
 
 /// Version of this message set, exchanged in every `Hello`.
 pub const VERSION: u32 = 1;
@@ -34,7 +40,10 @@ pub enum MasterToStoreWriter {
     Hello {
         version: u32,
     },
+    /// First message after `Hello`: the configuration. → `StoreWriterToMaster::Ready`
+    Start(Box<StoreWriterConfig>),
     /// A new broker. Carries one descriptor: the store-writer's end of that broker's channel.
+    /// The identity and trust here are the only ones the store-writer ever uses for it.
     NewClient {
         client: ClientIdentity,
     },
@@ -42,6 +51,31 @@ pub enum MasterToStoreWriter {
     ClientGone {
         conn_id: u64,
     },
+    /// Finish what is running and exit.
+    Shutdown,
+}
+
+/// The store-writer's configuration, decided by the master from nix.conf and the environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreWriterConfig {
+    /// Logical store directory (`/nix/store`, or `NIX_STORE_DIR`).
+    pub store_dir: String,
+    /// Where the store is on disk (the same unless diverted).
+    pub real_store_dir: String,
+    /// `NIX_STATE_DIR` (`/nix/var/nix`): db/, temproots/, gcroots/, profiles/.
+    pub state_dir: String,
+    /// `NIX_LOG_DIR` (`/nix/var/log/nix`).
+    pub log_dir: String,
+    pub require_sigs: bool,
+    /// `name:base64` public keys.
+    pub trusted_public_keys: Vec<String>,
+    pub use_sqlite_wal: bool,
+    pub fsync_metadata: bool,
+    pub compress_build_log: bool,
+    /// Whether the process runs as root (owner and group fix-ups are possible).
+    pub as_root: bool,
+    /// Optional extra audit destination (`audit-socket` in stockade.conf).
+    pub audit_socket: Option<String>,
 }
 
 /// store-writer → master.
@@ -50,6 +84,12 @@ pub enum MasterToStoreWriter {
 pub enum StoreWriterToMaster {
     Hello {
         version: u32,
+    },
+    /// The database is open and the store-writer serves clients.
+    Ready,
+    /// Start-up failed; the store-writer exits after sending this.
+    Failed {
+        reason: String,
     },
     /// The store-writer refused or dropped a client (for the master's audit and supervision).
     ClientRefused {
@@ -74,12 +114,116 @@ pub enum MasterToBuilder {
     },
 }
 
-/// broker → store-writer, on the per-client channel.
+/// Most paths one query message names; the broker splits larger client requests.
+pub const QUERY_CHUNK: usize = 512;
+
+/// Largest message on a broker ↔ store-writer channel, spilled into a memfd when over the
+/// channel limit (see [`super::Channel::enable_spill`]).
+pub const BROKER_SPILL_MAX: usize = 256 << 20;
+
+/// broker → store-writer, on the per-client channel. Every request gets exactly one final
+/// reply (`Error` or the variant named in its doc), possibly preceded by `Log` messages.
+/// Paths are typed, so a path that fails validation never reaches the store-writer's logic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum BrokerToStoreWriter {
-    Hello { version: u32 },
-    IsValidPath { path: String },
+    Hello {
+        version: u32,
+    },
+    /// → `Bool`
+    IsValidPath {
+        path: StorePath,
+    },
+    /// → `Paths` (the valid subset)
+    QueryValidPaths {
+        paths: Vec<StorePath>,
+    },
+    /// → `PathInfo`
+    QueryPathInfo {
+        path: StorePath,
+    },
+    /// → `Paths`
+    QueryReferrers {
+        path: StorePath,
+    },
+    /// → `Paths`
+    QueryValidDerivers {
+        path: StorePath,
+    },
+    /// The outputs registered for a valid derivation. → `OutputMap`
+    QueryDerivationOutputs {
+        drv: StorePath,
+    },
+    /// → `OptPath`
+    QueryPathFromHashPart {
+        hash_part: String,
+    },
+    /// → `Paths`
+    QueryAllValidPaths,
+    /// Add data the store-writer addresses itself. One descriptor: the read end of a pipe
+    /// with the raw contents (text, flat) or a NAR (recursive). → `PathInfo`
+    AddToStore {
+        name: String,
+        method: ContentAddressMethod,
+        algo: HashAlgo,
+        references: Vec<StorePath>,
+        repair: bool,
+    },
+    /// Add a NAR with the metadata the client claims; the store-writer checks all of it
+    /// against the client's trust. One descriptor: a pipe with the NAR. With `batch`, the
+    /// path is staged and registered by `CommitBatch`. → `Ok`
+    AddNar {
+        info: PathInfo,
+        repair: bool,
+        dont_check_sigs: bool,
+        batch: Option<u64>,
+    },
+    /// Register every path staged under `batch` in one transaction. → `Ok`
+    CommitBatch {
+        batch: u64,
+    },
+    /// Forget the staged paths of `batch`. → `Ok`
+    AbortBatch {
+        batch: u64,
+    },
+    /// → `Ok`
+    AddTempRoot {
+        path: StorePath,
+    },
+    /// → `Ok`
+    AddIndirectRoot {
+        link: String,
+    },
+    /// → `Text` (the root's path)
+    AddPermRoot {
+        path: StorePath,
+        link: String,
+    },
+    /// → `Roots`
+    FindRoots,
+    /// → `Ok`
+    AddSignatures {
+        path: StorePath,
+        sigs: Vec<String>,
+    },
+    /// One descriptor: a pipe with the log. → `Ok`
+    AddBuildLog {
+        drv: StorePath,
+    },
+    /// A realisation in Nix's JSON form. → `Ok`
+    RegisterDrvOutput {
+        realisation: String,
+    },
+    /// → `OptText` (the realisation JSON)
+    QueryRealisation {
+        id: String,
+    },
+    /// Check that every valid path exists (and, with `check_contents`, hashes to its NAR
+    /// hash); progress goes out as `Log`. → `Bool` (errors found)
+    VerifyStore {
+        check_contents: bool,
+        repair: bool,
+    },
 }
 
 /// store-writer → broker.
@@ -89,11 +233,73 @@ pub enum StoreWriterToBroker {
     Hello {
         version: u32,
     },
+    Ok,
     Bool(bool),
+    Paths(Vec<StorePath>),
+    PathInfo(Option<Box<PathInfo>>),
+    OptPath(Option<StorePath>),
+    OutputMap(BTreeMap<String, StorePath>),
+    /// (link, target) pairs; links censored for untrusted clients.
+    Roots(Vec<(String, StorePath)>),
+    Text(String),
+    OptText(Option<String>),
+    /// A message for the client's log, sent before the final reply.
+    Log {
+        level: u32,
+        text: String,
+    },
     /// The request failed; `message` is client-visible (nix-daemon's wording where one exists).
     Error {
         message: String,
     },
+}
+
+impl Message for BrokerToStoreWriter {
+    const MAX_FDS: usize = 1;
+    fn fd_count(&self) -> usize {
+        match self {
+            BrokerToStoreWriter::AddToStore { .. }
+            | BrokerToStoreWriter::AddNar { .. }
+            | BrokerToStoreWriter::AddBuildLog { .. } => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// master → broker, once, on the broker's start channel (fd 3 at exec).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum MasterToBroker {
+    /// Everything a broker needs. Carries two descriptors: the client's socket, then the
+    /// broker's end of its store-writer channel.
+    Start(Box<BrokerConfig>),
+}
+
+/// What the master tells a broker at start; only what the broker needs, never secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerConfig {
+    pub client: ClientIdentity,
+    /// The logical store directory (`/nix/store` or `NIX_STORE_DIR`).
+    pub store_dir: String,
+    /// Where the store really is on disk (the same unless the store is diverted).
+    pub real_store_dir: String,
+    /// The daemon's `substituters` and `trusted-substituters`, for filtering client overrides.
+    pub substituters: Vec<String>,
+    pub trusted_substituters: Vec<String>,
+    /// Configured `max-jobs` and `cores`, to clamp client requests.
+    pub max_jobs: u32,
+    pub cores: u32,
+    /// Plain log level the broker writes to its own stderr (the master's journal).
+    pub verbosity: u32,
+}
+
+impl Message for MasterToBroker {
+    const MAX_FDS: usize = 2;
+    fn fd_count(&self) -> usize {
+        match self {
+            MasterToBroker::Start(_) => 2,
+        }
+    }
 }
 
 /// broker → builder-helper, on the per-client channel.
@@ -122,7 +328,7 @@ impl Message for MasterToStoreWriter {
     fn fd_count(&self) -> usize {
         match self {
             MasterToStoreWriter::NewClient { .. } => 1,
-            MasterToStoreWriter::Hello { .. } | MasterToStoreWriter::ClientGone { .. } => 0,
+            _ => 0,
         }
     }
 }
@@ -151,7 +357,6 @@ macro_rules! no_fds {
 
 no_fds!(
     StoreWriterToMaster,
-    BrokerToStoreWriter,
     StoreWriterToBroker,
     BrokerToBuilder,
     BuilderToBroker,
