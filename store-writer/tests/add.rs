@@ -592,7 +592,7 @@ fn batches_are_all_or_nothing() {
     let nar_a = tree_nar("a");
     let a = info_for(&sd, "a", &nar_a, &[]);
     let nar_b = tree_nar("b");
-    let b_info = info_for(&sd, "b", &nar_b, &[a.path.clone()]);
+    let b_info = info_for(&sd, "b", &nar_b, std::slice::from_ref(&a.path));
 
     let batch = |info: &stockade_common::narinfo::PathInfo, id| Req::AddNar {
         info: info.clone(),

@@ -241,7 +241,7 @@ impl Raw {
         self.0.extend_from_slice(&(s.len() as u64).to_le_bytes());
         self.0.extend_from_slice(s);
         let pad = (8 - s.len() % 8) % 8;
-        self.0.extend(std::iter::repeat(0u8).take(pad));
+        self.0.resize(self.0.len() + pad, 0);
         self
     }
     pub fn t(mut self, toks: &[&str]) -> Self {
