@@ -232,7 +232,7 @@ impl Session {
             } => {
                 let fd = need_fd(fd)?;
                 match batch {
-                    None => add::add_nar(&self.ctx(), info, repair, dont_check_sigs, None, fd)?,
+                    None => add::add_nar(&self.ctx(), *info, repair, dont_check_sigs, None, fd)?,
                     Some(id) => {
                         if !self.batches.contains_key(&id) {
                             if self.batches.len() >= MAX_BATCHES {
@@ -248,7 +248,7 @@ impl Session {
                             .ok_or_else(|| ReqError::Violation("batch vanished".into()))?;
                         let res = add::add_nar(
                             &self.ctx(),
-                            info,
+                            *info,
                             repair,
                             dont_check_sigs,
                             Some(&mut batch),
