@@ -1,0 +1,40 @@
+//! `stockade.conf`: Stockade's own settings, in `nix.conf` syntax, next to `nix.conf`.
+
+use super::schema::define_settings;
+use super::value::{Ctx, UidRange};
+
+define_settings! {
+    /// Settings only Stockade has. Durations are seconds; for the limits and timeouts, 0 means
+    /// "none".
+    pub struct StockadeSettings;
+    fn defaults();
+    private {}
+    settings {
+        /// Unix datagram socket that audit records go to (syslog).
+        audit_socket: String = "audit-socket" => "/dev/log".into();
+        /// Uids handed to brokers, one per connection, never shared while in use. Must not
+        /// overlap the build users or any real account.
+        broker_uid_range: UidRange = "broker-uid-range" => UidRange { first: 800_000, last: 865_535 };
+        /// Connections served at once; more wait in the listen backlog.
+        max_connections: u32 = "max-connections" => 256;
+        /// Connections served at once for one peer uid.
+        max_connections_per_uid: u32 = "max-connections-per-uid" => 32;
+        /// Seconds a client has to finish the worker-protocol handshake.
+        handshake_timeout: u64 = "handshake-timeout" => 30;
+        /// Seconds a connection may sit idle between operations. Off by default: Nix clients
+        /// (`nix repl`, long evaluations) keep idle daemon connections for hours.
+        idle_timeout: u64 = "idle-timeout" => 0;
+    }
+}
+
+impl Default for StockadeSettings {
+    fn default() -> Self {
+        Self::defaults()
+    }
+}
+
+impl StockadeSettings {
+    fn value_ctx(&self) -> Ctx {
+        Ctx { cpus: 1 }
+    }
+}
