@@ -3,6 +3,7 @@
 //! Nothing here does privileged work: the crate is pure parsing, printing and hashing (plus the
 //! thin fd-passing layer in [`ipc`]), so it can run in the unprivileged broker and be fuzzed.
 
+pub mod audit;
 pub mod base32;
 pub mod conf;
 pub mod content_address;

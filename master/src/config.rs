@@ -1,0 +1,182 @@
+//! The daemon's configuration: `$NIX_CONF_DIR/nix.conf` ([`Settings`]) and
+//! `$NIX_CONF_DIR/stockade.conf` ([`StockadeSettings`]), then `--option NAME VALUE` in order.
+//!
+//! `--option` names a setting of either file (nix.conf's first); a name neither knows is a
+//! warning (`unknown setting 'NAME'`), as with nix-daemon, and a bad value is an error. Missing
+//! files mean defaults, so a fresh machine needs no configuration at all.
+
+use std::path::{Path, PathBuf};
+
+use stockade_common::conf::{ExperimentalFeature, Settings, StockadeSettings, UidRange};
+
+use crate::error::{Error, Result};
+
+/// Loaded configuration plus what was worth a warning.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub settings: Settings,
+    pub stockade: StockadeSettings,
+    /// Human-readable warnings, printed once at start.
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Read both files from `conf_dir` and apply `options`.
+    pub fn load(conf_dir: &Path, options: &[(String, String)]) -> Result<Config> {
+        let nix = Settings::load(conf_dir).map_err(|e| Error::Config(e.to_string()))?;
+        let stockade =
+            StockadeSettings::load(conf_dir).map_err(|e| Error::Config(e.to_string()))?;
+        let mut cfg = Config {
+            settings: nix.settings,
+            stockade: stockade.settings,
+            warnings: Vec::new(),
+        };
+        cfg.warnings
+            .extend(nix.warnings.iter().map(ToString::to_string));
+        cfg.warnings
+            .extend(stockade.warnings.iter().map(ToString::to_string));
+        for (name, value) in options {
+            cfg.set_option(name, value)?;
+        }
+        Ok(cfg)
+    }
+
+    /// Apply one `--option NAME VALUE`.
+    pub fn set_option(&mut self, name: &str, value: &str) -> Result<()> {
+        let bad =
+            |e: stockade_common::conf::ConfError| Error::Config(format!("--option {name}: {e}"));
+        let warnings = if Settings::resolve(name).is_some() {
+            self.settings.set(name, value).map_err(bad)?
+        } else if StockadeSettings::resolve(name).is_some() {
+            self.stockade.set(name, value).map_err(bad)?
+        } else {
+            self.warnings.push(format!("unknown setting '{name}'"));
+            return Ok(());
+        };
+        self.warnings
+            .extend(warnings.iter().map(|w| format!("--option: {w}")));
+        Ok(())
+    }
+
+    /// Refuse configurations Stockade does not run with.
+    pub fn check(&self) -> Result<()> {
+        if self.settings.has_feature(ExperimentalFeature::RecursiveNix) {
+            // V13: recursive Nix gave builders a daemon socket; Stockade has no such broker yet.
+            return Err(Error::Config(
+                "experimental feature 'recursive-nix' is not supported by Stockade".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `build-users-group`, `None` when empty.
+    pub fn build_users_group(&self) -> Option<&str> {
+        Some(self.settings.build_users_group.as_str()).filter(|g| !g.is_empty())
+    }
+
+    /// The extra audit destination: `audit-socket` unless empty or the syslog socket itself
+    /// (its default), which the audit handle always uses.
+    pub fn audit_socket(&self) -> Option<PathBuf> {
+        let s = self.stockade.audit_socket.as_str();
+        if s.is_empty() || s == stockade_common::audit::DEV_LOG {
+            None
+        } else {
+            Some(PathBuf::from(s))
+        }
+    }
+
+    pub fn broker_uid_range(&self) -> UidRange {
+        self.stockade.broker_uid_range
+    }
+
+    /// `trusted-substituters` as a list.
+    pub fn trusted_substituters(&self) -> Vec<String> {
+        self.settings.trusted_substituters.iter().cloned().collect()
+    }
+
+    /// Configured `max-jobs`.
+    pub fn max_jobs(&self) -> u32 {
+        self.settings.max_jobs.0
+    }
+
+    /// The effective security-relevant settings, for the start-up audit line.
+    pub fn security_summary(&self) -> Vec<(&'static str, String)> {
+        let s = &self.settings;
+        let st = &self.stockade;
+        let show = |name: &str| s.get(name).unwrap_or_default();
+        vec![
+            ("allowed-users", show("allowed-users")),
+            ("trusted-users", show("trusted-users")),
+            ("build-users-group", s.build_users_group.clone()),
+            ("require-sigs", show("require-sigs")),
+            ("trusted-public-keys", show("trusted-public-keys")),
+            ("substituters", show("substituters")),
+            ("trusted-substituters", show("trusted-substituters")),
+            ("sandbox", show("sandbox")),
+            ("max-connections", st.max_connections.to_string()),
+            (
+                "max-connections-per-uid",
+                st.max_connections_per_uid.to_string(),
+            ),
+            (
+                "broker-uid-range",
+                st.get("broker-uid-range").unwrap_or_default(),
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf_dir(nix: &str, stockade: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::write(d.path().join("nix.conf"), nix).expect("write");
+        std::fs::write(d.path().join("stockade.conf"), stockade).expect("write");
+        d
+    }
+
+    #[test]
+    fn no_files_means_defaults() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let c = Config::load(d.path(), &[]).expect("load");
+        assert_eq!(c.settings.allowed_users, ["*"]);
+        assert_eq!(c.settings.trusted_users, ["root"]);
+        assert!(c.warnings.is_empty());
+        assert!(c.audit_socket().is_none());
+    }
+
+    #[test]
+    fn options_reach_both_files_and_unknown_warns() {
+        let d = conf_dir(
+            "trusted-users = root alice\nbuild-users-group =\n",
+            "max-connections = 9\n",
+        );
+        let opts = vec![
+            ("allowed-users".to_string(), "alice @dev".to_string()),
+            ("max-connections-per-uid".to_string(), "3".to_string()),
+            ("no-such-setting".to_string(), "1".to_string()),
+        ];
+        let c = Config::load(d.path(), &opts).expect("load");
+        assert_eq!(c.settings.trusted_users, ["root", "alice"]);
+        assert_eq!(c.settings.allowed_users, ["alice", "@dev"]);
+        assert_eq!(c.stockade.max_connections, 9);
+        assert_eq!(c.stockade.max_connections_per_uid, 3);
+        assert_eq!(c.build_users_group(), None);
+        assert_eq!(c.warnings, ["unknown setting 'no-such-setting'"]);
+    }
+
+    #[test]
+    fn bad_values_and_recursive_nix_are_errors() {
+        let d = conf_dir("", "");
+        let bad = vec![("cores".to_string(), "many".to_string())];
+        assert!(Config::load(d.path(), &bad).is_err());
+        let d = conf_dir("experimental-features = recursive-nix\n", "");
+        let c = Config::load(d.path(), &[]).expect("load");
+        assert!(c.check().is_err());
+        let d = conf_dir("", "audit-socket = /run/audit.sock\n");
+        let c = Config::load(d.path(), &[]).expect("load");
+        assert_eq!(c.audit_socket(), Some(PathBuf::from("/run/audit.sock")));
+    }
+}

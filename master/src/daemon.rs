@@ -1,0 +1,818 @@
+//! The accept loop and supervision.
+//!
+//! One thread, one `poll` over: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP), the
+//! store-writer's control channel, and the two listening sockets. Being single-threaded is what
+//! makes forking children safe (spawn.rs) and keeps the state below free of locks.
+//!
+//! For each connection: `SO_PEERCRED` → passwd/group look-ups → `policy::admit` (allowed-users,
+//! trusted-users, build-users-group; connections on the untrusted socket are never trusted) →
+//! connection limits → a broker uid (root only) → store-writer `NewClient` → broker exec.
+//! A refused connection is closed without a byte, as nix-daemon does, after an audit line and
+//! nix-daemon's `error processing connection: …` message on standard error.
+//!
+//! When a broker exits the master tells the store-writer (`ClientGone`), frees the broker's uid
+//! once nothing runs under it, and writes the `closed` audit line. If the store-writer dies the
+//! master exits non-zero (see writer.rs). SIGTERM/SIGINT: stop accepting, send `Shutdown`, wait
+//! for the store-writer to exit, send SIGTERM to the remaining brokers, exit 0. SIGHUP is
+//! ignored (configuration is read at start only).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use stockade_common::audit::{Audit, Facility, Severity};
+use stockade_common::ipc::msg::{ClientIdentity, StoreWriterConfig, StoreWriterToMaster};
+use stockade_common::ipc::{self};
+use stockade_policy::{admit, referenced_groups, Admission, RefuseCause, TrustOverride};
+
+use crate::cli::DaemonArgs;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::launch::Launcher;
+use crate::paths::Paths;
+use crate::peers::peer_facts;
+use crate::socket::{self, Listeners};
+use crate::spawn::Confinement;
+use crate::uids::UidPool;
+use crate::writer::StoreWriter;
+
+/// How long the store-writer has to finish after `Shutdown` before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Connections accepted per listener per loop turn, so one flooded socket cannot starve the
+/// other or the signal handling.
+const ACCEPT_BATCH: usize = 64;
+
+/// Everything decided at start.
+pub struct Ctx {
+    pub paths: Paths,
+    pub cfg: Config,
+    pub args: DaemonArgs,
+    pub audit: Audit,
+    pub as_root: bool,
+    pub uid: u32,
+    pub launcher: Launcher,
+}
+
+impl Ctx {
+    /// The store-writer's configuration.
+    pub fn store_writer_config(&self) -> StoreWriterConfig {
+        let s = &self.cfg.settings;
+        let store_dir = self.paths.store_dir.to_string_lossy().into_owned();
+        StoreWriterConfig {
+            real_store_dir: store_dir.clone(),
+            store_dir,
+            state_dir: self.paths.state_dir.to_string_lossy().into_owned(),
+            log_dir: self.paths.log_dir.to_string_lossy().into_owned(),
+            require_sigs: s.require_sigs,
+            trusted_public_keys: s.trusted_public_keys.clone(),
+            use_sqlite_wal: s.use_sqlite_wal,
+            fsync_metadata: s.fsync_metadata,
+            compress_build_log: s.compress_build_log,
+            as_root: self.as_root,
+            audit_socket: self
+                .cfg
+                .audit_socket()
+                .map(|p| p.to_string_lossy().into_owned()),
+        }
+    }
+
+    /// How the store-writer is confined.
+    pub fn store_writer_confinement(&self) -> Confinement {
+        if self.as_root {
+            Confinement::StoreWriterCaps
+        } else {
+            Confinement::SameUid
+        }
+    }
+
+    /// Start the store-writer.
+    pub fn start_store_writer(&self) -> Result<StoreWriter> {
+        StoreWriter::start(
+            &self.launcher.programs.store_writer,
+            self.store_writer_confinement(),
+            self.store_writer_config(),
+        )
+    }
+
+    /// The start-up audit line: effective security settings.
+    pub fn audit_start(&self, mode: &str, extra: &[(&str, String)]) {
+        let mut fields: Vec<(&str, String)> = vec![
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("mode", mode.to_string()),
+            ("root", yes_no(self.as_root).to_string()),
+            ("store", self.paths.store_dir.to_string_lossy().into_owned()),
+            ("state", self.paths.state_dir.to_string_lossy().into_owned()),
+            (
+                "trust-override",
+                format!("{:?}", self.args.trust_override()),
+            ),
+        ];
+        fields.extend(extra.iter().cloned());
+        fields.extend(self.cfg.security_summary());
+        let refs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.audit.event_at(
+            Facility::Daemon,
+            Severity::Notice,
+            0,
+            self.uid,
+            "start",
+            &refs,
+        );
+    }
+}
+
+/// The one line a daemon started by an ordinary user prints about what it cannot do.
+pub fn unprivileged_notice(uid: u32) -> String {
+    format!(
+        "running as uid {uid}, not root: the store-writer and brokers share this uid, so uid \
+         separation and capability dropping are unavailable (no_new_privs and each process's own \
+         seccomp/landlock confinement still apply)"
+    )
+}
+
+pub fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// Which socket a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Main,
+    Untrusted,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Main => "main",
+            Source::Untrusted => "untrusted",
+        }
+    }
+}
+
+/// A live connection, keyed by its broker's pid.
+#[derive(Debug)]
+struct Conn {
+    conn_id: u64,
+    client_uid: u32,
+    client_pid: i32,
+    broker_uid: Option<u32>,
+    started: Instant,
+}
+
+/// At most `burst` limit-refusal lines per second; the rest are counted and the count is
+/// reported with the next line that gets through (A5).
+#[derive(Debug)]
+struct RateLimit {
+    burst: u32,
+    window: Instant,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new(burst: u32) -> Self {
+        RateLimit {
+            burst,
+            window: Instant::now(),
+            in_window: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(suppressed so far)` when this event may be logged.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.window = now;
+            self.in_window = 0;
+        }
+        if self.in_window < self.burst {
+            self.in_window += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+struct Daemon {
+    ctx: Ctx,
+    listeners: Option<Listeners>,
+    writer: StoreWriter,
+    writer_chan_open: bool,
+    writer_exited: bool,
+    sigfd: SignalFd,
+    uids: Option<UidPool>,
+    conns: HashMap<i32, Conn>,
+    per_uid: HashMap<u32, u32>,
+    next_conn: u64,
+    groups: Vec<String>,
+    /// A spare descriptor, given up to accept-and-close a connection when out of descriptors.
+    reserve: Option<File>,
+    limit_log: RateLimit,
+    shutdown_deadline: Option<Instant>,
+}
+
+/// Block the signals the loop handles and return a signalfd for them. Must run before any
+/// child exists (so no SIGCHLD is missed) and before any thread is started.
+fn signal_fd() -> Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()
+        .map_err(Error::sys("blocking signals"))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(Error::sys("signalfd"))
+}
+
+fn open_reserve() -> Option<File> {
+    File::open("/dev/null").ok()
+}
+
+/// Run the daemon until shutdown; returns the exit code.
+pub fn run(ctx: Ctx) -> Result<i32> {
+    if !ctx.as_root {
+        log::warn!("{}", unprivileged_notice(ctx.uid));
+    }
+    let listeners = socket::open(&ctx.paths, ctx.uid)?;
+    let sigfd = signal_fd()?;
+    let writer = ctx.start_store_writer()?;
+    let uids = if ctx.as_root {
+        Some(UidPool::new(ctx.cfg.broker_uid_range(), true))
+    } else {
+        None
+    };
+    if ctx.as_root {
+        if let Err(e) = crate::restrict::restrict_master() {
+            log::warn!("could not drop the master's own capabilities: {e}");
+        }
+    }
+    let groups = {
+        let s = &ctx.cfg.settings;
+        referenced_groups(&[&s.allowed_users, &s.trusted_users])
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    };
+    let main_path = if listeners.activated {
+        "(systemd)".to_string()
+    } else {
+        ctx.paths.socket_path.to_string_lossy().into_owned()
+    };
+    ctx.audit_start(
+        "daemon",
+        &[
+            ("socket", main_path.clone()),
+            (
+                "untrusted-socket",
+                ctx.paths
+                    .untrusted_socket_path
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            ("store-writer-pid", writer.pid.to_string()),
+        ],
+    );
+    log::info!(
+        "stockade {}: listening on {main_path} (untrusted: {}), pid {}",
+        env!("CARGO_PKG_VERSION"),
+        ctx.paths.untrusted_socket_path.display(),
+        std::process::id()
+    );
+    socket::sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+    let mut d = Daemon {
+        ctx,
+        listeners: Some(listeners),
+        writer,
+        writer_chan_open: true,
+        writer_exited: false,
+        sigfd,
+        uids,
+        conns: HashMap::new(),
+        per_uid: HashMap::new(),
+        next_conn: 1,
+        groups,
+        reserve: open_reserve(),
+        limit_log: RateLimit::new(20),
+        shutdown_deadline: None,
+    };
+    d.run()
+}
+
+impl Daemon {
+    fn run(&mut self) -> Result<i32> {
+        loop {
+            if self.writer_exited {
+                return Ok(self.finish());
+            }
+            let timeout = match self.shutdown_deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        log::error!("the store-writer did not exit in time; killing it");
+                        let _ = kill(Pid::from_raw(self.writer.pid), Signal::SIGKILL);
+                        self.shutdown_deadline = None;
+                        PollTimeout::NONE
+                    } else {
+                        PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
+                    }
+                }
+                None => PollTimeout::NONE,
+            };
+            let (sig, chan, main, untrusted) = {
+                let mut fds = vec![PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
+                if self.writer_chan_open {
+                    fds.push(PollFd::new(
+                        self.writer.channel().as_fd(),
+                        PollFlags::POLLIN,
+                    ));
+                }
+                if let Some(l) = &self.listeners {
+                    fds.push(PollFd::new(l.main.as_fd(), PollFlags::POLLIN));
+                    fds.push(PollFd::new(l.untrusted.as_fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(Error::sys("poll")(e)),
+                }
+                let ready = |i: usize| {
+                    fds.get(i)
+                        .and_then(|f| f.revents())
+                        .is_some_and(|r| !r.is_empty())
+                };
+                let chan_i = if self.writer_chan_open { Some(1) } else { None };
+                let base = 1 + usize::from(self.writer_chan_open);
+                let listening = self.listeners.is_some();
+                (
+                    ready(0),
+                    chan_i.is_some_and(ready),
+                    listening && ready(base),
+                    listening && ready(base + 1),
+                )
+            };
+            if sig {
+                self.handle_signals();
+            }
+            if chan {
+                self.handle_writer_message();
+            }
+            if main {
+                self.accept_batch(Source::Main);
+            }
+            if untrusted {
+                self.accept_batch(Source::Untrusted);
+            }
+        }
+    }
+
+    /// After the store-writer has exited: stop the brokers and pick the exit code.
+    fn finish(&mut self) -> i32 {
+        for pid in self.conns.keys() {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+        }
+        let clean = self.shutdown_deadline.is_some() || self.listeners.is_none();
+        self.ctx.audit.event_at(
+            Facility::Daemon,
+            Severity::Notice,
+            0,
+            self.ctx.uid,
+            "stop",
+            &[
+                ("clean", yes_no(clean)),
+                ("open-connections", &self.conns.len().to_string()),
+            ],
+        );
+        if clean {
+            0
+        } else {
+            1
+        }
+    }
+
+    fn begin_shutdown(&mut self, signal: Signal) {
+        if self.listeners.is_none() {
+            return;
+        }
+        log::info!("received {signal}, shutting down");
+        socket::sd_notify("STOPPING=1");
+        // Closing the listeners refuses new connections; the socket files stay (systemd may
+        // own them, and nix-daemon leaves them too).
+        self.listeners = None;
+        self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+        if let Err(e) = self.writer.shutdown() {
+            log::error!("{e}");
+            let _ = kill(Pid::from_raw(self.writer.pid), Signal::SIGTERM);
+        }
+    }
+
+    fn handle_signals(&mut self) {
+        loop {
+            match self.sigfd.read_signal() {
+                Ok(Some(info)) => {
+                    let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                        continue;
+                    };
+                    match sig {
+                        Signal::SIGCHLD => self.reap(),
+                        Signal::SIGTERM | Signal::SIGINT => self.begin_shutdown(sig),
+                        Signal::SIGHUP => {
+                            log::info!("ignoring SIGHUP: restart the daemon to apply new settings")
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    log::error!("reading signals: {e}");
+                    break;
+                }
+            }
+        }
+        // SIGCHLDs coalesce; reap whatever is there even if the signal was merged away.
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(s) => s,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    log::error!("waitpid: {e}");
+                    return;
+                }
+            };
+            let (pid, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exit={code}")),
+                WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal={sig}")),
+                _ => continue,
+            };
+            if pid.as_raw() == self.writer.pid {
+                self.writer_exited = true;
+                if self.shutdown_deadline.is_some() {
+                    log::info!("the store-writer exited ({how})");
+                } else {
+                    log::error!("the store-writer exited unexpectedly ({how}); stopping");
+                    self.ctx.audit.event_at(
+                        Facility::Daemon,
+                        Severity::Err,
+                        0,
+                        self.ctx.uid,
+                        "store-writer-died",
+                        &[("status", &how)],
+                    );
+                }
+            } else if let Some(conn) = self.conns.remove(&pid.as_raw()) {
+                self.closed(pid.as_raw(), conn, &how);
+            }
+        }
+    }
+
+    fn closed(&mut self, broker_pid: i32, conn: Conn, how: &str) {
+        if !self.writer_exited && self.writer_chan_open {
+            if let Err(e) = self.writer.client_gone(conn.conn_id) {
+                log::error!("{e}");
+            }
+        }
+        if let Some(n) = self.per_uid.get_mut(&conn.client_uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_uid.remove(&conn.client_uid);
+            }
+        }
+        if let (Some(pool), Some(uid)) = (self.uids.as_mut(), conn.broker_uid) {
+            pool.release(uid);
+        }
+        let secs = format!("{:.3}", conn.started.elapsed().as_secs_f64());
+        self.ctx.audit.event_at(
+            Facility::AuthPriv,
+            Severity::Info,
+            conn.conn_id,
+            conn.client_uid,
+            "closed",
+            &[
+                ("pid", &conn.client_pid.to_string()),
+                ("broker-pid", &broker_pid.to_string()),
+                ("status", how),
+                ("seconds", &secs),
+            ],
+        );
+    }
+
+    fn handle_writer_message(&mut self) {
+        match self.writer.recv() {
+            Ok(StoreWriterToMaster::ClientRefused { conn_id, reason }) => {
+                let uid = self
+                    .conns
+                    .values()
+                    .find(|c| c.conn_id == conn_id)
+                    .map_or(0, |c| c.client_uid);
+                log::warn!("the store-writer dropped connection {conn_id}: {reason}");
+                self.ctx.audit.event_at(
+                    Facility::Daemon,
+                    Severity::Warning,
+                    conn_id,
+                    uid,
+                    "store-writer-refused",
+                    &[("reason", &reason)],
+                );
+            }
+            Ok(other) => log::warn!("unexpected message from the store-writer: {other:?}"),
+            Err(ipc::Error::Closed) => {
+                // Its exit status arrives with SIGCHLD; stop polling the dead channel.
+                self.writer_chan_open = false;
+            }
+            Err(e) => log::error!("store-writer channel: {e}"),
+        }
+    }
+
+    fn accept_batch(&mut self, source: Source) {
+        for _ in 0..ACCEPT_BATCH {
+            let accepted = {
+                let Some(l) = &self.listeners else { return };
+                let listener: &UnixListener = match source {
+                    Source::Main => &l.main,
+                    Source::Untrusted => &l.untrusted,
+                };
+                listener.accept()
+            };
+            match accepted {
+                Ok((stream, _)) => self.handle_connection(stream, source),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ECONNABORTED) => continue,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::EMFILE) | Some(nix::libc::ENFILE)
+                    ) =>
+                {
+                    self.out_of_fds(source);
+                    return;
+                }
+                Err(e) => {
+                    log::error!("accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Out of descriptors (A7): free the reserve, accept and close one connection so the client
+    /// is not left hanging, and take the reserve back.
+    fn out_of_fds(&mut self, source: Source) {
+        self.reserve = None;
+        let accepted = self.listeners.as_ref().and_then(|l| {
+            match source {
+                Source::Main => &l.main,
+                Source::Untrusted => &l.untrusted,
+            }
+            .accept()
+            .ok()
+        });
+        if let Some((stream, _)) = accepted {
+            let cred = ipc::peer_cred(&stream).ok();
+            drop(stream);
+            let conn_id = self.next_id();
+            self.refuse_limit(
+                conn_id,
+                cred.map_or(0, |c| c.uid),
+                cred.map_or(0, |c| c.pid),
+                "descriptors",
+                "the daemon is out of file descriptors",
+            );
+        }
+        self.reserve = open_reserve();
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        id
+    }
+
+    fn refuse_limit(&mut self, conn_id: u64, uid: u32, pid: i32, limit: &str, reason: &str) {
+        let Some(suppressed) = self.limit_log.admit(Instant::now()) else {
+            return;
+        };
+        log::warn!("refusing connection from pid {pid} (uid {uid}): {reason}");
+        let suppressed = suppressed.to_string();
+        let pid = pid.to_string();
+        let mut fields = vec![("pid", pid.as_str()), ("limit", limit), ("reason", reason)];
+        if suppressed != "0" {
+            fields.push(("suppressed-before", &suppressed));
+        }
+        self.ctx.audit.event_at(
+            Facility::AuthPriv,
+            Severity::Warning,
+            conn_id,
+            uid,
+            "limit",
+            &fields,
+        );
+    }
+
+    fn handle_connection(&mut self, stream: UnixStream, source: Source) {
+        let conn_id = self.next_id();
+        let cred = match ipc::peer_cred(&stream) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("error processing connection: cannot read peer credentials: {e}");
+                self.ctx.audit.event_at(
+                    Facility::AuthPriv,
+                    Severity::Notice,
+                    conn_id,
+                    u32::MAX,
+                    "refused",
+                    &[("reason", "no peer credentials")],
+                );
+                return;
+            }
+        };
+        let facts = peer_facts(&cred, &self.groups);
+        let user = facts.user().into_owned();
+        let s = &self.ctx.cfg.settings;
+        let override_ = match source {
+            Source::Main => self.ctx.args.trust_override(),
+            Source::Untrusted => TrustOverride::ForceUntrusted,
+        };
+        let verdict = admit(
+            &facts,
+            &s.allowed_users,
+            &s.trusted_users,
+            self.ctx.cfg.build_users_group(),
+        )
+        .with_override(override_);
+        let pid_s = cred.pid.to_string();
+        let trusted = match verdict {
+            Admission::Refused { reason, cause } => {
+                log::error!("error processing connection: {reason}");
+                let cause = match cause {
+                    RefuseCause::NotAllowed => "not-allowed",
+                    RefuseCause::BuildUsersGroup => "build-users-group",
+                };
+                self.ctx.audit.event_at(
+                    Facility::AuthPriv,
+                    Severity::Notice,
+                    conn_id,
+                    cred.uid,
+                    "refused",
+                    &[
+                        ("pid", &pid_s),
+                        ("user", &user),
+                        ("gid", &cred.gid.to_string()),
+                        ("socket", source.name()),
+                        ("cause", cause),
+                        ("reason", &reason),
+                    ],
+                );
+                return;
+            }
+            Admission::Allowed { trusted } => trusted,
+        };
+
+        let max = self.ctx.cfg.stockade.max_connections;
+        let max_uid = self.ctx.cfg.stockade.max_connections_per_uid;
+        let of_uid = self.per_uid.get(&cred.uid).copied().unwrap_or(0);
+        if max > 0 && self.conns.len() >= max as usize {
+            let reason = format!("max-connections ({max}) reached");
+            self.refuse_limit(conn_id, cred.uid, cred.pid, "max-connections", &reason);
+            return;
+        }
+        if max_uid > 0 && of_uid >= max_uid {
+            let reason = format!(
+                "max-connections-per-uid ({max_uid}) reached for uid {}",
+                cred.uid
+            );
+            self.refuse_limit(
+                conn_id,
+                cred.uid,
+                cred.pid,
+                "max-connections-per-uid",
+                &reason,
+            );
+            return;
+        }
+        let broker_uid = match self.uids.as_mut() {
+            Some(pool) => match pool.allocate() {
+                Some(uid) => Some(uid),
+                None => {
+                    self.refuse_limit(
+                        conn_id,
+                        cred.uid,
+                        cred.pid,
+                        "broker-uid-range",
+                        "no free broker uid",
+                    );
+                    return;
+                }
+            },
+            None => None,
+        };
+        let identity = ClientIdentity {
+            conn_id,
+            uid: cred.uid,
+            gid: cred.gid,
+            pid: cred.pid,
+            trusted,
+        };
+        let client: OwnedFd = stream.into();
+        let pid = match self
+            .ctx
+            .launcher
+            .launch(&mut self.writer, client, &identity, broker_uid)
+        {
+            Ok(pid) => pid,
+            Err(e) => {
+                log::error!("error processing connection: {e}");
+                if let (Some(pool), Some(uid)) = (self.uids.as_mut(), broker_uid) {
+                    pool.release(uid);
+                }
+                self.ctx.audit.event_at(
+                    Facility::Daemon,
+                    Severity::Err,
+                    conn_id,
+                    cred.uid,
+                    "error",
+                    &[("pid", &pid_s), ("reason", &e.to_string())],
+                );
+                return;
+            }
+        };
+        self.conns.insert(
+            pid,
+            Conn {
+                conn_id,
+                client_uid: cred.uid,
+                client_pid: cred.pid,
+                broker_uid,
+                started: Instant::now(),
+            },
+        );
+        *self.per_uid.entry(cred.uid).or_insert(0) += 1;
+        log::info!(
+            "accepted connection from pid {}, user {user}{}",
+            cred.pid,
+            if trusted { " (trusted)" } else { "" }
+        );
+        let broker_uid_s = broker_uid.map_or_else(|| self.ctx.uid.to_string(), |u| u.to_string());
+        self.ctx.audit.event_at(
+            Facility::AuthPriv,
+            Severity::Info,
+            conn_id,
+            cred.uid,
+            "accepted",
+            &[
+                ("pid", &pid_s),
+                ("user", &user),
+                ("gid", &cred.gid.to_string()),
+                ("trusted", yes_no(trusted)),
+                ("socket", source.name()),
+                ("broker-pid", &pid.to_string()),
+                ("broker-uid", &broker_uid_s),
+            ],
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_counts_what_it_drops() {
+        let mut r = RateLimit::new(2);
+        let t0 = Instant::now();
+        assert_eq!(r.admit(t0), Some(0));
+        assert_eq!(r.admit(t0), Some(0));
+        assert_eq!(r.admit(t0), None);
+        assert_eq!(r.admit(t0), None);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(r.admit(t1), Some(2));
+        assert_eq!(r.admit(t1), Some(0));
+    }
+}

@@ -1,0 +1,156 @@
+//! Starting one broker for one accepted client.
+//!
+//! For each connection the master makes the broker's channel to the store-writer (a
+//! socketpair), gives the store-writer its end together with the client's identity and trust
+//! (`NewClient`), and execs the broker with a start channel on fd 3 over which the `Start`
+//! message and two descriptors are already queued: the client's socket and the broker's end of
+//! the store-writer channel. The master keeps none of these descriptors afterwards (A7), only
+//! the broker's pid.
+//!
+//! Builder-helper hook: the builder-helper (`stockade-builder-helper`, next to the other
+//! programs) is not started yet. When it is, [`crate::daemon::run`] starts it right after the
+//! store-writer (before the master drops its own capabilities), and the master will make
+//! a second socketpair here, send the helper `MasterToBuilder::NewClient` with one end, and add
+//! the other end to the broker's `Start` (a change to `MasterToBroker` in
+//! `common/src/ipc/msg.rs`). Until then brokers have no build channel and refuse builds.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use stockade_common::ipc::msg::{BrokerConfig, ClientIdentity, MasterToBroker};
+use stockade_common::ipc::{self};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::paths::Paths;
+use crate::spawn::{self, Confinement};
+use crate::writer::StoreWriter;
+
+/// The programs the master starts.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    pub broker: PathBuf,
+    pub store_writer: PathBuf,
+}
+
+impl Programs {
+    /// Next to the running binary, or in `$STOCKADE_LIBEXEC_DIR` when set (tests, packaging).
+    pub fn locate() -> Result<Programs> {
+        let dir = match std::env::var_os("STOCKADE_LIBEXEC_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => {
+                let exe =
+                    std::env::current_exe().map_err(Error::io("finding the stockade binary"))?;
+                exe.parent()
+                    .map(Path::to_path_buf)
+                    .ok_or_else(|| Error::Other("the stockade binary has no directory".into()))?
+            }
+        };
+        let p = Programs {
+            broker: dir.join("stockade-broker"),
+            store_writer: dir.join("stockade-store-writer"),
+        };
+        for prog in [&p.broker, &p.store_writer] {
+            check_program(prog)?;
+        }
+        Ok(p)
+    }
+}
+
+/// A program the master runs must exist and must not be replaceable by anyone but root or
+/// the daemon's user (it runs with the daemon's privileges or with a client's connection).
+fn check_program(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|e| Error::UnsafePath {
+        path: path.to_path_buf(),
+        reason: format!("cannot run it: {e}"),
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !m.is_file() || m.mode() & 0o111 == 0 {
+        return Err(Error::UnsafePath {
+            path: path.to_path_buf(),
+            reason: "is not an executable file".into(),
+        });
+    }
+    if (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+        return Err(Error::UnsafePath {
+            path: path.to_path_buf(),
+            reason: "is writable by users other than root and the daemon's user".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Everything per-connection that does not change between connections.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    pub programs: Programs,
+    template: BrokerConfig,
+}
+
+impl Launcher {
+    pub fn new(programs: Programs, cfg: &Config, paths: &Paths, verbosity: u32) -> Self {
+        let store_dir = paths.store_dir.to_string_lossy().into_owned();
+        let template = BrokerConfig {
+            client: ClientIdentity {
+                conn_id: 0,
+                uid: 0,
+                gid: 0,
+                pid: 0,
+                trusted: false,
+            },
+            real_store_dir: store_dir.clone(),
+            store_dir,
+            substituters: cfg.settings.substituters.clone(),
+            trusted_substituters: cfg.trusted_substituters(),
+            max_jobs: cfg.max_jobs(),
+            cores: cfg.settings.cores,
+            verbosity,
+        };
+        Launcher { programs, template }
+    }
+
+    /// Register the client with the store-writer and exec its broker. `broker_uid` is the
+    /// broker's own uid when the daemon runs as root. Returns the broker's pid.
+    pub fn launch(
+        &self,
+        writer: &mut StoreWriter,
+        client: OwnedFd,
+        identity: &ClientIdentity,
+        broker_uid: Option<u32>,
+    ) -> Result<i32> {
+        let (to_writer_broker_end, to_writer_writer_end) =
+            ipc::socketpair().map_err(Error::ipc("socketpair"))?;
+        let (mut start_ours, start_theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
+        let mut config = self.template.clone();
+        config.client = identity.clone();
+        let broker_end = to_writer_broker_end.into_fd();
+        // Queue the start message before the broker exists: the fresh socket has room, so this
+        // cannot block on a broker that never reads.
+        start_ours
+            .send(
+                &MasterToBroker::Start(Box::new(config)),
+                &[client.as_fd(), broker_end.as_fd()],
+            )
+            .map_err(Error::ipc("preparing the broker's start message"))?;
+        drop(start_ours);
+        drop(client);
+        drop(broker_end);
+        writer.new_client(identity, to_writer_writer_end)?;
+        let confinement = match broker_uid {
+            Some(uid) => Confinement::OwnUid { uid, gid: uid },
+            None => Confinement::SameUid,
+        };
+        let start_fd = start_theirs.into_fd();
+        match spawn::spawn(&self.programs.broker, &start_fd, confinement, false) {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                // The store-writer already knows the client; tell it the client is gone.
+                if let Err(e2) = writer.client_gone(identity.conn_id) {
+                    log::error!("{e2}");
+                }
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! `--stdio`: serve one client on standard input/output (an SSH forced command, `nix-store
+//! --serve`-style remote stores, `ssh-ng://`).
+//!
+//! Two cases, following Nix 2.8's choice between a local store and the daemon:
+//!
+//! - **The store is ours** (root, or an ordinary user whose `NIX_STATE_DIR` is writable, as in
+//!   Nix's own test suite): start the store-writer and one broker, exactly as for a socket
+//!   connection. The client is trusted unless `--force-untrusted` (2.8 trusts a `--stdio` peer:
+//!   whoever set up the pipe did the access control). If standard input and output are one
+//!   unix stream socket (sshd usually hands its child a socketpair) the broker gets that socket
+//!   itself; otherwise the master splices the two streams to a socketpair with two copying
+//!   threads, started only after the children exist (spawn.rs forks single-threaded).
+//! - **The store is the daemon's** (an ordinary user, state directory not writable): connect to
+//!   the running daemon and splice. The daemon then judges the connecting uid (the SSH
+//!   account) by its own `allowed-users` / `trusted-users`. With `--force-untrusted` the
+//!   connection goes to the daemon's untrusted socket (`daemon-socket/untrusted`, see
+//!   socket.rs), so the account is served untrusted whatever `trusted-users` says (A57);
+//!   `--force-trusted` cannot be honoured there and is an error.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+
+use nix::sys::socket::{getsockopt, sockopt, SockType};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{AccessFlags, Pid};
+use stockade_common::audit::{Facility, Severity};
+use stockade_common::ipc::msg::ClientIdentity;
+use stockade_common::ipc::{peer_cred, PeerCred};
+use stockade_policy::TrustOverride;
+
+use crate::daemon::{unprivileged_notice, yes_no, Ctx};
+use crate::error::{Error, Result};
+use crate::uids::UidPool;
+
+/// Whether this invocation serves the store itself.
+pub fn serves_locally(ctx_as_root: bool, state_dir: &std::path::Path) -> bool {
+    ctx_as_root || nix::unistd::access(state_dir, AccessFlags::W_OK).is_ok()
+}
+
+/// Serve one client on fds 0/1 with our own store-writer and broker.
+pub fn serve_locally(ctx: Ctx) -> Result<i32> {
+    if !ctx.as_root {
+        log::warn!("{}", unprivileged_notice(ctx.uid));
+    }
+    let stdin = io::stdin();
+    let stdout = io::stdout();
+    let same_socket = same_unix_stream_socket(stdin.as_fd(), stdout.as_fd());
+    let trusted = ctx.args.trust_override().unauthenticated();
+    let cred = if same_socket {
+        peer_cred(&stdin.as_fd()).ok()
+    } else {
+        None
+    };
+    let cred = cred.unwrap_or(PeerCred {
+        pid: nix::unistd::getppid().as_raw(),
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    });
+
+    let mut writer = ctx.start_store_writer()?;
+    let broker_uid = if ctx.as_root {
+        let uid = UidPool::new(ctx.cfg.broker_uid_range(), true)
+            .allocate()
+            .ok_or_else(|| Error::Refused("no free broker uid".into()))?;
+        Some(uid)
+    } else {
+        None
+    };
+    ctx.audit_start("stdio", &[("store-writer-pid", writer.pid.to_string())]);
+    let conn_id = 1;
+    let identity = ClientIdentity {
+        conn_id,
+        uid: cred.uid,
+        gid: cred.gid,
+        pid: cred.pid,
+        trusted,
+    };
+    let (client, splice): (OwnedFd, Option<UnixStream>) = if same_socket {
+        let fd = stdin
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(Error::io("duplicating standard input"))?;
+        (fd, None)
+    } else {
+        let (ours, theirs) = UnixStream::pair().map_err(Error::io("socketpair"))?;
+        (theirs.into(), Some(ours))
+    };
+    let broker = ctx
+        .launcher
+        .launch(&mut writer, client, &identity, broker_uid)?;
+    ctx.audit.event_at(
+        Facility::AuthPriv,
+        Severity::Info,
+        conn_id,
+        cred.uid,
+        "accepted",
+        &[
+            ("pid", &cred.pid.to_string()),
+            ("trusted", yes_no(trusted)),
+            ("socket", "stdio"),
+            ("broker-pid", &broker.to_string()),
+        ],
+    );
+    // Threads only from here on: every child has been forked.
+    let output = splice.map(start_splice).transpose()?;
+    let status = wait_for(broker);
+    if let Some(out) = output {
+        let _ = out.join();
+    }
+    let _ = writer.client_gone(conn_id);
+    let _ = writer.shutdown();
+    let writer_status = wait_for(writer.pid);
+    ctx.audit.event_at(
+        Facility::AuthPriv,
+        Severity::Info,
+        conn_id,
+        cred.uid,
+        "closed",
+        &[
+            ("pid", &cred.pid.to_string()),
+            ("broker-pid", &broker.to_string()),
+            ("status", &status),
+            ("store-writer-status", &writer_status),
+        ],
+    );
+    Ok(0)
+}
+
+/// Connect to the running daemon and splice standard input/output to it.
+pub fn forward(ctx: Ctx) -> Result<i32> {
+    let path = match ctx.args.trust_override() {
+        TrustOverride::ForceTrusted => {
+            return Err(Error::Refused(
+                "--force-trusted needs a store this process may write; the daemon decides \
+                 the trust of forwarded connections"
+                    .into(),
+            ))
+        }
+        TrustOverride::ForceUntrusted => &ctx.paths.untrusted_socket_path,
+        TrustOverride::Default => &ctx.paths.socket_path,
+    };
+    let sock = UnixStream::connect(path).map_err(Error::io(format!(
+        "cannot connect to the daemon at {}",
+        path.display()
+    )))?;
+    let out = start_splice(sock)?;
+    let _ = out.join();
+    Ok(0)
+}
+
+/// Copy stdin → `sock` (half-closing it at end of input) and `sock` → stdout. Returns the
+/// output thread; the input thread is left to end with the process.
+fn start_splice(sock: UnixStream) -> Result<JoinHandle<()>> {
+    let to_sock = sock
+        .try_clone()
+        .map_err(Error::io("duplicating a socket"))?;
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut to_sock = to_sock;
+            let _ = io::copy(&mut io::stdin().lock(), &mut to_sock);
+            let _ = to_sock.shutdown(std::net::Shutdown::Write);
+        })
+        .map_err(Error::io("starting a thread"))?;
+    std::thread::Builder::new()
+        .name("stdout".into())
+        .spawn(move || {
+            let mut from = sock;
+            let mut out = io::stdout().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let Some(chunk) = buf.get(..n) else { break };
+                        if out.write_all(chunk).and_then(|()| out.flush()).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+        })
+        .map_err(Error::io("starting a thread"))
+}
+
+/// Whether `a` and `b` are the same unix stream socket.
+fn same_unix_stream_socket(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    let is_stream = getsockopt(&a, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
+    if !is_stream {
+        return false;
+    }
+    let stat = |fd: BorrowedFd<'_>| nix::sys::stat::fstat(fd.as_raw_fd()).ok();
+    let unix = UnixStream::from(match a.try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(_) => return false,
+    });
+    let is_unix = unix.local_addr().is_ok();
+    match (stat(a), stat(b)) {
+        (Some(x), Some(y)) => is_unix && x.st_dev == y.st_dev && x.st_ino == y.st_ino,
+        _ => false,
+    }
+}
+
+/// Wait for a child; a description of how it ended.
+fn wait_for(pid: i32) -> String {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return format!("exit={code}"),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return format!("signal={sig}"),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return format!("unknown ({e})"),
+        }
+    }
+}

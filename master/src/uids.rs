@@ -1,0 +1,295 @@
+//! Broker uids: one per connection from `broker-uid-range`, no passwd entries needed.
+//!
+//! A uid goes back into the pool only when no process runs under it any more (real, effective,
+//! saved or filesystem uid, from `/proc/<pid>/status`): a broker that left a child behind must
+//! not hand that child to the next client. Such leftovers are killed (a helper process switches
+//! to the uid and sends `kill(-1, SIGKILL)`, which reaches exactly that uid's processes) and the
+//! uid stays out of use until a later check finds it empty. At start every uid of the range that
+//! already has processes (from an earlier run) is treated the same way.
+//!
+//! Uids are handed out round-robin, so a uid is reused as late as possible.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use stockade_common::conf::UidRange;
+
+/// The pool.
+#[derive(Debug)]
+pub struct UidPool {
+    first: u32,
+    last: u32,
+    /// Next candidate.
+    next: u32,
+    in_use: HashSet<u32>,
+    /// Released uids that still had processes at the last look.
+    draining: BTreeSet<u32>,
+    proc_dir: PathBuf,
+    /// Whether leftover processes may be killed (needs root).
+    can_kill: bool,
+}
+
+impl UidPool {
+    pub fn new(range: UidRange, can_kill: bool) -> UidPool {
+        UidPool::with_proc(range, can_kill, Path::new("/proc"))
+    }
+
+    pub fn with_proc(range: UidRange, can_kill: bool, proc_dir: &Path) -> UidPool {
+        let mut pool = UidPool {
+            first: range.first,
+            last: range.last,
+            next: range.first,
+            in_use: HashSet::new(),
+            draining: BTreeSet::new(),
+            proc_dir: proc_dir.to_path_buf(),
+            can_kill,
+        };
+        for uid in uids_with_processes(&pool.proc_dir) {
+            if range.contains(uid) {
+                pool.draining.insert(uid);
+            }
+        }
+        for uid in pool.draining.clone() {
+            pool.kill_leftovers(uid);
+        }
+        pool
+    }
+
+    /// Uids currently handed out.
+    #[cfg(test)]
+    pub fn in_use(&self) -> usize {
+        self.in_use.len()
+    }
+
+    /// Uids waiting for their leftover processes to go.
+    #[cfg(test)]
+    pub fn draining(&self) -> usize {
+        self.draining.len()
+    }
+
+    /// A free uid, or `None` when every uid is in use or still has processes.
+    pub fn allocate(&mut self) -> Option<u32> {
+        let size = u64::from(self.last) - u64::from(self.first) + 1;
+        if self.in_use.len() as u64 + self.draining.len() as u64 >= size {
+            self.recheck_draining();
+        }
+        let mut rechecked = false;
+        for _ in 0..size {
+            let uid = self.next;
+            self.next = if uid >= self.last {
+                self.first
+            } else {
+                uid + 1
+            };
+            if self.in_use.contains(&uid) {
+                continue;
+            }
+            if self.draining.contains(&uid) {
+                // One /proc scan per allocation at most.
+                if rechecked {
+                    continue;
+                }
+                rechecked = true;
+                self.recheck_draining();
+                if self.draining.contains(&uid) {
+                    continue;
+                }
+            }
+            self.in_use.insert(uid);
+            return Some(uid);
+        }
+        None
+    }
+
+    /// The broker of `uid` has exited.
+    pub fn release(&mut self, uid: u32) {
+        if !self.in_use.remove(&uid) {
+            return;
+        }
+        if uids_with_processes(&self.proc_dir).contains(&uid) {
+            log::warn!(
+                "broker uid {uid} still has processes after its broker exited; killing them"
+            );
+            self.draining.insert(uid);
+            self.kill_leftovers(uid);
+        }
+    }
+
+    fn recheck_draining(&mut self) {
+        if self.draining.is_empty() {
+            return;
+        }
+        let live = uids_with_processes(&self.proc_dir);
+        self.draining.retain(|uid| live.contains(uid));
+        for uid in self.draining.clone() {
+            self.kill_leftovers(uid);
+        }
+    }
+
+    fn kill_leftovers(&self, uid: u32) {
+        if self.can_kill {
+            if let Err(e) = kill_all_of_uid(uid) {
+                log::warn!("cannot kill the processes of uid {uid}: {e}");
+            }
+        }
+    }
+}
+
+/// Every uid (real, effective, saved, filesystem) some process runs under.
+pub fn uids_with_processes(proc_dir: &Path) -> HashSet<u32> {
+    let mut out = HashSet::new();
+    let Ok(dir) = std::fs::read_dir(proc_dir) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        // The process may have gone meanwhile; then it has no uid either.
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
+            out.extend(
+                line.split_whitespace()
+                    .skip(1)
+                    .filter_map(|u| u.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// Kill every process of `uid`: a child switches to it and signals all it may signal, which
+/// is exactly the processes of that uid (it never signals itself).
+fn kill_all_of_uid(uid: u32) -> Result<(), nix::errno::Errno> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::sys::wait::waitpid;
+    use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
+    if uid == 0 {
+        return Err(nix::errno::Errno::EINVAL);
+    }
+    // SAFETY: the master is single-threaded whenever it calls this (see spawn.rs), and the child
+    // only makes system calls and then `_exit`s, never returning into Rust code that could
+    // touch state shared with the parent.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            let u = Uid::from_raw(uid);
+            let g = Gid::from_raw(uid);
+            let ok = nix::unistd::setgroups(&[]).is_ok()
+                && nix::unistd::setresgid(g, g, g).is_ok()
+                && nix::unistd::setresuid(u, u, u).is_ok();
+            let code = if ok && kill(Pid::from_raw(-1), Signal::SIGKILL).is_ok() {
+                0
+            } else {
+                1
+            };
+            // SAFETY: `_exit` ends the forked child without running the parent's destructors
+            // or atexit handlers.
+            unsafe { nix::libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            waitpid(child, None)?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn fake_proc(entries: &[(u32, [u32; 4])]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        for (pid, uids) in entries {
+            let p = d.path().join(pid.to_string());
+            fs::create_dir(&p).expect("mkdir");
+            fs::write(
+                p.join("status"),
+                format!(
+                    "Name:\tx\nUid:\t{}\t{}\t{}\t{}\nGid:\t0\t0\t0\t0\n",
+                    uids[0], uids[1], uids[2], uids[3]
+                ),
+            )
+            .expect("write");
+        }
+        fs::create_dir(d.path().join("self")).expect("mkdir");
+        d
+    }
+
+    #[test]
+    fn round_robin_and_exhaustion() {
+        let proc = fake_proc(&[]);
+        let mut pool = UidPool::with_proc(
+            UidRange {
+                first: 10,
+                last: 12,
+            },
+            false,
+            proc.path(),
+        );
+        assert_eq!(pool.allocate(), Some(10));
+        assert_eq!(pool.allocate(), Some(11));
+        pool.release(10);
+        // Round-robin: 12 before 10 again.
+        assert_eq!(pool.allocate(), Some(12));
+        assert_eq!(pool.allocate(), Some(10));
+        assert_eq!(pool.allocate(), None);
+        assert_eq!(pool.in_use(), 3);
+    }
+
+    #[test]
+    fn uids_with_processes_are_not_reused() {
+        // uid 11 has a leftover process (saved uid only); 12 belonged to an earlier run.
+        let proc = fake_proc(&[(100, [5, 5, 11, 5]), (101, [12, 12, 12, 12])]);
+        let mut pool = UidPool::with_proc(
+            UidRange {
+                first: 10,
+                last: 12,
+            },
+            false,
+            proc.path(),
+        );
+        assert_eq!(pool.draining(), 2);
+        assert_eq!(pool.allocate(), Some(10));
+        pool.release(10);
+        assert_eq!(pool.allocate(), Some(10));
+        assert_eq!(pool.allocate(), None);
+        // The leftover of 11 goes away: 11 becomes usable.
+        fs::remove_dir_all(proc.path().join("100")).expect("rm");
+        assert_eq!(pool.allocate(), Some(11));
+        assert_eq!(pool.draining(), 1);
+    }
+
+    #[test]
+    fn release_with_leftovers_drains() {
+        let proc = fake_proc(&[]);
+        let mut pool = UidPool::with_proc(
+            UidRange {
+                first: 20,
+                last: 21,
+            },
+            false,
+            proc.path(),
+        );
+        assert_eq!(pool.allocate(), Some(20));
+        let p = proc.path().join("200");
+        fs::create_dir(&p).expect("mkdir");
+        fs::write(p.join("status"), "Uid:\t20\t20\t20\t20\n").expect("write");
+        pool.release(20);
+        assert_eq!(pool.draining(), 1);
+        assert_eq!(pool.allocate(), Some(21));
+        assert_eq!(pool.allocate(), None);
+    }
+
+    #[test]
+    fn real_proc_has_our_uid() {
+        let me = nix::unistd::getuid().as_raw();
+        assert!(uids_with_processes(Path::new("/proc")).contains(&me));
+    }
+}

@@ -1,0 +1,127 @@
+//! The store-writer as the master sees it: started once, configured over its control channel,
+//! told about each broker and each broker's end.
+//!
+//! If the store-writer dies the master logs it and exits non-zero rather than restarting it: the
+//! brokers' channels to it are gone with it, so every connection is lost either way, and a
+//! supervisor (systemd `Restart=`) restarting the whole daemon gives a clean state.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Duration;
+
+use stockade_common::ipc::msg::{
+    self, ClientIdentity, MasterToStoreWriter, StoreWriterConfig, StoreWriterToMaster,
+};
+use stockade_common::ipc::{self, Channel};
+
+use crate::error::{Error, Result};
+use crate::spawn::{self, Confinement};
+
+/// How long the store-writer may take to open (and possibly create or migrate) the database.
+const START_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long a control message may wait for room in the store-writer's queue before the master
+/// gives up on that message (the store-writer is then stuck; the connection is refused).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running, configured store-writer.
+#[derive(Debug)]
+pub struct StoreWriter {
+    pub pid: i32,
+    chan: Channel,
+}
+
+impl StoreWriter {
+    /// Start `program`, exchange `Hello`s and send the configuration; returns once it is
+    /// `Ready`.
+    pub fn start(
+        program: &Path,
+        confinement: Confinement,
+        config: StoreWriterConfig,
+    ) -> Result<StoreWriter> {
+        let (ours, theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
+        let theirs = theirs.into_fd();
+        // Its own process group: a terminal's ^C reaches the master, which then shuts the
+        // store-writer down in order instead of interrupting it.
+        let pid = spawn::spawn(program, &theirs, confinement, true)?;
+        drop(theirs);
+        ours.set_read_timeout(Some(START_TIMEOUT))
+            .map_err(Error::ipc("store-writer channel"))?;
+        ours.set_write_timeout(Some(SEND_TIMEOUT))
+            .map_err(Error::ipc("store-writer channel"))?;
+        let mut w = StoreWriter { pid, chan: ours };
+        w.handshake(config)?;
+        w.chan
+            .set_read_timeout(None)
+            .map_err(Error::ipc("store-writer channel"))?;
+        Ok(w)
+    }
+
+    fn handshake(&mut self, config: StoreWriterConfig) -> Result<()> {
+        let what = "talking to the store-writer";
+        self.chan
+            .send(
+                &MasterToStoreWriter::Hello {
+                    version: msg::VERSION,
+                },
+                &[],
+            )
+            .map_err(Error::ipc(what))?;
+        match self.recv().map_err(Error::ipc(what))? {
+            StoreWriterToMaster::Hello { version } if version == msg::VERSION => {}
+            StoreWriterToMaster::Hello { version } => {
+                return Err(Error::VersionMismatch {
+                    got: version,
+                    want: msg::VERSION,
+                })
+            }
+            StoreWriterToMaster::Failed { reason } => return Err(Error::StoreWriterFailed(reason)),
+            other => return Err(Error::Unexpected(format!("{other:?} instead of Hello"))),
+        }
+        self.chan
+            .send(&MasterToStoreWriter::Start(Box::new(config)), &[])
+            .map_err(Error::ipc(what))?;
+        match self.recv().map_err(Error::ipc(what))? {
+            StoreWriterToMaster::Ready => Ok(()),
+            StoreWriterToMaster::Failed { reason } => Err(Error::StoreWriterFailed(reason)),
+            other => Err(Error::Unexpected(format!("{other:?} instead of Ready"))),
+        }
+    }
+
+    /// Hand over a new broker's channel end with the client's identity.
+    pub fn new_client(&mut self, client: &ClientIdentity, end: Channel) -> Result<()> {
+        let fd = end.into_fd();
+        self.chan
+            .send(
+                &MasterToStoreWriter::NewClient {
+                    client: client.clone(),
+                },
+                &[fd.as_fd()],
+            )
+            .map_err(Error::ipc("sending a new client to the store-writer"))
+    }
+
+    /// The connection ended.
+    pub fn client_gone(&mut self, conn_id: u64) -> Result<()> {
+        self.chan
+            .send(&MasterToStoreWriter::ClientGone { conn_id }, &[])
+            .map_err(Error::ipc("telling the store-writer a client left"))
+    }
+
+    /// Ask it to finish and exit.
+    pub fn shutdown(&mut self) -> Result<()> {
+        self.chan
+            .send(&MasterToStoreWriter::Shutdown, &[])
+            .map_err(Error::ipc("shutting the store-writer down"))
+    }
+
+    /// Receive one message (blocking).
+    pub fn recv(&mut self) -> Result<StoreWriterToMaster, ipc::Error> {
+        self.chan.recv::<StoreWriterToMaster>().map(|(m, _fds)| m)
+    }
+
+    /// The channel, for polling.
+    pub fn channel(&self) -> &Channel {
+        &self.chan
+    }
+}
