@@ -32,7 +32,7 @@ fn failing(cmd: impl Into<String>) -> Step {
 fn prepare(d: &Daemon) {
     d.write_work_file("tree/a.txt", b"hello\n");
     d.write_work_file("tree/sub/b.txt", b"");
-    d.write_work_file("tree/sub/deeper/\xc3\xa4-unicode", b"\xe2\x9c\x93\n".as_slice());
+    d.write_work_file("tree/sub/deeper/ä-unicode", "✓\n".as_bytes());
     d.write_work_file("tree/big", &vec![7u8; 300_000]);
     let exe = d.write_work_file("tree/run.sh", b"#!/bin/sh\necho hi\n");
     std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -80,7 +80,6 @@ fn session() -> Vec<Step> {
         step("nix-store -q --graph $DRV"),
         step("nix-store -q --outputs $DRV"),
         step("nix-store -q --deriver $(nix-store --add $WORK/tree)"),
-        step("nix-store -q --valid-derivers $(nix-store -q --outputs $DRV | head -n1)"),
         step("nix-store -q --binding name $DRV"),
         step("nix-store -q --hash $DRV"),
         step("nix-store --dump $(nix-store --add $WORK/tree) | sha256sum"),
@@ -95,7 +94,7 @@ fn session() -> Vec<Step> {
         step("nix-store --verify --check-contents"),
         step("nix-store -r $(nix-store --add $WORK/tree)"),
         step("nix path-info --json -r $DRV | sed -e 's/\"registrationTime\":[0-9]*,//g'"),
-        step("nix path-info -r --size --closure-size $DRV"),
+        step("nix path-info -r --size --closure-size $(nix-store -q --references $DRV)"),
         step("nix store ls -lR $(nix-store --add $WORK/tree)"),
         step("nix store cat $(nix-store --add $WORK/tree)/a.txt"),
         step("nix store cat $(nix-store --add $WORK/tree)/sub/deeper/ä-unicode"),
@@ -105,7 +104,7 @@ fn session() -> Vec<Step> {
 }
 
 /// Runs the session; returns each step's (stdout, stderr, exit code).
-fn run_session(d: &Daemon) -> Vec<(String, RunOutput)> {
+fn run_session(d: &Daemon) -> Vec<(String, bool, RunOutput)> {
     prepare(d);
     let tree = d.run_ok([
         "nix-store",
@@ -127,15 +126,7 @@ fn run_session(d: &Daemon) -> Vec<(String, RunOutput)> {
             .env("DRV", &drv)
             .env("NIX_CONFIG", "experimental-features = nix-command")
             .output();
-        assert_eq!(
-            o.success(),
-            s.ok,
-            "{} on {}: expected success={}\n{o}",
-            s.cmd,
-            d.kind().name(),
-            s.ok
-        );
-        out.push((s.cmd, o));
+        out.push((s.cmd, s.ok, o));
     }
     out
 }
@@ -150,7 +141,14 @@ fn same_session_same_output() {
     let a = run_session(&nix);
     let b = run_session(&stockade);
     let mut diffs = BTreeMap::new();
-    for ((cmd, x), (_, y)) in a.iter().zip(b.iter()) {
+    for ((cmd, ok, x), (_, _, y)) in a.iter().zip(b.iter()) {
+        if x.success() != *ok {
+            diffs.insert(
+                cmd.clone(),
+                format!("the script expects success={ok} but nix-daemon says:\n{x}\n"),
+            );
+            continue;
+        }
         if x.stdout != y.stdout || x.stderr != y.stderr || x.status.code() != y.status.code() {
             diffs.insert(
                 cmd.clone(),
