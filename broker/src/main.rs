@@ -63,7 +63,8 @@ fn run(args: &Args) -> Result<(), String> {
     let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
     init_logging(level);
 
-    lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
+    let summary = lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
+    log::debug!("conn={} locked down: {summary}", cfg.client.conn_id);
 
     let writer = Channel::from_fd(writer_fd).map_err(|e| format!("store-writer channel: {e}"))?;
     let client = UnixStream::from(client_fd);
