@@ -508,6 +508,11 @@ impl Batch {
         })
     }
 
+    /// Whether an add in this batch failed (the batch can then only be aborted).
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
     fn staged_paths(&self) -> BTreeSet<StorePath> {
         self.staged.iter().map(|s| s.info.path.clone()).collect()
     }

@@ -111,3 +111,77 @@ fn is_valid_path_round_trips() {
         );
     }
 }
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A 2 GiB NAR streamed through a pipe: peak memory stays flat.
+#[test]
+#[ignore]
+fn large_nar_streams() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let mut env = Env::new();
+    let mut b = env.connect(true);
+    const SIZE: u64 = 2 << 30;
+    let mut header = Vec::new();
+    {
+        let mut w = stockade_common::nar::NarWriter::new(&mut header).unwrap();
+        w.regular(false, SIZE).unwrap();
+    }
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let before = vm_hwm_kib();
+    let writer = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(w);
+        f.write_all(&header).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        for _ in 0..(SIZE >> 20) {
+            f.write_all(&chunk).unwrap();
+        }
+        // Padding is zero for a size that is a multiple of 8; then the closing ")".
+        let mut tail = Vec::new();
+        tail.extend_from_slice(&1u64.to_le_bytes());
+        tail.extend_from_slice(b")\0\0\0\0\0\0\0");
+        f.write_all(&tail).unwrap();
+    });
+    let t = Instant::now();
+    b.chan
+        .send(
+            &Req::AddToStore {
+                name: "big".into(),
+                method: ContentAddressMethod::Fixed(
+                    stockade_common::store_path::FileIngestion::Recursive,
+                ),
+                algo: HashAlgo::Sha256,
+                references: vec![],
+                repair: false,
+            },
+            &[r.as_fd()],
+        )
+        .unwrap();
+    drop(r);
+    let (reply, _) = b.chan.recv::<Reply>().unwrap();
+    writer.join().unwrap();
+    let took = t.elapsed();
+    let info = match reply {
+        Reply::PathInfo(Some(i)) => i,
+        other => panic!("{other:?}"),
+    };
+    assert!(info.nar_size > SIZE);
+    let after = vm_hwm_kib();
+    eprintln!(
+        "2 GiB NAR: {took:?} ({:.0} MiB/s); peak RSS {before} KiB before, {after} KiB after",
+        2048.0 / took.as_secs_f64()
+    );
+    assert!(
+        after - before < 64 * 1024,
+        "peak memory grew by {} KiB",
+        after - before
+    );
+}
