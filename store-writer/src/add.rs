@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +51,8 @@ const NODE: &str = "x";
 const BUF: usize = 256 * 1024;
 /// Open batches per connection.
 pub const MAX_BATCHES: usize = 16;
+/// Paths staged in one batch.
+pub const MAX_BATCH_PATHS: usize = 1 << 18;
 
 /// Who is asking, as the master told us, and their temporary roots.
 pub struct Ctx<'a> {
@@ -100,7 +102,8 @@ impl Ctx<'_> {
 pub struct Staging {
     store: Arc<Store>,
     name: String,
-    dir: OwnedFd,
+    /// Closed while the staged tree waits in a batch, so a large batch holds no descriptors.
+    dir: Option<OwnedFd>,
 }
 
 impl Staging {
@@ -124,21 +127,40 @@ impl Staging {
                 store: store.clone(),
                 name: name.clone(),
                 dir: match sys::open_dir_at(store.store_fd(), name.as_str()) {
-                    Ok(fd) => fd,
+                    Ok(fd) => Some(fd),
                     Err(e) => {
                         let _ = sys::remove_tree(store.store_fd(), OsStr::new(&name));
                         return Err(e.into());
                     }
                 },
             };
-            nix::sys::stat::fchmod(staging.dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
+            nix::sys::stat::fchmod(staging.fd()?.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
             return Ok(staging);
         }
     }
 
+    fn fd(&self) -> Result<BorrowedFd<'_>, ReqError> {
+        self.dir
+            .as_ref()
+            .map(|d| d.as_fd())
+            .ok_or_else(|| ReqError::failed("staging directory is not open"))
+    }
+
+    /// Closes the directory descriptor while the tree waits.
+    fn park(&mut self) {
+        self.dir = None;
+    }
+
+    fn unpark(&mut self) -> Result<(), ReqError> {
+        if self.dir.is_none() {
+            self.dir = Some(sys::open_dir_at(self.store.store_fd(), self.name.as_str())?);
+        }
+        Ok(())
+    }
+
     fn create_file(&self) -> Result<File, ReqError> {
         let fd = sys::openat(
-            self.dir.as_fd(),
+            self.fd()?,
             NODE,
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
             Mode::from_bits_truncate(0o444),
@@ -149,7 +171,7 @@ impl Staging {
     /// Opens the staged node for reading; it must be a regular file.
     fn open_file(&self) -> Result<(File, u64), ReqError> {
         let fd = sys::openat(
-            self.dir.as_fd(),
+            self.fd()?,
             NODE,
             OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
             Mode::empty(),
@@ -172,14 +194,14 @@ impl Staging {
             gid: s.egid,
             chown: s.euid.is_root(),
         };
-        canon::canonicalise(self.dir.as_fd(), OsStr::new(NODE), &owner, display)
+        canon::canonicalise(self.fd()?, OsStr::new(NODE), &owner, display)
             .map_err(|e| ReqError::failed(e.to_string()))
     }
 
     /// NAR hash and size of the staged node.
     fn nar_hash(&self) -> Result<(Hash, u64), ReqError> {
         let mut h = nar::HashingWriter::sink();
-        nar::dump_at(self.dir.as_fd(), OsStr::new(NODE), &mut h)
+        nar::dump_at(self.fd()?, OsStr::new(NODE), &mut h)
             .map_err(|e| ReqError::failed(e.to_string()))?;
         let (digest, size) = h.finish();
         let hash = Hash::from_bytes(HashAlgo::Sha256, &digest)
@@ -205,7 +227,7 @@ enum Installed {
 
 fn install(store: &Store, staging: &Staging, path: &StorePath) -> Result<Installed, ReqError> {
     let base = path.base_name();
-    let (from, to) = (staging.dir.as_raw_fd(), store.store_fd().as_raw_fd());
+    let (from, to) = (staging.fd()?.as_raw_fd(), store.store_fd().as_raw_fd());
     let rename = |flags| nix::fcntl::renameat2(Some(from), NODE, Some(to), base, flags);
     match rename(RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => Ok(Installed::New(path.clone())),
@@ -238,14 +260,17 @@ fn install(store: &Store, staging: &Staging, path: &StorePath) -> Result<Install
 fn uninstall(store: &Store, staging: &Staging, how: Installed) {
     let res = match &how {
         Installed::New(p) => sys::remove_tree(store.store_fd(), OsStr::new(p.base_name())),
-        Installed::Replaced(p) => nix::fcntl::renameat2(
-            Some(staging.dir.as_raw_fd()),
-            NODE,
-            Some(store.store_fd().as_raw_fd()),
-            p.base_name(),
-            RenameFlags::RENAME_EXCHANGE,
-        )
-        .map_err(Into::into),
+        Installed::Replaced(p) => match staging.fd() {
+            Ok(fd) => nix::fcntl::renameat2(
+                Some(fd.as_raw_fd()),
+                NODE,
+                Some(store.store_fd().as_raw_fd()),
+                p.base_name(),
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(Into::into),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        },
     };
     if let Err(e) = res {
         log::error!(
@@ -404,7 +429,7 @@ fn add_to_store_inner(
             let ca = (algo != HashAlgo::Sha256).then(|| CaHasher::Plain(Hasher::new(algo)));
             let tee = Tee::new(BufReader::with_capacity(BUF, input), ca);
             let mut reader = NarReader::with_limits(tee, Limits::default());
-            nar::restore(&mut reader, staging.dir.as_fd(), OsStr::new(NODE))
+            nar::restore(&mut reader, staging.fd()?, OsStr::new(NODE))
                 .and_then(|()| reader.finish_at_eof())
                 .map_err(|e| ReqError::failed(e.to_string()))?;
             let (nar_hash, size, ca) = reader.into_inner().finish();
@@ -483,6 +508,11 @@ impl Batch {
         })
     }
 
+    /// Whether an add in this batch failed (the batch can then only be aborted).
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
     fn staged_paths(&self) -> BTreeSet<StorePath> {
         self.staged.iter().map(|s| s.info.path.clone()).collect()
     }
@@ -533,13 +563,10 @@ fn add_nar_inner(
             hl(&full)
         )));
     }
-    if info.ca.is_some() && !info.is_content_addressed(sd) {
-        return Err(ReqError::failed(format!(
-            "cannot add path '{}' to the Nix store because it claims to be content-addressed but isn't",
-            hl(&full)
-        )));
-    }
-    let evidence = if info.ca.is_some() {
+    // As Nix: a valid content address is evidence of its own; otherwise a trusted client
+    // may skip the signature check, and everyone else needs a trusted signature.
+    let ca_ok = info.is_content_addressed(sd);
+    let evidence = if ca_ok {
         "ca".to_string()
     } else if dont_check_sigs {
         "trusted".to_string()
@@ -553,6 +580,12 @@ fn add_nar_inner(
             hl(&full)
         )));
     };
+    if info.ca.is_some() && !ca_ok {
+        return Err(ReqError::failed(format!(
+            "cannot add path '{}' to the Nix store because it claims to be content-addressed but isn't",
+            hl(&full)
+        )));
+    }
 
     let mut input = PipeReader::new(fd, PIPE_IDLE)?;
     let drain_limit = info.nar_size.saturating_add(1);
@@ -573,8 +606,14 @@ fn add_nar_inner(
                 return Ok(());
             }
             ctx.temp_root(&info.path)?;
-            let staging = stage_nar(store, &info, input)?;
+            if b.staged.len() >= MAX_BATCH_PATHS {
+                return Err(ReqError::failed(format!(
+                    "too many paths in one batch (at most {MAX_BATCH_PATHS})"
+                )));
+            }
+            let mut staging = stage_nar(store, &info, input)?;
             staging.canonicalise(&full)?;
+            staging.park();
             b.staged.push(StagedPath {
                 info,
                 repair,
@@ -627,7 +666,7 @@ fn stage_nar(store: &Arc<Store>, info: &PathInfo, input: PipeReader) -> Result<S
         ..Limits::default()
     };
     let mut reader = NarReader::with_limits(tee, limits);
-    let res = nar::restore(&mut reader, staging.dir.as_fd(), OsStr::new(NODE))
+    let res = nar::restore(&mut reader, staging.fd()?, OsStr::new(NODE))
         .and_then(|()| reader.finish_at_eof());
     if let Err(e) = res {
         return Err(match e.kind() {
@@ -705,6 +744,9 @@ pub fn commit_batch(ctx: &Ctx<'_>, batch: Batch) -> Result<(), ReqError> {
                 todo.push(s);
             }
         }
+    }
+    for s in &mut todo {
+        s.staging.unpark()?;
     }
     let in_batch: BTreeSet<StorePath> = todo.iter().map(|s| s.info.path.clone()).collect();
     for s in &todo {
