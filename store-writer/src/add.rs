@@ -27,6 +27,7 @@ use nix::fcntl::{Flock, OFlag, RenameFlags};
 use nix::sys::stat::{Mode, SFlag};
 
 use stockade_common::content_address::{ContentAddress, ContentAddressMethod};
+use stockade_common::derivation::{name_from_drv_path, Derivation, DrvError, DrvHashCache};
 use stockade_common::hash::{Encoding, Hash, HashAlgo, Hasher};
 use stockade_common::ipc::msg::ClientIdentity;
 use stockade_common::nar::{self, Limits, NarErrorKind, NarReader};
@@ -295,14 +296,78 @@ pub fn now() -> u64 {
 }
 
 /// The outputs to record in `DerivationOutputs` for a `.drv` being registered.
-// TODO(derivation): parse the staged `.drv` with `stockade_common::derivation` once it lands,
-// check its output paths (Nix's checkDerivationOutputs: recompute input-addressed outputs, V17)
-// and return them; until then `.drv` paths register without DerivationOutputs rows.
+/// Largest `.drv` file the store-writer parses.
+const MAX_DRV: u64 = 64 << 20;
+
+fn read_bounded(mut f: File, what: &str) -> Result<Vec<u8>, ReqError> {
+    let mut text = Vec::new();
+    (&mut f)
+        .take(MAX_DRV + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| ReqError::failed(format!("reading {what}: {e}")))?;
+    if text.len() as u64 > MAX_DRV {
+        return Err(ReqError::failed(format!("{what} is too large")));
+    }
+    Ok(text)
+}
+
+/// Reads a valid `.drv` from the store, beneath the store descriptor.
+fn read_store_drv(store: &Store, p: &StorePath) -> Result<Vec<u8>, ReqError> {
+    let fd = sys::openat(
+        store.store_fd(),
+        p.base_name(),
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )?;
+    read_bounded(File::from(fd), &store.full(p))
+}
+
+/// For a `.drv` being added: parse it, check its output paths as Nix's
+/// checkDerivationOutputs does (an input-addressed output path must be the one its inputs
+/// determine, V17), and return the outputs to record in DerivationOutputs. Input derivations
+/// come from the store, or from `staged` (earlier members of the same batch).
 fn derivation_outputs(
-    _staging: &Staging,
-    _info: &PathInfo,
+    staging: &Staging,
+    info: &PathInfo,
+    staged: &dyn Fn(&StorePath) -> Option<Vec<u8>>,
 ) -> Result<BTreeMap<String, StorePath>, ReqError> {
-    Ok(BTreeMap::new())
+    if !info.path.is_derivation() {
+        return Ok(BTreeMap::new());
+    }
+    let store = &staging.store;
+    let sd = store.store_dir.clone();
+    let (file, _) = staging.open_file()?;
+    let text = read_bounded(file, &store.full(&info.path))?;
+    let bad = |e: DrvError| ReqError::failed(e.to_string());
+    let name = name_from_drv_path(&info.path).map_err(bad)?;
+    let drv = Derivation::parse(&sd, &text, name).map_err(|e| {
+        ReqError::failed(format!(
+            "error parsing derivation '{}': {e}",
+            hl(store.full(&info.path))
+        ))
+    })?;
+    let mut cache = DrvHashCache::new(sd.clone());
+    let mut resolver = |p: &StorePath| -> Result<Derivation, DrvError> {
+        let text = match staged(p) {
+            Some(t) => t,
+            None => read_store_drv(store, p)
+                .map_err(|e| DrvError::Io(std::io::Error::other(e.to_string())))?,
+        };
+        Derivation::parse(&sd, &text, name_from_drv_path(p)?)
+    };
+    drv.check_output_paths(&mut cache, &mut resolver)
+        .map_err(bad)?;
+    Ok(drv
+        .static_output_paths(&sd)
+        .map_err(bad)?
+        .into_iter()
+        .filter_map(|(name, p)| p.map(|p| (name, p)))
+        .collect())
+}
+
+/// Nothing is staged outside a batch.
+fn no_staged(_: &StorePath) -> Option<Vec<u8>> {
+    None
 }
 
 /// References must be valid already, be the path itself, or (in a batch) be staged in it.
@@ -468,7 +533,7 @@ fn add_to_store_inner(
             return Ok(existing);
         }
     }
-    let outputs = derivation_outputs(&staging, &info)?;
+    let outputs = derivation_outputs(&staging, &info, &no_staged)?;
     let how = install(store, &staging, &path)?;
     if let Err(e) = store
         .db()
@@ -632,7 +697,7 @@ fn add_nar_inner(
             }
             let staging = stage_nar(store, &info, input)?;
             staging.canonicalise(&full)?;
-            let outputs = derivation_outputs(&staging, &info)?;
+            let outputs = derivation_outputs(&staging, &info, &no_staged)?;
             let how = install(store, &staging, &info.path)?;
             if let Err(e) = store.db().register(&[(info.clone(), outputs)], now()) {
                 uninstall(store, &staging, how);
@@ -752,9 +817,17 @@ pub fn commit_batch(ctx: &Ctx<'_>, batch: Batch) -> Result<(), ReqError> {
     for s in &todo {
         check_references(ctx, &s.info, &in_batch)?;
     }
+    let staged_drv = |p: &StorePath| -> Option<Vec<u8>> {
+        let s = todo.iter().find(|s| &s.info.path == p)?;
+        let (file, _) = s.staging.open_file().ok()?;
+        read_bounded(file, "staged derivation").ok()
+    };
     let mut regs = Vec::with_capacity(todo.len());
     for s in &todo {
-        regs.push((s.info.clone(), derivation_outputs(&s.staging, &s.info)?));
+        regs.push((
+            s.info.clone(),
+            derivation_outputs(&s.staging, &s.info, &staged_drv)?,
+        ));
     }
     let mut done: Vec<(usize, Installed)> = Vec::new();
     let undo = |done: Vec<(usize, Installed)>| {

@@ -307,7 +307,7 @@ fn add_nar(
 ) -> Reply {
     b.call(
         Req::AddNar {
-            info: info.clone(),
+            info: Box::new(info.clone()),
             repair: false,
             dont_check_sigs,
             batch: None,
@@ -595,7 +595,7 @@ fn batches_are_all_or_nothing() {
     let b_info = info_for(&sd, "b", &nar_b, std::slice::from_ref(&a.path));
 
     let batch = |info: &stockade_common::narinfo::PathInfo, id| Req::AddNar {
-        info: info.clone(),
+        info: Box::new(info.clone()),
         repair: false,
         dont_check_sigs: true,
         batch: Some(id),
@@ -691,7 +691,7 @@ fn repair_replaces_a_damaged_copy_atomically() {
     assert_eq!(std::fs::read(&data).unwrap(), b"damaged");
     let r = u.call(
         Req::AddNar {
-            info: info.clone(),
+            info: Box::new(info.clone()),
             repair: true,
             dont_check_sigs: false,
             batch: None,

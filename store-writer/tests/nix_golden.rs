@@ -205,7 +205,7 @@ fn same_paths_rows_and_nix_reads_our_store() {
     assert_eq!(
         b.call(
             Req::AddNar {
-                info: a.clone(),
+                info: Box::new(a.clone()),
                 repair: false,
                 dont_check_sigs: false,
                 batch: None
@@ -223,7 +223,7 @@ fn same_paths_rows_and_nix_reads_our_store() {
     );
     let r = t.call(
         Req::AddNar {
-            info: c.clone(),
+            info: Box::new(c.clone()),
             repair: false,
             dont_check_sigs: true,
             batch: Some(5),

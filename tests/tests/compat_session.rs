@@ -134,7 +134,9 @@ fn run_session(d: &Daemon) -> Vec<(String, bool, RunOutput)> {
 #[test]
 fn same_session_same_output() {
     skip_unless_root!();
-    let nix = Daemon::builder(DaemonKind::Nix).start().expect("nix-daemon");
+    let nix = Daemon::builder(DaemonKind::Nix)
+        .start()
+        .expect("nix-daemon");
     let stockade = Daemon::builder(DaemonKind::Stockade)
         .start()
         .expect("stockade");
@@ -152,9 +154,7 @@ fn same_session_same_output() {
         if x.stdout != y.stdout || x.stderr != y.stderr || x.status.code() != y.status.code() {
             diffs.insert(
                 cmd.clone(),
-                format!(
-                    "nix-daemon:\n{x}\n\nstockade:\n{y}\n",
-                ),
+                format!("nix-daemon:\n{x}\n\nstockade:\n{y}\n",),
             );
         }
     }
