@@ -49,6 +49,7 @@ fn identity() -> ClientIdentity {
         gid: 100,
         pid: 4321,
         trusted: false,
+        user_name: None,
     }
 }
 

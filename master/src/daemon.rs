@@ -739,6 +739,7 @@ impl Daemon {
             gid: cred.gid,
             pid: cred.pid,
             trusted,
+            user_name: facts.user_name.clone(),
         };
         let client: OwnedFd = stream.into();
         let pid = match self

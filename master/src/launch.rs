@@ -98,6 +98,7 @@ impl Launcher {
                 gid: 0,
                 pid: 0,
                 trusted: false,
+                user_name: None,
             },
             real_store_dir: store_dir.clone(),
             store_dir,

@@ -76,6 +76,7 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
         gid: cred.gid,
         pid: cred.pid,
         trusted,
+        user_name: None,
     };
     let (client, splice): (OwnedFd, Option<UnixStream>) = if same_socket {
         let fd = stdin

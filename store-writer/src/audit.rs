@@ -208,6 +208,7 @@ mod tests {
             gid: 100,
             pid: 42,
             trusted: false,
+            user_name: None,
         };
         audit.client_event(
             Severity::Notice,

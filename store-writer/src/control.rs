@@ -74,13 +74,16 @@ pub fn serve(mut control: Channel) -> i32 {
             return 1;
         }
     };
-    if let Err(e) = crate::lockdown::lock_down() {
-        let reason = format!("cannot lock the process down: {e}");
-        let _ = control.send(&Out::Failed { reason }, &[]);
-        return 1;
-    }
+    let confinement = match crate::lockdown::lock_down(&store.cfg) {
+        Ok(summary) => summary,
+        Err(e) => {
+            let reason = format!("cannot lock the process down: {e}");
+            let _ = control.send(&Out::Failed { reason }, &[]);
+            return 1;
+        }
+    };
     let startup = format!(
-        "store={} real={} require_sigs={} keys={}",
+        "store={} real={} require_sigs={} keys={} {confinement}",
         store.cfg.store_dir,
         store.cfg.real_store_dir,
         store.cfg.require_sigs,
@@ -150,9 +153,9 @@ fn new_client(
     }
     if store.cfg.as_root {
         // nix-daemon makes the per-user profile and root directories for every client.
-        match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(client.uid)) {
-            Ok(Some(user)) => {
-                if let Err(e) = roots::create_user_dirs(store, &user.name, client.uid) {
+        match &client.user_name {
+            Some(name) => {
+                if let Err(e) = roots::create_user_dirs(store, name, client.uid) {
                     log::warn!("conn {}: per-user directories: {e}", client.conn_id);
                 }
             }

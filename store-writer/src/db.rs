@@ -145,6 +145,8 @@ impl Db {
         let conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(3600))?;
         conn.pragma_update(None, "foreign_keys", 1)?;
+        // Temporary tables in memory: after lockdown nothing outside the state dir is writable.
+        conn.pragma_update(None, "temp_store", "memory")?;
         conn.execute_batch(if opts.fsync_metadata {
             "pragma synchronous = normal"
         } else {
@@ -172,6 +174,8 @@ impl Db {
         let conn = Connection::open(db_dir.join("db.sqlite"))?;
         conn.busy_timeout(Duration::from_secs(3600))?;
         conn.pragma_update(None, "foreign_keys", 1)?;
+        // Temporary tables in memory: after lockdown nothing outside the state dir is writable.
+        conn.pragma_update(None, "temp_store", "memory")?;
         conn.pragma_update(None, "query_only", 1)?;
         Ok(Db {
             conn,

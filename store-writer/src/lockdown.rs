@@ -1,17 +1,26 @@
 //! Locking the process down once it is set up (after the database, the directories and the
-//! audit sockets are open, before the first broker request is read).
+//! audit sockets are open, before the first broker request is read): only the capabilities a
+//! store owner needs (none when not root), no_new_privs, not dumpable, landlock (read-write
+//! store, state and log directories, read-only /proc) and the store-writer's seccomp
+//! allow-list (no exec, no new sockets, no mount family, no setuid bits).
+//!
+//! Consequences, by design: a garbage collector that is running when a temp root is added
+//! cannot be reached over gc-socket (no new sockets), so that AddTempRoot fails rather than
+//! races; the audit socket must be connected before this point.
 
-use nix::errno::Errno;
+use std::path::Path;
 
-/// `no_new_privs` (nothing exec'd could gain privileges) and not dumpable (no core dumps, no
-/// ptrace by same-uid processes, /proc/<pid>/ files owned by root).
-pub fn lock_down() -> Result<(), Errno> {
-    nix::sys::prctl::set_no_new_privs()?;
-    nix::sys::prctl::set_dumpable(false)?;
-    // Seccomp and landlock go here (a separate change): an allow-list without execve, socket
-    // creation or the mount family, and landlock rules granting read-write access to the
-    // real store directory, the state directory and the log directory only. Everything the
-    // store-writer opens later (temproots files, gc.lock, gc-socket, log files, database
-    // readers, /etc/passwd for per-user directories) must stay inside those rules.
-    Ok(())
+use stockade_common::ipc::msg::StoreWriterConfig;
+use stockade_common::lockdown;
+
+/// Returns the one-line summary for the start-up audit line.
+pub fn lock_down(cfg: &StoreWriterConfig) -> Result<String, String> {
+    let report = lockdown::apply_store_writer(
+        Path::new(&cfg.real_store_dir),
+        Path::new(&cfg.state_dir),
+        Path::new(&cfg.log_dir),
+        cfg.as_root,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(report.summary())
 }

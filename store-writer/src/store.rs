@@ -110,7 +110,9 @@ impl Store {
         let profiles = state_dir.join("profiles");
         let gcroots = state_dir.join("gcroots");
         let db_dir = state_dir.join("db");
-        for d in [&profiles, &state_dir.join("temproots"), &db_dir] {
+        // The log directory too: the lockdown grants access to it, so it must exist first.
+        let log_dir = PathBuf::from(&cfg.log_dir);
+        for d in [&profiles, &state_dir.join("temproots"), &db_dir, &log_dir] {
             std::fs::create_dir_all(d).map_err(ctx(format!("creating {}", d.display())))?;
         }
         if !gcroots.exists() {

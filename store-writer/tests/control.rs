@@ -70,6 +70,7 @@ fn control_channel_lifecycle() {
         gid: 100,
         pid: 4321,
         trusted: false,
+        user_name: None,
     };
     master
         .send(

@@ -41,6 +41,7 @@ fn raw_channel(env: &mut Env) -> (ipc::Channel, std::thread::JoinHandle<()>) {
         gid: 100,
         pid: 1,
         trusted: false,
+        user_name: None,
     };
     let t = stockade_store_writer::control::spawn_session(&env.store, client, theirs);
     (ours, t)

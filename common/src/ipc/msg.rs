@@ -31,6 +31,9 @@ pub struct ClientIdentity {
     pub gid: u32,
     pub pid: i32,
     pub trusted: bool,
+    /// The peer's user name, looked up by the master (the store-writer makes the per-user
+    /// directories under it without reading the user database itself).
+    pub user_name: Option<String>,
 }
 
 /// master → store-writer, on the store-writer's control channel.

@@ -178,6 +178,8 @@ pub fn apply_store_writer(
             (store_dir.to_path_buf(), Access::ReadWrite),
             (state_dir.to_path_buf(), Access::ReadWrite),
             (log_dir.to_path_buf(), Access::ReadWrite),
+            // Runtime GC roots are found in /proc/<pid>/{exe,cwd,fd,maps,environ}.
+            (PathBuf::from("/proc"), Access::ReadOnly),
         ],
         SeccompProfile::StoreWriter,
     )

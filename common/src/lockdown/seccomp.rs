@@ -510,6 +510,10 @@ fn store_writer(r: &mut Rules) -> Result<(), LockdownError> {
         libc::SYS_sendfile,
         libc::SYS_splice,
         libc::SYS_statfs,
+        // Canonicalisation lists and removes extended attributes on descriptors it opened
+        // (setting them stays refused).
+        libc::SYS_flistxattr,
+        libc::SYS_fremovexattr,
     ])?;
     #[cfg(target_arch = "x86_64")]
     r.allow_all(&[

@@ -84,6 +84,7 @@ impl Env {
             gid: 100,
             pid: 4242,
             trusted,
+            user_name: None,
         })
     }
 
