@@ -1,17 +1,105 @@
-//! `stockade-broker`: the unprivileged worker-protocol server for one client. Started by the master, never by hand; a stub until its issue lands.
+//! `stockade-broker`: the unprivileged worker-protocol server for one client.
+//!
+//! Exec'd by the master under a uid of its own with no capabilities. Everything it needs
+//! arrives on fd 3 in one `MasterToBroker::Start` message: the client's socket, its channel to
+//! the store-writer and its configuration. It locks itself down before reading a byte from the
+//! client, then serves the session and exits.
+
+mod conn;
+mod error;
+mod lockdown;
+mod ops;
+mod proto;
+mod writer;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
 
 use clap::Parser;
+use stockade_common::ipc::msg::MasterToBroker;
+use stockade_common::ipc::Channel;
 
 #[derive(Parser, Debug)]
-#[command(name = "stockade-broker", version)]
+#[command(
+    name = "stockade-broker",
+    version,
+    about = "Stockade's per-client protocol server (started by the master)"
+)]
 struct Args {
-    /// File descriptor of the control channel the master hands over.
-    #[arg(long)]
-    control_fd: Option<i32>,
+    /// Descriptor of the start channel from the master.
+    #[arg(long, default_value_t = 3)]
+    control_fd: i32,
 }
 
-fn main() {
+fn main() -> ExitCode {
     let args = Args::parse();
-    eprintln!("stockade-broker: not implemented yet ({args:?})");
-    std::process::exit(1);
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stockade-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    if args.control_fd < 3 {
+        return Err("the control descriptor must be 3 or above".into());
+    }
+    // SAFETY: the master hands us this descriptor at exec and nothing else in this process
+    // owns it; a wrong number fails below when it is not a seqpacket socket.
+    let fd = unsafe { OwnedFd::from_raw_fd(args.control_fd) };
+    let mut control = Channel::from_fd(fd).map_err(|e| format!("control channel: {e}"))?;
+    let (msg, mut fds) = control
+        .recv::<MasterToBroker>()
+        .map_err(|e| format!("reading the start message: {e}"))?;
+    let MasterToBroker::Start(cfg) = msg else {
+        return Err("unexpected start message".into());
+    };
+    let writer_fd = fds.pop().ok_or("no store-writer channel")?;
+    let client_fd = fds.pop().ok_or("no client socket")?;
+    drop(control);
+    let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
+    init_logging(level);
+
+    lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
+
+    let writer = Channel::from_fd(writer_fd).map_err(|e| format!("store-writer channel: {e}"))?;
+    let client = UnixStream::from(client_fd);
+    let conn_id = cfg.client.conn_id;
+    let mut conn = conn::Conn::new(client, writer::Writer::new(writer), *cfg)
+        .map_err(|e| format!("setting up the connection: {e}"))?;
+    match conn.serve() {
+        conn::End::Eof => Ok(()),
+        conn::End::Error(e) => {
+            log::info!("conn={conn_id} ended: {e}");
+            Ok(())
+        }
+    }
+}
+
+/// Log lines go to stderr, which the master collects.
+fn init_logging(level: stockade_common::worker::Verbosity) {
+    struct Stderr(log::LevelFilter);
+    impl log::Log for Stderr {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.level() <= self.0
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if self.enabled(r.metadata()) {
+                eprintln!("stockade-broker[{}]: {}", std::process::id(), r.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    let filter = match level as u32 {
+        0 => log::LevelFilter::Error,
+        1 => log::LevelFilter::Warn,
+        2 | 3 => log::LevelFilter::Info,
+        4..=5 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    let _ = log::set_boxed_logger(Box::new(Stderr(filter)));
+    log::set_max_level(filter);
 }

@@ -10,6 +10,7 @@ pub mod content_address;
 pub mod derivation;
 pub mod hash;
 pub mod ipc;
+pub mod lockdown;
 pub mod nar;
 pub mod narinfo;
 pub mod signature;

@@ -236,6 +236,8 @@ pub enum NarInfoError {
     NotSha256 { line: usize, field: Field },
     #[error("narinfo line {line}: {} is not a valid number", .field.key())]
     Number { line: usize, field: Field },
+    #[error("narinfo line {line}: {} contains control characters", .field.key())]
+    ControlChar { line: usize, field: Field },
     #[error("narinfo line {0}: signature is empty or contains whitespace or control characters")]
     BadSig(usize),
     #[error("narinfo line {line}: bad CA: {source}")]
@@ -279,6 +281,20 @@ fn parse_number(s: &str) -> Option<u64> {
 /// but it must survive the space-separated `sigs` column and the line-based texts.
 fn sig_is_storable(s: &str) -> bool {
     !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// URL, Compression and System are free text that ends up in requests, file names and logs;
+/// no real narinfo has control characters in them (Nix would keep them).
+fn is_clean(s: &str) -> bool {
+    !s.chars().any(char::is_control)
+}
+
+fn clean_text(line: usize, field: Field, value: &str) -> Result<String, NarInfoError> {
+    if is_clean(value) {
+        Ok(value.to_string())
+    } else {
+        Err(NarInfoError::ControlChar { line, field })
+    }
 }
 
 fn parse_sha256(line: usize, field: Field, value: &str) -> Result<Hash, NarInfoError> {
@@ -360,8 +376,8 @@ impl NarInfo {
             };
             match field {
                 Field::StorePath => path = Some(store_dir.parse(value).map_err(path_err)?),
-                Field::Url => url = Some(value.to_string()),
-                Field::Compression => compression = Some(value.to_string()),
+                Field::Url => url = Some(clean_text(line, field, value)?),
+                Field::Compression => compression = Some(clean_text(line, field, value)?),
                 Field::FileHash => file_hash = Some(parse_sha256(line, field, value)?),
                 Field::FileSize => {
                     file_size = parse_number(value).ok_or(NarInfoError::Number { line, field })?
@@ -386,7 +402,7 @@ impl NarInfo {
                 }
                 Field::System => {
                     if !value.is_empty() {
-                        system = Some(value.to_string());
+                        system = Some(clean_text(line, field, value)?);
                     }
                 }
                 Field::Sig => {
@@ -436,15 +452,14 @@ impl NarInfo {
     }
 
     /// Prints the narinfo in Nix's field order. Fails instead of printing something that would
-    /// not parse back to the same value (an empty URL, a value with a line break, a zero
-    /// NarSize, a non-sha256 hash, an unstorable signature).
+    /// not parse back to the same value (an empty URL, a control character, a zero NarSize, a
+    /// non-sha256 hash, an unstorable signature).
     pub fn render(&self, store_dir: &StoreDir) -> Result<String, NarInfoError> {
-        let clean = |s: &str| !s.contains(['\n', '\r']);
         let info = &self.info;
-        if self.url.is_empty() || !clean(&self.url) {
+        if self.url.is_empty() || !is_clean(&self.url) {
             return Err(NarInfoError::Unprintable(Field::Url));
         }
-        if !clean(&self.compression) {
+        if !is_clean(&self.compression) {
             return Err(NarInfoError::Unprintable(Field::Compression));
         }
         if self.file_hash.is_some_and(|h| h.algo() != HashAlgo::Sha256) {
@@ -459,7 +474,7 @@ impl NarInfo {
         if self
             .system
             .as_deref()
-            .is_some_and(|s| s.is_empty() || !clean(s))
+            .is_some_and(|s| s.is_empty() || !is_clean(s))
         {
             return Err(NarInfoError::Unprintable(Field::System));
         }

@@ -79,7 +79,9 @@ fn typed_round_trip() {
             path: sp("00000000000000000000000000000000-a"),
         },
         BrokerToStoreWriter::Hello { version: 7 },
-        BrokerToStoreWriter::IsValidPath { path: sp("11111111111111111111111111111111-x") },
+        BrokerToStoreWriter::IsValidPath {
+            path: sp("11111111111111111111111111111111-x"),
+        },
     ];
     for r in &reqs {
         b.send(r, &[]).unwrap();
@@ -145,10 +147,20 @@ fn passed_channel_works_after_from_fd() {
     let mut client_chan = Channel::from_fd(fds.pop().unwrap()).unwrap();
 
     broker_end
-        .send(&BrokerToStoreWriter::IsValidPath { path: sp("22222222222222222222222222222222-p") }, &[])
+        .send(
+            &BrokerToStoreWriter::IsValidPath {
+                path: sp("22222222222222222222222222222222-p"),
+            },
+            &[],
+        )
         .unwrap();
     let (req, _) = client_chan.recv::<BrokerToStoreWriter>().unwrap();
-    assert_eq!(req, BrokerToStoreWriter::IsValidPath { path: sp("22222222222222222222222222222222-p") });
+    assert_eq!(
+        req,
+        BrokerToStoreWriter::IsValidPath {
+            path: sp("22222222222222222222222222222222-p")
+        }
+    );
     client_chan
         .send(&StoreWriterToBroker::Bool(true), &[])
         .unwrap();
@@ -420,7 +432,10 @@ fn closed_peer_and_timeout() {
     c.set_write_timeout(Some(Duration::from_millis(20)))
         .unwrap();
     let filler = BrokerToStoreWriter::IsValidPath {
-        path: sp(&format!("44444444444444444444444444444444-{}", "x".repeat(200))),
+        path: sp(&format!(
+            "44444444444444444444444444444444-{}",
+            "x".repeat(200)
+        )),
     };
     let mut sent = 0;
     let err = loop {
@@ -584,7 +599,9 @@ fn spilled_messages_travel_in_a_memfd() {
     let (mut a, mut b) = stockade_common::ipc::socketpair().unwrap();
     a.enable_spill(16 << 20);
     b.enable_spill(16 << 20);
-    let big: Vec<String> = (0..20_000).map(|i| format!("/nix/store/{i:032}-x")).collect();
+    let big: Vec<String> = (0..20_000)
+        .map(|i| format!("/nix/store/{i:032}-x"))
+        .collect();
     a.send_value(&big, &[]).unwrap();
     a.send_value(&vec!["small".to_string()], &[]).unwrap();
     let (got, fds): (Vec<String>, _) = b.recv_value(0).unwrap();

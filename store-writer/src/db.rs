@@ -10,8 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use thiserror::Error;
 
 use stockade_common::content_address::ContentAddress;
-use stockade_common::hash::{Encoding, Hash};
-use stockade_common::signature::PathInfo;
+use stockade_common::hash::{Encoding, Hash, HashAlgo};
+use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::{StoreDir, StorePath};
 
 pub const SCHEMA_VERSION: u32 = 10;
@@ -70,8 +70,12 @@ pub enum DbError {
         context: String,
         source: std::io::Error,
     },
-    #[error("current Nix store schema is version {found}, but I only support {SCHEMA_VERSION}")]
+    #[error("current Nix store schema is version {found}, but Stockade only supports {SCHEMA_VERSION} (run Nix 2.8 once to upgrade older stores)")]
     Schema { found: String },
+    #[error("cannot add path '{0}' to the Nix store because it claims to be content-addressed but isn't")]
+    FalseCa(String),
+    #[error("NAR hash of path '{0}' is not SHA-256")]
+    NotSha256(String),
     #[error("invalid-path entry for '{path}': {why}")]
     BadRow { path: String, why: String },
     #[error("path '{0}' is not valid")]
@@ -115,7 +119,13 @@ pub fn init(db_dir: &Path, store_dir: &StoreDir, opts: &DbOptions) -> Result<Db,
     let schema_path = db_dir.join("schema");
     let fresh = match fs::read_to_string(&schema_path) {
         Ok(s) if s.trim() == SCHEMA_VERSION.to_string() => false,
-        Ok(s) => return Err(DbError::Schema { found: s }),
+        // Nix treats an empty or unreadable number as a new store (version 0).
+        Ok(s) if s.trim().is_empty() => true,
+        Ok(s) => {
+            return Err(DbError::Schema {
+                found: s.trim().to_string(),
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
         Err(e) => return Err(io_err("reading the schema version")(e)),
     };
@@ -135,20 +145,34 @@ impl Db {
         let conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(3600))?;
         conn.pragma_update(None, "foreign_keys", 1)?;
-        conn.pragma_update(
-            None,
-            "synchronous",
-            if opts.fsync_metadata { "normal" } else { "off" },
-        )?;
+        conn.execute_batch(if opts.fsync_metadata {
+            "pragma synchronous = normal"
+        } else {
+            "pragma synchronous = off"
+        })?;
         let mode = if opts.use_wal { "wal" } else { "truncate" };
         let prev: String = conn.query_row("pragma main.journal_mode", [], |r| r.get(0))?;
         if prev != mode {
             let _: String =
-                conn.query_row(&format!("pragma main.journal_mode = {mode}"), [], |r| r.get(0))?;
+                conn.query_row(&format!("pragma main.journal_mode = {mode}"), [], |r| {
+                    r.get(0)
+                })?;
         }
         if opts.use_wal {
             let _: i64 = conn.query_row("pragma wal_autocheckpoint = 40000", [], |r| r.get(0))?;
         }
+        Ok(Db {
+            conn,
+            store_dir: store_dir.clone(),
+        })
+    }
+
+    /// A second connection for queries only (`query_only`, so a bug cannot write through it).
+    pub fn open_reader(db_dir: &Path, store_dir: &StoreDir) -> Result<Db, DbError> {
+        let conn = Connection::open(db_dir.join("db.sqlite"))?;
+        conn.busy_timeout(Duration::from_secs(3600))?;
+        conn.pragma_update(None, "foreign_keys", 1)?;
+        conn.pragma_update(None, "query_only", 1)?;
         Ok(Db {
             conn,
             store_dir: store_dir.clone(),
@@ -282,7 +306,9 @@ impl Db {
             .conn
             .prepare_cached("select id, path from DerivationOutputs where drv = ?")?;
         let mut out = BTreeMap::new();
-        for r in stmt.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+        for r in stmt.query_map([id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })? {
             let (name, path) = r?;
             out.insert(name, self.parse(&path)?);
         }
@@ -313,13 +339,18 @@ impl Db {
         Ok(out)
     }
 
-    pub fn add_signatures(&mut self, p: &StorePath, sigs: &BTreeSet<String>) -> Result<(), DbError> {
+    pub fn add_signatures(
+        &mut self,
+        p: &StorePath,
+        sigs: &BTreeSet<String>,
+    ) -> Result<(), DbError> {
+        let full = self.store_dir.display(p);
         let tx = self.conn.transaction()?;
         let cur: Option<Option<String>> = tx
             .prepare_cached("select sigs from ValidPaths where path = ?")?
-            .query_row([self.store_dir.display(p)], |r| r.get(0))
+            .query_row([&full], |r| r.get(0))
             .optional()?;
-        let cur = cur.ok_or_else(|| DbError::InvalidPath(self.store_dir.display(p)))?;
+        let cur = cur.ok_or_else(|| DbError::InvalidPath(full.clone()))?;
         let mut all: BTreeSet<String> = cur
             .as_deref()
             .unwrap_or("")
@@ -328,12 +359,31 @@ impl Db {
             .map(str::to_string)
             .collect();
         all.extend(sigs.iter().cloned());
-        let joined = all.into_iter().collect::<Vec<_>>().join(" ");
+        let joined = opt_nonempty(all.into_iter().collect::<Vec<_>>().join(" "));
         tx.execute(
             "update ValidPaths set sigs = ? where path = ?",
-            params![joined, self.store_dir.display(p)],
+            params![joined, full],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a path's registration (its references go with it; referrers must be gone).
+    pub fn invalidate(&mut self, p: &StorePath) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("delete from ValidPaths where path = ?")?
+            .execute([self.store_dir.display(p)])?;
+        Ok(())
+    }
+
+    /// Records a NAR size found by verification for a path registered without one.
+    pub fn set_nar_size(&mut self, p: &StorePath, nar_size: u64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("update ValidPaths set narSize = ? where path = ?")?
+            .execute(params![
+                i64::try_from(nar_size).unwrap_or(i64::MAX),
+                self.store_dir.display(p)
+            ])?;
         Ok(())
     }
 
@@ -346,6 +396,14 @@ impl Db {
         now: u64,
     ) -> Result<(), DbError> {
         let store_dir = self.store_dir.clone();
+        for (info, _) in infos {
+            if info.nar_hash.algo() != HashAlgo::Sha256 {
+                return Err(DbError::NotSha256(store_dir.display(&info.path)));
+            }
+            if info.ca.is_some() && !info.is_content_addressed(&store_dir) {
+                return Err(DbError::FalseCa(store_dir.display(&info.path)));
+            }
+        }
         let tx = self.conn.transaction()?;
         for (info, _) in infos {
             upsert_path(&tx, &store_dir, info, now)?;
@@ -382,7 +440,12 @@ fn opt_nonempty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-fn upsert_path(tx: &Transaction<'_>, sd: &StoreDir, info: &PathInfo, now: u64) -> Result<(), DbError> {
+fn upsert_path(
+    tx: &Transaction<'_>,
+    sd: &StoreDir,
+    info: &PathInfo,
+    now: u64,
+) -> Result<(), DbError> {
     let full = sd.display(&info.path);
     let hash = info.nar_hash.to_typed(Encoding::Base16);
     let nar_size = (info.nar_size != 0).then(|| i64::try_from(info.nar_size).unwrap_or(i64::MAX));
@@ -427,8 +490,10 @@ fn check_acyclic(
     infos: &[(PathInfo, BTreeMap<String, StorePath>)],
     sd: &StoreDir,
 ) -> Result<(), DbError> {
-    let graph: BTreeMap<&StorePath, &BTreeSet<StorePath>> =
-        infos.iter().map(|(i, _)| (&i.path, &i.references)).collect();
+    let graph: BTreeMap<&StorePath, &BTreeSet<StorePath>> = infos
+        .iter()
+        .map(|(i, _)| (&i.path, &i.references))
+        .collect();
     // 0 = unvisited, 1 = on the stack, 2 = done; iterative DFS so depth cannot overflow.
     let mut state: BTreeMap<&StorePath, u8> = BTreeMap::new();
     for &start in graph.keys() {

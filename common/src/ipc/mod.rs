@@ -510,7 +510,9 @@ fn read_spill(fd: OwnedFd, size: usize) -> Result<Vec<u8>, Error> {
         .metadata()
         .map_err(|_| Error::BadSpill("cannot stat memfd"))?;
     if !meta.is_file() || meta.len() != size as u64 {
-        return Err(Error::BadSpill("memfd is not a regular file of the stated size"));
+        return Err(Error::BadSpill(
+            "memfd is not a regular file of the stated size",
+        ));
     }
     let mut buf = vec![0u8; size];
     file.read_exact_at(&mut buf, 0)

@@ -173,7 +173,7 @@ pub enum BrokerToStoreWriter {
     /// against the client's trust. One descriptor: a pipe with the NAR. With `batch`, the
     /// path is staged and registered by `CommitBatch`. → `Ok`
     AddNar {
-        info: PathInfo,
+        info: Box<PathInfo>,
         repair: bool,
         dont_check_sigs: bool,
         batch: Option<u64>,

@@ -124,6 +124,7 @@ impl<R: Read> NarReader<R> {
         self.inner
     }
 
+    /// The underlying reader. Reading from it mid-archive desynchronises the parser.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
     }

@@ -1,7 +1,7 @@
 //! Creating a NAR's tree on disk, fd-relatively (V4: a hostile NAR must not write outside).
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -38,6 +38,15 @@ pub fn restore<R: Read>(
     parent: BorrowedFd<'_>,
     name: &std::ffi::OsStr,
 ) -> Result<(), NarError> {
+    if nar.offset() != 0 {
+        return Err(nar.error(NarErrorKind::Restore {
+            op: "restoring",
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the reader is not at the start of the archive",
+            ),
+        }));
+    }
     let name = name.as_bytes();
     if !is_valid_name(name) {
         return Err(nar.error(NarErrorKind::InvalidName(show(name))));

@@ -22,7 +22,7 @@ pub struct Limits {
     pub max_path: u64,
     /// Element count of a list, set or map (path sets).
     pub max_list: u64,
-    /// Total bytes of one list/set/map including [`ELEMENT_OVERHEAD`] per element.
+    /// Total bytes of one list/set/map, counting 32 bytes of overhead per element.
     pub max_collection_bytes: u64,
     /// One chunk of a framed stream.
     pub max_frame_chunk: u64,
@@ -142,8 +142,8 @@ pub enum WireError {
 }
 
 impl WireError {
-    /// Maps an I/O error from reading `what`; a `WireError` wrapped by a [`FramedReader`]
-    /// (`crate::worker::FramedReader`) inside the `io::Error` comes back out unchanged.
+    /// Maps an I/O error from reading `what`; a `WireError` wrapped by a
+    /// [`FramedReader`](crate::worker::FramedReader) inside the `io::Error` comes back out unchanged.
     pub fn from_io(e: io::Error, what: &'static str, offset: u64) -> WireError {
         if e.get_ref().is_some_and(|inner| inner.is::<WireError>()) {
             if let Some(inner) = e.into_inner() {

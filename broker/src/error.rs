@@ -1,0 +1,83 @@
+//! Errors of one worker operation, and how nix-daemon renders them.
+
+use stockade_common::ipc;
+use stockade_common::nar::NarError;
+use stockade_common::store_path::StorePathError;
+use stockade_common::worker::WireError;
+
+/// Nix wraps every argument of an error message in magenta bold (`hintfmt`); clients strip the
+/// escapes when their stderr is not a terminal, so we reproduce them exactly.
+pub fn hl(s: impl std::fmt::Display) -> String {
+    format!("\x1b[35;1m{s}\x1b[0m")
+}
+
+/// What ended an operation early.
+#[derive(Debug)]
+pub struct OpError {
+    /// Sent to the client as `STDERR_ERROR`.
+    pub message: String,
+    /// The connection can no longer be trusted to be in sync (I/O failure, broken framing,
+    /// store-writer gone): after reporting, close it.
+    pub fatal: bool,
+}
+
+impl OpError {
+    pub fn client(message: impl Into<String>) -> OpError {
+        OpError {
+            message: message.into(),
+            fatal: false,
+        }
+    }
+
+    pub fn fatal(message: impl Into<String>) -> OpError {
+        OpError {
+            message: message.into(),
+            fatal: true,
+        }
+    }
+}
+
+impl From<WireError> for OpError {
+    fn from(e: WireError) -> OpError {
+        let fatal = matches!(
+            e,
+            WireError::Eof { .. }
+                | WireError::Read { .. }
+                | WireError::Write(_)
+                | WireError::FramedFailed
+        );
+        OpError {
+            message: e.to_string(),
+            fatal,
+        }
+    }
+}
+
+impl From<StorePathError> for OpError {
+    fn from(e: StorePathError) -> OpError {
+        OpError::client(match e {
+            StorePathError::NotInStore(p) => format!("path '{}' is not in the Nix store", hl(p)),
+            other => other.to_string(),
+        })
+    }
+}
+
+impl From<NarError> for OpError {
+    fn from(e: NarError) -> OpError {
+        OpError::client(e.to_string())
+    }
+}
+
+impl From<ipc::Error> for OpError {
+    fn from(e: ipc::Error) -> OpError {
+        OpError::fatal(format!("internal error talking to the store-writer: {e}"))
+    }
+}
+
+impl From<std::io::Error> for OpError {
+    fn from(e: std::io::Error) -> OpError {
+        OpError::fatal(format!("I/O error: {e}"))
+    }
+}
+
+pub type OpResult<T> = Result<T, OpError>;

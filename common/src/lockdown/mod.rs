@@ -1,0 +1,222 @@
+//! Self-confinement: what each Stockade service applies to itself right after setup, before it
+//! reads a byte from a less trusted peer (SECURITY.md §5, A47, A60, A61).
+//!
+//! [`apply_broker`] and [`apply_store_writer`] do everything in order:
+//!
+//! 1. capabilities: all dropped ([`drop_all_capabilities`]), or all but the store-writer's four
+//!    ([`keep_only_capabilities`]);
+//! 2. `no_new_privs` ([`no_new_privs`]);
+//! 3. not dumpable ([`set_not_dumpable`]): no core dumps, no `ptrace` or `/proc/<pid>` access
+//!    from the same uid;
+//! 4. Landlock ([`landlock_restrict`]): only the profile's directories can be opened, no TCP,
+//!    abstract unix sockets and signals scoped to the process's own domain;
+//! 5. seccomp last ([`apply_seccomp`]), so the steps above need not be on its allow-list.
+//!
+//! and return a [`Report`] whose [`Report::summary`] goes on the audit start-up line, e.g.
+//! `landlock=full(abi7) seccomp=on caps=none nnp=1 dumpable=0`.
+//!
+//! Capabilities, `no_new_privs` and (on Landlock ABI < 8) the Landlock domain are per thread:
+//! call these before creating any thread; later threads inherit everything. The seccomp
+//! filters are installed on all threads.
+//!
+//! After lockdown, paths outside the profile cannot be opened any more, including `/proc` and
+//! `/dev/log`: open what is needed (syslog socket, database, status fd) before. Set
+//! `STOCKADE_SECCOMP_LOG=1` to find missing system calls (see [`seccomp`](self::seccomp)).
+
+mod fs_rules;
+mod privs;
+pub mod seccomp;
+mod status;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use caps::Capability;
+pub use fs_rules::{
+    landlock_abi, landlock_restrict, Access, Enforcement, LandlockStatus, TARGET_ABI,
+};
+pub use privs::{
+    drop_all_capabilities, keep_only_capabilities, no_new_privs, set_not_dumpable,
+    STORE_WRITER_CAPS,
+};
+pub use seccomp::{apply_seccomp, SeccompMode, SeccompProfile, LOG_ENV};
+pub use status::{parse_status, status, ProcStatus, StatusReader};
+
+/// Why a process could not confine itself. The caller should refuse to serve: a service that
+/// asked for confinement and did not get it must not go on as if it had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockdownError {
+    #[error("prctl({what}) failed: {source}")]
+    Prctl {
+        what: &'static str,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("{what}: {detail}")]
+    Caps { what: &'static str, detail: String },
+    #[error("capabilities still present after dropping them: {}", privs::names(*mask))]
+    CapsRemain { mask: u64 },
+    #[error("Landlock: {0}")]
+    Landlock(#[from] landlock::RulesetError),
+    #[error("Landlock rule for '{}': {source}", path.display())]
+    LandlockPath {
+        path: PathBuf,
+        #[source]
+        source: landlock::PathFdError,
+    },
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+    #[error("seccomp table: {0}")]
+    SeccompTable(&'static str),
+    #[error("no seccomp profile for architecture {0}")]
+    UnsupportedArch(&'static str),
+    #[error("reading /proc/thread-self/status: {0}")]
+    Status(#[source] std::io::Error),
+    #[error("unexpected /proc/thread-self/status: {0}")]
+    StatusParse(&'static str),
+}
+
+impl LockdownError {
+    fn seccomp(e: seccompiler::Error) -> Self {
+        LockdownError::Seccomp(e.to_string())
+    }
+
+    fn seccomp_backend(e: seccompiler::BackendError) -> Self {
+        LockdownError::Seccomp(e.to_string())
+    }
+}
+
+/// Which service was locked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Broker,
+    StoreWriter,
+}
+
+/// What was applied, and what the kernel says is in force afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub profile: Profile,
+    pub landlock: LandlockStatus,
+    pub seccomp: SeccompMode,
+    /// `/proc/thread-self/status` read after everything was applied.
+    pub status: ProcStatus,
+}
+
+impl Report {
+    /// One line for the audit log: `landlock=full(abi7) seccomp=on caps=none nnp=1 dumpable=0`.
+    /// `caps` names the effective capabilities; `bnd=…` is added when the bounding set is not
+    /// empty while the effective set is (an unprivileged start cannot empty it; harmless with
+    /// `no_new_privs` and no `execve`, but visible).
+    pub fn summary(&self) -> String {
+        let seccomp = match (self.status.seccomp, self.seccomp) {
+            (2, SeccompMode::Enforce) => "on",
+            (2, SeccompMode::Log) => "log",
+            _ => "off",
+        };
+        let mut line = format!(
+            "landlock={} seccomp={} caps={} nnp={} dumpable=0",
+            self.landlock,
+            seccomp,
+            privs::names(self.status.cap_eff),
+            u8::from(self.status.no_new_privs),
+        );
+        if self.status.cap_eff == 0 && self.status.cap_bnd != 0 {
+            line.push_str(&format!(" bnd={:x}", self.status.cap_bnd));
+        }
+        line
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary())
+    }
+}
+
+/// Lock down a broker: no capabilities, read-only `store_dir` (the real store directory on
+/// disk) and nothing else on disk, the broker allow-list.
+pub fn apply_broker(store_dir: &Path) -> Result<Report, LockdownError> {
+    let reader = StatusReader::open()?;
+    warn_if_threaded(&reader);
+    drop_all_capabilities()?;
+    finish(
+        Profile::Broker,
+        reader,
+        &[(store_dir.to_path_buf(), Access::ReadOnly)],
+        SeccompProfile::Broker,
+    )
+}
+
+/// Lock down the store-writer: read-write `store_dir`, `state_dir` (`/nix/var/nix`) and
+/// `log_dir` (`/nix/var/log/nix`), nothing else on disk; with `keep_caps` the four
+/// capabilities of [`STORE_WRITER_CAPS`] (only meaningful when started with them), else none.
+///
+/// Not reachable afterwards, so to be arranged before or differently: SQLite's temporary files
+/// (`/var/tmp`, `/tmp`: use `PRAGMA temp_store = MEMORY` or `SQLITE_TMPDIR` under `state_dir`),
+/// `/dev/urandom` (SQLite falls back to weaker seeding without it), and `/proc/*` for the
+/// garbage collector's runtime-root scan. Landlock does not govern metadata calls (`stat`,
+/// `readlink`), so following indirect GC roots out of the state directory still works.
+pub fn apply_store_writer(
+    store_dir: &Path,
+    state_dir: &Path,
+    log_dir: &Path,
+    keep_caps: bool,
+) -> Result<Report, LockdownError> {
+    let reader = StatusReader::open()?;
+    warn_if_threaded(&reader);
+    if keep_caps {
+        keep_only_capabilities(&STORE_WRITER_CAPS)?;
+    } else {
+        drop_all_capabilities()?;
+    }
+    finish(
+        Profile::StoreWriter,
+        reader,
+        &[
+            (store_dir.to_path_buf(), Access::ReadWrite),
+            (state_dir.to_path_buf(), Access::ReadWrite),
+            (log_dir.to_path_buf(), Access::ReadWrite),
+        ],
+        SeccompProfile::StoreWriter,
+    )
+}
+
+fn finish(
+    profile: Profile,
+    reader: StatusReader,
+    rules: &[(PathBuf, Access)],
+    seccomp_profile: SeccompProfile,
+) -> Result<Report, LockdownError> {
+    no_new_privs()?;
+    set_not_dumpable()?;
+    let landlock = landlock_restrict(rules)?;
+    if landlock.enforcement != Enforcement::Full {
+        log::warn!("Landlock not fully enforced: {landlock}");
+    }
+    let mode = SeccompMode::from_env();
+    if mode == SeccompMode::Log {
+        log::warn!("{LOG_ENV}=1: system calls outside the allow-list are logged, not refused");
+    }
+    apply_seccomp(seccomp_profile, mode)?;
+    let status = reader.read()?;
+    Ok(Report {
+        profile,
+        landlock,
+        seccomp: mode,
+        status,
+    })
+}
+
+fn warn_if_threaded(reader: &StatusReader) {
+    if let Ok(s) = reader.read() {
+        if s.threads > 1 {
+            log::warn!(
+                "lockdown with {} threads: capabilities and Landlock cover only the calling \
+                 thread and its descendants",
+                s.threads
+            );
+        }
+    }
+}

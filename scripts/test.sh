@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, every test, a short fuzz run of every target,
+# and a check that nothing touched the host's real /nix. Runs as root on Debian 12 with nix-bin,
+# busybox-static and cargo-fuzz installed (.ci/run installs them, then calls this).
+# Environment: SKIP_FUZZ=1 skips the fuzz run (local use; CI never sets it),
+#              FUZZ_SECS=N seconds per fuzz target (default 20).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d "$HOME/.cargo/bin" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
+start=${STOCKADE_CI_START:-$(date +%s)}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# A listing of the host's /nix with modes, sizes, owners, mtimes and link targets.
+nix_listing() {
+  if [ -e /nix ]; then
+    find /nix -printf '%p %m %s %U:%G %T@ %l\n' | LC_ALL=C sort
+  else
+    echo "/nix absent"
+  fi
+}
+nix_listing >"$work/nix-before"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+# The integration tests start target/debug/stockade; `cargo test` alone does not build it.
+step "cargo build --workspace --bins"
+cargo build --workspace --bins
+
+step "cargo test --workspace"
+set +e
+cargo test --workspace 2>&1 | tee "$work/test.log"
+test_status=${PIPESTATUS[0]}
+set -e
+# Sum the per-binary "test result:" lines into one closing line.
+read -r passed failed ignored < <(awk '
+  /^test result:/ { for (i = 1; i <= NF; i++) {
+      if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } }
+  END { print p + 0, f + 0, g + 0 }' "$work/test.log")
+summary="tests: $passed passed, $failed failed, $ignored skipped"
+if [ "$test_status" -ne 0 ]; then
+  echo "cargo test failed (status $test_status)"
+  echo "$summary"
+  exit "$test_status"
+fi
+if [ "$passed" -eq 0 ]; then
+  echo "cargo test ran no test"
+  exit 1
+fi
+
+if [ "${SKIP_FUZZ:-0}" = 1 ] && [ -z "${CI:-}" ]; then
+  step "fuzz smoke run skipped (SKIP_FUZZ=1)"
+else
+  step "fuzz/smoke.sh ${FUZZ_SECS:-20}"
+  fuzz/smoke.sh "${FUZZ_SECS:-20}"
+fi
+
+step "host /nix untouched"
+nix_listing >"$work/nix-after"
+if ! cmp -s "$work/nix-before" "$work/nix-after"; then
+  echo "FAIL: the host's /nix changed during the run:"
+  diff "$work/nix-before" "$work/nix-after" | head -n 50 || true
+  echo "$summary"
+  exit 1
+fi
+echo "host /nix unchanged ($(wc -l <"$work/nix-after") entries, sha256 $(sha256sum <"$work/nix-after" | cut -c1-16))"
+
+echo
+echo "total time: $(($(date +%s) - start)) s"
+echo "$summary"

@@ -1,0 +1,554 @@
+//! Garbage-collector roots in Nix's on-disk forms, so that a real Nix GC sees them:
+//!
+//! - temporary roots: `<state>/temproots/<name>`, NUL-terminated store paths, write-locked
+//!   (`flock`) by their owner for as long as they count. Nix 2.8's GC reads the owner's pid with
+//!   `std::stoi(name)`, which stops at the first non-digit, and decides liveness only by trying
+//!   the lock. One store-writer serves many connections, so each connection gets its own file
+//!   named `<store-writer pid>-<conn id>`: the GC parses the pid, finds the file locked, and
+//!   each file is dropped with its connection. `flock` locks belong to the open file, so the
+//!   files lock independently inside one process;
+//! - indirect roots: `gcroots/auto/<b32(sha1(link))>` → `link`;
+//! - FindRoots: the symlinks under `gcroots/` and `profiles/` as Nix's `findRoots` reads them,
+//!   plus the temporary roots.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::dir::Type;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::{Mode, SFlag};
+
+use stockade_common::base32;
+use stockade_common::hash::{Hash, HashAlgo};
+use stockade_common::store_path::{StoreDir, StorePath};
+
+use crate::store::Store;
+use crate::sys;
+
+/// Most temporary roots one connection may hold (A29).
+pub const MAX_TEMP_ROOTS: usize = 1 << 18;
+/// Longest link name accepted for an indirect root (`PATH_MAX` - 1).
+const MAX_LINK_LEN: usize = 4095;
+/// Bounds on the FindRoots walk: users own `gcroots/per-user/<name>` and can fill it.
+const MAX_ROOT_DEPTH: usize = 64;
+const MAX_ROOT_ENTRIES: usize = 1 << 20;
+/// What the link name of a root is replaced with for untrusted clients.
+pub const CENSORED: &str = "{censored}";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("too many temporary roots on this connection (at most {MAX_TEMP_ROOTS})")]
+    TooMany,
+    #[error("invalid root link '{0}'")]
+    BadLink(String),
+}
+
+impl From<Errno> for RootError {
+    fn from(e: Errno) -> Self {
+        RootError::Io(e.into())
+    }
+}
+
+/// One connection's temporary roots file.
+pub struct TempRoots {
+    dir: PathBuf,
+    name: String,
+    file: Option<Flock<File>>,
+    roots: HashSet<StorePath>,
+    closed: bool,
+}
+
+impl TempRoots {
+    pub fn new(state_dir: &Path, conn_id: u64) -> TempRoots {
+        TempRoots {
+            dir: state_dir.join("temproots"),
+            name: format!("{}-{conn_id}", std::process::id()),
+            file: None,
+            roots: HashSet::new(),
+            closed: false,
+        }
+    }
+
+    pub fn contains(&self, p: &StorePath) -> bool {
+        self.roots.contains(p)
+    }
+
+    /// Creates and write-locks the file. Like Nix: if a GC got in between creating and
+    /// locking (it unlinks unlocked files and writes `d` into them), start again.
+    fn open(&mut self) -> Result<&mut Flock<File>, RootError> {
+        if self.closed {
+            return Err(RootError::Io(std::io::Error::other(
+                "the connection has ended",
+            )));
+        }
+        if self.file.is_none() {
+            let dir = sys::open(
+                self.dir.as_path(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )?;
+            let mut tries = 0;
+            let locked = loop {
+                tries += 1;
+                let fd = match sys::openat(
+                    dir.as_fd(),
+                    self.name.as_str(),
+                    OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+                    Mode::from_bits_truncate(0o600),
+                ) {
+                    Ok(fd) => fd,
+                    Err(Errno::EEXIST) if tries < 10 => {
+                        // Stale: a previous process with our pid cannot still be alive.
+                        let _ = nix::unistd::unlinkat(
+                            Some(dir.as_raw_fd()),
+                            self.name.as_str(),
+                            nix::unistd::UnlinkatFlags::NoRemoveDir,
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let locked = Flock::lock(File::from(fd), FlockArg::LockExclusive)
+                    .map_err(|(_, e)| RootError::from(e))?;
+                if locked.metadata()?.len() == 0 {
+                    break locked;
+                }
+                if tries >= 10 {
+                    return Err(RootError::Io(std::io::Error::other(
+                        "the garbage collector keeps deleting our temporary roots file",
+                    )));
+                }
+            };
+            self.file = Some(locked);
+        }
+        self.file
+            .as_mut()
+            .ok_or_else(|| RootError::Io(std::io::Error::other("temporary roots file")))
+    }
+
+    fn append(&mut self, line: &str) -> Result<(), RootError> {
+        let f = self.open()?;
+        f.write_all(line.as_bytes())?;
+        Ok(())
+    }
+}
+
+impl TempRoots {
+    /// The connection ended: remove the file (its roots stop counting) and refuse new ones.
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.remove();
+    }
+
+    fn remove(&mut self) {
+        if self.file.is_some() {
+            // Unlink while still holding the lock, so no GC ever sees the file unlocked.
+            let _ = std::fs::remove_file(self.dir.join(&self.name));
+            self.file = None;
+        }
+        self.roots.clear();
+    }
+}
+
+impl Drop for TempRoots {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Adds `path` to `roots` the way Nix's `addTempRoot` does: under a shared GC lock when no GC
+/// runs, otherwise by telling the running GC through its socket first.
+pub fn add_temp_root(
+    store: &Store,
+    roots: &mut TempRoots,
+    path: &StorePath,
+) -> Result<(), RootError> {
+    if roots.contains(path) {
+        return Ok(());
+    }
+    if roots.roots.len() >= MAX_TEMP_ROOTS {
+        return Err(RootError::TooMany);
+    }
+    roots.open()?;
+    let full = store.full(path);
+    let lock = store.open_gc_lock()?;
+    let _shared = match Flock::lock(lock, FlockArg::LockSharedNonblock) {
+        Ok(l) => Some(l),
+        Err((_, Errno::EWOULDBLOCK)) => {
+            tell_running_gc(&store.state_dir, &full)?;
+            None
+        }
+        Err((_, e)) => return Err(e.into()),
+    };
+    roots.append(&format!("{full}\0"))?;
+    roots.roots.insert(path.clone());
+    Ok(())
+}
+
+/// A collector is running: send it `<path>\n` on its socket and wait for its `1`. If it went
+/// away meanwhile the root is simply written to the file (the next GC reads it there).
+fn tell_running_gc(state_dir: &Path, full: &str) -> Result<(), RootError> {
+    let sock = state_dir.join("gc-socket/socket");
+    let mut s = match UnixStream::connect(&sock) {
+        Ok(s) => s,
+        Err(_) => return Ok(()),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    s.set_write_timeout(Some(Duration::from_secs(60)))?;
+    if s.write_all(format!("{full}\n").as_bytes()).is_err() {
+        return Ok(());
+    }
+    let mut ack = [0u8; 1];
+    match s.read(&mut ack) {
+        Ok(1) if ack == *b"1" => Ok(()),
+        Ok(_) | Err(_) => Ok(()),
+    }
+}
+
+/// `gcroots/auto/<b32(sha1(link))>` → `link`, replaced atomically. The link itself is never
+/// looked at: it may be any path, including one the client does not own (as in nix-daemon).
+pub fn add_indirect_root(store: &Store, link: &str) -> Result<String, RootError> {
+    let link = canon_path(link).ok_or_else(|| RootError::BadLink(link.to_string()))?;
+    if link.len() > MAX_LINK_LEN {
+        return Err(RootError::BadLink(link));
+    }
+    let hash = base32::encode(Hash::of(HashAlgo::Sha1, link.as_bytes()).digest());
+    let auto = sys::open(
+        store.state_dir.join("gcroots/auto").as_path(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )?;
+    let tmp = format!("{hash}.tmp-{}-{}", std::process::id(), store.staging_name());
+    nix::unistd::symlinkat(link.as_str(), Some(auto.as_raw_fd()), tmp.as_str())?;
+    if let Err(e) = nix::fcntl::renameat(
+        Some(auto.as_raw_fd()),
+        tmp.as_str(),
+        Some(auto.as_raw_fd()),
+        hash.as_str(),
+    ) {
+        let _ = nix::unistd::unlinkat(
+            Some(auto.as_raw_fd()),
+            tmp.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+        return Err(e.into());
+    }
+    Ok(link)
+}
+
+/// Lexically canonical absolute path (`//`, `.` and `..` resolved without touching the file
+/// system), as Nix's `canonPath`; `None` for relative paths or NULs.
+pub fn canon_path(p: &str) -> Option<String> {
+    if !p.starts_with('/') || p.contains('\0') {
+        return None;
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+/// The roots Nix's `findRoots(censor)` reports, without the runtime (`/proc`) roots:
+/// store path → link names.
+pub fn find_roots(
+    store: &Store,
+    is_valid: &mut dyn FnMut(&StorePath) -> bool,
+    censor: bool,
+) -> BTreeMap<StorePath, BTreeSet<String>> {
+    let mut roots: BTreeMap<StorePath, BTreeSet<String>> = BTreeMap::new();
+    let mut walker = Walker {
+        store_dir: &store.store_dir,
+        auto_dir: store.state_dir.join("gcroots/auto"),
+        roots: &mut roots,
+        is_valid,
+        entries: 0,
+    };
+    walker.walk(&store.state_dir.join("gcroots"));
+    walker.walk(&store.state_dir.join("profiles"));
+    find_temp_roots(store, &mut roots, censor);
+    roots
+}
+
+struct Walker<'a> {
+    store_dir: &'a StoreDir,
+    auto_dir: PathBuf,
+    roots: &'a mut BTreeMap<StorePath, BTreeSet<String>>,
+    is_valid: &'a mut dyn FnMut(&StorePath) -> bool,
+    entries: usize,
+}
+
+impl Walker<'_> {
+    /// Depth-first over `top`, never following a symlink to a directory; unreadable parts
+    /// are skipped as Nix skips EACCES/ENOENT/ENOTDIR.
+    fn walk(&mut self, top: &Path) {
+        let Ok(fd) = sys::open(
+            top,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        ) else {
+            return;
+        };
+        let mut stack: Vec<(OwnedFd, PathBuf, usize)> = vec![(fd, top.to_path_buf(), 0)];
+        while let Some((dir, path, depth)) = stack.pop() {
+            let Ok(entries) = sys::read_dir(dir.as_fd()) else {
+                continue;
+            };
+            for (name, ty) in entries {
+                self.entries += 1;
+                if self.entries > MAX_ROOT_ENTRIES {
+                    log::warn!("FindRoots: more than {MAX_ROOT_ENTRIES} entries, stopping");
+                    return;
+                }
+                let child = path.join(&name);
+                let ty = match ty {
+                    Some(t) => Some(t),
+                    None => sys::lstat_at(dir.as_fd(), name.as_os_str())
+                        .ok()
+                        .map(|st| type_of(&st)),
+                };
+                match ty {
+                    Some(Type::Directory) if depth < MAX_ROOT_DEPTH => {
+                        if let Ok(sub) = sys::open_dir_at(dir.as_fd(), name.as_os_str()) {
+                            stack.push((sub, child, depth + 1));
+                        }
+                    }
+                    Some(Type::Symlink) => self.link(dir.as_fd(), &name, &child),
+                    Some(Type::File) => {
+                        let base = name.to_string_lossy();
+                        if let Ok(sp) = StorePath::from_base_name(&base) {
+                            if (self.is_valid)(&sp) {
+                                self.add(sp, &child);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn link(&mut self, dir: BorrowedFd<'_>, name: &OsString, path: &Path) {
+        let Ok(target) = nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name.as_os_str()) else {
+            return;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if self.in_store(&target) {
+            self.found(path, &target);
+            return;
+        }
+        // An indirect root: a link to a link into the store. Only link metadata is read
+        // (lstat, readlink); nothing is opened through it.
+        let parent = path
+            .parent()
+            .map_or("/".into(), |p| p.to_string_lossy().into_owned());
+        let abs = if target.starts_with('/') {
+            canon_path(&target)
+        } else {
+            canon_path(&format!("{parent}/{target}"))
+        };
+        let Some(abs) = abs else { return };
+        match std::fs::symlink_metadata(&abs) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if path.starts_with(&self.auto_dir) {
+                    log::info!("removing stale link from '{}' to '{abs}'", path.display());
+                    let _ = nix::unistd::unlinkat(
+                        Some(dir.as_raw_fd()),
+                        name.as_os_str(),
+                        nix::unistd::UnlinkatFlags::NoRemoveDir,
+                    );
+                }
+            }
+            Err(_) => {}
+            Ok(md) if md.file_type().is_symlink() => {
+                if let Ok(t2) = std::fs::read_link(&abs) {
+                    let t2 = t2.to_string_lossy().into_owned();
+                    if self.in_store(&t2) {
+                        self.found(Path::new(&abs), &t2);
+                    }
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+
+    fn in_store(&self, target: &str) -> bool {
+        target
+            .strip_prefix(self.store_dir.as_str())
+            .is_some_and(|r| r.starts_with('/'))
+    }
+
+    fn found(&mut self, link: &Path, target: &str) {
+        if let Ok((sp, _)) = self.store_dir.parse_prefix(target) {
+            if (self.is_valid)(&sp) {
+                self.add(sp, link);
+            } else {
+                log::info!(
+                    "skipping invalid root from '{}' to '{target}'",
+                    link.display()
+                );
+            }
+        }
+    }
+
+    fn add(&mut self, sp: StorePath, link: &Path) {
+        self.roots
+            .entry(sp)
+            .or_default()
+            .insert(link.to_string_lossy().into_owned());
+    }
+}
+
+fn type_of(st: &nix::sys::stat::FileStat) -> Type {
+    match sys::file_type(st) {
+        SFlag::S_IFDIR => Type::Directory,
+        SFlag::S_IFLNK => Type::Symlink,
+        SFlag::S_IFREG => Type::File,
+        SFlag::S_IFIFO => Type::Fifo,
+        SFlag::S_IFSOCK => Type::Socket,
+        SFlag::S_IFCHR => Type::CharacterDevice,
+        _ => Type::BlockDevice,
+    }
+}
+
+/// Reads every temporary roots file as Nix's GC does: a file whose lock can be taken belongs
+/// to a dead process and is removed (with the `d` marker Nix writes).
+fn find_temp_roots(store: &Store, roots: &mut BTreeMap<StorePath, BTreeSet<String>>, censor: bool) {
+    let dir_path = store.state_dir.join("temproots");
+    let Ok(dir) = sys::open(
+        dir_path.as_path(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    ) else {
+        return;
+    };
+    let Ok(entries) = sys::read_dir(dir.as_fd()) else {
+        return;
+    };
+    for (name, _) in entries {
+        let bytes = name.as_bytes();
+        if bytes.first() == Some(&b'.') {
+            continue;
+        }
+        let digits: String = bytes
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .map(|&b| b as char)
+            .collect();
+        let Ok(pid) = digits.parse::<i32>() else {
+            continue;
+        };
+        let Ok(fd) = sys::openat(
+            dir.as_fd(),
+            name.as_os_str(),
+            OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        let mut file = match Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock) {
+            Ok(mut stale) => {
+                log::info!(
+                    "removing stale temporary roots file '{}'",
+                    dir_path.join(&name).display()
+                );
+                let _ = nix::unistd::unlinkat(
+                    Some(dir.as_raw_fd()),
+                    name.as_os_str(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                );
+                let _ = stale.write_all(b"d");
+                continue;
+            }
+            Err((f, _)) => f,
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let mut contents = Vec::new();
+        let limit = (MAX_TEMP_ROOTS as u64) * 512;
+        if (&mut file).take(limit).read_to_end(&mut contents).is_err() {
+            continue;
+        }
+        let label = if censor {
+            CENSORED.to_string()
+        } else {
+            format!("{{temp:{pid}}}")
+        };
+        for entry in contents.split(|&b| b == 0) {
+            let Ok(s) = std::str::from_utf8(entry) else {
+                continue;
+            };
+            if let Ok(sp) = store.store_dir.parse(s) {
+                roots.entry(sp).or_default().insert(label.clone());
+            }
+        }
+    }
+}
+
+/// `profiles/per-user/<name>` and `gcroots/per-user/<name>`, mode 0755, owned by the client
+/// (V16), as nix-daemon makes them for each connection. Created fd-relatively below the
+/// root-owned `per-user` directories, never through a symlink.
+pub fn create_user_dirs(store: &Store, user: &str, uid: u32) -> std::io::Result<()> {
+    if user.is_empty() || user.contains('/') || user == "." || user == ".." {
+        return Err(std::io::Error::other("invalid user name"));
+    }
+    for base in ["profiles/per-user", "gcroots/per-user"] {
+        let parent = sys::open(
+            store.state_dir.join(base).as_path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )?;
+        match nix::sys::stat::mkdirat(
+            Some(parent.as_raw_fd()),
+            user,
+            Mode::from_bits_truncate(0o755),
+        ) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let fd = sys::open_dir_at(parent.as_fd(), user)?;
+        nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o755))?;
+        if store.cfg.as_root {
+            nix::unistd::fchown(
+                fd.as_raw_fd(),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(store.egid),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_paths() {
+        assert_eq!(canon_path("/a//b/./c/../d").as_deref(), Some("/a/b/d"));
+        assert_eq!(canon_path("/../..").as_deref(), Some("/"));
+        assert_eq!(
+            canon_path("/home/u/result/").as_deref(),
+            Some("/home/u/result")
+        );
+        assert_eq!(canon_path("rel/x"), None);
+        assert_eq!(canon_path("/a\0b"), None);
+    }
+}

@@ -1,0 +1,370 @@
+//! One broker channel, served on its own thread.
+//!
+//! As in OpenSSH's privilege-separation monitor, each connection is a small state machine:
+//! before `Hello` only `Hello` is accepted; afterwards every request except `Hello`. A request
+//! the state does not allow, a malformed message, a wrong descriptor count or an unknown
+//! batch ends the channel (logged and audited) without touching the store. Identity and trust
+//! come only from the master's `NewClient` message, never from the broker.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stockade_common::base32;
+use stockade_common::ipc::msg::{
+    BrokerToStoreWriter as Req, ClientIdentity, StoreWriterToBroker as Reply, BROKER_SPILL_MAX,
+    QUERY_CHUNK, VERSION,
+};
+use stockade_common::ipc::{self, Channel};
+use stockade_common::store_path::HASH_LEN;
+
+use crate::add::{self, Batch, Ctx, MAX_BATCHES};
+use crate::audit::Severity;
+use crate::db::{Db, DbError};
+use crate::error::{hl, ReqError};
+use crate::roots::{self, TempRoots};
+use crate::store::Store;
+use crate::{buildlog, verify};
+
+/// How long a reply may wait for a broker that does not read its channel.
+const SEND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Nix's log level for `printInfo`.
+pub const LVL_INFO: u32 = 3;
+/// Nix's log level for `printError`.
+pub const LVL_ERROR: u32 = 0;
+
+pub struct Session {
+    store: Arc<Store>,
+    client: ClientIdentity,
+    chan: Channel,
+    reader: Option<Db>,
+    roots: Arc<Mutex<TempRoots>>,
+    hello: bool,
+    batches: HashMap<u64, Batch>,
+}
+
+/// Serves `chan` until the broker closes it or breaks the protocol.
+pub fn serve(
+    store: Arc<Store>,
+    client: ClientIdentity,
+    mut chan: Channel,
+    roots: Arc<Mutex<TempRoots>>,
+) {
+    chan.enable_spill(BROKER_SPILL_MAX);
+    if let Err(e) = chan.set_write_timeout(Some(SEND_TIMEOUT)) {
+        log::warn!("conn {}: cannot set a send timeout: {e}", client.conn_id);
+    }
+    let reader = if store.shared_reads {
+        None
+    } else {
+        match store.reader() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                log::error!(
+                    "conn {}: cannot open a database reader: {e}",
+                    client.conn_id
+                );
+                return;
+            }
+        }
+    };
+    let mut s = Session {
+        store,
+        client,
+        chan,
+        reader,
+        roots,
+        hello: false,
+        batches: HashMap::new(),
+    };
+    s.run();
+}
+
+impl Session {
+    fn run(&mut self) {
+        loop {
+            let (req, mut fds) = match self.chan.recv::<Req>() {
+                Ok(m) => m,
+                Err(ipc::Error::Closed) => return,
+                Err(e) => return self.violation(&format!("bad message: {e}")),
+            };
+            let fd = fds.pop();
+            if !self.hello {
+                match req {
+                    Req::Hello { version } if version == VERSION => {
+                        self.hello = true;
+                        if self.send(&Reply::Hello { version: VERSION }).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Req::Hello { version } => {
+                        return self.violation(&format!("unsupported message version {version}"))
+                    }
+                    _ => return self.violation("request before Hello"),
+                }
+            }
+            let reply = match self.dispatch(req, fd) {
+                Ok(r) => r,
+                Err(ReqError::Failed(message)) => Reply::Error { message },
+                Err(ReqError::Violation(why)) => return self.violation(&why),
+            };
+            if self.send(&reply).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn send(&mut self, reply: &Reply) -> Result<(), ()> {
+        self.chan.send(reply, &[]).map_err(|e| {
+            log::warn!(
+                "conn {}: cannot reply to the broker: {e}",
+                self.client.conn_id
+            );
+        })
+    }
+
+    fn violation(&mut self, why: &str) {
+        log::warn!(
+            "conn {}: closing the broker channel: {why}",
+            self.client.conn_id
+        );
+        self.store.audit.client_event(
+            Severity::Warning,
+            &self.client,
+            &[("op", "protocol"), ("outcome", "closed"), ("reason", why)],
+        );
+    }
+
+    /// Runs a query on this thread's reader (or the shared connection when configured so).
+    fn q<T>(&self, f: impl FnOnce(&Db) -> Result<T, DbError>) -> Result<T, ReqError> {
+        match &self.reader {
+            Some(r) => Ok(f(r)?),
+            None => Ok(f(&self.store.db())?),
+        }
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            store: &self.store,
+            client: &self.client,
+            roots: &self.roots,
+        }
+    }
+
+    fn refuse(&self, op: &str, msg: &str) -> ReqError {
+        self.store.audit.client_event(
+            Severity::Warning,
+            &self.client,
+            &[("op", op), ("outcome", "refused"), ("reason", msg)],
+        );
+        ReqError::failed(msg)
+    }
+
+    fn dispatch(&mut self, req: Req, fd: Option<OwnedFd>) -> Result<Reply, ReqError> {
+        let need_fd = |fd: Option<OwnedFd>| {
+            fd.ok_or_else(|| ReqError::Violation("missing descriptor".into()))
+        };
+        match req {
+            Req::Hello { .. } => Err(ReqError::Violation("second Hello".into())),
+            Req::IsValidPath { path } => Ok(Reply::Bool(self.q(|db| db.is_valid(&path))?)),
+            Req::QueryValidPaths { paths } => {
+                if paths.len() > QUERY_CHUNK {
+                    return Err(ReqError::Violation(format!(
+                        "{} paths in one query (at most {QUERY_CHUNK})",
+                        paths.len()
+                    )));
+                }
+                let valid = self.q(|db| {
+                    let mut out = Vec::new();
+                    for p in paths {
+                        if db.is_valid(&p)? {
+                            out.push(p);
+                        }
+                    }
+                    Ok(out)
+                })?;
+                Ok(Reply::Paths(valid))
+            }
+            Req::QueryPathInfo { path } => Ok(Reply::PathInfo(
+                self.q(|db| db.query_path_info(&path))?.map(Box::new),
+            )),
+            Req::QueryReferrers { path } => Ok(Reply::Paths(
+                self.q(|db| db.query_referrers(&path))?.into_iter().collect(),
+            )),
+            Req::QueryValidDerivers { path } => Ok(Reply::Paths(
+                self.q(|db| db.query_valid_derivers(&path))?
+                    .into_iter()
+                    .collect(),
+            )),
+            Req::QueryDerivationOutputs { drv } => Ok(Reply::OutputMap(
+                self.q(|db| db.query_derivation_outputs(&drv))?,
+            )),
+            Req::QueryPathFromHashPart { hash_part } => {
+                if hash_part.len() != HASH_LEN || !base32::is_valid_str(&hash_part) {
+                    return Err(ReqError::failed("invalid hash part"));
+                }
+                Ok(Reply::OptPath(
+                    self.q(|db| db.query_path_from_hash_part(&hash_part))?,
+                ))
+            }
+            Req::QueryAllValidPaths => Ok(Reply::Paths(
+                self.q(|db| db.query_all_valid_paths())?.into_iter().collect(),
+            )),
+            Req::AddToStore {
+                name,
+                method,
+                algo,
+                references,
+                repair,
+            } => {
+                let fd = need_fd(fd)?;
+                let info = add::add_to_store(&self.ctx(), &name, method, algo, references, repair, fd)?;
+                Ok(Reply::PathInfo(Some(Box::new(info))))
+            }
+            Req::AddNar {
+                info,
+                repair,
+                dont_check_sigs,
+                batch,
+            } => {
+                let fd = need_fd(fd)?;
+                match batch {
+                    None => add::add_nar(&self.ctx(), *info, repair, dont_check_sigs, None, fd)?,
+                    Some(id) => {
+                        if !self.batches.contains_key(&id) {
+                            if self.batches.len() >= MAX_BATCHES {
+                                return Err(ReqError::failed(format!(
+                                    "too many open batches (at most {MAX_BATCHES})"
+                                )));
+                            }
+                            self.batches.insert(id, Batch::new(&self.store)?);
+                        }
+                        let mut batch = self
+                            .batches
+                            .remove(&id)
+                            .ok_or_else(|| ReqError::Violation("batch vanished".into()))?;
+                        let res = add::add_nar(
+                            &self.ctx(),
+                            *info,
+                            repair,
+                            dont_check_sigs,
+                            Some(&mut batch),
+                            fd,
+                        );
+                        if res.is_err() {
+                            add::fail_batch(&mut batch);
+                        }
+                        self.batches.insert(id, batch);
+                        res?;
+                    }
+                }
+                Ok(Reply::Ok)
+            }
+            Req::CommitBatch { batch } => {
+                let b = self
+                    .batches
+                    .remove(&batch)
+                    .ok_or_else(|| ReqError::Violation(format!("commit of unknown batch {batch}")))?;
+                add::commit_batch(&self.ctx(), b)?;
+                Ok(Reply::Ok)
+            }
+            Req::AbortBatch { batch } => {
+                self.batches
+                    .remove(&batch)
+                    .ok_or_else(|| ReqError::Violation(format!("abort of unknown batch {batch}")))?;
+                Ok(Reply::Ok)
+            }
+            Req::AddTempRoot { path } => {
+                let mut roots = self.roots.lock().unwrap_or_else(|e| e.into_inner());
+                roots::add_temp_root(&self.store, &mut roots, &path)?;
+                Ok(Reply::Ok)
+            }
+            Req::AddIndirectRoot { link } => {
+                let link = roots::add_indirect_root(&self.store, &link)?;
+                self.store.audit.client_event(
+                    Severity::Info,
+                    &self.client,
+                    &[("op", "addIndirectRoot"), ("link", &link)],
+                );
+                Ok(Reply::Ok)
+            }
+            Req::AddPermRoot { .. } => {
+                if self.client.trusted {
+                    Err(ReqError::failed("AddPermRoot is not supported yet"))
+                } else {
+                    Err(self.refuse("addPermRoot", "you are not privileged to create perm roots"))
+                }
+            }
+            Req::FindRoots => {
+                let censor = !self.client.trusted;
+                let found = {
+                    let mut is_valid = |p: &stockade_common::store_path::StorePath| {
+                        self.q(|db| db.is_valid(p)).unwrap_or(false)
+                    };
+                    roots::find_roots(&self.store, &mut is_valid, censor)
+                };
+                let mut out = Vec::new();
+                for (path, links) in found {
+                    for link in links {
+                        out.push((link, path.clone()));
+                    }
+                }
+                Ok(Reply::Roots(out))
+            }
+            Req::AddSignatures { path, sigs } => {
+                if !self.client.trusted {
+                    return Err(self.refuse("addSignatures", "you are not privileged to add signatures"));
+                }
+                for s in &sigs {
+                    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        return Err(ReqError::failed(format!("invalid signature '{}'", hl(s))));
+                    }
+                }
+                let set = sigs.iter().cloned().collect();
+                self.store.db().add_signatures(&path, &set)?;
+                let full = self.store.full(&path);
+                self.store.audit.client_event(
+                    Severity::Notice,
+                    &self.client,
+                    &[("op", "addSignatures"), ("path", &full), ("sigs", &sigs.join(" "))],
+                );
+                Ok(Reply::Ok)
+            }
+            Req::AddBuildLog { drv } => {
+                let fd = need_fd(fd)?;
+                if !self.client.trusted {
+                    return Err(self.refuse("addBuildLog", "you are not privileged to add logs"));
+                }
+                buildlog::add_build_log(&self.ctx(), &drv, fd)?;
+                Ok(Reply::Ok)
+            }
+            Req::RegisterDrvOutput { .. } => Err(ReqError::failed(
+                "experimental Nix feature 'ca-derivations' is disabled; use '--extra-experimental-features ca-derivations' to override",
+            )),
+            Req::QueryRealisation { .. } => Ok(Reply::OptText(None)),
+            Req::VerifyStore {
+                check_contents,
+                repair,
+            } => {
+                if repair {
+                    if !self.client.trusted {
+                        return Err(self.refuse("verifyStore", "you are not privileged to repair paths"));
+                    }
+                    return Err(ReqError::failed("repairing is not supported yet"));
+                }
+                let store = self.store.clone();
+                let chan = &mut self.chan;
+                let mut log = |level: u32, text: String| {
+                    let _ = chan.send(&Reply::Log { level, text }, &[]);
+                };
+                let errors = verify::verify_store(&store, check_contents, &mut log)?;
+                Ok(Reply::Bool(errors))
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(ReqError::Violation("unsupported request".into())),
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The store-writer's shared state: the store and state directories (held as fds), the
+//! database, the trusted keys, the in-process path locks and the audit sinks. Created once from
+//! the master's `Start` message; every broker thread borrows it.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::{Mode, SFlag};
+use nix::unistd::{Gid, Uid};
+use thiserror::Error;
+
+use stockade_common::ipc::msg::StoreWriterConfig;
+use stockade_common::signature::{PublicKey, TrustedKeys};
+use stockade_common::store_path::{StoreDir, StorePath};
+
+use crate::audit::Audit;
+use crate::db::{self, Db, DbError, DbOptions};
+use crate::sys;
+
+/// Prefix of the private staging directories inside the real store directory.
+pub const STAGING_PREFIX: &str = ".stockade-tmp-";
+
+/// Size of `db/reserved` (Nix's `gc-reserved-space` default).
+const RESERVED_SIZE: i64 = 8 << 20;
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("invalid store directory: {0}")]
+    StoreDir(String),
+    #[error("the path '{0}' is a symlink; this is not allowed for the Nix store and its parent directories")]
+    Symlink(String),
+    #[error("invalid trusted public key: {0}")]
+    Key(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+fn ctx<E: Into<std::io::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> StartError {
+    let context = context.into();
+    move |e| StartError::Io {
+        context,
+        source: e.into(),
+    }
+}
+
+/// Everything the broker threads share.
+pub struct Store {
+    pub cfg: StoreWriterConfig,
+    pub store_dir: StoreDir,
+    /// The real store directory, opened once; every store operation is relative to it.
+    pub store_fd: OwnedFd,
+    pub state_dir: PathBuf,
+    pub db_dir: PathBuf,
+    /// The single write connection.
+    db: Mutex<Db>,
+    pub keys: TrustedKeys,
+    pub audit: Audit,
+    pub locks: PathLocks,
+    pub euid: Uid,
+    pub egid: Gid,
+    /// Held for the whole life of the process, shared, as every Nix store process does.
+    _big_lock: Flock<File>,
+    staging_counter: AtomicU64,
+    /// Serve queries from the shared write connection instead of per-thread readers (for
+    /// measurements).
+    pub shared_reads: bool,
+}
+
+impl Store {
+    /// Creates the directories Nix creates, takes the big lock, opens (or creates) the
+    /// database and removes staging directories a previous run left behind.
+    pub fn open(cfg: StoreWriterConfig, audit: Audit) -> Result<Store, StartError> {
+        let store_dir =
+            StoreDir::new(&cfg.store_dir).map_err(|e| StartError::StoreDir(e.to_string()))?;
+        let real = PathBuf::from(&cfg.real_store_dir);
+        if !real.is_absolute() {
+            return Err(StartError::StoreDir(cfg.real_store_dir.clone()));
+        }
+        let euid = nix::unistd::geteuid();
+        let egid = nix::unistd::getegid();
+
+        let store_existed = real.exists();
+        std::fs::create_dir_all(&real).map_err(ctx(format!("creating {}", real.display())))?;
+        check_no_symlinks(&real)?;
+        let store_fd = sys::open(
+            real.as_path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(ctx(format!("opening {}", real.display())))?;
+        if !store_existed && cfg.as_root {
+            fix_store_permissions(store_fd.as_fd())?;
+        }
+        mkdir_at(store_fd.as_fd(), ".links", 0o755)?;
+
+        let state_dir = PathBuf::from(&cfg.state_dir);
+        let profiles = state_dir.join("profiles");
+        let gcroots = state_dir.join("gcroots");
+        let db_dir = state_dir.join("db");
+        for d in [&profiles, &state_dir.join("temproots"), &db_dir] {
+            std::fs::create_dir_all(d).map_err(ctx(format!("creating {}", d.display())))?;
+        }
+        if !gcroots.exists() {
+            std::fs::create_dir_all(&gcroots)
+                .map_err(ctx(format!("creating {}", gcroots.display())))?;
+            // Nix links gcroots/profiles to the profiles directory by its absolute path.
+            std::os::unix::fs::symlink(&profiles, gcroots.join("profiles"))
+                .map_err(ctx("creating gcroots/profiles"))?;
+        }
+        std::fs::create_dir_all(gcroots.join("auto")).map_err(ctx("creating gcroots/auto"))?;
+        for d in [profiles.join("per-user"), gcroots.join("per-user")] {
+            std::fs::create_dir_all(&d).map_err(ctx(format!("creating {}", d.display())))?;
+            let fd = sys::open(
+                d.as_path(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+                Mode::empty(),
+            )
+            .map_err(ctx(format!("opening {}", d.display())))?;
+            nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o755))
+                .map_err(ctx(format!("setting the mode of {}", d.display())))?;
+        }
+        reserve_space(&db_dir.join("reserved"));
+
+        let lock_path = db_dir.join("big-lock");
+        let lock_file = sys::open(
+            lock_path.as_path(),
+            OFlag::O_RDWR | OFlag::O_CREAT,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(ctx("opening the big lock"))?;
+        let big_lock = match Flock::lock(File::from(lock_file), FlockArg::LockSharedNonblock) {
+            Ok(l) => l,
+            Err((f, Errno::EWOULDBLOCK)) => {
+                log::info!("waiting for the big Nix store lock...");
+                Flock::lock(f, FlockArg::LockShared)
+                    .map_err(|(_, e)| ctx("locking the big lock")(e))?
+            }
+            Err((_, e)) => return Err(ctx("locking the big lock")(e)),
+        };
+
+        let db = db::init(
+            &db_dir,
+            &store_dir,
+            &DbOptions {
+                use_wal: cfg.use_sqlite_wal,
+                fsync_metadata: cfg.fsync_metadata,
+            },
+        )?;
+
+        let mut keys = TrustedKeys::new();
+        for k in &cfg.trusted_public_keys {
+            keys.insert(PublicKey::parse(k).map_err(|e| StartError::Key(e.to_string()))?);
+        }
+
+        let store = Store {
+            store_dir,
+            store_fd,
+            state_dir,
+            db_dir,
+            db: Mutex::new(db),
+            keys,
+            audit,
+            locks: PathLocks::default(),
+            euid,
+            egid,
+            _big_lock: big_lock,
+            staging_counter: AtomicU64::new(0),
+            shared_reads: false,
+            cfg,
+        };
+        store.remove_stale_staging();
+        Ok(store)
+    }
+
+    /// The write connection. A thread that panicked while holding it leaves SQLite in a
+    /// consistent state (an open transaction rolls back on drop), so poisoning is ignored.
+    pub fn db(&self) -> MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh read connection for one broker thread.
+    pub fn reader(&self) -> Result<Db, DbError> {
+        Db::open_reader(&self.db_dir, &self.store_dir)
+    }
+
+    pub fn store_fd(&self) -> BorrowedFd<'_> {
+        self.store_fd.as_fd()
+    }
+
+    pub fn full(&self, p: &StorePath) -> String {
+        self.store_dir.display(p)
+    }
+
+    /// A name for a new staging directory, unique in this process.
+    pub fn staging_name(&self) -> String {
+        let n = self.staging_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{STAGING_PREFIX}{}-{n}", std::process::id())
+    }
+
+    fn remove_stale_staging(&self) {
+        let Ok(entries) = sys::read_dir(self.store_fd()) else {
+            return;
+        };
+        for (name, _) in entries {
+            if name.as_bytes().starts_with(STAGING_PREFIX.as_bytes()) {
+                if let Err(e) = sys::remove_tree(self.store_fd(), &name) {
+                    log::warn!("cannot remove stale staging directory {name:?}: {e}");
+                }
+            }
+        }
+    }
+
+    /// `<state>/gc.lock`, opened anew for each holder (flock locks belong to the open file).
+    pub fn open_gc_lock(&self) -> std::io::Result<File> {
+        let fd = sys::open(
+            self.state_dir.join("gc.lock").as_path(),
+            OFlag::O_RDWR | OFlag::O_CREAT,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// A shared hold on the GC lock: while it lives, no Nix garbage collector runs, so paths
+    /// being staged or registered cannot be collected under us. Waits for a running GC.
+    pub fn gc_shared(&self) -> std::io::Result<Flock<File>> {
+        let f = self.open_gc_lock()?;
+        Flock::lock(f, FlockArg::LockShared).map_err(|(_, e)| e.into())
+    }
+}
+
+fn mkdir_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> Result<(), StartError> {
+    match nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), name, Mode::from_bits_truncate(mode)) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(ctx(format!("creating {name}"))(e)),
+    }
+}
+
+/// Nix refuses a store that is, or lies below, a symlink (`allow-symlinked-store` off).
+fn check_no_symlinks(real: &Path) -> Result<(), StartError> {
+    let mut p = Some(real);
+    while let Some(dir) = p {
+        if dir.as_os_str() == OsStr::new("/") {
+            break;
+        }
+        let md =
+            std::fs::symlink_metadata(dir).map_err(ctx(format!("inspecting {}", dir.display())))?;
+        if md.file_type().is_symlink() {
+            return Err(StartError::Symlink(dir.display().to_string()));
+        }
+        p = dir.parent();
+    }
+    Ok(())
+}
+
+/// A new store made as root gets Nix's mode 1775, group `nixbld` when that group exists (the
+/// `build-users-group` Debian's Nix uses), else root. An existing store is left alone.
+fn fix_store_permissions(fd: BorrowedFd<'_>) -> Result<(), StartError> {
+    let gid = nix::unistd::Group::from_name("nixbld")
+        .ok()
+        .flatten()
+        .map_or(Gid::from_raw(0), |g| g.gid);
+    nix::unistd::fchown(fd.as_raw_fd(), Some(Uid::from_raw(0)), Some(gid))
+        .map_err(ctx("changing the owner of the store"))?;
+    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o1775))
+        .map_err(ctx("changing the mode of the store"))?;
+    let st = sys::fstat(fd).map_err(ctx("inspecting the store"))?;
+    debug_assert_eq!(sys::file_type(&st), SFlag::S_IFDIR);
+    Ok(())
+}
+
+/// `db/reserved`: space Nix frees before a GC when the disk is full. Best effort, as in Nix.
+fn reserve_space(path: &Path) {
+    let ok = std::fs::metadata(path).is_ok_and(|m| m.len() == RESERVED_SIZE as u64);
+    if ok {
+        return;
+    }
+    if let Ok(fd) = sys::open(
+        path,
+        OFlag::O_WRONLY | OFlag::O_CREAT,
+        Mode::from_bits_truncate(0o600),
+    ) {
+        if nix::fcntl::posix_fallocate(fd.as_raw_fd(), 0, RESERVED_SIZE).is_err() {
+            let _ = File::from(fd).set_len(RESERVED_SIZE as u64);
+        }
+    }
+}
+
+/// In-process locks on store paths, so two clients adding the same path do not race: the
+/// second waits, then finds the path valid. A set of paths is taken atomically (all or none
+/// held), which rules out lock-order deadlocks.
+#[derive(Default)]
+pub struct PathLocks {
+    held: Mutex<BTreeSet<StorePath>>,
+    freed: Condvar,
+}
+
+pub struct PathGuard<'a> {
+    locks: &'a PathLocks,
+    paths: Vec<StorePath>,
+}
+
+impl PathLocks {
+    pub fn lock(&self, paths: impl IntoIterator<Item = StorePath>) -> PathGuard<'_> {
+        let paths: Vec<StorePath> = paths
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while paths.iter().any(|p| held.contains(p)) {
+            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.extend(paths.iter().cloned());
+        PathGuard { locks: self, paths }
+    }
+}
+
+impl Drop for PathGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &self.paths {
+            held.remove(p);
+        }
+        drop(held);
+        self.locks.freed.notify_all();
+    }
+}
