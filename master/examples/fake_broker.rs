@@ -63,8 +63,11 @@ fn main() {
     let writer_end = fds.pop().unwrap_or_else(|| fail("no writer end"));
     let client = fds.pop().unwrap_or_else(|| fail("no client"));
     let mut client = UnixStream::from(client);
+    // Who created the other end of the socket we serve: the client itself, or the master when
+    // it splices pipes.
+    let peer_pid = stockade_common::ipc::peer_cred(&client).map_or(0, |c| c.pid);
     let line = format!(
-        "conn={} client-uid={} client-pid={} trusted={} store={} {} fds-at-start={}\n",
+        "conn={} peer-pid={peer_pid} client-uid={} client-pid={} trusted={} store={} {} fds-at-start={}\n",
         cfg.client.conn_id,
         cfg.client.uid,
         cfg.client.pid,

@@ -486,3 +486,125 @@ fn version_and_help() {
     let out = Command::new(&link).arg("--bogus").output().expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Run `cmd` with piped stdin/stdout, read the first line, then close stdin and wait.
+fn first_line_then_eof(mut cmd: Command) -> (String, std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    let out = child.stdout.take().expect("stdout");
+    let mut reader = std::io::BufReader::new(out);
+    std::io::BufRead::read_line(&mut reader, &mut line).expect("read");
+    drop(child.stdin.take());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).expect("read rest");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).expect("stderr");
+    }
+    let status = child.wait().expect("wait");
+    (line.trim_end().to_string(), status, err)
+}
+
+#[test]
+fn stdio_served_locally_as_root() {
+    require_root!();
+    // A daemon instance only provides the directories, environment and namespace.
+    let d = Instance::start(Setup {
+        stockade_conf: "broker-uid-range = 3000100-3000109\n".into(),
+        ..Setup::default()
+    });
+    let (line, status, err) = first_line_then_eof(d.stockade_cmd(None, &["--stdio"]));
+    assert!(status.success(), "{status:?} {err}");
+    // Pipes: the master splices them to a socketpair it made, so the broker's peer is not us.
+    assert_ne!(
+        field(&line, "peer-pid"),
+        Some(std::process::id().to_string().as_str()),
+        "{line}"
+    );
+    // 2.8: a --stdio peer served locally is trusted.
+    assert_eq!(field(&line, "trusted"), Some("true"), "{line} {err}");
+    let uid = field(&line, "Uid")
+        .and_then(|u| u.split(',').next())
+        .unwrap_or("");
+    assert!(uid.starts_with("300010"), "{line}");
+    assert_eq!(field(&line, "CapEff"), Some(NO_CAPS), "{line}");
+    let (line, status, _) =
+        first_line_then_eof(d.stockade_cmd(None, &["--stdio", "--force-untrusted"]));
+    assert!(status.success());
+    assert_eq!(field(&line, "trusted"), Some("false"), "{line}");
+    // The broker got its own channel, the store-writer was told and shut down in order.
+    let log = d.fake_log();
+    assert!(log.contains("trusted=false"), "{log}");
+    assert!(
+        log.matches("client-gone conn=1 known=true").count() >= 2,
+        "{log}"
+    );
+}
+
+#[test]
+fn stdio_on_a_socket_hands_the_socket_to_the_broker() {
+    require_root!();
+    let d = Instance::start(Setup::default());
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+    let theirs_out = theirs.try_clone().expect("clone");
+    let mut cmd = d.stockade_cmd(None, &["--stdio"]);
+    let mut child = cmd
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs_out)))
+        .spawn()
+        .expect("spawn");
+    let mut reader = std::io::BufReader::new(ours.try_clone().expect("clone"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).expect("read");
+    // The broker serves our socket itself (its peer is us), and the identity is the socket's
+    // SO_PEERCRED.
+    let me = std::process::id().to_string();
+    assert_eq!(field(&line, "peer-pid"), Some(me.as_str()), "{line}");
+    assert_eq!(field(&line, "client-pid"), Some(me.as_str()), "{line}");
+    ours.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    assert!(child.wait().expect("wait").success());
+}
+
+#[test]
+fn stdio_as_an_ordinary_user_forwards_to_the_daemon() {
+    require_root!();
+    let alice = ensure_user("st-alice", None, &[]);
+    let eve = ensure_user("st-eve", None, &[]);
+    let mut d = Instance::start(Setup {
+        nix_conf: "build-users-group =\ntrusted-users = root st-alice\nallowed-users = st-alice\n"
+            .into(),
+        ..Setup::default()
+    });
+    // Plain --stdio: the daemon judges alice's uid, and trusts her.
+    let (line, status, err) = first_line_then_eof(d.stockade_cmd(Some(&alice), &["--stdio"]));
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        field(&line, "client-uid"),
+        Some(alice.uid.to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(field(&line, "trusted"), Some("true"), "{line}");
+    // --force-untrusted: through the untrusted socket, whatever trusted-users says (A57).
+    let (line, status, _) =
+        first_line_then_eof(d.stockade_cmd(Some(&alice), &["--stdio", "--force-untrusted"]));
+    assert!(status.success());
+    assert_eq!(field(&line, "trusted"), Some("false"), "{line}");
+    d.wait_audit(|l| l.contains(" accepted ") && l.contains("socket=untrusted"));
+    // --force-trusted cannot be honoured by a forwarder.
+    let out = d
+        .stockade_cmd(Some(&alice), &["--stdio", "--force-trusted"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force-trusted"));
+    // eve is not allowed: the daemon closes the forwarded connection.
+    let (line, _, _) = first_line_then_eof(d.stockade_cmd(Some(&eve), &["--stdio"]));
+    assert_eq!(line, "", "{line}");
+    d.wait_audit(|l| l.contains(" refused ") && l.contains("user=st-eve"));
+}

@@ -368,6 +368,39 @@ impl Instance {
         }
     }
 
+    /// The daemon's environment (paths, test doubles) for another `stockade` invocation.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let b = |rel: &str| self.base.join(rel).to_string_lossy().into_owned();
+        let mut env = vec![
+            (
+                "PATH".to_string(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            ),
+            ("STOCKADE_LIBEXEC_DIR".to_string(), b("libexec")),
+            ("STOCKADE_FAKE_LOG".to_string(), b("fake.log")),
+        ];
+        if self.layout == Layout::Redirected {
+            env.push(("NIX_STORE_DIR".into(), b("nix/store")));
+            env.push(("NIX_STATE_DIR".into(), b("nix/var/nix")));
+            env.push(("NIX_LOG_DIR".into(), b("nix/var/log/nix")));
+            env.push(("NIX_CONF_DIR".into(), b("etc/nix")));
+        }
+        env
+    }
+
+    /// `stockade daemon ARGS` in the daemon's mount namespace with its environment, as `user`.
+    pub fn stockade_cmd(&self, user: Option<&TestUser>, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--target={}", self.pid))
+            .args(["--mount", "--"]);
+        if let Some(u) = user {
+            cmd.args(as_user(u));
+        }
+        cmd.arg(stockade_bin()).arg("daemon").args(args);
+        cmd.env_clear().envs(self.env());
+        cmd
+    }
+
     /// Run a command in the daemon's mount namespace (`nsenter`), optionally as a user.
     pub fn run_in_ns(&self, user: Option<&TestUser>, argv: &[&str]) -> Output {
         let mut full: Vec<String> = vec![
