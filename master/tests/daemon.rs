@@ -608,3 +608,71 @@ fn stdio_as_an_ordinary_user_forwards_to_the_daemon() {
     assert_eq!(line, "", "{line}");
     d.wait_audit(|l| l.contains(" refused ") && l.contains("user=st-eve"));
 }
+
+/// Put `fd` at descriptor 3 in a child about to exec (socket activation's layout).
+fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: dup2 is async-signal-safe and touches only the child's descriptor table; the
+    // result (without close-on-exec) is what systemd hands a socket-activated service.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn systemd_socket_activation() {
+    require_root!();
+    use std::os::fd::AsRawFd;
+    // A normal instance provides the directories; this test starts its own activated daemon.
+    let d = Instance::start(Setup::default());
+    let sock_path = d.base.join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock_path).expect("bind");
+    let state = d.base.join("state2");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg(
+            "mount -t tmpfs -o ro,size=64k guard /nix && \
+             export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=daemon && exec \"$@\"",
+        )
+        .arg("sh")
+        .arg(common::stockade_bin())
+        .arg("daemon")
+        .env_clear()
+        .envs(d.env())
+        .env("NIX_STATE_DIR", &state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    pass_as_fd3(&mut cmd, listener.as_raw_fd());
+    let mut child = cmd.spawn().expect("spawn");
+    drop(listener);
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut err, &mut line).expect("read");
+        assert!(n > 0, "daemon exited before listening");
+    }
+    assert!(line.contains("(systemd)"), "{line}");
+    let probe = common::example("probe");
+    let out = Command::new(&probe)
+        .arg(&sock_path)
+        .output()
+        .expect("probe");
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(reply.starts_with("conn=1 "), "{reply}");
+    // Nothing bound at the default path; the untrusted socket is bound as usual.
+    assert!(!state.join("daemon-socket/socket").exists());
+    assert!(state.join("daemon-socket/untrusted").exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    assert!(child.wait().expect("wait").success());
+}
