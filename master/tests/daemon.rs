@@ -612,11 +612,18 @@ fn stdio_as_an_ordinary_user_forwards_to_the_daemon() {
 /// Put `fd` at descriptor 3 in a child about to exec (socket activation's layout).
 fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: dup2 is async-signal-safe and touches only the child's descriptor table; the
-    // result (without close-on-exec) is what systemd hands a socket-activated service.
+    // SAFETY: dup2 and fcntl are async-signal-safe and touch only the child's descriptor
+    // table; the result (fd 3 without close-on-exec) is what systemd hands a socket-activated
+    // service.
     unsafe {
         cmd.pre_exec(move || {
-            if nix::libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself would keep close-on-exec.
+            let rc = if fd == 3 {
+                nix::libc::fcntl(3, nix::libc::F_SETFD, 0)
+            } else {
+                nix::libc::dup2(fd, 3)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -653,10 +660,12 @@ fn systemd_socket_activation() {
     drop(listener);
     let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     let mut line = String::new();
+    let mut seen = String::new();
     while !line.contains("listening on") {
         line.clear();
         let n = std::io::BufRead::read_line(&mut err, &mut line).expect("read");
-        assert!(n > 0, "daemon exited before listening");
+        seen.push_str(&line);
+        assert!(n > 0, "daemon exited before listening: {seen}");
     }
     assert!(line.contains("(systemd)"), "{line}");
     let probe = common::example("probe");
