@@ -22,7 +22,7 @@ nix_listing() {
 }
 nix_listing >"$work/nix-before"
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> [%ss] %s\n' "$(($(date +%s) - start))" "$*"; }
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

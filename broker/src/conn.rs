@@ -88,7 +88,7 @@ impl Conn {
         self.minor = worker::get_minor(info.version);
         // Step 7: setup messages (none), then LAST.
         self.start_work();
-        if let Err(e) = self.stop_work() {
+        if let Err(e) = self.stop_work().and_then(|_| Ok(self.w.flush()?)) {
             return End::Error(e.message);
         }
         loop {

@@ -1,13 +1,14 @@
-//! What the broker gives up before it reads a byte from its client: privileges it might have
-//! inherited, the ability to gain new ones, core dumps and ptrace.
-//!
-//! seccomp and landlock are added here (see SECURITY.md §5); until then the broker already
-//! runs under its own uid with no capabilities, exec'd fresh by the master.
+//! What the broker gives up before it reads a byte from its client: every capability, the
+//! ability to gain new ones, core dumps and ptrace, every file but the store (read-only,
+//! landlock), and every system call a worker-protocol server does not need (seccomp).
+
+use std::path::Path;
 
 use stockade_common::ipc::msg::BrokerConfig;
+use stockade_common::lockdown;
 
-pub fn apply(_cfg: &BrokerConfig) -> Result<(), String> {
-    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
-    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
-    Ok(())
+pub fn apply(cfg: &BrokerConfig) -> Result<String, String> {
+    let report =
+        lockdown::apply_broker(Path::new(&cfg.real_store_dir)).map_err(|e| e.to_string())?;
+    Ok(report.summary())
 }

@@ -63,12 +63,17 @@ fn run(args: &Args) -> Result<(), String> {
     let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
     init_logging(level);
 
-    lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
+    let summary = lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
+    log::debug!("conn={} locked down: {summary}", cfg.client.conn_id);
 
     let writer = Channel::from_fd(writer_fd).map_err(|e| format!("store-writer channel: {e}"))?;
     let client = UnixStream::from(client_fd);
     let conn_id = cfg.client.conn_id;
-    let mut conn = conn::Conn::new(client, writer::Writer::new(writer), *cfg)
+    let mut writer = writer::Writer::new(writer);
+    writer
+        .hello()
+        .map_err(|e| format!("greeting the store-writer: {}", e.message))?;
+    let mut conn = conn::Conn::new(client, writer, *cfg)
         .map_err(|e| format!("setting up the connection: {e}"))?;
     match conn.serve() {
         conn::End::Eof => Ok(()),

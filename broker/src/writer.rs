@@ -26,6 +26,17 @@ impl Writer {
         Writer { ch }
     }
 
+    /// The channel opens with an exchange of `Hello`s carrying the message-set version.
+    pub fn hello(&mut self) -> OpResult<()> {
+        let version = stockade_common::ipc::msg::VERSION;
+        match self.call(&Req::Hello { version })? {
+            Rep::Hello { version: v } if v == version => Ok(()),
+            other => Err(OpError::fatal(format!(
+                "store-writer speaks another message version: {other:?}"
+            ))),
+        }
+    }
+
     /// Sends a request without waiting (for uploads, whose data follows in the pipe).
     pub fn send(&mut self, req: &Req, fds: &[BorrowedFd<'_>]) -> OpResult<()> {
         self.ch.send(req, fds)?;

@@ -1,5 +1,6 @@
 //! Golden tests: our NAR dumper, hasher, reader and restorer against the real `nix-store --dump`
-//! and `nix-hash` (both work without a store, so they run on the host untouched).
+//! and `nix-hash`. Even store-less `nix-store` commands open the local database, so every Nix
+//! command runs in a private mount namespace with a tmpfs over `/nix`.
 //!
 //! Without `nix-store` on PATH these tests skip with a message, or fail when `CI` is set.
 
@@ -13,11 +14,27 @@ use stockade_common::nar::{
     dump, dump_and_hash, restore_path, validate, DumpError, HashingReader, Limits, NarReader,
 };
 
+/// `prog` run inside `unshare -m` with an empty tmpfs over `/nix`, so the host store is never
+/// opened.
+fn nix(prog: &str) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "-m",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /nix && exec \"$0\" \"$@\"",
+        prog,
+    ]);
+    c
+}
+
 fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let ok = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("nix-store").is_file()))
+        && nix("true").status().is_ok_and(|s| s.success());
     if !ok {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -34,11 +51,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Output of `nix-store --dump path`.
 fn nix_dump(path: &Path) -> Vec<u8> {
-    let out = Command::new("nix-store")
-        .arg("--dump")
-        .arg(path)
-        .output()
-        .unwrap();
+    let out = nix("nix-store").arg("--dump").arg(path).output().unwrap();
     assert!(
         out.status.success(),
         "nix-store --dump failed: {}",
@@ -49,7 +62,7 @@ fn nix_dump(path: &Path) -> Vec<u8> {
 
 /// sha256 and size of `nix-store --dump path`, streamed (for trees too big to hold twice).
 fn nix_dump_hash(path: &Path) -> ([u8; 32], u64) {
-    let mut child = Command::new("nix-store")
+    let mut child = nix("nix-store")
         .arg("--dump")
         .arg(path)
         .stdout(Stdio::piped())
@@ -63,7 +76,7 @@ fn nix_dump_hash(path: &Path) -> ([u8; 32], u64) {
 
 /// `nix-hash --type sha256 path` (base16).
 fn nix_hash(path: &Path) -> String {
-    let out = Command::new("nix-hash")
+    let out = nix("nix-hash")
         .args(["--type", "sha256"])
         .arg(path)
         .output()
@@ -246,7 +259,7 @@ fn large_file_matches() {
     assert_eq!(hex(&theirs.0), nix_hash(&root));
 
     // Stream Nix's dump through our reader into a restore, hashing as we go, then compare.
-    let mut child = Command::new("nix-store")
+    let mut child = nix("nix-store")
         .arg("--dump")
         .arg(&root)
         .stdout(Stdio::piped())
@@ -281,7 +294,7 @@ fn unsupported_types_fail_like_nix() {
     let err = dump(&root, std::io::sink()).unwrap_err();
     assert!(matches!(err, DumpError::Unsupported(_)), "{err}");
     let ours = err.to_string();
-    let out = Command::new("nix-store")
+    let out = nix("nix-store")
         .arg("--dump")
         .arg(&root)
         .stdout(Stdio::null())
@@ -320,7 +333,7 @@ fn nix_restores_our_dump() {
     let mut nar = Vec::new();
     dump(&src, &mut nar).unwrap();
     let dst = tmp.path().join("by-nix");
-    let mut child = Command::new("nix-store")
+    let mut child = nix("nix-store")
         .arg("--restore")
         .arg(&dst)
         .stdin(Stdio::piped())

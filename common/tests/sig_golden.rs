@@ -32,13 +32,20 @@ fn skip(why: &str) -> Option<Nix> {
     None
 }
 
+/// Whether `prog` is on PATH. Never run a Nix command to find out: even `--version` opens the
+/// host's store database.
+fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+}
+
 fn succeeded(cmd: &mut Command) -> bool {
     cmd.output().is_ok_and(|o| o.status.success())
 }
 
 impl Nix {
     fn setup() -> Option<Nix> {
-        if !succeeded(Command::new("nix-store").arg("--version")) {
+        if !on_path("nix-store") {
             return skip("nix-store is not installed");
         }
         if !Path::new("/nix").is_dir() {
@@ -113,10 +120,14 @@ impl Nix {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// Nix makes a key pair (`sec`, `pub` in the temp dir); needs no store.
+    /// Nix makes a key pair (`sec`, `pub` in the temp dir). It needs no store, but nix-store
+    /// opens the local database anyway, so it runs in the namespace too.
     fn generate_key(&self, name: &str) -> (String, String) {
         let out = self
-            .command("nix-store")
+            .command("unshare")
+            .args(["-m", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount -t tmpfs none /nix && exec nix-store \"$@\"")
+            .arg("nix-store")
             .arg("--generate-binary-cache-key")
             .arg(name)
             .arg(self.path("sec"))

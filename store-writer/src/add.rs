@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +27,7 @@ use nix::fcntl::{Flock, OFlag, RenameFlags};
 use nix::sys::stat::{Mode, SFlag};
 
 use stockade_common::content_address::{ContentAddress, ContentAddressMethod};
+use stockade_common::derivation::{name_from_drv_path, Derivation, DrvError, DrvHashCache};
 use stockade_common::hash::{Encoding, Hash, HashAlgo, Hasher};
 use stockade_common::ipc::msg::ClientIdentity;
 use stockade_common::nar::{self, Limits, NarErrorKind, NarReader};
@@ -51,6 +52,8 @@ const NODE: &str = "x";
 const BUF: usize = 256 * 1024;
 /// Open batches per connection.
 pub const MAX_BATCHES: usize = 16;
+/// Paths staged in one batch.
+pub const MAX_BATCH_PATHS: usize = 1 << 18;
 
 /// Who is asking, as the master told us, and their temporary roots.
 pub struct Ctx<'a> {
@@ -100,7 +103,8 @@ impl Ctx<'_> {
 pub struct Staging {
     store: Arc<Store>,
     name: String,
-    dir: OwnedFd,
+    /// Closed while the staged tree waits in a batch, so a large batch holds no descriptors.
+    dir: Option<OwnedFd>,
 }
 
 impl Staging {
@@ -124,21 +128,40 @@ impl Staging {
                 store: store.clone(),
                 name: name.clone(),
                 dir: match sys::open_dir_at(store.store_fd(), name.as_str()) {
-                    Ok(fd) => fd,
+                    Ok(fd) => Some(fd),
                     Err(e) => {
                         let _ = sys::remove_tree(store.store_fd(), OsStr::new(&name));
                         return Err(e.into());
                     }
                 },
             };
-            nix::sys::stat::fchmod(staging.dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
+            nix::sys::stat::fchmod(staging.fd()?.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
             return Ok(staging);
         }
     }
 
+    fn fd(&self) -> Result<BorrowedFd<'_>, ReqError> {
+        self.dir
+            .as_ref()
+            .map(|d| d.as_fd())
+            .ok_or_else(|| ReqError::failed("staging directory is not open"))
+    }
+
+    /// Closes the directory descriptor while the tree waits.
+    fn park(&mut self) {
+        self.dir = None;
+    }
+
+    fn unpark(&mut self) -> Result<(), ReqError> {
+        if self.dir.is_none() {
+            self.dir = Some(sys::open_dir_at(self.store.store_fd(), self.name.as_str())?);
+        }
+        Ok(())
+    }
+
     fn create_file(&self) -> Result<File, ReqError> {
         let fd = sys::openat(
-            self.dir.as_fd(),
+            self.fd()?,
             NODE,
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
             Mode::from_bits_truncate(0o444),
@@ -149,7 +172,7 @@ impl Staging {
     /// Opens the staged node for reading; it must be a regular file.
     fn open_file(&self) -> Result<(File, u64), ReqError> {
         let fd = sys::openat(
-            self.dir.as_fd(),
+            self.fd()?,
             NODE,
             OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
             Mode::empty(),
@@ -172,14 +195,14 @@ impl Staging {
             gid: s.egid,
             chown: s.euid.is_root(),
         };
-        canon::canonicalise(self.dir.as_fd(), OsStr::new(NODE), &owner, display)
+        canon::canonicalise(self.fd()?, OsStr::new(NODE), &owner, display)
             .map_err(|e| ReqError::failed(e.to_string()))
     }
 
     /// NAR hash and size of the staged node.
     fn nar_hash(&self) -> Result<(Hash, u64), ReqError> {
         let mut h = nar::HashingWriter::sink();
-        nar::dump_at(self.dir.as_fd(), OsStr::new(NODE), &mut h)
+        nar::dump_at(self.fd()?, OsStr::new(NODE), &mut h)
             .map_err(|e| ReqError::failed(e.to_string()))?;
         let (digest, size) = h.finish();
         let hash = Hash::from_bytes(HashAlgo::Sha256, &digest)
@@ -205,7 +228,7 @@ enum Installed {
 
 fn install(store: &Store, staging: &Staging, path: &StorePath) -> Result<Installed, ReqError> {
     let base = path.base_name();
-    let (from, to) = (staging.dir.as_raw_fd(), store.store_fd().as_raw_fd());
+    let (from, to) = (staging.fd()?.as_raw_fd(), store.store_fd().as_raw_fd());
     let rename = |flags| nix::fcntl::renameat2(Some(from), NODE, Some(to), base, flags);
     match rename(RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => Ok(Installed::New(path.clone())),
@@ -238,14 +261,17 @@ fn install(store: &Store, staging: &Staging, path: &StorePath) -> Result<Install
 fn uninstall(store: &Store, staging: &Staging, how: Installed) {
     let res = match &how {
         Installed::New(p) => sys::remove_tree(store.store_fd(), OsStr::new(p.base_name())),
-        Installed::Replaced(p) => nix::fcntl::renameat2(
-            Some(staging.dir.as_raw_fd()),
-            NODE,
-            Some(store.store_fd().as_raw_fd()),
-            p.base_name(),
-            RenameFlags::RENAME_EXCHANGE,
-        )
-        .map_err(Into::into),
+        Installed::Replaced(p) => match staging.fd() {
+            Ok(fd) => nix::fcntl::renameat2(
+                Some(fd.as_raw_fd()),
+                NODE,
+                Some(store.store_fd().as_raw_fd()),
+                p.base_name(),
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(Into::into),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        },
     };
     if let Err(e) = res {
         log::error!(
@@ -270,14 +296,78 @@ pub fn now() -> u64 {
 }
 
 /// The outputs to record in `DerivationOutputs` for a `.drv` being registered.
-// TODO(derivation): parse the staged `.drv` with `stockade_common::derivation` once it lands,
-// check its output paths (Nix's checkDerivationOutputs: recompute input-addressed outputs, V17)
-// and return them; until then `.drv` paths register without DerivationOutputs rows.
+/// Largest `.drv` file the store-writer parses.
+const MAX_DRV: u64 = 64 << 20;
+
+fn read_bounded(mut f: File, what: &str) -> Result<Vec<u8>, ReqError> {
+    let mut text = Vec::new();
+    (&mut f)
+        .take(MAX_DRV + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| ReqError::failed(format!("reading {what}: {e}")))?;
+    if text.len() as u64 > MAX_DRV {
+        return Err(ReqError::failed(format!("{what} is too large")));
+    }
+    Ok(text)
+}
+
+/// Reads a valid `.drv` from the store, beneath the store descriptor.
+fn read_store_drv(store: &Store, p: &StorePath) -> Result<Vec<u8>, ReqError> {
+    let fd = sys::openat(
+        store.store_fd(),
+        p.base_name(),
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )?;
+    read_bounded(File::from(fd), &store.full(p))
+}
+
+/// For a `.drv` being added: parse it, check its output paths as Nix's
+/// checkDerivationOutputs does (an input-addressed output path must be the one its inputs
+/// determine, V17), and return the outputs to record in DerivationOutputs. Input derivations
+/// come from the store, or from `staged` (earlier members of the same batch).
 fn derivation_outputs(
-    _staging: &Staging,
-    _info: &PathInfo,
+    staging: &Staging,
+    info: &PathInfo,
+    staged: &dyn Fn(&StorePath) -> Option<Vec<u8>>,
 ) -> Result<BTreeMap<String, StorePath>, ReqError> {
-    Ok(BTreeMap::new())
+    if !info.path.is_derivation() {
+        return Ok(BTreeMap::new());
+    }
+    let store = &staging.store;
+    let sd = store.store_dir.clone();
+    let (file, _) = staging.open_file()?;
+    let text = read_bounded(file, &store.full(&info.path))?;
+    let bad = |e: DrvError| ReqError::failed(e.to_string());
+    let name = name_from_drv_path(&info.path).map_err(bad)?;
+    let drv = Derivation::parse(&sd, &text, name).map_err(|e| {
+        ReqError::failed(format!(
+            "error parsing derivation '{}': {e}",
+            hl(store.full(&info.path))
+        ))
+    })?;
+    let mut cache = DrvHashCache::new(sd.clone());
+    let mut resolver = |p: &StorePath| -> Result<Derivation, DrvError> {
+        let text = match staged(p) {
+            Some(t) => t,
+            None => read_store_drv(store, p)
+                .map_err(|e| DrvError::Io(std::io::Error::other(e.to_string())))?,
+        };
+        Derivation::parse(&sd, &text, name_from_drv_path(p)?)
+    };
+    drv.check_output_paths(&mut cache, &mut resolver)
+        .map_err(bad)?;
+    Ok(drv
+        .static_output_paths(&sd)
+        .map_err(bad)?
+        .into_iter()
+        .filter_map(|(name, p)| p.map(|p| (name, p)))
+        .collect())
+}
+
+/// Nothing is staged outside a batch.
+fn no_staged(_: &StorePath) -> Option<Vec<u8>> {
+    None
 }
 
 /// References must be valid already, be the path itself, or (in a batch) be staged in it.
@@ -404,7 +494,7 @@ fn add_to_store_inner(
             let ca = (algo != HashAlgo::Sha256).then(|| CaHasher::Plain(Hasher::new(algo)));
             let tee = Tee::new(BufReader::with_capacity(BUF, input), ca);
             let mut reader = NarReader::with_limits(tee, Limits::default());
-            nar::restore(&mut reader, staging.dir.as_fd(), OsStr::new(NODE))
+            nar::restore(&mut reader, staging.fd()?, OsStr::new(NODE))
                 .and_then(|()| reader.finish_at_eof())
                 .map_err(|e| ReqError::failed(e.to_string()))?;
             let (nar_hash, size, ca) = reader.into_inner().finish();
@@ -443,7 +533,7 @@ fn add_to_store_inner(
             return Ok(existing);
         }
     }
-    let outputs = derivation_outputs(&staging, &info)?;
+    let outputs = derivation_outputs(&staging, &info, &no_staged)?;
     let how = install(store, &staging, &path)?;
     if let Err(e) = store
         .db()
@@ -481,6 +571,11 @@ impl Batch {
             staged: Vec::new(),
             failed: false,
         })
+    }
+
+    /// Whether an add in this batch failed (the batch can then only be aborted).
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 
     fn staged_paths(&self) -> BTreeSet<StorePath> {
@@ -533,13 +628,10 @@ fn add_nar_inner(
             hl(&full)
         )));
     }
-    if info.ca.is_some() && !info.is_content_addressed(sd) {
-        return Err(ReqError::failed(format!(
-            "cannot add path '{}' to the Nix store because it claims to be content-addressed but isn't",
-            hl(&full)
-        )));
-    }
-    let evidence = if info.ca.is_some() {
+    // As Nix: a valid content address is evidence of its own; otherwise a trusted client
+    // may skip the signature check, and everyone else needs a trusted signature.
+    let ca_ok = info.is_content_addressed(sd);
+    let evidence = if ca_ok {
         "ca".to_string()
     } else if dont_check_sigs {
         "trusted".to_string()
@@ -553,6 +645,12 @@ fn add_nar_inner(
             hl(&full)
         )));
     };
+    if info.ca.is_some() && !ca_ok {
+        return Err(ReqError::failed(format!(
+            "cannot add path '{}' to the Nix store because it claims to be content-addressed but isn't",
+            hl(&full)
+        )));
+    }
 
     let mut input = PipeReader::new(fd, PIPE_IDLE)?;
     let drain_limit = info.nar_size.saturating_add(1);
@@ -573,8 +671,14 @@ fn add_nar_inner(
                 return Ok(());
             }
             ctx.temp_root(&info.path)?;
-            let staging = stage_nar(store, &info, input)?;
+            if b.staged.len() >= MAX_BATCH_PATHS {
+                return Err(ReqError::failed(format!(
+                    "too many paths in one batch (at most {MAX_BATCH_PATHS})"
+                )));
+            }
+            let mut staging = stage_nar(store, &info, input)?;
             staging.canonicalise(&full)?;
+            staging.park();
             b.staged.push(StagedPath {
                 info,
                 repair,
@@ -593,7 +697,7 @@ fn add_nar_inner(
             }
             let staging = stage_nar(store, &info, input)?;
             staging.canonicalise(&full)?;
-            let outputs = derivation_outputs(&staging, &info)?;
+            let outputs = derivation_outputs(&staging, &info, &no_staged)?;
             let how = install(store, &staging, &info.path)?;
             if let Err(e) = store.db().register(&[(info.clone(), outputs)], now()) {
                 uninstall(store, &staging, how);
@@ -627,7 +731,7 @@ fn stage_nar(store: &Arc<Store>, info: &PathInfo, input: PipeReader) -> Result<S
         ..Limits::default()
     };
     let mut reader = NarReader::with_limits(tee, limits);
-    let res = nar::restore(&mut reader, staging.dir.as_fd(), OsStr::new(NODE))
+    let res = nar::restore(&mut reader, staging.fd()?, OsStr::new(NODE))
         .and_then(|()| reader.finish_at_eof());
     if let Err(e) = res {
         return Err(match e.kind() {
@@ -706,13 +810,24 @@ pub fn commit_batch(ctx: &Ctx<'_>, batch: Batch) -> Result<(), ReqError> {
             }
         }
     }
+    for s in &mut todo {
+        s.staging.unpark()?;
+    }
     let in_batch: BTreeSet<StorePath> = todo.iter().map(|s| s.info.path.clone()).collect();
     for s in &todo {
         check_references(ctx, &s.info, &in_batch)?;
     }
+    let staged_drv = |p: &StorePath| -> Option<Vec<u8>> {
+        let s = todo.iter().find(|s| &s.info.path == p)?;
+        let (file, _) = s.staging.open_file().ok()?;
+        read_bounded(file, "staged derivation").ok()
+    };
     let mut regs = Vec::with_capacity(todo.len());
     for s in &todo {
-        regs.push((s.info.clone(), derivation_outputs(&s.staging, &s.info)?));
+        regs.push((
+            s.info.clone(),
+            derivation_outputs(&s.staging, &s.info, &staged_drv)?,
+        ));
     }
     let mut done: Vec<(usize, Installed)> = Vec::new();
     let undo = |done: Vec<(usize, Installed)>| {

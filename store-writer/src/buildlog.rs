@@ -41,7 +41,10 @@ pub fn add_build_log(ctx: &Ctx<'_>, drv: &StorePath, fd: OwnedFd) -> Result<(), 
     }
     let mut input = PipeReader::new(fd, PIPE_IDLE)?;
     let base = drv.base_name();
-    let (head, rest) = base.split_at(2);
+    // A validated base name is at least 34 ASCII characters.
+    let (Some(head), Some(rest)) = (base.get(..2), base.get(2..)) else {
+        return Err(ReqError::failed("invalid derivation name"));
+    };
     std::fs::create_dir_all(&store.cfg.log_dir)?;
     let log_dir = sys::open(
         store.cfg.log_dir.as_str(),

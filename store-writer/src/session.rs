@@ -246,6 +246,12 @@ impl Session {
                             .batches
                             .remove(&id)
                             .ok_or_else(|| ReqError::Violation("batch vanished".into()))?;
+                        if batch.failed() {
+                            self.batches.insert(id, batch);
+                            return Err(ReqError::failed(
+                                "an earlier path of this batch failed to import",
+                            ));
+                        }
                         let res = add::add_nar(
                             &self.ctx(),
                             *info,

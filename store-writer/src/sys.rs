@@ -5,7 +5,7 @@
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use nix::dir::{Dir, Type};
@@ -235,9 +235,4 @@ impl Read for PipeReader {
 /// Reads everything left (bounded by `max` bytes, then stops) and discards it.
 pub fn drain<R: Read>(r: &mut R, max: u64) -> io::Result<u64> {
     io::copy(&mut r.take(max), &mut io::sink())
-}
-
-/// Converts an `OsString` from a path component into bytes.
-pub fn os_bytes(s: OsString) -> Vec<u8> {
-    s.into_vec()
 }

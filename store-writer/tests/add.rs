@@ -307,7 +307,7 @@ fn add_nar(
 ) -> Reply {
     b.call(
         Req::AddNar {
-            info: info.clone(),
+            info: Box::new(info.clone()),
             repair: false,
             dont_check_sigs,
             batch: None,
@@ -595,7 +595,7 @@ fn batches_are_all_or_nothing() {
     let b_info = info_for(&sd, "b", &nar_b, std::slice::from_ref(&a.path));
 
     let batch = |info: &stockade_common::narinfo::PathInfo, id| Req::AddNar {
-        info: info.clone(),
+        info: Box::new(info.clone()),
         repair: false,
         dont_check_sigs: true,
         batch: Some(id),
@@ -672,4 +672,103 @@ fn concurrent_adds_of_one_path_register_once() {
         env.store_entries(),
         [info.path.base_name().to_string()].into()
     );
+}
+
+#[test]
+fn repair_replaces_a_damaged_copy_atomically() {
+    let mut env = Env::new();
+    let sd = env.sd();
+    let mut u = env.connect(false);
+    let nar = tree_nar("orig");
+    let mut info = info_for(&sd, "fixme", &nar, &[]);
+    info.sign(&sd, &env.key).unwrap();
+    assert_eq!(add_nar(&mut u, &info, &nar, false), Reply::Ok);
+    let data = env.real_store().join(info.path.base_name()).join("data");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&data, b"damaged").unwrap();
+    // Without repair, a valid path is left alone.
+    assert_eq!(add_nar(&mut u, &info, &nar, false), Reply::Ok);
+    assert_eq!(std::fs::read(&data).unwrap(), b"damaged");
+    let r = u.call(
+        Req::AddNar {
+            info: Box::new(info.clone()),
+            repair: true,
+            dont_check_sigs: false,
+            batch: None,
+        },
+        Some(nar.clone()),
+    );
+    assert_eq!(r, Reply::Ok);
+    assert_eq!(std::fs::read(&data).unwrap(), b"orig");
+    assert_eq!(
+        std::fs::metadata(&data).unwrap().permissions().mode() & 0o7777,
+        0o444
+    );
+    assert_eq!(
+        env.store_entries(),
+        [info.path.base_name().to_string()].into()
+    );
+    // AddToStore with repair too.
+    let t = info_of(add_to_store(
+        &mut u,
+        "t",
+        ContentAddressMethod::Text,
+        HashAlgo::Sha256,
+        vec![],
+        b"text",
+    ));
+    let f = env.real_store().join(t.path.base_name());
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&f, b"junk").unwrap();
+    let r = u.call(
+        Req::AddToStore {
+            name: "t".into(),
+            method: ContentAddressMethod::Text,
+            algo: HashAlgo::Sha256,
+            references: vec![],
+            repair: true,
+        },
+        Some(b"text".to_vec()),
+    );
+    assert!(matches!(r, Reply::PathInfo(Some(_))));
+    assert_eq!(std::fs::read(&f).unwrap(), b"text");
+}
+
+#[test]
+fn untrusted_false_ca_claim_needs_a_signature_first() {
+    let mut env = Env::new();
+    let sd = env.sd();
+    let mut u = env.connect(false);
+    let nar = file_nar(b"x", false);
+    let mut info = info_for(&sd, "notca", &nar, &[]);
+    info.ca = Some(ContentAddress::fixed(
+        FileIngestion::Recursive,
+        sha256(&nar),
+    ));
+    let msg = plain(&error_of(add_nar(&mut u, &info, &nar, false)));
+    assert!(msg.ends_with("because it lacks a valid signature"), "{msg}");
+    info.sign(&sd, &env.key).unwrap();
+    let msg = plain(&error_of(add_nar(&mut u, &info, &nar, false)));
+    assert!(
+        msg.ends_with("claims to be content-addressed but isn't"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn stale_staging_directories_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(store.join(".stockade-tmp-1-2/x/sub")).unwrap();
+    std::fs::write(store.join(".stockade-tmp-1-2/x/sub/f"), b"f").unwrap();
+    std::fs::set_permissions(
+        store.join(".stockade-tmp-1-2/x/sub"),
+        std::fs::Permissions::from_mode(0o555),
+    )
+    .unwrap();
+    std::fs::create_dir_all(store.join("keep-me")).unwrap();
+    let cfg = config(dir.path(), vec![]);
+    let _store = stockade_store_writer::control::start(cfg).unwrap();
+    assert!(!store.join(".stockade-tmp-1-2").exists());
+    assert!(store.join("keep-me").exists());
 }

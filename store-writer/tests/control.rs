@@ -19,7 +19,11 @@ use stockade_common::ipc::{self, Channel};
 fn spawn(child: Channel) -> std::process::Child {
     let fd = child.as_fd().as_raw_fd();
     // Let exactly this descriptor survive exec (socketpair() made it close-on-exec).
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
     let proc = Command::new(env!("CARGO_BIN_EXE_stockade-store-writer"))
         .arg("--control-fd")
         .arg(fd.to_string())
@@ -39,7 +43,10 @@ fn control_channel_lifecycle() {
     let mut proc = spawn(child);
 
     master.send(&M::Hello { version: VERSION }, &[]).unwrap();
-    assert_eq!(master.recv::<Out>().unwrap().0, Out::Hello { version: VERSION });
+    assert_eq!(
+        master.recv::<Out>().unwrap().0,
+        Out::Hello { version: VERSION }
+    );
     let mut cfg = config(dir.path(), vec![]);
     cfg.audit_socket = Some(audit_path.display().to_string());
     master.send(&M::Start(Box::new(cfg)), &[]).unwrap();
@@ -47,7 +54,12 @@ fn control_channel_lifecycle() {
 
     // Locked down.
     let status = std::fs::read_to_string(format!("/proc/{}/status", proc.id())).unwrap();
-    assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["NoNewPrivs:", "1"]), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["NoNewPrivs:", "1"]),
+        "{status}"
+    );
 
     // A client.
     let (mut broker, writer_end) = ipc::socketpair().unwrap();
@@ -60,11 +72,19 @@ fn control_channel_lifecycle() {
         trusted: false,
     };
     master
-        .send(&M::NewClient { client: client.clone() }, &[writer_end.as_fd()])
+        .send(
+            &M::NewClient {
+                client: client.clone(),
+            },
+            &[writer_end.as_fd()],
+        )
         .unwrap();
     drop(writer_end);
     broker.send(&Req::Hello { version: VERSION }, &[]).unwrap();
-    assert_eq!(broker.recv::<Reply>().unwrap().0, Reply::Hello { version: VERSION });
+    assert_eq!(
+        broker.recv::<Reply>().unwrap().0,
+        Reply::Hello { version: VERSION }
+    );
     let (r, w) = nix::unistd::pipe().unwrap();
     std::fs::write(format!("/proc/self/fd/{}", w.as_raw_fd()), b"hi").unwrap();
     drop(w);
@@ -85,12 +105,18 @@ fn control_channel_lifecycle() {
         Reply::PathInfo(Some(i)) => i,
         other => panic!("{other:?}"),
     };
-    assert!(dir.path().join("store").join(info.path.base_name()).exists());
+    assert!(dir
+        .path()
+        .join("store")
+        .join(info.path.base_name())
+        .exists());
 
     // The audit line names the connection and uid first.
     let mut buf = [0u8; 4096];
     let mut lines = Vec::new();
-    audit.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    audit
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     while let Ok(n) = audit.recv(&mut buf) {
         let line = String::from_utf8_lossy(&buf[..n]).into_owned();
         let done = line.contains("op=addToStore");
@@ -100,7 +126,12 @@ fn control_channel_lifecycle() {
         }
     }
     let add = lines.last().unwrap();
-    assert!(add.starts_with("conn=17 uid=1000 pid=4321 trusted=0 op=addToStore outcome=added path=/nix/store/"), "{lines:?}");
+    assert!(
+        add.starts_with(
+            "conn=17 uid=1000 pid=4321 trusted=0 op=addToStore outcome=added path=/nix/store/"
+        ),
+        "{lines:?}"
+    );
     assert!(add.contains(" narHash=sha256:"), "{add}");
     assert!(lines[0].contains("op=start"), "{lines:?}");
 
@@ -120,11 +151,17 @@ fn bad_start_is_reported() {
     let (mut master, child) = ipc::socketpair().unwrap();
     let mut proc = spawn(child);
     master.send(&M::Hello { version: VERSION }, &[]).unwrap();
-    assert_eq!(master.recv::<Out>().unwrap().0, Out::Hello { version: VERSION });
+    assert_eq!(
+        master.recv::<Out>().unwrap().0,
+        Out::Hello { version: VERSION }
+    );
     let mut cfg = config(dir.path(), vec![]);
     cfg.store_dir = "relative/store".into();
     master.send(&M::Start(Box::new(cfg)), &[]).unwrap();
-    assert!(matches!(master.recv::<Out>().unwrap().0, Out::Failed { .. }));
+    assert!(matches!(
+        master.recv::<Out>().unwrap().0,
+        Out::Failed { .. }
+    ));
     assert_eq!(proc.wait().unwrap().code(), Some(1));
 }
 

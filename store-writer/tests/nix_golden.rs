@@ -41,7 +41,11 @@ fn have_nix() -> bool {
 fn in_nix(work: &Path, store: &Path, var: &Path, script: &str) -> String {
     let conf = work.join("nixconf");
     std::fs::create_dir_all(&conf).unwrap();
-    std::fs::write(conf.join("nix.conf"), "sandbox = false\nbuild-users-group =\nsubstituters =\n").unwrap();
+    std::fs::write(
+        conf.join("nix.conf"),
+        "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+    )
+    .unwrap();
     let home = work.join("home");
     std::fs::create_dir_all(&home).unwrap();
     let full = format!(
@@ -73,8 +77,11 @@ fn in_nix(work: &Path, store: &Path, var: &Path, script: &str) -> String {
 fn make_source(dir: &Path) {
     std::fs::create_dir_all(dir.join("src/bin")).unwrap();
     std::fs::write(dir.join("src/bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
-    std::fs::set_permissions(dir.join("src/bin/tool"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        dir.join("src/bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::write(dir.join("src/readme"), b"read me\n").unwrap();
     std::os::unix::fs::symlink("readme", dir.join("src/link")).unwrap();
     std::fs::write(dir.join("blob"), vec![7u8; 10_000]).unwrap();
@@ -189,12 +196,16 @@ fn same_paths_rows_and_nix_reads_our_store() {
     let dep = &ours[2].path;
     let nar_a = tree_nar("signed");
     let mut a = info_for(&sd, "signed-pkg", &nar_a, std::slice::from_ref(dep));
-    a.deriver = Some("hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-signed-pkg.drv".parse().unwrap());
+    a.deriver = Some(
+        "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-signed-pkg.drv"
+            .parse()
+            .unwrap(),
+    );
     a.sign(&sd, &env.key).unwrap();
     assert_eq!(
         b.call(
             Req::AddNar {
-                info: a.clone(),
+                info: Box::new(a.clone()),
                 repair: false,
                 dont_check_sigs: false,
                 batch: None
@@ -204,10 +215,15 @@ fn same_paths_rows_and_nix_reads_our_store() {
         Reply::Ok
     );
     let nar_c = tree_nar("batched");
-    let c = info_for(&sd, "batched", &nar_c, &[a.path.clone(), ours[0].path.clone()]);
+    let c = info_for(
+        &sd,
+        "batched",
+        &nar_c,
+        &[a.path.clone(), ours[0].path.clone()],
+    );
     let r = t.call(
         Req::AddNar {
-            info: c.clone(),
+            info: Box::new(c.clone()),
             repair: false,
             dont_check_sigs: true,
             batch: Some(5),
@@ -231,8 +247,16 @@ fn same_paths_rows_and_nix_reads_our_store() {
         ));
     }
     let paths: Vec<String> = all.iter().map(|i| sd.display(&i.path)).collect();
-    script.push_str(&format!("nix-store --check-validity {}; echo valid", paths.join(" ")));
-    let out = in_nix(work.path(), &env.real_store(), &env.dir.path().join("var"), &script);
+    script.push_str(&format!(
+        "nix-store --check-validity {}; echo valid",
+        paths.join(" ")
+    ));
+    let out = in_nix(
+        work.path(),
+        &env.real_store(),
+        &env.dir.path().join("var"),
+        &script,
+    );
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("verified"), "{out}");
     for i in &all {
@@ -273,5 +297,8 @@ fn same_paths_rows_and_nix_reads_our_store() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(b.call(Req::IsValidPath { path: p }, None), Reply::Bool(true));
+    assert_eq!(
+        b.call(Req::IsValidPath { path: p }, None),
+        Reply::Bool(true)
+    );
 }

@@ -614,3 +614,34 @@ fn verify_store() {
         b.logs
     );
 }
+
+#[test]
+fn as_root_store_and_per_user_directories() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let env = Env::with(|c| c.as_root = true);
+    let md = std::fs::metadata(env.real_store()).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o1775);
+    assert_eq!(md.uid(), 0);
+    let want_gid = nix::unistd::Group::from_name("nixbld")
+        .unwrap()
+        .map_or(0, |g| g.gid.as_raw());
+    assert_eq!(md.gid(), want_gid);
+    stockade_store_writer::roots::create_user_dirs(&env.store, "alice", 1234).unwrap();
+    for base in ["profiles/per-user", "gcroots/per-user"] {
+        let parent = std::fs::metadata(env.state().join(base)).unwrap();
+        assert_eq!(parent.permissions().mode() & 0o7777, 0o755);
+        let d = std::fs::symlink_metadata(env.state().join(base).join("alice")).unwrap();
+        assert!(d.is_dir());
+        assert_eq!(d.uid(), 1234);
+        assert_eq!(d.permissions().mode() & 0o7777, 0o755);
+    }
+    // A planted symlink is not followed.
+    std::os::unix::fs::symlink("/etc", env.state().join("profiles/per-user/mallory")).unwrap();
+    assert!(stockade_store_writer::roots::create_user_dirs(&env.store, "mallory", 1000).is_err());
+    assert_eq!(std::fs::metadata("/etc").unwrap().uid(), 0);
+    assert!(stockade_store_writer::roots::create_user_dirs(&env.store, "../x", 1000).is_err());
+}

@@ -365,26 +365,34 @@ impl Daemon {
                 fsutil::tail(&log, 20)
             )));
         };
-        let holder_ns = File::open(format!("/proc/{pid}/ns/mnt"))
-            .map_err(HarnessError::io("opening the holder's mount namespace"))?;
         // Refuse to go on unless /nix really is covered in a namespace that is not ours: the
-        // daemon would otherwise write to the host's store.
+        // daemon would otherwise write to the host's store (and teardown, which kills every
+        // process in the holder's namespace, must never be pointed at the host's).
         let own = proc::mnt_ns_id(std::process::id() as i32);
         let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
         let covers_nix = mountinfo
             .lines()
             .any(|l| l.split(' ').nth(4) == Some("/nix"));
+        let holder_ns = File::open(format!("/proc/{pid}/ns/mnt"));
+        let private = own.is_some() && own.as_deref() != Some(ns_id.as_str());
+        let holder_ns = match holder_ns {
+            Ok(f) if private && covers_nix => f,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HarnessError::Holder(format!(
+                    "namespace {ns_id} (ours: {own:?}) is not private, or /nix is not mounted \
+                     over in it, or cannot be opened ({:?})",
+                    other.err()
+                )));
+            }
+        };
         self.holder = Some(Holder {
             child,
             _lifeline: lifeline,
             ns: OwnedFd::from(holder_ns),
-            ns_id: ns_id.clone(),
+            ns_id,
         });
-        if own.as_deref() == Some(ns_id.as_str()) || !covers_nix {
-            return Err(HarnessError::Holder(format!(
-                "the holder's namespace {ns_id} is not private or /nix is not mounted over in it"
-            )));
-        }
         Ok(())
     }
 
@@ -756,8 +764,11 @@ impl Daemon {
     /// Kills every process of this instance and waits for them to exit. Returns the pids
     /// that were still alive after the deadline (empty on success).
     fn kill_everything(&mut self) -> Vec<i32> {
+        let own = proc::mnt_ns_id(std::process::id() as i32);
         let survivors = match &self.holder {
-            Some(h) => {
+            // start_holder guarantees the namespace is not ours; check again before killing
+            // everything in it.
+            Some(h) if own.as_deref() != Some(h.ns_id.as_str()) => {
                 let ns = h.ns_id.clone();
                 let ns2 = ns.clone();
                 proc::kill_all(
@@ -765,7 +776,7 @@ impl Daemon {
                     move |pid| proc::mnt_ns_id(pid).as_deref() == Some(ns2.as_str()),
                 )
             }
-            None => {
+            _ => {
                 let marker = self.marker.clone();
                 let marker2 = marker.clone();
                 let daemon = self.pid();

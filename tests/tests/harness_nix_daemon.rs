@@ -436,7 +436,14 @@ fn harness_run_by_an_ordinary_user() {
         .unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let exe = dir.path().join("test-binary");
-    fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    // Copied by `cp`, not by us: a writable fd on the file in this process could leak into a
+    // child that another test thread is forking, and exec would then fail with ETXTBSY.
+    let cp = std::process::Command::new("cp")
+        .arg(std::env::current_exe().unwrap())
+        .arg(&exe)
+        .status()
+        .unwrap();
+    assert!(cp.success());
     let tmp = dir.path().join("tmp");
     fs::create_dir(&tmp).unwrap();
     std::os::unix::fs::chown(&tmp, Some(bob.uid), Some(bob.gid)).unwrap();
