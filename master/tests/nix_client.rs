@@ -2,10 +2,6 @@
 //! `stockade` binary), side by side with the real nix-daemon: the same session must print the
 //! same, admission and trust must behave the same. Uses the shared harness (`tests/`), which
 //! runs each daemon in a private mount namespace over a throw-away `/nix`.
-//!
-//! Ignored until the broker in main completes its handshake (it leaves the handshake's
-//! `STDERR_LAST` unflushed and sends no `Hello` on its store-writer channel); they pass with
-//! those two fixes: `cargo test -p stockade-master --test nix_client -- --include-ignored`.
 
 use stockade_tests::{ensure_user, skip_unless_root, Daemon, DaemonKind, RunOutput};
 
@@ -62,7 +58,6 @@ fn session(d: &Daemon) -> Vec<String> {
 }
 
 #[test]
-#[ignore = "needs two broker fixes not yet in main: flush after the handshake's STDERR_LAST, and Hello on the store-writer channel (see the master report)"]
 fn nix_store_session_prints_the_same_as_nix_daemon() {
     skip_unless_root!();
     let conf = ["trusted-users = root"];
@@ -81,7 +76,6 @@ fn client_error(o: &RunOutput) -> String {
 }
 
 #[test]
-#[ignore = "needs two broker fixes not yet in main: flush after the handshake's STDERR_LAST, and Hello on the store-writer channel (see the master report)"]
 fn a_user_not_allowed_is_refused_like_nix_daemon_refuses() {
     skip_unless_root!();
     let eve = ensure_user("st-eve").expect("user");
@@ -116,7 +110,6 @@ fn a_user_not_allowed_is_refused_like_nix_daemon_refuses() {
 }
 
 #[test]
-#[ignore = "needs two broker fixes not yet in main: flush after the handshake's STDERR_LAST, and Hello on the store-writer channel (see the master report)"]
 fn only_trusted_clients_import_unsigned_paths() {
     skip_unless_root!();
     let alice = ensure_user("st-alice").expect("user");
@@ -146,7 +139,6 @@ fn only_trusted_clients_import_unsigned_paths() {
 /// user may import unsigned paths, root through the untrusted socket may not, and neither may
 /// anyone when the daemon runs with --force-untrusted.
 #[test]
-#[ignore = "needs two broker fixes not yet in main: flush after the handshake's STDERR_LAST, and Hello on the store-writer channel (see the master report)"]
 fn trust_decided_by_the_master_reaches_the_store_writer() {
     skip_unless_root!();
     let alice = ensure_user("st-alice").expect("user");
