@@ -273,6 +273,7 @@ pub fn find_roots(
     censor: bool,
 ) -> BTreeMap<StorePath, BTreeSet<String>> {
     let mut roots: BTreeMap<StorePath, BTreeSet<String>> = BTreeMap::new();
+    find_runtime_roots(&store.store_dir, is_valid, censor, &mut roots);
     let mut walker = Walker {
         store_dir: &store.store_dir,
         auto_dir: store.state_dir.join("gcroots/auto"),
@@ -284,6 +285,131 @@ pub fn find_roots(
     walker.walk(&store.state_dir.join("profiles"));
     find_temp_roots(store, &mut roots, censor);
     roots
+}
+
+/// Bytes read from one `/proc` file (maps and environ of a process can be large).
+const MAX_PROC_FILE: u64 = 16 << 20;
+
+/// Store paths that running processes use, as Nix's findRuntimeRoots finds them: the targets
+/// of `/proc/<pid>/{exe,cwd,fd/*}`, paths named in `/proc/<pid>/{maps,environ}`, and a few
+/// kernel settings. What the process may not read (other users' processes, without
+/// CAP_SYS_PTRACE) is skipped, as Nix skips EACCES.
+fn find_runtime_roots(
+    store_dir: &StoreDir,
+    is_valid: &mut dyn FnMut(&StorePath) -> bool,
+    censor: bool,
+    roots: &mut BTreeMap<StorePath, BTreeSet<String>>,
+) {
+    let mut unchecked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let prefix = format!("{}/", store_dir.as_str());
+    let mut note = |target: &str, link: String| {
+        unchecked
+            .entry(target.to_string())
+            .or_default()
+            .insert(link);
+    };
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for ent in dir.flatten() {
+            let name = ent.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let base = format!("/proc/{pid}");
+            for l in ["exe", "cwd"] {
+                let link = format!("{base}/{l}");
+                if let Ok(t) = std::fs::read_link(&link) {
+                    note(&t.to_string_lossy(), link);
+                }
+            }
+            if let Ok(fds) = std::fs::read_dir(format!("{base}/fd")) {
+                for fd in fds.flatten() {
+                    let link = format!("{base}/fd/{}", fd.file_name().to_string_lossy());
+                    if let Ok(t) = std::fs::read_link(&link) {
+                        note(&t.to_string_lossy(), link);
+                    }
+                }
+            }
+            let maps = format!("{base}/maps");
+            if let Some(text) = read_proc(&maps) {
+                for line in text.split(|b| *b == b'\n') {
+                    // The sixth field of a mapping line is its file, when it has one.
+                    let line = String::from_utf8_lossy(line);
+                    if let Some(file) = line.split_whitespace().nth(5) {
+                        if file.starts_with('/') {
+                            note(file, maps.clone());
+                        }
+                    }
+                }
+            }
+            let environ = format!("{base}/environ");
+            if let Some(text) = read_proc(&environ) {
+                for p in store_paths_in(&text, prefix.as_bytes()) {
+                    note(&p, environ.clone());
+                }
+            }
+        }
+    }
+    for f in [
+        "/proc/sys/kernel/modprobe",
+        "/proc/sys/kernel/fbsplash",
+        "/proc/sys/kernel/poweroff_cmd",
+    ] {
+        if let Some(text) = read_proc(f) {
+            note(&String::from_utf8_lossy(&text), f.to_string());
+        }
+    }
+    for (target, links) in unchecked {
+        let Ok((path, _)) = store_dir.parse_prefix(&target) else {
+            continue;
+        };
+        if !is_valid(&path) {
+            continue;
+        }
+        let entry = roots.entry(path).or_default();
+        if censor {
+            entry.insert(CENSORED.to_string());
+        } else {
+            entry.extend(links);
+        }
+    }
+}
+
+fn read_proc(path: &str) -> Option<Vec<u8>> {
+    let f = File::open(path).ok()?;
+    let mut buf = Vec::new();
+    f.take(MAX_PROC_FILE).read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// Every `<store>/<hash-and-name>` in `text` (Nix's `<store>/[0-9a-z]+[0-9a-zA-Z+\-._?=]*`).
+fn store_paths_in(text: &[u8], prefix: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(pos) = find(text.get(i..).unwrap_or_default(), prefix) {
+        let start = i + pos;
+        let mut end = start + prefix.len();
+        let first = end;
+        while end < text.len() && (text[end].is_ascii_digit() || text[end].is_ascii_lowercase()) {
+            end += 1;
+        }
+        if end > first {
+            while end < text.len()
+                && (text[end].is_ascii_alphanumeric() || b"+-._?=".contains(&text[end]))
+            {
+                end += 1;
+            }
+            out.push(String::from_utf8_lossy(&text[start..end]).into_owned());
+        }
+        i = end.max(start + 1);
+    }
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 struct Walker<'a> {

@@ -12,12 +12,23 @@ use stockade_tests::{skip_unless_root, Daemon, DaemonKind, RunOutput};
 struct Step {
     cmd: String,
     ok: bool,
+    /// Why Stockade is known to answer differently (still run, so it must not fail).
+    known_difference: Option<&'static str>,
 }
 
 fn step(cmd: impl Into<String>) -> Step {
     Step {
         cmd: cmd.into(),
         ok: true,
+        known_difference: None,
+    }
+}
+
+fn known(cmd: impl Into<String>, why: &'static str) -> Step {
+    Step {
+        cmd: cmd.into(),
+        ok: true,
+        known_difference: Some(why),
     }
 }
 
@@ -25,6 +36,7 @@ fn failing(cmd: impl Into<String>) -> Step {
     Step {
         cmd: cmd.into(),
         ok: false,
+        known_difference: None,
     }
 }
 
@@ -99,7 +111,12 @@ fn session() -> Vec<Step> {
         step("nix store cat $(nix-store --add $WORK/tree)/a.txt"),
         step("nix store cat $(nix-store --add $WORK/tree)/sub/deeper/ä-unicode"),
         failing("nix store cat $(nix-store --add $WORK/tree)/nope"),
-        step("nix-store -q --roots $(nix-store --add $WORK/tree)"),
+        known(
+            "nix-store -q --roots $(nix-store --add $WORK/tree) | sed -e s,/proc/[0-9]*/,/proc/PID/, | sort",
+            "runtime roots of processes with more capabilities than the store-writer (root clients) \
+             are not visible without CAP_SYS_PTRACE, which the store-writer does not hold",
+        ),
+        step("nix-store -q --roots $(nix-store --add $WORK/tree) | grep -v ^/proc/ || true"),
     ]
 }
 
@@ -126,7 +143,7 @@ fn run_session(d: &Daemon) -> Vec<(String, bool, RunOutput)> {
             .env("DRV", &drv)
             .env("NIX_CONFIG", "experimental-features = nix-command")
             .output();
-        out.push((s.cmd, s.ok, o));
+        out.push((s.cmd, s.ok && s.known_difference.is_none(), o));
     }
     out
 }
@@ -144,6 +161,13 @@ fn same_session_same_output() {
     let b = run_session(&stockade);
     let mut diffs = BTreeMap::new();
     for ((cmd, ok, x), (_, _, y)) in a.iter().zip(b.iter()) {
+        if session()
+            .iter()
+            .any(|s| &s.cmd == cmd && s.known_difference.is_some())
+        {
+            assert!(y.success(), "{cmd} failed on Stockade:\n{y}");
+            continue;
+        }
         if x.success() != *ok {
             diffs.insert(
                 cmd.clone(),
