@@ -259,7 +259,7 @@ pub fn run(ctx: Ctx) -> Result<i32> {
     let sigfd = signal_fd()?;
     let writer = ctx.start_store_writer()?;
     let uids = if ctx.as_root {
-        Some(UidPool::new(ctx.cfg.broker_uid_range(), true))
+        Some(UidPool::new(ctx.cfg.broker_uid_range())?)
     } else {
         None
     };
@@ -467,23 +467,27 @@ impl Daemon {
                 }
             };
             let (pid, how) = match status {
-                WaitStatus::Exited(pid, code) => (pid, format!("exit={code}")),
-                WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal={sig}")),
+                WaitStatus::Exited(pid, code) => (pid, ("exit", code.to_string())),
+                WaitStatus::Signaled(pid, sig, _) => (pid, ("signal", sig.as_str().to_string())),
                 _ => continue,
             };
             if pid.as_raw() == self.writer.pid {
                 self.writer_exited = true;
                 if self.shutdown_deadline.is_some() {
-                    log::info!("the store-writer exited ({how})");
+                    log::info!("the store-writer exited ({} {})", how.0, how.1);
                 } else {
-                    log::error!("the store-writer exited unexpectedly ({how}); stopping");
+                    log::error!(
+                        "the store-writer exited unexpectedly ({} {}); stopping",
+                        how.0,
+                        how.1
+                    );
                     self.ctx.audit.event_at(
                         Facility::Daemon,
                         Severity::Err,
                         0,
                         self.ctx.uid,
                         "store-writer-died",
-                        &[("status", &how)],
+                        &[(how.0, &how.1)],
                     );
                 }
             } else if let Some(conn) = self.conns.remove(&pid.as_raw()) {
@@ -492,7 +496,8 @@ impl Daemon {
         }
     }
 
-    fn closed(&mut self, broker_pid: i32, conn: Conn, how: &str) {
+    /// `how`: `("exit", code)` or `("signal", name)`.
+    fn closed(&mut self, broker_pid: i32, conn: Conn, how: &(&str, String)) {
         if !self.writer_exited && self.writer_chan_open {
             if let Err(e) = self.writer.client_gone(conn.conn_id) {
                 log::error!("{e}");
@@ -517,7 +522,7 @@ impl Daemon {
             &[
                 ("pid", &conn.client_pid.to_string()),
                 ("broker-pid", &broker_pid.to_string()),
-                ("status", how),
+                (how.0, &how.1),
                 ("seconds", &secs),
             ],
         );

@@ -78,6 +78,20 @@ fn check_program(path: &Path) -> Result<()> {
             reason: "is writable by users other than root and the daemon's user".into(),
         });
     }
+    // Nor may anyone else replace it (or the symlink naming it) through its directory.
+    let real =
+        std::fs::canonicalize(path).map_err(Error::io(format!("resolving {}", path.display())))?;
+    for dir in [path.parent(), real.parent()].into_iter().flatten() {
+        let d =
+            std::fs::metadata(dir).map_err(Error::io(format!("examining {}", dir.display())))?;
+        let sticky = d.mode() & 0o1000 != 0;
+        if (d.uid() != 0 && d.uid() != me) || (d.mode() & 0o022 != 0 && !sticky) {
+            return Err(Error::UnsafePath {
+                path: dir.to_path_buf(),
+                reason: "holds a Stockade program but others may write to it".into(),
+            });
+        }
+    }
     Ok(())
 }
 

@@ -94,6 +94,15 @@ fn create_missing_dirs(dir: &Path) -> Result<()> {
 /// Create the socket directory or check the existing one: a real directory owned by `uid`, not
 /// writable by others, in a parent that others cannot rename it in.
 pub fn ensure_socket_dir(dir: &Path, uid: u32) -> Result<()> {
+    ensure_owned_dir(dir, uid, 0o755)
+}
+
+/// [`ensure_socket_dir`] with mode 0700.
+pub fn ensure_private_dir(dir: &Path, uid: u32) -> Result<()> {
+    ensure_owned_dir(dir, uid, 0o700)
+}
+
+fn ensure_owned_dir(dir: &Path, uid: u32, mode: u32) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     create_missing_dirs(parent)?;
     let pmeta =
@@ -104,7 +113,7 @@ pub fn ensure_socket_dir(dir: &Path, uid: u32) -> Result<()> {
             reason: "is world-writable; anyone could replace the socket directory".into(),
         });
     }
-    match DirBuilder::new().mode(0o755).create(dir) {
+    match DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(format!("creating {}", dir.display()))(e)),
@@ -131,9 +140,9 @@ pub fn ensure_socket_dir(dir: &Path, uid: u32) -> Result<()> {
             ),
         });
     }
-    if meta.mode() & 0o7777 != 0o755 {
-        fchmod(f.as_raw_fd(), Mode::from_bits_truncate(0o755))
-            .map_err(Error::sys(format!("chmod 0755 {}", dir.display())))?;
+    if meta.mode() & 0o7777 != mode {
+        fchmod(f.as_raw_fd(), Mode::from_bits_truncate(mode))
+            .map_err(Error::sys(format!("chmod {mode:o} {}", dir.display())))?;
     }
     Ok(())
 }
@@ -263,8 +272,13 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    /// `bind_socket` changes the process-wide umask for a moment, which would change the modes
+    /// of what a parallel test creates meanwhile.
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn creates_dir_and_binds_0666() {
+        let _umask = UMASK.lock().unwrap_or_else(|e| e.into_inner());
         let t = tempfile::tempdir().expect("tempdir");
         let dir = t.path().join("state/daemon-socket");
         let uid = nix::unistd::geteuid().as_raw();
@@ -285,6 +299,7 @@ mod tests {
 
     #[test]
     fn refuses_foreign_dir_and_non_socket() {
+        let _umask = UMASK.lock().unwrap_or_else(|e| e.into_inner());
         let t = tempfile::tempdir().expect("tempdir");
         let dir = t.path().join("daemon-socket");
         fs::create_dir(&dir).expect("mkdir");

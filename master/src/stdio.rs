@@ -60,13 +60,18 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
     });
 
     let mut writer = ctx.start_store_writer()?;
-    let broker_uid = if ctx.as_root {
-        let uid = UidPool::new(ctx.cfg.broker_uid_range(), true)
-            .allocate()
-            .ok_or_else(|| Error::Refused("no free broker uid".into()))?;
-        Some(uid)
+    // Kept until the end: it holds the broker uid's lock.
+    let mut pool = if ctx.as_root {
+        Some(UidPool::new(ctx.cfg.broker_uid_range())?)
     } else {
         None
+    };
+    let broker_uid = match pool.as_mut() {
+        Some(p) => Some(
+            p.allocate()
+                .ok_or_else(|| Error::Refused("no free broker uid".into()))?,
+        ),
+        None => None,
     };
     ctx.audit_start("stdio", &[("store-writer-pid", writer.pid.to_string())]);
     let conn_id = 1;
@@ -113,6 +118,9 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
     let _ = writer.client_gone(conn_id);
     let _ = writer.shutdown();
     let writer_status = wait_for(writer.pid);
+    if let (Some(p), Some(uid)) = (pool.as_mut(), broker_uid) {
+        p.release(uid);
+    }
     ctx.audit.event_at(
         Facility::AuthPriv,
         Severity::Info,
@@ -210,8 +218,8 @@ fn same_unix_stream_socket(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
 fn wait_for(pid: i32) -> String {
     loop {
         match waitpid(Pid::from_raw(pid), None) {
-            Ok(WaitStatus::Exited(_, code)) => return format!("exit={code}"),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return format!("signal={sig}"),
+            Ok(WaitStatus::Exited(_, code)) => return format!("exit:{code}"),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return format!("signal:{}", sig.as_str()),
             Ok(_) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return format!("unknown ({e})"),

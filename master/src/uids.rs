@@ -1,18 +1,32 @@
 //! Broker uids: one per connection from `broker-uid-range`, no passwd entries needed.
 //!
-//! A uid goes back into the pool only when no process runs under it any more (real, effective,
-//! saved or filesystem uid, from `/proc/<pid>/status`): a broker that left a child behind must
-//! not hand that child to the next client. Such leftovers are killed (a helper process switches
-//! to the uid and sends `kill(-1, SIGKILL)`, which reaches exactly that uid's processes) and the
-//! uid stays out of use until a later check finds it empty. At start every uid of the range that
-//! already has processes (from an earlier run) is treated the same way.
+//! Rules:
+//! - A uid is handed out only when no process runs under it (real, effective, saved or
+//!   filesystem uid, from `/proc/<pid>/status`): a broker that left a child behind must not hand
+//!   that child to the next client.
+//! - Several masters may run at once (a daemon and `--stdio` sessions started over SSH as root,
+//!   test daemons with other state directories). Each allocated uid is locked (`flock` on
+//!   `/run/stockade/broker-uids/<uid>`, held by the master while the broker lives), so two
+//!   masters never hand out the same uid, whatever their state directories.
+//! - When one of *our* brokers exits, its uid is checked right away; leftover processes are
+//!   killed (a helper switches to the uid and sends `kill(-1, SIGKILL)`, which reaches exactly
+//!   that uid's processes) and the uid stays out of use until a later check finds it empty.
+//!   Uids that already had processes when the pool was made may belong to another master's
+//!   live brokers: they are never killed, only skipped until they are empty.
 //!
-//! Uids are handed out round-robin, so a uid is reused as late as possible.
+//! Uids are handed out round-robin, so a uid is reused as late as possible. Only allocation of a
+//! uid known to have had processes costs a `/proc` scan; release always does one (after the
+//! client is gone).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
 use stockade_common::conf::UidRange;
+
+/// Where the per-uid locks live when the daemon runs as root.
+pub const LOCK_DIR: &str = "/run/stockade/broker-uids";
 
 /// The pool.
 #[derive(Debug)]
@@ -21,38 +35,41 @@ pub struct UidPool {
     last: u32,
     /// Next candidate.
     next: u32,
-    in_use: HashSet<u32>,
-    /// Released uids that still had processes at the last look.
+    /// Handed out, with the lock that reserves it against other masters.
+    in_use: HashMap<u32, Option<Flock<File>>>,
+    /// Uids that had processes at the last look.
     draining: BTreeSet<u32>,
     proc_dir: PathBuf,
+    lock_dir: Option<PathBuf>,
     /// Whether leftover processes may be killed (needs root).
     can_kill: bool,
 }
 
 impl UidPool {
-    pub fn new(range: UidRange, can_kill: bool) -> UidPool {
-        UidPool::with_proc(range, can_kill, Path::new("/proc"))
+    /// The pool of a root daemon: locks in [`LOCK_DIR`], leftovers killed.
+    pub fn new(range: UidRange) -> Result<UidPool, crate::error::Error> {
+        let dir = Path::new(LOCK_DIR);
+        crate::socket::ensure_private_dir(dir, 0)?;
+        Ok(UidPool::with(range, true, Path::new("/proc"), Some(dir)))
     }
 
-    pub fn with_proc(range: UidRange, can_kill: bool, proc_dir: &Path) -> UidPool {
-        let mut pool = UidPool {
+    pub fn with(
+        range: UidRange,
+        can_kill: bool,
+        proc_dir: &Path,
+        lock_dir: Option<&Path>,
+    ) -> UidPool {
+        let live = uids_with_processes(proc_dir);
+        UidPool {
             first: range.first,
             last: range.last,
             next: range.first,
-            in_use: HashSet::new(),
-            draining: BTreeSet::new(),
+            in_use: HashMap::new(),
+            draining: live.into_iter().filter(|u| range.contains(*u)).collect(),
             proc_dir: proc_dir.to_path_buf(),
+            lock_dir: lock_dir.map(Path::to_path_buf),
             can_kill,
-        };
-        for uid in uids_with_processes(&pool.proc_dir) {
-            if range.contains(uid) {
-                pool.draining.insert(uid);
-            }
         }
-        for uid in pool.draining.clone() {
-            pool.kill_leftovers(uid);
-        }
-        pool
     }
 
     /// Uids currently handed out.
@@ -61,18 +78,35 @@ impl UidPool {
         self.in_use.len()
     }
 
-    /// Uids waiting for their leftover processes to go.
+    /// Uids waiting for their processes to go.
     #[cfg(test)]
     pub fn draining(&self) -> usize {
         self.draining.len()
     }
 
-    /// A free uid, or `None` when every uid is in use or still has processes.
+    /// Lock `uid` against other masters; `None` if another holds it.
+    fn lock(&self, uid: u32) -> Option<Option<Flock<File>>> {
+        let Some(dir) = &self.lock_dir else {
+            return Some(None);
+        };
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(dir.join(uid.to_string()))
+            .map_err(|e| log::warn!("broker uid lock {uid}: {e}"))
+            .ok()?;
+        Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .ok()
+            .map(Some)
+    }
+
+    /// A free uid, or `None` when every uid is in use, locked elsewhere or has processes.
     pub fn allocate(&mut self) -> Option<u32> {
         let size = u64::from(self.last) - u64::from(self.first) + 1;
-        if self.in_use.len() as u64 + self.draining.len() as u64 >= size {
-            self.recheck_draining();
-        }
         let mut rechecked = false;
         for _ in 0..size {
             let uid = self.next;
@@ -81,7 +115,7 @@ impl UidPool {
             } else {
                 uid + 1
             };
-            if self.in_use.contains(&uid) {
+            if self.in_use.contains_key(&uid) {
                 continue;
             }
             if self.draining.contains(&uid) {
@@ -95,7 +129,10 @@ impl UidPool {
                     continue;
                 }
             }
-            self.in_use.insert(uid);
+            let Some(lock) = self.lock(uid) else {
+                continue;
+            };
+            self.in_use.insert(uid, lock);
             return Some(uid);
         }
         None
@@ -103,15 +140,20 @@ impl UidPool {
 
     /// The broker of `uid` has exited.
     pub fn release(&mut self, uid: u32) {
-        if !self.in_use.remove(&uid) {
+        // The lock is held until the end of this function.
+        let Some(_lock) = self.in_use.remove(&uid) else {
             return;
-        }
+        };
         if uids_with_processes(&self.proc_dir).contains(&uid) {
             log::warn!(
                 "broker uid {uid} still has processes after its broker exited; killing them"
             );
             self.draining.insert(uid);
-            self.kill_leftovers(uid);
+            if self.can_kill {
+                if let Err(e) = kill_all_of_uid(uid) {
+                    log::warn!("cannot kill the processes of uid {uid}: {e}");
+                }
+            }
         }
     }
 
@@ -121,17 +163,6 @@ impl UidPool {
         }
         let live = uids_with_processes(&self.proc_dir);
         self.draining.retain(|uid| live.contains(uid));
-        for uid in self.draining.clone() {
-            self.kill_leftovers(uid);
-        }
-    }
-
-    fn kill_leftovers(&self, uid: u32) {
-        if self.can_kill {
-            if let Err(e) = kill_all_of_uid(uid) {
-                log::warn!("cannot kill the processes of uid {uid}: {e}");
-            }
-        }
     }
 }
 
@@ -173,9 +204,10 @@ fn kill_all_of_uid(uid: u32) -> Result<(), nix::errno::Errno> {
     if uid == 0 {
         return Err(nix::errno::Errno::EINVAL);
     }
-    // SAFETY: the master is single-threaded whenever it calls this (see spawn.rs), and the child
-    // only makes system calls and then `_exit`s, never returning into Rust code that could
-    // touch state shared with the parent.
+    // SAFETY: the child only makes plain system calls (no allocation, no locks a vanished
+    // thread could hold) and then `_exit`s, never returning into Rust code that could touch
+    // state shared with the parent; that holds even if the caller has other threads
+    // (`--stdio`'s copying threads).
     match unsafe { fork() }? {
         ForkResult::Child => {
             let u = Uid::from_raw(uid);
@@ -225,13 +257,14 @@ mod tests {
     #[test]
     fn round_robin_and_exhaustion() {
         let proc = fake_proc(&[]);
-        let mut pool = UidPool::with_proc(
+        let mut pool = UidPool::with(
             UidRange {
                 first: 10,
                 last: 12,
             },
             false,
             proc.path(),
+            None,
         );
         assert_eq!(pool.allocate(), Some(10));
         assert_eq!(pool.allocate(), Some(11));
@@ -247,13 +280,14 @@ mod tests {
     fn uids_with_processes_are_not_reused() {
         // uid 11 has a leftover process (saved uid only); 12 belonged to an earlier run.
         let proc = fake_proc(&[(100, [5, 5, 11, 5]), (101, [12, 12, 12, 12])]);
-        let mut pool = UidPool::with_proc(
+        let mut pool = UidPool::with(
             UidRange {
                 first: 10,
                 last: 12,
             },
             false,
             proc.path(),
+            None,
         );
         assert_eq!(pool.draining(), 2);
         assert_eq!(pool.allocate(), Some(10));
@@ -269,13 +303,14 @@ mod tests {
     #[test]
     fn release_with_leftovers_drains() {
         let proc = fake_proc(&[]);
-        let mut pool = UidPool::with_proc(
+        let mut pool = UidPool::with(
             UidRange {
                 first: 20,
                 last: 21,
             },
             false,
             proc.path(),
+            None,
         );
         assert_eq!(pool.allocate(), Some(20));
         let p = proc.path().join("200");
@@ -285,6 +320,24 @@ mod tests {
         assert_eq!(pool.draining(), 1);
         assert_eq!(pool.allocate(), Some(21));
         assert_eq!(pool.allocate(), None);
+    }
+
+    #[test]
+    fn locks_keep_two_pools_apart() {
+        let proc = fake_proc(&[]);
+        let locks = tempfile::tempdir().expect("tempdir");
+        let range = UidRange {
+            first: 30,
+            last: 31,
+        };
+        let mut a = UidPool::with(range, false, proc.path(), Some(locks.path()));
+        let mut b = UidPool::with(range, false, proc.path(), Some(locks.path()));
+        assert_eq!(a.allocate(), Some(30));
+        assert_eq!(b.allocate(), Some(31));
+        assert_eq!(b.allocate(), None);
+        a.release(30);
+        assert_eq!(b.allocate(), Some(30));
+        assert_eq!(a.allocate(), None);
     }
 
     #[test]
