@@ -89,7 +89,8 @@ impl Ctx {
     /// How the store-writer is confined.
     pub fn store_writer_confinement(&self) -> Confinement {
         if self.as_root {
-            Confinement::StoreWriterCaps
+            let id = store_writer_uid(&self.cfg.broker_uid_range());
+            Confinement::StoreWriterCaps { uid: id, gid: id }
         } else {
             Confinement::SameUid
         }
@@ -803,6 +804,12 @@ impl Daemon {
             ],
         );
     }
+}
+
+/// The store-writer's uid (and gid) when the daemon runs as root: the one just below the
+/// broker range, so it never collides with a broker and needs no passwd entry.
+pub fn store_writer_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
+    brokers.first.saturating_sub(1).max(1)
 }
 
 #[cfg(test)]

@@ -12,8 +12,10 @@
 //! - `no_new_privs`.
 //!
 //! As root, additionally ([`Confinement`]):
-//! - the store-writer keeps uid 0 but only [`STORE_WRITER_CAPS`] in its bounding, permitted,
-//!   effective and inheritable sets (no `CAP_SYS_ADMIN`, no `CAP_SETUID`, …), no ambient caps;
+//! - the store-writer runs under a uid of its own (not 0: the master is the only root process)
+//!   and keeps exactly [`STORE_WRITER_CAPS`], carried across exec as ambient capabilities; its
+//!   bounding set holds nothing else (no `CAP_SYS_ADMIN`, no `CAP_SETUID`, …). It makes the
+//!   store's files root-owned with CAP_CHOWN, so the store looks exactly as nix-daemon leaves it;
 //! - a broker gets an empty bounding set, no supplementary groups, and its own uid and gid
 //!   (`setresgid` then `setresuid`), which clears every capability.
 //!
@@ -73,8 +75,8 @@ pub const PASSED_ENV: &[&str] = &[
 /// How a child is confined beyond what every child gets.
 #[derive(Debug, Clone)]
 pub enum Confinement {
-    /// Root daemon, store-writer: uid 0 with [`STORE_WRITER_CAPS`] only.
-    StoreWriterCaps,
+    /// Root daemon, store-writer: this uid and gid, no groups, [`STORE_WRITER_CAPS`] only.
+    StoreWriterCaps { uid: u32, gid: u32 },
     /// Root daemon, broker: this uid and gid, no groups, no capabilities.
     OwnUid { uid: u32, gid: u32 },
     /// Daemon run by an ordinary user: the same uid; only `no_new_privs`.
@@ -118,7 +120,7 @@ pub fn spawn(
 ) -> Result<i32> {
     let keep: CapsHashSet = STORE_WRITER_CAPS.iter().copied().collect();
     let drop_bounding: Vec<i32> = match confinement {
-        Confinement::StoreWriterCaps => (0..=last_cap())
+        Confinement::StoreWriterCaps { .. } => (0..=last_cap())
             .filter(|i| !STORE_WRITER_CAPS.iter().any(|c| i32::from(c.index()) == *i))
             .collect(),
         Confinement::OwnUid { .. } => (0..=last_cap()).collect(),
@@ -209,12 +211,27 @@ fn child_setup(plan: &Plan) -> Result<(), Errno> {
         capbset_drop(cap)?;
     }
     match plan.confinement {
-        Confinement::StoreWriterCaps => {
-            // Effective first: the permitted set may not shrink below it.
-            caps_set(CapSet::Effective, &plan.keep)?;
-            caps_set(CapSet::Permitted, &plan.keep)?;
-            caps_set(CapSet::Inheritable, &CapsHashSet::new())?;
+        Confinement::StoreWriterCaps { uid, gid } => {
+            // Change uid while CAP_SETUID/CAP_SETGID are still effective, keeping the
+            // permitted set across the change (it would be cleared), then trim every set to
+            // what the store-writer keeps. Inheritable must hold what the ambient set is to
+            // carry across exec.
+            // SAFETY: PR_SET_KEEPCAPS takes an integer flag and no pointers.
+            Errno::result(unsafe { nix::libc::prctl(nix::libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) })?;
             clear_ambient()?;
+            nix::unistd::setgroups(&[])?;
+            let (g, u) = (Gid::from_raw(gid), Uid::from_raw(uid));
+            nix::unistd::setresgid(g, g, g)?;
+            nix::unistd::setresuid(u, u, u)?;
+            if nix::unistd::geteuid() != u || nix::unistd::getuid() != u {
+                return Err(Errno::EPERM);
+            }
+            caps_set(CapSet::Permitted, &plan.keep)?;
+            caps_set(CapSet::Inheritable, &plan.keep)?;
+            caps_set(CapSet::Effective, &plan.keep)?;
+            for cap in plan.keep.iter() {
+                caps::raise(None, CapSet::Ambient, *cap).map_err(|_| Errno::last())?;
+            }
         }
         Confinement::OwnUid { uid, gid } => {
             caps_set(CapSet::Inheritable, &CapsHashSet::new())?;

@@ -193,7 +193,7 @@ impl Staging {
         let owner = Owner {
             uid: s.euid,
             gid: s.egid,
-            chown: s.euid.is_root(),
+            chown: s.cfg.as_root,
         };
         canon::canonicalise(self.fd()?, OsStr::new(NODE), &owner, display)
             .map_err(|e| ReqError::failed(e.to_string()))

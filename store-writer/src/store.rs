@@ -89,8 +89,13 @@ impl Store {
         if !real.is_absolute() {
             return Err(StartError::StoreDir(cfg.real_store_dir.clone()));
         }
-        let euid = nix::unistd::geteuid();
-        let egid = nix::unistd::getegid();
+        // The owner of the store's files: root when the daemon runs as root (the store-writer
+        // itself runs under a uid of its own and chowns with CAP_CHOWN), else ourselves.
+        let (euid, egid) = if cfg.as_root {
+            (Uid::from_raw(0), Gid::from_raw(0))
+        } else {
+            (nix::unistd::geteuid(), nix::unistd::getegid())
+        };
 
         let store_existed = real.exists();
         std::fs::create_dir_all(&real).map_err(ctx(format!("creating {}", real.display())))?;
@@ -184,7 +189,62 @@ impl Store {
             cfg,
         };
         store.remove_stale_staging();
+        if store.cfg.as_root {
+            store.give_state_to_owner();
+        }
         Ok(store)
+    }
+
+    /// As root the store-writer runs under a uid of its own, so what it just created (state
+    /// directories, the database files) belongs to that uid: hand it to the store owner, as
+    /// the files nix-daemon creates are root's. Only entries owned by us are changed.
+    fn give_state_to_owner(&self) {
+        let me = nix::unistd::geteuid();
+        if me == self.euid {
+            return;
+        }
+        let state = &self.state_dir;
+        let mut paths = vec![
+            PathBuf::from(&self.cfg.real_store_dir),
+            PathBuf::from(&self.cfg.real_store_dir).join(".links"),
+            state.clone(),
+            PathBuf::from(&self.cfg.log_dir),
+        ];
+        for rel in [
+            "profiles",
+            "profiles/per-user",
+            "gcroots",
+            "gcroots/per-user",
+            "gcroots/auto",
+            "gcroots/profiles",
+            "temproots",
+            "db",
+            "db/db.sqlite",
+            "db/db.sqlite-wal",
+            "db/db.sqlite-shm",
+            "db/schema",
+            "db/big-lock",
+            "db/reserved",
+        ] {
+            paths.push(state.join(rel));
+        }
+        for p in paths {
+            let Ok(st) = nix::sys::stat::lstat(p.as_path()) else {
+                continue;
+            };
+            if st.st_uid != me.as_raw() {
+                continue;
+            }
+            if let Err(e) = nix::unistd::fchownat(
+                None,
+                p.as_path(),
+                Some(self.euid),
+                Some(self.egid),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                log::warn!("cannot give {} to the store owner: {e}", p.display());
+            }
+        }
     }
 
     /// The write connection. A thread that panicked while holding it leaves SQLite in a
