@@ -30,6 +30,8 @@ pub struct Conn {
     pub sd: StoreDir,
     pub writer: Writer,
     pub opts: ClientOptions,
+    /// The client's socket, for timeouts (reads and writes go through `r` and `w`).
+    client: UnixStream,
     /// Between start_work and stop_work (Nix's `canSendStderr`).
     working: bool,
     next_activity: u64,
@@ -48,9 +50,11 @@ impl Conn {
         let sd = StoreDir::new(&cfg.store_dir)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let reader = BufReader::with_capacity(64 * 1024, client.try_clone()?);
+        let out = client.try_clone()?;
         Ok(Conn {
             r: WireReader::new(reader),
-            w: WireWriter::new(client),
+            w: WireWriter::new(out),
+            client,
             minor: 0,
             cfg,
             sd,
@@ -72,6 +76,11 @@ impl Conn {
         } else {
             TrustFlag::NotTrusted
         });
+        // A client that connects and stalls must not hold a broker forever (A6).
+        let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+        let _ = self
+            .client
+            .set_read_timeout(secs(self.cfg.handshake_timeout));
         let info = match worker::server_handshake(
             &mut self.r,
             &mut self.w,
@@ -86,6 +95,7 @@ impl Conn {
             }
         };
         self.minor = worker::get_minor(info.version);
+        let _ = self.client.set_read_timeout(secs(self.cfg.idle_timeout));
         // Step 7: setup messages (none), then LAST.
         self.start_work();
         if let Err(e) = self.stop_work().and_then(|_| Ok(self.w.flush()?)) {

@@ -121,6 +121,8 @@ impl Launcher {
             max_jobs: cfg.max_jobs(),
             cores: cfg.settings.cores,
             verbosity,
+            handshake_timeout: cfg.stockade.handshake_timeout,
+            idle_timeout: cfg.stockade.idle_timeout,
         };
         Launcher { programs, template }
     }

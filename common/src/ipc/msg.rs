@@ -294,6 +294,10 @@ pub struct BrokerConfig {
     pub cores: u32,
     /// Plain log level the broker writes to its own stderr (the master's journal).
     pub verbosity: u32,
+    /// Seconds a client may take to complete the handshake (0 = no limit), A6.
+    pub handshake_timeout: u64,
+    /// Seconds a client may stay silent once connected (0 = no limit).
+    pub idle_timeout: u64,
 }
 
 impl Message for MasterToBroker {

@@ -1,0 +1,32 @@
+//! A client that connects and never speaks does not hold a broker forever (SECURITY.md A6).
+//! Needs root; fails loudly in CI without it.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use stockade_tests::{skip_unless_root, Daemon, DaemonKind};
+
+#[test]
+fn silent_client_is_dropped_after_the_handshake_timeout() {
+    skip_unless_root!();
+    let d = Daemon::builder(DaemonKind::Stockade)
+        .stockade_conf("handshake-timeout = 1\n")
+        .start()
+        .expect("stockade");
+    let socket = d.base_dir().join("nix/var/nix/daemon-socket/socket");
+    let mut silent = UnixStream::connect(&socket).expect("connect");
+    // Far longer than the daemon's limit: only a daemon that never gives up makes this fail.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = silent
+        .read(&mut buf)
+        .expect("the broker should close the connection, not leave it hanging");
+    assert_eq!(n, 0, "expected end of file, got {:?}", &buf[..n]);
+    // An honest client still gets through afterwards.
+    let f = d.write_work_file("after.txt", b"still here\n");
+    let p = d.run_ok(["nix-store", "--add", f.to_str().unwrap()]);
+    assert!(p.starts_with("/nix/store/"), "{p}");
+}
