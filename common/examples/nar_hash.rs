@@ -3,7 +3,6 @@
 //!
 //! Usage: `cargo run --release -p stockade-common --example nar_hash -- PATH`
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,11 +14,7 @@ fn main() -> ExitCode {
     };
     match stockade_common::nar::dump_and_hash(&PathBuf::from(path)) {
         Ok((hash, size)) => {
-            let hex = hash.iter().fold(String::new(), |mut s, b| {
-                let _ = write!(s, "{b:02x}");
-                s
-            });
-            println!("sha256:{hex} {size}");
+            println!("sha256:{} {size}", hash.to_base16());
             ExitCode::SUCCESS
         }
         Err(e) => {

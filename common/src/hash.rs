@@ -359,6 +359,13 @@ pub struct HashingWriter<W> {
     count: u64,
 }
 
+impl HashingWriter<io::Sink> {
+    /// Hashes and counts without passing the bytes on.
+    pub fn sink(algo: HashAlgo) -> Self {
+        HashingWriter::new(algo, io::sink())
+    }
+}
+
 impl<W: io::Write> HashingWriter<W> {
     pub fn new(algo: HashAlgo, inner: W) -> Self {
         HashingWriter {
@@ -366,6 +373,10 @@ impl<W: io::Write> HashingWriter<W> {
             hasher: Hasher::new(algo),
             count: 0,
         }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
     }
 
     pub fn finish(self) -> (Hash, u64, W) {

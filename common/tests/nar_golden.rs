@@ -10,6 +10,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use stockade_common::hash::{Hash, HashAlgo};
 use stockade_common::nar::{
     dump, dump_and_hash, restore_path, validate, DumpError, HashingReader, Limits, NarReader,
 };
@@ -45,10 +46,6 @@ fn have_nix() -> bool {
     ok
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Output of `nix-store --dump path`.
 fn nix_dump(path: &Path) -> Vec<u8> {
     let out = nix("nix-store").arg("--dump").arg(path).output().unwrap();
@@ -61,17 +58,18 @@ fn nix_dump(path: &Path) -> Vec<u8> {
 }
 
 /// sha256 and size of `nix-store --dump path`, streamed (for trees too big to hold twice).
-fn nix_dump_hash(path: &Path) -> ([u8; 32], u64) {
+fn nix_dump_hash(path: &Path) -> (Hash, u64) {
     let mut child = nix("nix-store")
         .arg("--dump")
         .arg(path)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut hr = HashingReader::new(child.stdout.take().unwrap());
+    let mut hr = HashingReader::new(HashAlgo::Sha256, child.stdout.take().unwrap());
     std::io::copy(&mut hr, &mut std::io::sink()).unwrap();
     assert!(child.wait().unwrap().success());
-    hr.finish()
+    let (hash, size, _) = hr.finish();
+    (hash, size)
 }
 
 /// `nix-hash --type sha256 path` (base16).
@@ -179,7 +177,7 @@ fn dump_matches_nix_store_dump() {
 
     let (hash, size) = dump_and_hash(&root).unwrap();
     assert_eq!(size, theirs.len() as u64);
-    assert_eq!(hex(&hash), nix_hash(&root));
+    assert_eq!(hash.to_base16(), nix_hash(&root));
 
     // Our reader accepts what Nix writes.
     assert_eq!(
@@ -230,7 +228,7 @@ fn single_node_roots_match() {
         dump(&p, &mut ours).unwrap();
         assert_eq!(ours, theirs, "{name}");
         let (hash, size) = dump_and_hash(&p).unwrap();
-        assert_eq!(hex(&hash), nix_hash(&p), "{name}");
+        assert_eq!(hash.to_base16(), nix_hash(&p), "{name}");
         assert_eq!(size, theirs.len() as u64);
     }
     // A path with no parent component is dumped relative to the working directory.
@@ -256,7 +254,7 @@ fn large_file_matches() {
 
     let theirs = nix_dump_hash(&root);
     assert_eq!(dump_and_hash(&root).unwrap(), theirs);
-    assert_eq!(hex(&theirs.0), nix_hash(&root));
+    assert_eq!(theirs.0.to_base16(), nix_hash(&root));
 
     // Stream Nix's dump through our reader into a restore, hashing as we go, then compare.
     let mut child = nix("nix-store")
@@ -265,7 +263,10 @@ fn large_file_matches() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut hr = HashingReader::new(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut hr = HashingReader::new(
+        HashAlgo::Sha256,
+        std::io::BufReader::new(child.stdout.take().unwrap()),
+    );
     let restored = tmp.path().join("restored");
     let mut reader = NarReader::with_limits(
         &mut hr,
@@ -277,7 +278,8 @@ fn large_file_matches() {
     restore_path(&mut reader, &restored).unwrap();
     reader.finish_at_eof().unwrap();
     assert!(child.wait().unwrap().success());
-    assert_eq!(hr.finish(), theirs);
+    let (hash, size, _) = hr.finish();
+    assert_eq!((hash, size), theirs);
     assert_eq!(dump_and_hash(&restored).unwrap(), theirs);
 }
 

@@ -201,12 +201,10 @@ impl Staging {
 
     /// NAR hash and size of the staged node.
     fn nar_hash(&self) -> Result<(Hash, u64), ReqError> {
-        let mut h = nar::HashingWriter::sink();
+        let mut h = nar::HashingWriter::sink(HashAlgo::Sha256);
         nar::dump_at(self.fd()?, OsStr::new(NODE), &mut h)
             .map_err(|e| ReqError::failed(e.to_string()))?;
-        let (digest, size) = h.finish();
-        let hash = Hash::from_bytes(HashAlgo::Sha256, &digest)
-            .ok_or_else(|| ReqError::failed("bad digest"))?;
+        let (hash, size, _) = h.finish();
         Ok((hash, size))
     }
 }
@@ -465,10 +463,9 @@ fn add_to_store_inner(
             let mut f = staging.create_file()?;
             f.write_all(&data)?;
             drop(f);
-            let sink = nar::write_flat_nar(nar::HashingWriter::sink(), false, &data)?;
-            let (digest, size) = sink.finish();
-            let nar_hash = Hash::from_bytes(HashAlgo::Sha256, &digest)
-                .ok_or_else(|| ReqError::failed("bad digest"))?;
+            let sink =
+                nar::write_flat_nar(nar::HashingWriter::sink(HashAlgo::Sha256), false, &data)?;
+            let (nar_hash, size, _) = sink.finish();
             (Hash::sha256(&data), nar_hash, size)
         }
         ContentAddressMethod::Fixed(FileIngestion::Flat) => {

@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
-use stockade_common::hash::{Encoding, Hash, HashAlgo};
+use stockade_common::hash::{Encoding, HashAlgo};
 use stockade_common::nar;
 use stockade_common::store_path::StorePath;
 
@@ -49,7 +49,7 @@ pub fn verify_store(
             let Some(info) = store.db().query_path_info(p)? else {
                 continue;
             };
-            let mut h = nar::HashingWriter::sink();
+            let mut h = nar::HashingWriter::sink(HashAlgo::Sha256);
             match nar::dump_at(store.store_fd(), OsStr::new(p.base_name()), &mut h) {
                 Ok(_) => {}
                 Err(e) => {
@@ -58,10 +58,7 @@ pub fn verify_store(
                     continue;
                 }
             }
-            let (digest, size) = h.finish();
-            let Some(current) = Hash::from_bytes(HashAlgo::Sha256, &digest) else {
-                continue;
-            };
+            let (current, size, _) = h.finish();
             if info.nar_hash.algo() == HashAlgo::Sha256 && info.nar_hash != current {
                 log(
                     LVL_ERROR,
@@ -168,12 +165,11 @@ fn check_links(store: &Store, errors: &mut bool, log: &mut dyn FnMut(u32, String
         return;
     };
     for (name, _) in entries {
-        let mut h = nar::HashingWriter::sink();
+        let mut h = nar::HashingWriter::sink(HashAlgo::Sha256);
         if nar::dump_at(links.as_fd(), &name, &mut h).is_err() {
             continue;
         }
-        let (digest, _) = h.finish();
-        let got = stockade_common::base32::encode(&digest);
+        let got = h.finish().0.to_base32();
         if got.as_bytes() != name.as_bytes() {
             log(
                 LVL_ERROR,

@@ -12,6 +12,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag};
 
 use super::{sys, HashingWriter, Limits, NarWriter};
+use crate::hash::{Hash, HashAlgo};
 
 /// Read size for file contents: large enough to keep syscalls rare, small enough to stay in L2
 /// between the read and the hash.
@@ -68,10 +69,11 @@ pub fn dump_at<W: Write>(parent: BorrowedFd<'_>, name: &OsStr, w: W) -> Result<u
 
 /// sha256 and size of the NAR serialisation of `path` (the NAR hash `nix-hash --type sha256`
 /// prints), computed while streaming.
-pub fn dump_and_hash(path: &Path) -> Result<([u8; 32], u64), DumpError> {
-    let mut hasher = HashingWriter::sink();
+pub fn dump_and_hash(path: &Path) -> Result<(Hash, u64), DumpError> {
+    let mut hasher = HashingWriter::sink(HashAlgo::Sha256);
     dump_path_to(path, &mut hasher)?;
-    Ok(hasher.finish())
+    let (hash, size, _) = hasher.finish();
+    Ok((hash, size))
 }
 
 fn dump_path_to<W: Write>(path: &Path, w: &mut W) -> Result<(), DumpError> {

@@ -20,11 +20,11 @@
 //! - [`restore`] / [`restore_path`]: create the tree below a directory fd, never following links.
 //! - [`dump`] / [`dump_at`] / [`dump_and_hash`]: serialise a tree exactly like `nix-store --dump`.
 //! - [`NarWriter`]: build a NAR by hand (tests, the flat-file NAR of the worker protocol).
-//! - [`HashingReader`] / [`HashingWriter`]: sha256 and byte count of what passes through.
+//! - [`HashingReader`] / [`HashingWriter`] (from [`crate::hash`]): hash and byte count of what
+//!   passes through.
 
 mod dump;
 mod error;
-mod hashing;
 mod reader;
 mod restore;
 mod sys;
@@ -33,9 +33,9 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use crate::hash::{HashingReader, HashingWriter};
 pub use dump::{dump, dump_and_hash, dump_at, DumpError};
 pub use error::{NarError, NarErrorKind};
-pub use hashing::{HashingReader, HashingWriter};
 pub use reader::{validate, Event, NarReader};
 pub use restore::{restore, restore_path};
 pub use writer::{write_flat_nar, NarWriter};

@@ -501,9 +501,10 @@ fn hashing_reader_sees_exactly_the_nar() {
     let nar_len = stream.len();
     let want: [u8; 32] = Sha256::digest(&stream).into();
     stream.extend_from_slice(&[1, 2, 3]);
-    let mut hr = HashingReader::new(&stream[..]);
+    let mut hr = HashingReader::new(crate::hash::HashAlgo::Sha256, &stream[..]);
     NarReader::new(&mut hr).skip_to_end().unwrap();
-    assert_eq!(hr.finish(), (want, nar_len as u64));
+    let (hash, count, _) = hr.finish();
+    assert_eq!((hash.digest(), count), (&want[..], nar_len as u64));
 }
 
 #[test]
