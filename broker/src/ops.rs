@@ -175,9 +175,13 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         }
         Op::AddToStoreNar => add_to_store_nar(c)?,
         Op::AddMultipleToStore => add_multiple(c)?,
-        Op::ImportPaths => return Err(OpError::client(
-            "ImportPaths (protocol < 1.18) is not supported by this daemon; use a newer Nix client",
-        )),
+        Op::ImportPaths => {
+            c.start_work();
+            let paths = import_paths(c)?;
+            c.stop_work()?;
+            let rendered: Vec<String> = paths.iter().map(|p| c.sd.display(p)).collect();
+            c.w.write_strings(&rendered)?;
+        }
         Op::ExportPath => {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             c.r.read_u64("obsolete sign flag")?;
@@ -717,7 +721,7 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
         c.start_work();
         let mut up = start_upload(c, &req)?;
         let res = {
-            let tunnel = TunnelSource { c: &mut *c };
+            let tunnel = TunnelSource::new(c);
             let tee = Tee {
                 inner: tunnel,
                 out: &mut up.tx,
@@ -763,18 +767,28 @@ fn expect_ok(rep: Rep) -> OpResult<()> {
 
 /// Pulls data from the client with `STDERR_READ` (protocol 1.21–1.22).
 struct TunnelSource<'a> {
-    c: &'a mut Conn,
+    r: &'a mut crate::conn::ClientReader,
+    w: &'a mut crate::conn::ClientWriter,
+    minor: u8,
+}
+
+impl<'a> TunnelSource<'a> {
+    fn new(c: &'a mut Conn) -> Self {
+        TunnelSource {
+            r: &mut c.r,
+            w: &mut c.w,
+            minor: c.minor,
+        }
+    }
 }
 
 impl Read for TunnelSource<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let minor = self.c.minor;
         StderrMsg::Read(buf.len() as u64)
-            .write(&mut self.c.w, minor)
-            .and_then(|_| self.c.w.flush())
+            .write(self.w, self.minor)
+            .and_then(|_| self.w.flush())
             .map_err(WireError::into_io)?;
         let data = self
-            .c
             .r
             .read_bytes_max("tunnelled data", buf.len() as u64)
             .map_err(WireError::into_io)?;
@@ -784,6 +798,98 @@ impl Read for TunnelSource<'_> {
         }
         Ok(n)
     }
+}
+
+/// The magic before each path's metadata in the export format.
+const EXPORT_MAGIC: u64 = 0x4558_494e;
+
+/// ImportPaths (clients older than 1.18): the export stream, pulled with STDERR_READ. Each
+/// NAR's hash is only known after it, and its metadata comes after it, so each NAR is kept in
+/// a memfd (nix-daemon keeps it in memory too) and handed to the store-writer, which checks
+/// it like any other add (untrusted clients need a signature; the export format carries none
+/// that counts).
+fn import_paths(c: &mut Conn) -> OpResult<Vec<StorePath>> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::io::{Seek, SeekFrom};
+    let sd = c.sd.clone();
+    let dont_check_sigs = c.trusted();
+    let limits = *c.r.limits();
+    let mut imported = Vec::new();
+    // One buffered tunnel for the whole stream: what it read ahead belongs to the next entry.
+    let Conn {
+        r,
+        w,
+        writer,
+        minor,
+        ..
+    } = c;
+    let tunnel = TunnelSource {
+        r,
+        w,
+        minor: *minor,
+    };
+    let mut wr = stockade_common::worker::WireReader::with_limits(
+        io::BufReader::with_capacity(64 * 1024, tunnel),
+        limits,
+    );
+    loop {
+        let (info, memfd) = {
+            if wr.read_u64("export marker")? == 0 {
+                break;
+            }
+            let fd = memfd_create(c"stockade-import", MemFdCreateFlag::MFD_CLOEXEC)
+                .map_err(io::Error::from)?;
+            let mut file = std::fs::File::from(fd);
+            let (nar_hash, nar_size) = {
+                let mut hashed =
+                    stockade_common::hash::HashingWriter::new(HashAlgo::Sha256, &mut file);
+                let tee = Tee {
+                    inner: &mut wr,
+                    out: &mut hashed,
+                    failed: None,
+                };
+                NarReader::new(tee).skip_to_end()?;
+                let (h, n, _) = hashed.finish();
+                (h, n)
+            };
+            if wr.read_u64("export magic")? != EXPORT_MAGIC {
+                return Err(OpError::fatal(
+                    "Nix archive cannot be imported; wrong format",
+                ));
+            }
+            let path = proto::read_path(&mut wr, &sd, "path")?;
+            let references = proto::read_paths(&mut wr, &sd, "references")?;
+            let deriver = proto::read_opt_path(&mut wr, &sd, "deriver")?;
+            if wr.read_u64("signature flag")? == 1 {
+                wr.read_string_max("legacy signature", 4096)?;
+            }
+            file.seek(SeekFrom::Start(0))?;
+            let info = PathInfo {
+                path,
+                deriver,
+                nar_hash,
+                references,
+                registration_time: 0,
+                nar_size,
+                ultimate: false,
+                sigs: BTreeSet::new(),
+                ca: None,
+            };
+            (info, OwnedFd::from(file))
+        };
+        let path = info.path.clone();
+        let req = Req::AddNar {
+            info: Box::new(info),
+            repair: false,
+            dont_check_sigs,
+            batch: None,
+        };
+        writer.send(&req, &[memfd.as_fd()])?;
+        drop(memfd);
+        expect_ok(writer.recv_reply()?)?;
+        imported.push(path);
+    }
+    Ok(imported)
 }
 
 fn add_multiple(c: &mut Conn) -> OpResult<()> {
