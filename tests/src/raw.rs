@@ -629,6 +629,48 @@ impl RawConn {
         self.send_u64(u64::from(dont_check_sigs))
     }
 
+    /// AddMultipleToStore of `entries` (each a path info and its NAR), all in one framed
+    /// stream.
+    pub fn add_multiple_to_store(
+        &mut self,
+        entries: &[(PathInfo, Vec<u8>)],
+        sd: &StoreDir,
+        dont_check_sigs: bool,
+    ) -> io::Result<Response> {
+        let mut w = WireWriter::new(Vec::new());
+        let put = |w: &mut WireWriter<Vec<u8>>| -> Result<(), WireError> {
+            w.write_u64(entries.len() as u64)?;
+            for (info, nar) in entries {
+                let refs: Vec<String> = info.references.iter().map(|p| sd.display(p)).collect();
+                w.write_string(&sd.display(&info.path))?;
+                w.write_string(
+                    &info
+                        .deriver
+                        .as_ref()
+                        .map(|p| sd.display(p))
+                        .unwrap_or_default(),
+                )?;
+                w.write_string(&info.nar_hash.to_base16())?;
+                w.write_strings(refs.iter())?;
+                w.write_u64(info.registration_time)?;
+                w.write_u64(info.nar_size)?;
+                w.write_bool(info.ultimate)?;
+                w.write_strings(info.sigs.iter())?;
+                w.write_string(&info.ca.as_ref().map(|c| c.to_string()).unwrap_or_default())?;
+                w.write_all(nar).map_err(WireError::Write)?;
+            }
+            Ok(())
+        };
+        put(&mut w).map_err(wire)?;
+        let payload = w.into_inner().map_err(wire)?;
+        self.send_u64(Op::AddMultipleToStore.into())?;
+        self.send_u64(0)?;
+        self.send_u64(u64::from(dont_check_sigs))?;
+        self.send_framed(&payload, 64 * 1024)?;
+        self.flush()?;
+        self.response()
+    }
+
     /// AddToStoreNar of `nar` (framed) described by `info`.
     pub fn add_to_store_nar(
         &mut self,

@@ -334,12 +334,99 @@ fn run_all(kind: DaemonKind) -> Vec<(&'static str, &'static str, Option<String>)
     out
 }
 
+/// How Stockade's error must relate to nix-daemon's for the same input.
+fn relation(case: &str) -> Option<fn(&str, &str) -> bool> {
+    match case {
+        // Same check, same words.
+        "wrong-narHash" | "narSize-too-big" | "wrong-ca-hash" | "ca-not-reproducing-path" => {
+            Some(|nix, ours| nix == ours)
+        }
+        // Stockade adds the path and the place in the archive around nix-daemon's message.
+        "name-dotdot"
+        | "name-dot"
+        | "name-slash"
+        | "name-empty"
+        | "executable-marker-not-empty"
+        | "not-a-nar" => Some(|nix, ours| ours.contains(nix)),
+        // nix-daemon 2.8 accepts the archive, fails while unpacking it, or stops reading at
+        // another point (unsorted, duplicate, symlink targets, depth, trailing data, 2^62,
+        // narSize too small: "got: more than N" where nix-daemon read on and says "got: M";
+        // fifo: Stockade quotes the type).
+        _ => None,
+    }
+}
+
 #[test]
 fn hostile_nars_are_refused() {
     skip_unless_root!();
     let nix = run_all(DaemonKind::Nix);
     let stockade = run_all(DaemonKind::Stockade);
+    let mut problems = Vec::new();
     for ((name, _, n), (_, _, s)) in nix.iter().zip(stockade.iter()) {
-        eprintln!("{name}:\n  nix-daemon: {n:?}\n  stockade:   {s:?}");
+        let Some(rel) = relation(name) else { continue };
+        match (n, s) {
+            (Some(n), Some(s)) if rel(n, s) => {}
+            _ => problems.push(format!("{name}:\n  nix-daemon: {n:?}\n  stockade:   {s:?}")),
+        }
     }
+    assert!(
+        problems.is_empty(),
+        "Stockade's errors do not match nix-daemon's:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// A27: AddMultipleToStore registers all or nothing. A good path followed by a hostile one
+/// leaves neither; the good one alone then goes in. (nix-daemon 2.8 adds paths one by one, so
+/// it is not compared here.)
+#[test]
+fn add_multiple_is_all_or_nothing() {
+    skip_unless_root!();
+    let d = builder(DaemonKind::Stockade).start().expect("daemon");
+    let mut c = RawConn::connect(&d).expect("connect");
+    c.handshake().expect("handshake");
+    let good_nar = flat_nar(b"a good path\n");
+    let good = info_for(
+        &input_addressed_path(&sd(), "batch-good", "good"),
+        &sd(),
+        &good_nar,
+    );
+    let good_path = sd().display(&good.path);
+    let before = snapshot(&d);
+    for case in cases() {
+        let resp = c
+            .add_multiple_to_store(
+                &[(good.clone(), good_nar.clone()), (case.info, case.nar)],
+                &sd(),
+                true,
+            )
+            .unwrap_or_else(|e| panic!("{}: the connection broke: {e}", case.name));
+        let err = resp.error(case.name);
+        // Inside AddMultipleToStore an archive ends where its closing parenthesis is: bytes
+        // after it are not part of it, so its NAR hash (which covered them) is wrong.
+        // A file claiming 2^62 bytes runs past the end of the upload.
+        let expect = match case.name {
+            "trailing-bytes" => "hash mismatch importing path",
+            "file-size-2^62" => "unexpected end-of-file",
+            _ => case.expect,
+        };
+        assert!(
+            err.contains(expect),
+            "{}: expected an error containing {:?}, got {err:?}",
+            case.name,
+            case.expect
+        );
+        assert_eq!(
+            c.is_valid_path(&good_path).unwrap(),
+            Ok(false),
+            "{}: the good path was registered",
+            case.name
+        );
+        assert_unchanged(&d, &before, case.name);
+    }
+    let resp = c
+        .add_multiple_to_store(&[(good, good_nar)], &sd(), true)
+        .unwrap();
+    assert!(resp.is_ok(), "{resp:?}");
+    assert_eq!(c.is_valid_path(&good_path).unwrap(), Ok(true));
 }
