@@ -493,6 +493,11 @@ impl RawConn {
         for (k, v) in overrides {
             opts.overrides.insert(k.to_string(), v.to_string());
         }
+        self.set_client_options(&opts)
+    }
+
+    /// SetOptions with exactly `opts`.
+    pub fn set_client_options(&mut self, opts: &ClientOptions) -> io::Result<Response> {
         self.send_u64(Op::SetOptions.into())?;
         let minor = self.minor;
         opts.write(self.w(), minor).map_err(wire)?;
