@@ -165,8 +165,10 @@ fn untrusted_checks(c: &mut RawConn, s: &Setup, log: &dyn Fn() -> String) {
     let sd = StoreDir::new("/nix/store").unwrap();
     c.handshake()
         .unwrap_or_else(|e| panic!("handshake: {e}\n{}", log()));
-    let mut opts = ClientOptions::default();
-    opts.verbosity = Verbosity::Debug;
+    let mut opts = ClientOptions {
+        verbosity: Verbosity::Debug,
+        ..Default::default()
+    };
     opts.overrides
         .insert("builders".into(), "ssh://evil x86_64-linux".into());
     let resp = c.set_client_options(&opts).unwrap();
