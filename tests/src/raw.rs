@@ -668,10 +668,19 @@ impl RawConn {
         };
         put(&mut w).map_err(wire)?;
         let payload = w.into_inner().map_err(wire)?;
+        self.add_multiple_to_store_raw(&payload, dont_check_sigs)
+    }
+
+    /// AddMultipleToStore with `payload` (count, then entries) as the framed data.
+    pub fn add_multiple_to_store_raw(
+        &mut self,
+        payload: &[u8],
+        dont_check_sigs: bool,
+    ) -> io::Result<Response> {
         self.send_u64(Op::AddMultipleToStore.into())?;
         self.send_u64(0)?;
         self.send_u64(u64::from(dont_check_sigs))?;
-        self.send_framed(&payload, 64 * 1024)?;
+        self.send_framed(payload, 64 * 1024)?;
         self.flush()?;
         self.response()
     }
