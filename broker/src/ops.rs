@@ -520,9 +520,11 @@ fn copy_framed(c: &mut Conn, out: &mut impl Write) -> OpResult<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut out_ok = true;
     loop {
+        // Whatever breaks a frame (a chunk over the limit, a short read) leaves the client's
+        // stream out of step: report it, then close, as nix-daemon's worker does by dying.
         let n = fr
             .read(&mut buf)
-            .map_err(|e| OpError::from(WireError::from_io(e, "framed data", 0)))?;
+            .map_err(|e| OpError::fatal(WireError::from_io(e, "framed data", 0).to_string()))?;
         if n == 0 {
             return Ok(());
         }
@@ -816,7 +818,8 @@ fn add_multiple(c: &mut Conn) -> OpResult<()> {
         let drained = fr.drain();
         match (res, drained) {
             (Ok(()), Ok(_)) => Ok(()),
-            (_, Err(e)) => Err(OpError::from(e)),
+            // A broken frame leaves the client stream out of step: report, then close.
+            (_, Err(e)) => Err(OpError::fatal(e.to_string())),
             (Err(e), Ok(_)) => Err(e),
         }
     };
