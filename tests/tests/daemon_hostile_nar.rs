@@ -435,9 +435,6 @@ fn add_multiple_is_all_or_nothing() {
 /// there), and with a first entry the broker cannot parse: answered as nix-daemon answers
 /// (success; one error), and the connection carries on.
 #[test]
-#[ignore = "bug: with no entry, or when the first entry fails before reaching the store-writer, \
-            the broker commits/aborts a batch the store-writer never opened; the store-writer \
-            treats that as a protocol violation and closes the broker's channel"]
 fn add_multiple_with_no_or_unparsable_entries() {
     skip_unless_root!();
     let mut answers = Vec::new();

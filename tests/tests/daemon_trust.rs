@@ -367,9 +367,7 @@ fn trusted_repair_behaves_as_nix_daemon() {
 }
 
 #[test]
-#[ignore = "bug: AddMultipleToStore with no paths (`nix copy` of an already valid path) makes the \
-            broker commit a batch the store-writer never opened; the store-writer closes the \
-            channel and the client gets 'internal error talking to the store-writer'"]
+/// (Fixed in the broker: see daemon_hostile_nar::add_multiple_with_no_or_unparsable_entries.)
 fn copy_of_an_already_valid_path_succeeds() {
     skip_unless_root!();
     let mut conf = CONF.to_vec();
