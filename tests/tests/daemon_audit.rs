@@ -77,6 +77,22 @@ fn connections_adds_and_refusals_are_audited() {
         refused.contains("user 'st-eve' is not allowed to connect to the Nix daemon"),
         "{refused}"
     );
+    // A1: refused before a broker exists, without a byte to the client.
+    assert!(!refused.contains("broker-pid="), "{refused}");
+    assert!(
+        !audit
+            .lines()
+            .iter()
+            .any(|l| l.contains(" accepted ") && l.contains(&format!(" uid={} ", eve.uid))),
+        "{:#?}",
+        audit.lines()
+    );
+    let mut raw = RawConn::connect_as(&d, &eve).expect("connect as st-eve");
+    raw.send_u64(stockade_common::worker::WORKER_MAGIC_1)
+        .unwrap();
+    raw.flush_lossy();
+    let h = raw.read_to_hangup();
+    assert!(h.closed && h.bytes.is_empty(), "{h:?}");
 
     // An accepted connection and an add.
     let f = d.write_work_file("bob.txt", b"bob\n");

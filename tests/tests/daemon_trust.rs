@@ -367,7 +367,7 @@ fn trusted_repair_behaves_as_nix_daemon() {
 }
 
 #[test]
-/// (Fixed in the broker: see daemon_hostile_nar::add_multiple_with_no_or_unparsable_entries.)
+/// `nix copy` of a path the store already has (an AddMultipleToStore with no entry).
 fn copy_of_an_already_valid_path_succeeds() {
     skip_unless_root!();
     let mut conf = CONF.to_vec();
