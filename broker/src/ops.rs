@@ -524,9 +524,11 @@ fn copy_framed(c: &mut Conn, out: &mut impl Write) -> OpResult<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut out_ok = true;
     loop {
+        // Whatever breaks a frame (a chunk over the limit, a short read) leaves the client's
+        // stream out of step: report it, then close, as nix-daemon's worker does by dying.
         let n = fr
             .read(&mut buf)
-            .map_err(|e| OpError::from(WireError::from_io(e, "framed data", 0)))?;
+            .map_err(|e| OpError::fatal(WireError::from_io(e, "framed data", 0).to_string()))?;
         if n == 0 {
             return Ok(());
         }
@@ -901,27 +903,53 @@ fn add_multiple(c: &mut Conn) -> OpResult<()> {
     let limits = *c.r.limits();
     let sd = c.sd.clone();
     // Everything below reads from one framed stream; on any error, drain it before reporting.
+    // The store-writer opens the batch with the first AddNar it receives: with no entry, or
+    // when the first one fails in the broker, there is no batch to commit or abort.
+    let mut state = BatchState {
+        id: batch,
+        opened: false,
+    };
     let result = {
         let Conn { r, writer, .. } = &mut *c;
         let mut fr = FramedReader::with_limits(r.get_mut(), &limits, MAX_UPLOAD);
-        let res = add_multiple_inner(&mut fr, writer, &sd, repair, dont_check_sigs, batch, limits);
+        let res = add_multiple_inner(
+            &mut fr,
+            writer,
+            &sd,
+            repair,
+            dont_check_sigs,
+            &mut state,
+            limits,
+        );
         let drained = fr.drain();
         match (res, drained) {
             (Ok(()), Ok(_)) => Ok(()),
-            (_, Err(e)) => Err(OpError::from(e)),
+            // A broken frame leaves the client stream out of step: report, then close.
+            (_, Err(e)) => Err(OpError::fatal(e.to_string())),
             (Err(e), Ok(_)) => Err(e),
         }
     };
     match result {
         Ok(()) => {
-            expect_ok(c.writer.call(&Req::CommitBatch { batch })?)?;
+            if state.opened {
+                expect_ok(c.writer.call(&Req::CommitBatch { batch })?)?;
+            }
             c.stop_work()
         }
         Err(e) => {
-            let _ = c.writer.call(&Req::AbortBatch { batch });
+            if state.opened {
+                let _ = c.writer.call(&Req::AbortBatch { batch });
+            }
             Err(e)
         }
     }
+}
+
+/// An AddMultipleToStore batch: its id, and whether the store-writer has seen it (it opens a
+/// batch with the first AddNar naming it).
+struct BatchState {
+    id: u64,
+    opened: bool,
 }
 
 fn add_multiple_inner<R: Read>(
@@ -930,7 +958,7 @@ fn add_multiple_inner<R: Read>(
     sd: &stockade_common::store_path::StoreDir,
     repair: bool,
     dont_check_sigs: bool,
-    batch: u64,
+    batch: &mut BatchState,
     limits: stockade_common::worker::Limits,
 ) -> OpResult<()> {
     let mut wr = stockade_common::worker::WireReader::with_limits(&mut *fr, limits);
@@ -942,11 +970,12 @@ fn add_multiple_inner<R: Read>(
             info: Box::new(info),
             repair,
             dont_check_sigs,
-            batch: Some(batch),
+            batch: Some(batch.id),
         };
         let (rx, tx): (OwnedFd, OwnedFd) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         writer.send(&req, &[rx.as_fd()])?;
+        batch.opened = true;
         drop(rx);
         let mut out = crate::conn::pipe_writer(tx);
         let res = {

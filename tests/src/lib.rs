@@ -31,6 +31,8 @@ mod client;
 mod daemon;
 pub mod fsutil;
 mod proc;
+pub mod raw;
+pub mod sec;
 mod users;
 
 pub use client::{Client, RunOutput};

@@ -1,0 +1,374 @@
+//! Privileges of Stockade's processes while clients are connected (DESIGN.md "Processes",
+//! SECURITY.md §5, A60, A66), read from /proc/<pid>/status of the processes in the test's
+//! namespace; what gets installed; what a killed broker leaves behind; and two masters that
+//! share a broker uid range.
+//!
+//! Needs root (namespaces, useradd); fails loudly in CI without it.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use stockade_common::store_path::StoreDir;
+use stockade_tests::raw::{flat_nar, info_for, input_addressed_path, RawConn};
+use stockade_tests::sec::{
+    builder, instance_processes, is_setid, staging_leftovers, stockade_with, wait_staging_gone,
+    AuditCollector, ProcStatus, CAP_SYS_ADMIN,
+};
+use stockade_tests::{ensure_user, skip_unless_root, stockade_bin, Daemon, DaemonKind};
+
+const CAP_CHOWN: u32 = 0;
+const CAP_DAC_OVERRIDE: u32 = 1;
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_FOWNER: u32 = 3;
+const CAP_KILL: u32 = 5;
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SETPCAP: u32 = 8;
+
+fn mask(caps: &[u32]) -> u64 {
+    caps.iter().fold(0, |m, c| m | (1u64 << c))
+}
+
+fn caps_of(set: u64) -> Vec<u32> {
+    (0..64).filter(|c| ProcStatus::has_cap(set, *c)).collect()
+}
+
+/// A daemon with a private broker uid range `first..=first+255`; returns it and `first`.
+fn daemon_with_range() -> (Daemon, u32) {
+    let line = stockade_tests::sec::private_broker_uids();
+    let first: u32 = line
+        .trim_start_matches("broker-uid-range = ")
+        .split('-')
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("range line");
+    let d = Daemon::builder(DaemonKind::Stockade)
+        .stockade_conf(&line)
+        .start()
+        .expect("stockade");
+    (d, first)
+}
+
+/// Clients mid-session (untrusted bob, trusted root) while /proc is read.
+#[test]
+fn process_privileges_with_clients_connected() {
+    skip_unless_root!();
+    let bob = ensure_user("st-bob").unwrap();
+    let (d, first) = daemon_with_range();
+    let mut clients = Vec::new();
+    for user in [Some(&bob), None] {
+        let mut c = match user {
+            Some(u) => RawConn::connect_as(&d, u),
+            None => RawConn::connect(&d),
+        }
+        .expect("connect");
+        c.handshake().expect("handshake");
+        assert!(c.set_options(&[]).unwrap().is_ok());
+        clients.push(c);
+    }
+    let procs = instance_processes(&d, "stockade");
+    let of = |exe: &str| -> Vec<&ProcStatus> { procs.iter().filter(|p| p.exe == exe).collect() };
+    let masters = of("stockade");
+    let writers = of("stockade-store-writer");
+    let brokers = of("stockade-broker");
+    assert_eq!(masters.len(), 1, "one master: {procs:#?}");
+    assert_eq!(writers.len(), 1, "one store-writer: {procs:#?}");
+    assert_eq!(brokers.len(), 2, "one broker per client: {procs:#?}");
+    assert_eq!(procs.len(), 4, "no other Stockade process: {procs:#?}");
+
+    // Root: the master and the store-writer (the store owner) only.
+    for p in &procs {
+        let root = p.uids.contains(&0);
+        let may_be_root = p.exe == "stockade" || p.exe == "stockade-store-writer";
+        assert!(!root || may_be_root, "{} runs with uid 0: {p:?}", p.exe);
+    }
+
+    // CAP_SYS_ADMIN: nobody; the master keeps only what it needs to start brokers.
+    for p in &procs {
+        for (name, set) in [("CapEff", p.cap_eff), ("CapPrm", p.cap_prm)] {
+            assert!(
+                !ProcStatus::has_cap(set, CAP_SYS_ADMIN),
+                "{} (pid {}) has CAP_SYS_ADMIN in {name}",
+                p.exe,
+                p.pid
+            );
+        }
+    }
+    let m = masters[0];
+    let allowed = mask(&[CAP_KILL, CAP_SETGID, CAP_SETUID, CAP_SETPCAP]);
+    for (name, set) in [
+        ("CapEff", m.cap_eff),
+        ("CapPrm", m.cap_prm),
+        ("CapBnd", m.cap_bnd),
+    ] {
+        assert_eq!(
+            set & !allowed,
+            0,
+            "the master's {name} holds more than kill/setgid/setuid/setpcap: {:?}",
+            caps_of(set)
+        );
+    }
+    assert_eq!(
+        m.cap_inh | m.cap_amb,
+        0,
+        "master inheritable/ambient: {m:?}"
+    );
+
+    let w = writers[0];
+    let allowed = mask(&[CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER]);
+    for (name, set) in [
+        ("CapEff", w.cap_eff),
+        ("CapPrm", w.cap_prm),
+        ("CapBnd", w.cap_bnd),
+    ] {
+        assert_eq!(
+            set & !allowed,
+            0,
+            "the store-writer's {name} holds more than chown/dac_override/dac_read_search/fowner: {:?}",
+            caps_of(set)
+        );
+    }
+    assert_eq!(
+        w.cap_inh | w.cap_amb,
+        0,
+        "store-writer inheritable/ambient: {w:?}"
+    );
+    assert_eq!(w.no_new_privs, Some(1), "store-writer NoNewPrivs: {w:?}");
+
+    // Brokers: own uid from the range, nothing else.
+    let mut broker_uids = BTreeSet::new();
+    for b in &brokers {
+        let uid = b.uids[0];
+        assert!(
+            b.uids.iter().all(|u| *u == uid) && b.gids.iter().all(|g| *g != 0),
+            "broker {} has mixed or root ids: {b:?}",
+            b.pid
+        );
+        assert!(
+            (first..=first + 255).contains(&uid),
+            "broker uid {uid} outside the configured range"
+        );
+        assert_ne!(uid, bob.uid, "a broker runs as its client");
+        assert!(broker_uids.insert(uid), "two brokers share uid {uid}");
+        assert_eq!(
+            (b.cap_eff, b.cap_prm, b.cap_inh, b.cap_amb, b.cap_bnd),
+            (0, 0, 0, 0, 0),
+            "broker {} has capabilities: {b:?}",
+            b.pid
+        );
+        assert_eq!(b.no_new_privs, Some(1), "broker NoNewPrivs: {b:?}");
+        assert_eq!(b.seccomp, Some(2), "broker Seccomp: {b:?}");
+    }
+
+    // The clients still work after all that reading.
+    for c in &mut clients {
+        assert!(c.set_options(&[]).unwrap().is_ok());
+    }
+}
+
+#[test]
+#[ignore = "not implemented: the store-writer has no seccomp filter yet (store-writer/src/lockdown.rs)"]
+fn store_writer_is_seccomp_confined() {
+    skip_unless_root!();
+    let (d, _) = daemon_with_range();
+    let w = instance_processes(&d, "stockade-store-writer");
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].seccomp, Some(2), "{:?}", w[0]);
+}
+
+/// No installed Stockade binary carries a setuid or setgid bit, and the store never gets one.
+#[test]
+fn no_setid_bits_anywhere() {
+    skip_unless_root!();
+    let bin = stockade_bin().expect("stockade binary");
+    let dir = bin.parent().expect("binary directory");
+    let ours: Vec<_> = std::fs::read_dir(dir)
+        .expect("target directory")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("stockade"))
+                && p.is_file()
+        })
+        .collect();
+    assert!(
+        ours.iter().any(|p| p.ends_with("stockade-broker")),
+        "no broker next to {}",
+        bin.display()
+    );
+    for p in &ours {
+        assert!(!is_setid(p), "{} is setuid or setgid", p.display());
+    }
+
+    // V15: a setuid/setgid/sticky file added to the store loses those bits.
+    let d = builder(DaemonKind::Stockade).start().expect("stockade");
+    let f = d.write_work_file("setid/tool", b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o6755)).unwrap();
+    std::fs::set_permissions(
+        d.work_dir().join("setid"),
+        std::fs::Permissions::from_mode(0o1777),
+    )
+    .unwrap();
+    let added = d.run_ok([
+        "nix-store",
+        "--add",
+        d.work_dir().join("setid").to_str().unwrap(),
+    ]);
+    let host = d.host_path(&added);
+    for (p, want) in [(host.clone(), 0o555), (host.join("tool"), 0o555)] {
+        let mode = std::fs::symlink_metadata(&p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, want, "{} has mode {mode:o}", p.display());
+    }
+}
+
+/// A66: a broker killed in the middle of an upload leaves no staging directory, the master
+/// records how it ended, and the daemon serves the next client.
+#[test]
+fn broker_killed_mid_upload() {
+    skip_unless_root!();
+    let audit = AuditCollector::new();
+    let d = stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
+        .start()
+        .expect("stockade");
+    let sd = StoreDir::new("/nix/store").unwrap();
+    let mut c = RawConn::connect(&d).expect("connect");
+    c.handshake().expect("handshake");
+    let nar = flat_nar(&vec![b'x'; 300_000]);
+    let path = input_addressed_path(&sd, "killed", "killed");
+    let info = info_for(&path, &sd, &nar);
+    c.send_add_to_store_nar_header(&info, &sd, false, true)
+        .unwrap();
+    c.send_u64(nar.len() as u64).unwrap();
+    c.send(&nar[..200_000]).unwrap();
+    c.flush().unwrap();
+    // The store-writer has started on it once its staging directory exists.
+    let dir = d.host_path("/nix/store");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while staging_leftovers(&d).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no staging directory appeared"
+        );
+        // Wait on the store directory itself rather than on a timer.
+        let _ = wait_for_dir_change(&dir, deadline);
+    }
+    let brokers = instance_processes(&d, "stockade-broker");
+    assert_eq!(brokers.len(), 1, "{brokers:?}");
+    let pid = brokers[0].pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let left = wait_staging_gone(&d, Duration::from_secs(20));
+    assert!(left.is_empty(), "staging left behind: {left:?}");
+    let closed = audit.wait_for(Duration::from_secs(20), |l| {
+        l.contains(" closed ") && l.contains(&format!("broker-pid={pid} ")) && l.contains("SIGKILL")
+    });
+    assert!(
+        closed.is_some(),
+        "no audit line for the killed broker: {:?}",
+        audit.lines()
+    );
+    let refused = audit.wait_for(Duration::from_secs(20), |l| {
+        l.contains("op=addNar outcome=refused") && l.contains(&path)
+    });
+    assert!(refused.is_some(), "no refusal line: {:?}", audit.lines());
+    assert!(c.read_to_hangup().closed);
+    let mut again = RawConn::connect(&d).expect("connect again");
+    again.handshake().expect("handshake");
+    assert_eq!(again.is_valid_path(&path).unwrap(), Ok(false));
+}
+
+/// Blocks until something is created in `dir` or `deadline` passes.
+fn wait_for_dir_change(dir: &std::path::Path, deadline: std::time::Instant) -> bool {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::fd::AsFd;
+    let Ok(ino) = Inotify::init(InitFlags::IN_CLOEXEC) else {
+        return false;
+    };
+    if ino.add_watch(dir, AddWatchFlags::IN_CREATE).is_err() {
+        return false;
+    }
+    // Something may have appeared between the caller's check and the watch.
+    if std::fs::read_dir(dir).is_ok_and(|mut r| {
+        r.any(|e| {
+            e.is_ok_and(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".stockade-tmp-")
+            })
+        })
+    }) {
+        return true;
+    }
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let ms = left.as_millis().min(i32::MAX as u128) as i32;
+    let mut fds = [nix::poll::PollFd::new(
+        ino.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)),
+        Ok(n) if n > 0
+    )
+}
+
+/// Two masters given the same broker uid range: when one closes a connection whose broker
+/// had the same uid as a live broker of the other, it takes that broker for a leftover of its
+/// own and kills it. Two brokers of different clients also share a uid meanwhile (A60: a
+/// compromised broker could signal or ptrace the other).
+#[test]
+#[ignore = "bug: masters sharing a broker-uid-range (two daemons, or `stockade daemon --stdio` \
+            as root next to the daemon) kill each other's brokers and run two clients' brokers \
+            under one uid"]
+fn masters_sharing_a_uid_range_leave_each_other_alone() {
+    skip_unless_root!();
+    let range = stockade_tests::sec::private_broker_uids();
+    let audit_b = AuditCollector::new();
+    let a = Daemon::builder(DaemonKind::Stockade)
+        .stockade_conf(&range)
+        .start()
+        .expect("a");
+    let b = Daemon::builder(DaemonKind::Stockade)
+        .stockade_conf(&format!(
+            "{range}audit-socket = {}\n",
+            audit_b.path().display()
+        ))
+        .start()
+        .expect("b");
+    let mut on_a = RawConn::connect(&a).expect("connect a");
+    on_a.handshake().expect("handshake a");
+    let broker_uids = |d: &Daemon| -> Vec<u32> {
+        instance_processes(d, "stockade-broker")
+            .iter()
+            .map(|p| p.uids[0])
+            .collect()
+    };
+    let a_uid = broker_uids(&a)[0];
+    // b's uids go round the same range: connect to b until one of its brokers gets a's
+    // broker's uid, then hang up and wait until b's master has dealt with that.
+    let mut met = false;
+    for n in 0..300 {
+        let mut c = RawConn::connect(&b).expect("connect b");
+        c.handshake().expect("handshake b");
+        let b_uids = broker_uids(&b);
+        drop(c);
+        let closed =
+            audit_b.wait_for_count(Duration::from_secs(20), n + 2, |l| l.contains(" closed "));
+        assert!(closed.is_some(), "{:?}", audit_b.lines());
+        if b_uids.contains(&a_uid) {
+            met = true;
+            break;
+        }
+    }
+    assert!(met, "b never handed out uid {a_uid}");
+    let still = on_a.is_valid_path("/nix/store/00000000000000000000000000000000-x");
+    assert!(
+        matches!(still, Ok(Ok(false))),
+        "a's client lost its broker (uid {a_uid}) when b closed a connection under the same uid: {still:?}"
+    );
+}

@@ -1,0 +1,94 @@
+//! Ordinary-user mode: Stockade started by a non-root user over a store named with
+//! NIX_STORE_DIR / NIX_STATE_DIR / NIX_CONF_DIR in a temporary directory (`sandbox = false`).
+//! It starts, says in one line what it cannot do, serves `nix-store --add` and queries for
+//! that user, and still confines its brokers (no_new_privs, seccomp).
+//!
+//! Needs root to create the user and the namespace; fails loudly in CI without it.
+
+use std::os::unix::fs::MetadataExt;
+
+use stockade_tests::sec::{instance_processes, private_broker_uids};
+use stockade_tests::{ensure_user, skip_unless_root, Daemon, DaemonKind, Layout};
+
+#[test]
+fn stockade_as_an_ordinary_user() {
+    skip_unless_root!();
+    let owner = ensure_user("st-owner").unwrap();
+    let d = Daemon::builder(DaemonKind::Stockade)
+        .layout(Layout::Redirected)
+        .run_as(&owner)
+        .stockade_conf(&private_broker_uids())
+        .start()
+        .expect("stockade as st-owner");
+    let store = d.store_dir();
+    assert!(store.starts_with(d.base_dir().to_str().unwrap()), "{store}");
+
+    // One line saying what is unavailable, naming the uid.
+    let log = d.log();
+    let notices: Vec<&str> = log.lines().filter(|l| l.contains("not root")).collect();
+    assert_eq!(
+        notices.len(),
+        1,
+        "expected one line about running without root:\n{log}"
+    );
+    assert!(
+        notices[0].contains(&format!("uid {}", owner.uid)),
+        "{}",
+        notices[0]
+    );
+
+    let f = d.write_work_file("owner.txt", b"the owner's file\n");
+    let path = d.run_as_ok(&owner, ["nix-store", "--add", f.to_str().unwrap()]);
+    assert!(path.starts_with(&format!("{store}/")), "{path}");
+    let on_disk = d.host_path(&path);
+    let meta = std::fs::symlink_metadata(&on_disk).unwrap();
+    assert_eq!(
+        meta.uid(),
+        owner.uid,
+        "the store belongs to the daemon's user"
+    );
+    assert_eq!(meta.mode() & 0o7777, 0o444);
+    assert_eq!(
+        d.run_as_ok(
+            &owner,
+            ["nix-store", "--check-validity", "--print-invalid", &path]
+        ),
+        ""
+    );
+    let hash = d.run_as_ok(&owner, ["nix-store", "-q", "--hash", &path]);
+    assert!(hash.starts_with("sha256:"), "{hash}");
+    assert!(!d
+        .run_as_ok(&owner, ["nix-store", "--dump", &path])
+        .is_empty());
+    let listed = d
+        .cmd("nix")
+        .args(["path-info", "--all"])
+        .env("NIX_CONFIG", "experimental-features = nix-command")
+        .as_user(&owner)
+        .ok();
+    assert_eq!(listed, path);
+
+    // Its processes: all of the owner's uid, never root; brokers still locked down.
+    let mut client = stockade_tests::raw::RawConn::connect_as(&d, &owner).expect("connect");
+    client.handshake().expect("handshake");
+    let procs = instance_processes(&d, "stockade");
+    assert!(
+        procs.iter().any(|p| p.exe == "stockade-broker"),
+        "{procs:?}"
+    );
+    for p in &procs {
+        assert!(
+            p.uids.iter().all(|u| *u == owner.uid),
+            "{} runs as {:?}",
+            p.exe,
+            p.uids
+        );
+        assert_eq!(p.cap_eff, 0, "{p:?}");
+        if p.exe != "stockade" {
+            assert_eq!(p.no_new_privs, Some(1), "{p:?}");
+        }
+        if p.exe == "stockade-broker" {
+            assert_eq!(p.seccomp, Some(2), "{p:?}");
+        }
+    }
+}
