@@ -412,6 +412,9 @@ fn known_bugs_in_hostile_input_handling() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// Writes the start of an upload, up to its framed data.
+type Header<'a> = Box<dyn Fn(&mut RawConn) + 'a>;
+
 /// A15: a chunk header over the limit in each kind of framed upload ends the connection even
 /// while the client keeps it open and sends another request after it: nothing of the upload
 /// (or after it) is ever read as an operation.
@@ -423,7 +426,7 @@ fn broken_frames_end_the_connection() {
     let f = d.write_work_file("existing.txt", b"existing\n");
     let existing = d.run_ok(["nix-store", "--add", f.to_str().unwrap()]);
     let nar = flat_nar(b"framed");
-    let headers: Vec<(&str, Box<dyn Fn(&mut RawConn)>)> = vec![
+    let headers: Vec<(&str, Header)> = vec![
         (
             "AddToStoreNar",
             Box::new(|c: &mut RawConn| {
