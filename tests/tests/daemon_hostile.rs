@@ -411,3 +411,74 @@ fn known_bugs_in_hostile_input_handling() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// Writes the start of an upload, up to its framed data.
+type Header<'a> = Box<dyn Fn(&mut RawConn) + 'a>;
+
+/// A15: a chunk header over the limit in each kind of framed upload ends the connection even
+/// while the client keeps it open and sends another request after it: nothing of the upload
+/// (or after it) is ever read as an operation.
+#[test]
+fn broken_frames_end_the_connection() {
+    skip_unless_root!();
+    let d = builder(DaemonKind::Stockade).start().expect("stockade");
+    let sd = StoreDir::new("/nix/store").unwrap();
+    let f = d.write_work_file("existing.txt", b"existing\n");
+    let existing = d.run_ok(["nix-store", "--add", f.to_str().unwrap()]);
+    let nar = flat_nar(b"framed");
+    let headers: Vec<(&str, Header)> = vec![
+        (
+            "AddToStoreNar",
+            Box::new(|c: &mut RawConn| {
+                let path = input_addressed_path(&sd, "broken-frames", "framed");
+                c.send_add_to_store_nar_header(&info_for(&path, &sd, &nar), &sd, false, true)
+                    .unwrap();
+            }),
+        ),
+        (
+            "AddToStore",
+            Box::new(|c: &mut RawConn| {
+                c.send_u64(Op::AddToStore.into()).unwrap();
+                c.send_str("framed").unwrap();
+                c.send_str("fixed:r:sha256").unwrap();
+                c.send_strs(Vec::<String>::new()).unwrap();
+                c.send_u64(0).unwrap();
+            }),
+        ),
+        (
+            "AddMultipleToStore",
+            Box::new(|c: &mut RawConn| {
+                u64s(c, &[Op::AddMultipleToStore.into(), 0, 1]);
+            }),
+        ),
+        (
+            "AddBuildLog",
+            Box::new(|c: &mut RawConn| {
+                c.send_u64(Op::AddBuildLog.into()).unwrap();
+                c.send_str("00000000000000000000000000000000-x.drv")
+                    .unwrap();
+            }),
+        ),
+    ];
+    for (op, header) in &headers {
+        let mut c = RawConn::connect(&d).expect("connect");
+        c.handshake().expect("handshake");
+        c.set_timeout(Duration::from_secs(10));
+        header(&mut c);
+        u64s(&mut c, &[1 << 40]);
+        c.send(&nar).unwrap();
+        // A well-formed request where the frame's data would be.
+        c.send_u64(Op::IsValidPath.into()).unwrap();
+        c.send_str(&existing).unwrap();
+        c.flush_lossy();
+        let h = c.read_to_hangup();
+        let errors_only = !h.messages.is_empty()
+            && h.messages.iter().all(|m| matches!(m, StderrMsg::Error(_)))
+            && h.unparsed == 0;
+        assert!(
+            h.closed && errors_only,
+            "{op}: expected errors, then the end of the connection: {}",
+            describe(&h)
+        );
+    }
+}
