@@ -8,6 +8,7 @@
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 
+use stockade_common::audit::{Audit, Facility, Severity};
 use stockade_common::ipc::msg::BrokerConfig;
 use stockade_common::store_path::StoreDir;
 use stockade_common::worker::{
@@ -30,6 +31,8 @@ pub struct Conn {
     pub sd: StoreDir,
     pub writer: Writer,
     pub opts: ClientOptions,
+    /// Where denials and setting overrides are recorded (syslog and `audit-socket`).
+    pub audit: Audit,
     /// The client's socket, for timeouts (reads and writes go through `r` and `w`).
     client: UnixStream,
     /// Between start_work and stop_work (Nix's `canSendStderr`).
@@ -46,7 +49,12 @@ pub enum End {
 }
 
 impl Conn {
-    pub fn new(client: UnixStream, writer: Writer, cfg: BrokerConfig) -> std::io::Result<Conn> {
+    pub fn new(
+        client: UnixStream,
+        writer: Writer,
+        cfg: BrokerConfig,
+        audit: Audit,
+    ) -> std::io::Result<Conn> {
         let sd = StoreDir::new(&cfg.store_dir)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let reader = BufReader::with_capacity(64 * 1024, client.try_clone()?);
@@ -60,6 +68,7 @@ impl Conn {
             sd,
             writer,
             opts: ClientOptions::default(),
+            audit,
             working: false,
             next_activity: 0,
         })
@@ -67,6 +76,44 @@ impl Conn {
 
     pub fn trusted(&self) -> bool {
         self.cfg.client.trusted
+    }
+
+    /// Records a refused operation and turns it into the client's error.
+    pub fn deny(&self, op: &str, reason: &str) -> OpError {
+        let client = &self.cfg.client;
+        // `op=addSignatures`, in the store-writer's lowerCamel style.
+        let mut chars = op.chars();
+        let op: String = chars
+            .next()
+            .map(|c| c.to_ascii_lowercase())
+            .into_iter()
+            .chain(chars)
+            .collect();
+        let op = op.as_str();
+        self.audit.event_at(
+            Facility::Daemon,
+            Severity::Warning,
+            client.conn_id,
+            client.uid,
+            "denied",
+            &[("op", op), ("reason", reason)],
+        );
+        OpError::client(reason)
+    }
+
+    /// Records a client's attempt to override a setting.
+    pub fn audit_override(&self, name: &str, allowed: bool) {
+        let client = &self.cfg.client;
+        self.audit.event(
+            client.conn_id,
+            client.uid,
+            "override",
+            &[
+                ("name", name),
+                ("allowed", if allowed { "yes" } else { "no" }),
+                ("trusted", if client.trusted { "yes" } else { "no" }),
+            ],
+        );
     }
 
     /// Runs the whole session.

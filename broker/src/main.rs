@@ -63,6 +63,11 @@ fn run(args: &Args) -> Result<(), String> {
     let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
     init_logging(level);
 
+    // Connected before the lockdown: afterwards the broker may open no socket.
+    let audit = stockade_common::audit::Audit::open(
+        "stockade-broker",
+        cfg.audit_socket.as_deref().map(std::path::Path::new),
+    );
     let summary = lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
     log::debug!("conn={} locked down: {summary}", cfg.client.conn_id);
 
@@ -73,7 +78,7 @@ fn run(args: &Args) -> Result<(), String> {
     writer
         .hello()
         .map_err(|e| format!("greeting the store-writer: {}", e.message))?;
-    let mut conn = conn::Conn::new(client, writer, *cfg)
+    let mut conn = conn::Conn::new(client, writer, *cfg, audit)
         .map_err(|e| format!("setting up the connection: {e}"))?;
     match conn.serve() {
         conn::End::Eof => Ok(()),

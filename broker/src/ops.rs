@@ -28,10 +28,6 @@ const MAX_UPLOAD: u64 = 1 << 42;
 /// store-writer), bounded.
 const MAX_TEXT: u64 = 64 << 20;
 
-fn denied(d: pops::Denied) -> OpError {
-    OpError::client(d.0)
-}
-
 pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
     match op {
         Op::IsValidPath => {
@@ -228,7 +224,8 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             };
             let mode = BuildMode::from_wire(mode)
                 .ok_or_else(|| OpError::client(format!("invalid build mode {}", hl(mode))))?;
-            pops::op_allowed(pops::Op::BuildPaths { mode }, c.trusted()).map_err(denied)?;
+            pops::op_allowed(pops::Op::BuildPaths { mode }, c.trusted())
+                .map_err(|d| c.deny(op.name(), d.0))?;
             c.start_work();
             let results = realise_existing(c, &targets)?;
             c.stop_work()?;
@@ -281,7 +278,8 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             let link = c.r.read_path("root path")?;
             c.start_work();
-            pops::op_allowed(pops::Op::AddPermRoot, c.trusted()).map_err(denied)?;
+            pops::op_allowed(pops::Op::AddPermRoot, c.trusted())
+                .map_err(|d| c.deny(op.name(), d.0))?;
             let link = match c.writer.call(&Req::AddPermRoot { path, link })? {
                 Rep::Text(t) => t,
                 other => return Err(unexpected(&other)),
@@ -317,7 +315,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             }
             c.start_work();
             pops::op_allowed(pops::Op::CollectGarbage { ignore_liveness }, c.trusted())
-                .map_err(denied)?;
+                .map_err(|d| c.deny(op.name(), d.0))?;
             return Err(OpError::client(
                 "garbage collection through this daemon is not supported yet",
             ));
@@ -333,7 +331,8 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             let check_contents = c.r.read_bool("check contents")?;
             let repair = c.r.read_bool("repair")?;
             c.start_work();
-            pops::op_allowed(pops::Op::VerifyStore { repair }, c.trusted()).map_err(denied)?;
+            pops::op_allowed(pops::Op::VerifyStore { repair }, c.trusted())
+                .map_err(|d| c.deny(op.name(), d.0))?;
             let req = Req::VerifyStore {
                 check_contents,
                 repair,
@@ -350,7 +349,8 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             let sigs = proto::read_sigs(&mut c.r)?;
             c.start_work();
-            pops::op_allowed(pops::Op::AddSignatures, c.trusted()).map_err(denied)?;
+            pops::op_allowed(pops::Op::AddSignatures, c.trusted())
+                .map_err(|d| c.deny(op.name(), d.0))?;
             c.writer.expect_ok(&Req::AddSignatures {
                 path,
                 sigs: sigs.into_iter().collect(),
@@ -459,32 +459,17 @@ fn set_options(c: &mut Conn) -> OpResult<()> {
                 for w in warnings {
                     c.warn(&w)?;
                 }
-                log::info!(
-                    "conn={} uid={} override name={:?} allowed=yes",
-                    c.cfg.client.conn_id,
-                    c.cfg.client.uid,
-                    name
-                );
+                c.audit_override(&name, true);
             }
             OverrideDecision::Ignore { warning } => {
                 c.warn(&warning)?;
-                log::info!(
-                    "conn={} uid={} override name={:?} allowed=no",
-                    c.cfg.client.conn_id,
-                    c.cfg.client.uid,
-                    name
-                );
+                c.audit_override(&name, false);
             }
             OverrideDecision::Silent { debug } => {
                 if let Some(d) = debug {
                     c.log(Verbosity::Debug, &d)?;
                 }
-                log::info!(
-                    "conn={} uid={} override name={:?} allowed=no",
-                    c.cfg.client.conn_id,
-                    c.cfg.client.uid,
-                    name
-                );
+                c.audit_override(&name, false);
             }
         }
     }
@@ -1001,7 +986,7 @@ fn add_build_log(c: &mut Conn) -> OpResult<()> {
     c.start_work();
     if let Err(d) = pops::op_allowed(pops::Op::AddBuildLog, c.trusted()) {
         copy_framed(c, &mut io::sink())?;
-        return Err(denied(d));
+        return Err(c.deny("AddBuildLog", d.0));
     }
     let mut up = start_upload(c, &Req::AddBuildLog { drv })?;
     copy_framed(c, &mut up.tx)?;

@@ -256,9 +256,11 @@ pub fn run(ctx: Ctx) -> Result<i32> {
     if !ctx.as_root {
         log::warn!("{}", unprivileged_notice(ctx.uid));
     }
-    let listeners = socket::open(&ctx.paths, ctx.uid)?;
     let sigfd = signal_fd()?;
+    // The store-writer is up and locked down before the socket appears: a client that sees
+    // the socket never meets a half-started daemon.
     let writer = ctx.start_store_writer()?;
+    let listeners = socket::open(&ctx.paths, ctx.uid)?;
     let uids = if ctx.as_root {
         Some(UidPool::new(ctx.cfg.broker_uid_range())?)
     } else {

@@ -217,9 +217,6 @@ fn client_text_cannot_split_or_forge_lines() {
 /// A67: denials decided by the broker, and every SetOptions override with whether it was
 /// allowed, reach the audit destination, not only the daemon's standard error.
 #[test]
-#[ignore = "bug: the broker has no audit channel: denials it decides (AddSignatures, repair, \
-            AddBuildLog, perm roots) and SetOptions overrides (allowed=yes|no) are only written \
-            to standard error, never to syslog / audit-socket"]
 fn broker_denials_and_overrides_are_audited() {
     skip_unless_root!();
     let bob = ensure_user("st-bob").unwrap();
