@@ -154,6 +154,17 @@ impl Conn {
                 Err(worker::WireError::Eof { .. }) => return End::Eof,
                 Err(e) => return End::Error(e.to_string()),
             };
+            // nix-daemon reads the op as a 32-bit number: a larger one is a serialisation
+            // error outside any operation, reported once before it closes.
+            if op > u64::from(u32::MAX) {
+                let msg = format!(
+                    "serialised integer {} is too large for type '{}'",
+                    hl(op),
+                    hl("j")
+                );
+                let _ = self.send_error(&msg);
+                return End::Error(msg);
+            }
             log::debug!("received daemon op {op}");
             match self.perform(op) {
                 Ok(()) => {}

@@ -227,6 +227,11 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             pops::op_allowed(pops::Op::BuildPaths { mode }, c.trusted())
                 .map_err(|d| c.deny(op.name(), d.0))?;
             c.start_work();
+            if mode == BuildMode::Repair {
+                // Repairing means substituting or building every target again; with neither
+                // available here, nix-daemon fails the same way.
+                return Err(repair_impossible(c, &targets));
+            }
             let results = realise_existing(c, &targets)?;
             c.stop_work()?;
             if op == Op::BuildPaths {
@@ -1172,6 +1177,19 @@ fn realise_existing(
         }
     }
     Ok(results)
+}
+
+/// nix-daemon's answer when repairs can be neither substituted nor built.
+fn repair_impossible(c: &Conn, targets: &[DerivedPath]) -> OpError {
+    let paths: Vec<String> = targets
+        .iter()
+        .map(|t| match t {
+            DerivedPath::Opaque(p) | DerivedPath::Built { drv: p, .. } => {
+                format!("'{}'", c.sd.display(p))
+            }
+        })
+        .collect();
+    OpError::client(format!("build of {} failed", hl(paths.join(", "))))
 }
 
 /// A BuildResult with status AlreadyValid (§4.4), for BuildPathsWithResults.

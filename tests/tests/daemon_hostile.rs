@@ -400,8 +400,7 @@ fn hostile_protocol_input() {
 }
 
 #[test]
-#[ignore = "bugs: see each case's `bug` (op above 2^32, padding error text)"]
-fn known_bugs_in_hostile_input_handling() {
+fn exact_error_texts_for_hostile_input() {
     skip_unless_root!();
     let mut problems = Vec::new();
     for (case, n, s) in both() {

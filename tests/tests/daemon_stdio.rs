@@ -248,9 +248,6 @@ fn force_untrusted_stdio_as_root_serves_untrusted() {
 /// A `--stdio` instance started by root while the daemon serves clients must leave the
 /// daemon's brokers alone.
 #[test]
-#[ignore = "bug: `stockade daemon --stdio` as root builds a broker uid pool over the same \
-            broker-uid-range as the running daemon and, at start, kills every process in that \
-            range: all of the daemon's brokers (and so their clients' connections)"]
 fn stdio_as_root_leaves_the_daemons_clients_alone() {
     skip_unless_root!();
     let s = setup();

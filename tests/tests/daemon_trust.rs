@@ -349,8 +349,6 @@ fn unsigned_import_is_accepted_without_require_sigs() {
 }
 
 #[test]
-#[ignore = "bug: BuildPaths in repair mode from a trusted client succeeds without repairing \
-            (nix-daemon 2.8 tries to substitute the path again and fails without substituters)"]
 fn trusted_repair_behaves_as_nix_daemon() {
     skip_unless_root!();
     compare_daemons(

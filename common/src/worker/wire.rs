@@ -108,7 +108,8 @@ pub enum WireError {
         offset: u64,
         max: u64,
     },
-    #[error("{what} at byte {offset}: non-zero padding")]
+    /// Nix's exact text: a client sees this message.
+    #[error("non-zero padding")]
     NonZeroPadding { what: &'static str, offset: u64 },
     #[error("{what} at byte {offset}: not valid UTF-8")]
     NotUtf8 { what: &'static str, offset: u64 },
