@@ -128,8 +128,9 @@ fn control_channel_lifecycle() {
     }
     let add = lines.last().unwrap();
     assert!(
-        add.starts_with(
-            "conn=17 uid=1000 pid=4321 trusted=0 op=addToStore outcome=added path=/nix/store/"
+        add.contains(
+            "]: conn=17 uid=1000 store-writer pid=4321 trusted=no op=addToStore outcome=added \
+             path=/nix/store/"
         ),
         "{lines:?}"
     );
