@@ -209,8 +209,17 @@ impl Conn {
 
     fn send_error(&mut self, message: &str) -> OpResult<()> {
         self.working = false;
-        StderrMsg::Error(ErrorInfo::new(message.as_bytes().to_vec()))
-            .write(&mut self.w, self.minor)?;
+        // Before 1.26 the error travels as nix-daemon's `what()`: the message rendered with
+        // its red "error:" prefix, continuation lines indented under it.
+        let text = if self.minor < 26 {
+            format!(
+                "\x1b[31;1merror:\x1b[0m {}",
+                message.trim_end_matches('\n').replace('\n', "\n       ")
+            )
+        } else {
+            message.to_string()
+        };
+        StderrMsg::Error(ErrorInfo::new(text.into_bytes())).write(&mut self.w, self.minor)?;
         self.w.flush()?;
         Ok(())
     }
