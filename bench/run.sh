@@ -8,5 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d "$HOME/.cargo/bin" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
-cargo build --release -p stockade-master -p stockade-tests --bin stockade --bin stockade-bench >&2
+# Every program the master execs must be a release build too: `stockade` runs the broker and
+# the store-writer found next to itself, in target/release/.
+cargo build --release -p stockade-master -p stockade-broker -p stockade-store-writer \
+  -p stockade-tests --bin stockade --bin stockade-broker --bin stockade-store-writer \
+  --bin stockade-bench >&2
+export STOCKADE_BIN="$PWD/target/release/stockade"
 exec target/release/stockade-bench "$@"

@@ -4,6 +4,7 @@
 
 use clap::Parser;
 use stockade_tests::bench::{self, BenchOptions};
+use stockade_tests::DaemonKind;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,6 +30,10 @@ struct Args {
     /// Fail (exit 1) when Stockade is unavailable or fails a workload (also: BENCH_STRICT=1).
     #[arg(long)]
     strict: bool,
+    /// Compare with this `stockade` binary instead of nix-daemon (to measure a change: build
+    /// the old version into another directory with its broker and store-writer beside it).
+    #[arg(long, value_name = "PATH")]
+    baseline_stockade: Option<std::path::PathBuf>,
     /// List the workloads and exit.
     #[arg(long)]
     list: bool,
@@ -52,8 +57,22 @@ fn main() {
         scale: args.scale,
         only: args.only,
         stockade: !args.nix_only,
+        baseline: match args.baseline_stockade {
+            Some(program) => DaemonKind::Custom {
+                name: "stockade-baseline".into(),
+                program,
+                args: vec!["daemon".into()],
+            },
+            None => DaemonKind::Nix,
+        },
         ..BenchOptions::default()
     };
+    if opts.baseline != DaemonKind::Nix {
+        println!(
+            "baseline: {} (in the nix-daemon columns)",
+            opts.baseline.name()
+        );
+    }
     let rows = match bench::run(&opts) {
         Ok(r) => r,
         Err(e) => {
