@@ -489,9 +489,19 @@ struct Upload {
     tx: BufWriter<std::fs::File>,
 }
 
+/// Capacity asked for the upload pipe (the default `pipe-max-size`). With the default 64 KiB
+/// the broker and the store-writer take turns every 64 KiB; with more room the broker reads
+/// ahead while the store-writer hashes and writes, and the store-writer reads in larger pieces.
+const UPLOAD_PIPE_SIZE: i32 = 1 << 20;
+
 fn start_upload(c: &mut Conn, req: &Req) -> OpResult<Upload> {
     let (rx, tx): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+    // Best effort: past the per-user pipe budget the kernel refuses, and 64 KiB still works.
+    let _ = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&tx),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(UPLOAD_PIPE_SIZE),
+    );
     c.writer.send(req, &[rx.as_fd()])?;
     drop(rx);
     Ok(Upload {
