@@ -310,7 +310,14 @@ impl Daemon {
         let conf_path = self.conf_dir().join("nix.conf");
         fs::write(&conf_path, conf).map_err(io("writing", &conf_path))?;
         let sc = self.conf_dir().join("stockade.conf");
-        fs::write(&sc, &b.stockade_conf).map_err(io("writing", &sc))?;
+        // Each instance gets its own broker uid range unless the test sets one: tests run in
+        // parallel, and instances sharing a range must never meet each other's brokers.
+        let stockade_conf = if b.stockade_conf.contains("broker-uid-range") {
+            b.stockade_conf.clone()
+        } else {
+            format!("{}{}", crate::sec::private_broker_uids(), b.stockade_conf)
+        };
+        fs::write(&sc, &stockade_conf).map_err(io("writing", &sc))?;
         Ok(())
     }
 
