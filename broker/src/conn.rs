@@ -296,7 +296,7 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
     }
 }
 
-/// A buffered pipe writer whose errors are remembered rather than propagated.
+/// A buffered writer for the pipe an upload goes through to the store-writer.
 pub fn pipe_writer(fd: std::os::fd::OwnedFd) -> BufWriter<std::fs::File> {
     BufWriter::with_capacity(64 * 1024, std::fs::File::from(fd))
 }

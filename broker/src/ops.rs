@@ -1028,7 +1028,6 @@ fn dump_to_client(c: &mut Conn, path: &StorePath) -> OpResult<()> {
 fn export_path(c: &mut Conn, path: &StorePath) -> OpResult<()> {
     let info = require_info(c, path)?;
     let store = std::fs::File::open(&c.cfg.real_store_dir)?;
-    let minor = c.minor;
     let sd = c.sd.clone();
     let mut sink = TunnelSink {
         c: &mut *c,
@@ -1056,7 +1055,6 @@ fn export_path(c: &mut Conn, path: &StorePath) -> OpResult<()> {
     let bytes = trailer.into_inner()?;
     sink.write_all(&bytes)?;
     sink.flush()?;
-    let _ = minor;
     Ok(())
 }
 
