@@ -17,8 +17,10 @@ use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
 use clap::Parser;
-use stockade_common::ipc::msg::MasterToBroker;
+use stockade_common::db::StoreDb;
+use stockade_common::ipc::msg::{BrokerConfig, MasterToBroker};
 use stockade_common::ipc::Channel;
+use stockade_common::store_path::StoreDir;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -68,13 +70,22 @@ fn run(args: &Args) -> Result<(), String> {
         "stockade-broker",
         cfg.audit_socket.as_deref().map(std::path::Path::new),
     );
-    let summary = lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
-    log::debug!("conn={} locked down: {summary}", cfg.client.conn_id);
+    let db = open_db(&cfg);
+    let db_dir = db
+        .as_ref()
+        .map(|_| cfg.db_dir.as_deref().map(std::path::Path::new));
+    let summary =
+        lockdown::apply(&cfg, db_dir.flatten()).map_err(|e| format!("locking down: {e}"))?;
+    log::debug!(
+        "conn={} locked down: {summary} db={}",
+        cfg.client.conn_id,
+        if db.is_some() { "ro" } else { "none" }
+    );
 
     let writer = Channel::from_fd(writer_fd).map_err(|e| format!("store-writer channel: {e}"))?;
     let client = UnixStream::from(client_fd);
     let conn_id = cfg.client.conn_id;
-    let mut writer = writer::Writer::new(writer);
+    let mut writer = writer::Writer::new(writer, db);
     writer
         .hello()
         .map_err(|e| format!("greeting the store-writer: {}", e.message))?;
@@ -85,6 +96,31 @@ fn run(args: &Args) -> Result<(), String> {
         conn::End::Error(e) => {
             log::info!("conn={conn_id} ended: {e}");
             Ok(())
+        }
+    }
+}
+
+/// Opens the database read-only and reads from it once, so that every file SQLite needs is
+/// open before the lockdown. Without it (no database directory given, files this uid may
+/// not read) queries go to the store-writer, which is slower but answers the same.
+fn open_db(cfg: &BrokerConfig) -> Option<StoreDb> {
+    let dir = std::path::Path::new(cfg.db_dir.as_deref()?);
+    let store_dir = match StoreDir::new(&cfg.store_dir) {
+        Ok(sd) => sd,
+        Err(e) => {
+            log::warn!("store directory {}: {e}", cfg.store_dir);
+            return None;
+        }
+    };
+    match StoreDb::open_read_only(dir, &store_dir).and_then(|db| db.warm_up().map(|()| db)) {
+        Ok(db) => Some(db),
+        Err(e) => {
+            log::info!(
+                "conn={}: not reading {} directly ({e}); queries go to the store-writer",
+                cfg.client.conn_id,
+                dir.display()
+            );
+            None
         }
     }
 }

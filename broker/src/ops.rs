@@ -74,8 +74,8 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             let paths = match op {
                 Op::QueryReferences => require_info(c, &path)?.references,
-                Op::QueryReferrers => c.writer.paths(&Req::QueryReferrers { path })?,
-                Op::QueryValidDerivers => c.writer.paths(&Req::QueryValidDerivers { path })?,
+                Op::QueryReferrers => c.writer.referrers(&path)?,
+                Op::QueryValidDerivers => c.writer.valid_derivers(&path)?,
                 _ => c.writer.output_map(&path)?.into_values().collect(),
             };
             c.stop_work()?;
@@ -109,16 +109,13 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         Op::QueryPathFromHashPart => {
             let hash_part = c.r.read_string_max("hash part", 64)?;
             c.start_work();
-            let found = match c.writer.call(&Req::QueryPathFromHashPart { hash_part })? {
-                Rep::OptPath(p) => p,
-                other => return Err(unexpected(&other)),
-            };
+            let found = c.writer.path_from_hash_part(&hash_part)?;
             c.stop_work()?;
             proto::write_opt_path(&mut c.w, &c.sd, found.as_ref())?;
         }
         Op::QueryAllValidPaths => {
             c.start_work();
-            let paths = c.writer.paths(&Req::QueryAllValidPaths)?;
+            let paths = c.writer.all_valid()?;
             c.stop_work()?;
             proto::write_paths(&mut c.w, &c.sd, &paths)?;
         }

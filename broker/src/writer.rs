@@ -1,29 +1,55 @@
-//! The broker's side of its channel to the store-writer: one request, then log messages and
-//! exactly one final reply.
+//! The broker's view of the store. Queries are answered from the broker's own read-only
+//! connection to the database when it has one (no round trip to another process per query);
+//! everything else, and every query when the database could not be opened, goes over the
+//! channel to the store-writer: one request, then log messages and exactly one final reply.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::BorrowedFd;
 
+use stockade_common::base32;
+use stockade_common::db::{DbError, StoreDb};
 use stockade_common::ipc::msg::{
     BrokerToStoreWriter as Req, StoreWriterToBroker as Rep, BROKER_SPILL_MAX, QUERY_CHUNK,
 };
 use stockade_common::ipc::Channel;
 use stockade_common::narinfo::PathInfo;
-use stockade_common::store_path::StorePath;
+use stockade_common::store_path::{StorePath, HASH_LEN};
 
-use crate::error::{OpError, OpResult};
+use crate::error::{hl, OpError, OpResult};
 
 pub struct Writer {
     ch: Channel,
+    /// The read-only database connection, if the broker could open one before its lockdown.
+    db: Option<StoreDb>,
 }
 
 /// Receives the store-writer's log lines while a request runs.
 pub type LogSink<'a> = &'a mut dyn FnMut(u32, String);
 
 impl Writer {
-    pub fn new(mut ch: Channel) -> Writer {
+    pub fn new(mut ch: Channel, db: Option<StoreDb>) -> Writer {
         ch.enable_spill(BROKER_SPILL_MAX);
-        Writer { ch }
+        Writer { ch, db }
+    }
+
+    /// Runs `f` on the local read connection. `None` when there is none, or when SQLite itself
+    /// failed (a store whose WAL index this uid cannot use, say): then the local connection
+    /// is given up and this and later queries go to the store-writer.
+    fn local<T>(&mut self, f: impl FnOnce(&StoreDb) -> Result<T, DbError>) -> Option<OpResult<T>> {
+        let db = self.db.as_ref()?;
+        match f(db) {
+            Ok(v) => Some(Ok(v)),
+            Err(DbError::Sqlite(e)) => {
+                log::warn!("reading the database directly failed ({e}); asking the store-writer from now on");
+                self.db = None;
+                None
+            }
+            Err(DbError::InvalidPath(p)) => Some(Err(OpError::client(format!(
+                "path '{}' is not valid",
+                hl(p)
+            )))),
+            Err(e) => Some(Err(OpError::client(e.to_string()))),
+        }
     }
 
     /// The channel opens with an exchange of `Hello`s carrying the message-set version.
@@ -86,6 +112,9 @@ impl Writer {
     }
 
     pub fn is_valid(&mut self, path: &StorePath) -> OpResult<bool> {
+        if let Some(r) = self.local(|db| db.is_valid(path)) {
+            return r;
+        }
         match self.call(&Req::IsValidPath { path: path.clone() })? {
             Rep::Bool(b) => Ok(b),
             other => Err(unexpected(&other)),
@@ -94,6 +123,18 @@ impl Writer {
 
     /// The valid subset of `paths`, asked in chunks so no message grows with the request.
     pub fn query_valid(&mut self, paths: &BTreeSet<StorePath>) -> OpResult<BTreeSet<StorePath>> {
+        let local = self.local(|db| {
+            let mut out = BTreeSet::new();
+            for p in paths {
+                if db.is_valid(p)? {
+                    out.insert(p.clone());
+                }
+            }
+            Ok(out)
+        });
+        if let Some(r) = local {
+            return r;
+        }
         let all: Vec<StorePath> = paths.iter().cloned().collect();
         let mut out = BTreeSet::new();
         for chunk in all.chunks(QUERY_CHUNK) {
@@ -108,13 +149,56 @@ impl Writer {
     }
 
     pub fn path_info(&mut self, path: &StorePath) -> OpResult<Option<PathInfo>> {
+        if let Some(r) = self.local(|db| db.query_path_info(path)) {
+            return r;
+        }
         match self.call(&Req::QueryPathInfo { path: path.clone() })? {
             Rep::PathInfo(i) => Ok(i.map(|b| *b)),
             other => Err(unexpected(&other)),
         }
     }
 
-    pub fn paths(&mut self, req: &Req) -> OpResult<BTreeSet<StorePath>> {
+    pub fn referrers(&mut self, path: &StorePath) -> OpResult<BTreeSet<StorePath>> {
+        if let Some(r) = self.local(|db| db.query_referrers(path)) {
+            return r;
+        }
+        self.paths(&Req::QueryReferrers { path: path.clone() })
+    }
+
+    pub fn valid_derivers(&mut self, path: &StorePath) -> OpResult<BTreeSet<StorePath>> {
+        if let Some(r) = self.local(|db| db.query_valid_derivers(path)) {
+            return r;
+        }
+        self.paths(&Req::QueryValidDerivers { path: path.clone() })
+    }
+
+    pub fn all_valid(&mut self) -> OpResult<BTreeSet<StorePath>> {
+        if let Some(r) = self.local(|db| db.query_all_valid_paths()) {
+            return r;
+        }
+        self.paths(&Req::QueryAllValidPaths)
+    }
+
+    /// Nix checks only the length; a hash part that is not Nix base32 names no path.
+    pub fn path_from_hash_part(&mut self, hash_part: &str) -> OpResult<Option<StorePath>> {
+        if hash_part.len() != HASH_LEN {
+            return Err(OpError::client("invalid hash part"));
+        }
+        if !base32::is_valid_str(hash_part) {
+            return Ok(None);
+        }
+        if let Some(r) = self.local(|db| db.query_path_from_hash_part(hash_part)) {
+            return r;
+        }
+        match self.call(&Req::QueryPathFromHashPart {
+            hash_part: hash_part.to_string(),
+        })? {
+            Rep::OptPath(p) => Ok(p),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn paths(&mut self, req: &Req) -> OpResult<BTreeSet<StorePath>> {
         match self.call(req)? {
             Rep::Paths(v) => Ok(v.into_iter().collect()),
             other => Err(unexpected(&other)),
@@ -122,6 +206,9 @@ impl Writer {
     }
 
     pub fn output_map(&mut self, drv: &StorePath) -> OpResult<BTreeMap<String, StorePath>> {
+        if let Some(r) = self.local(|db| db.query_derivation_outputs(drv)) {
+            return r;
+        }
         match self.call(&Req::QueryDerivationOutputs { drv: drv.clone() })? {
             Rep::OutputMap(m) => Ok(m),
             other => Err(unexpected(&other)),

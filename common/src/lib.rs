@@ -7,6 +7,8 @@ pub mod audit;
 pub mod base32;
 pub mod conf;
 pub mod content_address;
+#[cfg(feature = "db")]
+pub mod db;
 pub mod derivation;
 pub mod hash;
 pub mod ipc;

@@ -51,6 +51,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 /// Connections accepted per listener per loop turn, so one flooded socket cannot starve the
 /// other or the signal handling.
 const ACCEPT_BATCH: usize = 64;
+/// How long the accept loop waits, idle, before checking released broker uids for leftovers.
+const VERIFY_UIDS_AFTER_MS: u16 = 100;
 
 /// Everything decided at start.
 pub struct Ctx {
@@ -343,6 +345,13 @@ impl Daemon {
                 }
                 None => PollTimeout::NONE,
             };
+            // Released broker uids are checked once the burst that released them is over.
+            let unverified = self.uids.as_ref().is_some_and(|p| p.has_unverified());
+            let timeout = if unverified && timeout == PollTimeout::NONE {
+                PollTimeout::from(VERIFY_UIDS_AFTER_MS)
+            } else {
+                timeout
+            };
             let (sig, chan, main, untrusted) = {
                 let mut fds = vec![PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
                 if self.writer_chan_open {
@@ -375,6 +384,11 @@ impl Daemon {
                     listening && ready(base + 1),
                 )
             };
+            if !(sig || chan || main || untrusted) {
+                if let Some(pool) = self.uids.as_mut() {
+                    pool.verify_released();
+                }
+            }
             if sig {
                 self.handle_signals();
             }
@@ -503,7 +517,12 @@ impl Daemon {
     fn closed(&mut self, broker_pid: i32, conn: Conn, how: &(&str, String)) {
         if !self.writer_exited && self.writer_chan_open {
             if let Err(e) = self.writer.client_gone(conn.conn_id) {
-                log::error!("{e}");
+                // While shutting down the store-writer may already have closed its end.
+                if self.shutdown_deadline.is_some() {
+                    log::debug!("{e}");
+                } else {
+                    log::error!("{e}");
+                }
             }
         }
         if let Some(n) = self.per_uid.get_mut(&conn.client_uid) {
@@ -705,6 +724,14 @@ impl Daemon {
 
         let max = self.ctx.cfg.stockade.max_connections;
         let max_uid = self.ctx.cfg.stockade.max_connections_per_uid;
+        let at_limit = |d: &Self| {
+            (max > 0 && d.conns.len() >= max as usize)
+                || (max_uid > 0 && d.per_uid.get(&cred.uid).copied().unwrap_or(0) >= max_uid)
+        };
+        // Brokers whose clients just left may not have been reaped yet: they do not count.
+        if at_limit(self) {
+            self.reap();
+        }
         let of_uid = self.per_uid.get(&cred.uid).copied().unwrap_or(0);
         if max > 0 && self.conns.len() >= max as usize {
             let reason = format!("max-connections ({max}) reached");

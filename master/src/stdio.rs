@@ -120,6 +120,7 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
     let writer_status = wait_for(writer.pid);
     if let (Some(p), Some(uid)) = (pool.as_mut(), broker_uid) {
         p.release(uid);
+        p.verify_released();
     }
     ctx.audit.event_at(
         Facility::AuthPriv,

@@ -8,15 +8,18 @@
 //!   test daemons with other state directories). Each allocated uid is locked (`flock` on
 //!   `/run/stockade/broker-uids/<uid>`, held by the master while the broker lives), so two
 //!   masters never hand out the same uid, whatever their state directories.
-//! - When one of *our* brokers exits, its uid is checked right away; leftover processes are
-//!   killed (a helper switches to the uid and sends `kill(-1, SIGKILL)`, which reaches exactly
-//!   that uid's processes) and the uid stays out of use until a later check finds it empty.
-//!   Uids that already had processes when the pool was made may belong to another master's
-//!   live brokers: they are never killed, only skipped until they are empty.
+//! - When one of *our* brokers exits, its uid stays locked and out of use until it has been
+//!   checked; leftover processes are killed (a helper switches to the uid and sends
+//!   `kill(-1, SIGKILL)`, which reaches exactly that uid's processes) and the uid stays out of
+//!   use until a later check finds it empty. Uids that already had processes when the pool was
+//!   made may belong to another master's live brokers: they are never killed, only skipped
+//!   until they are empty.
+//! - Checks are batched: one `/proc` scan covers every uid released since the last one. The
+//!   master runs it when it has nothing else to do ([`UidPool::verify_released`]), and the pool
+//!   runs it itself when many uids wait or when it would otherwise run out. (Brokers cannot
+//!   create processes at all under their seccomp filter; this is the second line.)
 //!
-//! Uids are handed out round-robin, so a uid is reused as late as possible. Only allocation of a
-//! uid known to have had processes costs a `/proc` scan; release always does one (after the
-//! client is gone).
+//! Uids are handed out round-robin, so a uid is reused as late as possible.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
@@ -24,6 +27,9 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use stockade_common::conf::UidRange;
+
+/// Released uids checked in one batch at the latest when this many wait.
+const RELEASED_MAX: usize = 64;
 
 /// Where the per-uid locks live when the daemon runs as root.
 pub const LOCK_DIR: &str = "/run/stockade/broker-uids";
@@ -37,6 +43,8 @@ pub struct UidPool {
     next: u32,
     /// Handed out, with the lock that reserves it against other masters.
     in_use: HashMap<u32, Option<Flock<File>>>,
+    /// Released by their broker but not checked for leftover processes yet (still locked).
+    released: HashMap<u32, Option<Flock<File>>>,
     /// Uids that had processes at the last look.
     draining: BTreeSet<u32>,
     proc_dir: PathBuf,
@@ -65,6 +73,7 @@ impl UidPool {
             last: range.last,
             next: range.first,
             in_use: HashMap::new(),
+            released: HashMap::new(),
             draining: live.into_iter().filter(|u| range.contains(*u)).collect(),
             proc_dir: proc_dir.to_path_buf(),
             lock_dir: lock_dir.map(Path::to_path_buf),
@@ -106,6 +115,17 @@ impl UidPool {
 
     /// A free uid, or `None` when every uid is in use, locked elsewhere or has processes.
     pub fn allocate(&mut self) -> Option<u32> {
+        if let Some(uid) = self.allocate_once() {
+            return Some(uid);
+        }
+        if self.released.is_empty() {
+            return None;
+        }
+        self.verify_released();
+        self.allocate_once()
+    }
+
+    fn allocate_once(&mut self) -> Option<u32> {
         let size = u64::from(self.last) - u64::from(self.first) + 1;
         let mut rechecked = false;
         for _ in 0..size {
@@ -115,7 +135,7 @@ impl UidPool {
             } else {
                 uid + 1
             };
-            if self.in_use.contains_key(&uid) {
+            if self.in_use.contains_key(&uid) || self.released.contains_key(&uid) {
                 continue;
             }
             if self.draining.contains(&uid) {
@@ -138,13 +158,35 @@ impl UidPool {
         None
     }
 
-    /// The broker of `uid` has exited.
+    /// The broker of `uid` has exited (and been reaped). The uid is checked for leftover
+    /// processes by the next [`verify_released`](Self::verify_released).
     pub fn release(&mut self, uid: u32) {
-        // The lock is held until the end of this function.
-        let Some(_lock) = self.in_use.remove(&uid) else {
+        let Some(lock) = self.in_use.remove(&uid) else {
             return;
         };
-        if uids_with_processes(&self.proc_dir).contains(&uid) {
+        self.released.insert(uid, lock);
+        if self.released.len() >= RELEASED_MAX {
+            self.verify_released();
+        }
+    }
+
+    /// Whether released uids wait for their check.
+    pub fn has_unverified(&self) -> bool {
+        !self.released.is_empty()
+    }
+
+    /// One `/proc` scan for every uid released since the last: leftovers are killed and their
+    /// uid drains; the others become free (and their locks are dropped).
+    pub fn verify_released(&mut self) {
+        if self.released.is_empty() {
+            return;
+        }
+        let live = uids_with_processes(&self.proc_dir);
+        // Each lock is held until its uid has been dealt with.
+        for (uid, _lock) in self.released.drain() {
+            if !live.contains(&uid) {
+                continue;
+            }
             log::warn!(
                 "broker uid {uid} still has processes after its broker exited; killing them"
             );
@@ -317,6 +359,9 @@ mod tests {
         fs::create_dir(&p).expect("mkdir");
         fs::write(p.join("status"), "Uid:\t20\t20\t20\t20\n").expect("write");
         pool.release(20);
+        // Not reused before it has been checked.
+        assert_eq!(pool.draining(), 0);
+        pool.verify_released();
         assert_eq!(pool.draining(), 1);
         assert_eq!(pool.allocate(), Some(21));
         assert_eq!(pool.allocate(), None);
@@ -336,8 +381,39 @@ mod tests {
         assert_eq!(b.allocate(), Some(31));
         assert_eq!(b.allocate(), None);
         a.release(30);
+        // Still locked until a has checked it for leftovers.
+        assert_eq!(b.allocate(), None);
+        a.verify_released();
         assert_eq!(b.allocate(), Some(30));
         assert_eq!(a.allocate(), None);
+    }
+
+    #[test]
+    fn released_uids_are_checked_in_batches() {
+        let proc = fake_proc(&[]);
+        let mut pool = UidPool::with(
+            UidRange {
+                first: 40,
+                last: 41,
+            },
+            false,
+            proc.path(),
+            None,
+        );
+        assert_eq!(pool.allocate(), Some(40));
+        assert_eq!(pool.allocate(), Some(41));
+        pool.release(40);
+        pool.release(41);
+        assert!(pool.has_unverified());
+        // A leftover of 41 appears before the check.
+        let p = proc.path().join("410");
+        fs::create_dir(&p).expect("mkdir");
+        fs::write(p.join("status"), "Uid:\t41\t41\t41\t41\n").expect("write");
+        // Out of free uids: the pool checks the released ones itself.
+        assert_eq!(pool.allocate(), Some(40));
+        assert!(!pool.has_unverified());
+        assert_eq!(pool.draining(), 1);
+        assert_eq!(pool.allocate(), None);
     }
 
     #[test]

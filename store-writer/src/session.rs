@@ -21,7 +21,7 @@ use stockade_common::store_path::HASH_LEN;
 
 use crate::add::{self, Batch, Ctx, MAX_BATCHES};
 use crate::audit::Severity;
-use crate::db::{Db, DbError};
+use crate::db::{DbError, StoreDb};
 use crate::error::{hl, ReqError};
 use crate::roots::{self, TempRoots};
 use crate::store::Store;
@@ -39,7 +39,7 @@ pub struct Session {
     store: Arc<Store>,
     client: ClientIdentity,
     chan: Channel,
-    reader: Option<Db>,
+    reader: Option<StoreDb>,
     roots: Arc<Mutex<TempRoots>>,
     hello: bool,
     batches: HashMap<u64, Batch>,
@@ -139,7 +139,7 @@ impl Session {
     }
 
     /// Runs a query on this thread's reader (or the shared connection when configured so).
-    fn q<T>(&self, f: impl FnOnce(&Db) -> Result<T, DbError>) -> Result<T, ReqError> {
+    fn q<T>(&self, f: impl FnOnce(&StoreDb) -> Result<T, DbError>) -> Result<T, ReqError> {
         match &self.reader {
             Some(r) => Ok(f(r)?),
             None => Ok(f(&self.store.db())?),
@@ -203,8 +203,12 @@ impl Session {
                 self.q(|db| db.query_derivation_outputs(&drv))?,
             )),
             Req::QueryPathFromHashPart { hash_part } => {
-                if hash_part.len() != HASH_LEN || !base32::is_valid_str(&hash_part) {
+                if hash_part.len() != HASH_LEN {
                     return Err(ReqError::failed("invalid hash part"));
+                }
+                // Nix checks only the length; anything else simply names no path.
+                if !base32::is_valid_str(&hash_part) {
+                    return Ok(Reply::OptPath(None));
                 }
                 Ok(Reply::OptPath(
                     self.q(|db| db.query_path_from_hash_part(&hash_part))?,

@@ -22,7 +22,7 @@ use stockade_common::signature::{PublicKey, TrustedKeys};
 use stockade_common::store_path::{StoreDir, StorePath};
 
 use crate::audit::Audit;
-use crate::db::{self, Db, DbError, DbOptions};
+use crate::db::{self, Db, DbError, DbOptions, StoreDb};
 use crate::sys;
 
 /// Prefix of the private staging directories inside the real store directory.
@@ -254,7 +254,7 @@ impl Store {
     }
 
     /// A fresh read connection for one broker thread.
-    pub fn reader(&self) -> Result<Db, DbError> {
+    pub fn reader(&self) -> Result<StoreDb, DbError> {
         Db::open_reader(&self.db_dir, &self.store_dir)
     }
 

@@ -376,3 +376,97 @@ fn masters_sharing_a_uid_range_leave_each_other_alone() {
         "a's client lost its broker (uid {a_uid}) when b closed a connection under the same uid: {still:?}"
     );
 }
+
+/// The descriptors a process holds on the database directory's files, with their access mode
+/// (`O_RDONLY`, `O_WRONLY`, `O_RDWR`) from /proc/<pid>/fdinfo.
+fn db_descriptors(pid: i32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir") {
+        let entry = entry.expect("fd entry");
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if !target.contains("/var/nix/db/") {
+            continue;
+        }
+        let fd = entry.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+            .expect("flags line");
+        out.push((target, flags & nix::libc::O_ACCMODE));
+    }
+    out
+}
+
+/// Brokers answer queries from their own connection to the database, opened read-only: every
+/// descriptor a broker holds there is `O_RDONLY`, and the database itself is among them.
+#[test]
+fn broker_reads_the_database_read_only() {
+    skip_unless_root!();
+    let bob = ensure_user("st-bob").unwrap();
+    let (d, _) = daemon_with_range();
+    let file = d.write_work_file("queried", b"queried by bob\n");
+    let path = d
+        .run_ok(["nix-store", "--add", file.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let mut c = RawConn::connect_as(&d, &bob).expect("connect");
+    c.handshake().expect("handshake");
+    assert!(c.set_options(&[]).unwrap().is_ok());
+    c.send_u64(1).unwrap(); // IsValidPath
+    c.send_str(&path).unwrap();
+    c.flush().unwrap();
+    assert!(c.response().unwrap().is_ok());
+    assert_eq!(c.r().read_u64("valid").unwrap(), 1, "{path} is valid");
+
+    let procs = instance_processes(&d, "stockade");
+    let broker = procs
+        .iter()
+        .find(|p| p.exe == "stockade-broker")
+        .expect("a broker");
+    let fds = db_descriptors(broker.pid);
+    assert!(
+        fds.iter().any(|(t, _)| t.ends_with("/db/db.sqlite")),
+        "the broker holds the database open: {fds:?}"
+    );
+    for (target, mode) in &fds {
+        assert_eq!(*mode, nix::libc::O_RDONLY, "{target} is open read-only");
+    }
+    drop(c);
+}
+
+/// A broker that cannot read the database (here: a directory only its owner may enter) asks
+/// the store-writer instead, with the same answers.
+#[test]
+fn queries_work_when_brokers_cannot_read_the_database() {
+    skip_unless_root!();
+    let bob = ensure_user("st-bob").unwrap();
+    let (d, _) = daemon_with_range();
+    let file = d.write_work_file("fallback", b"asked through the store-writer\n");
+    let path = d
+        .run_ok(["nix-store", "--add", file.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let db_dir = d.host_path("/nix/var/nix/db");
+    let old = std::fs::metadata(&db_dir).unwrap().permissions();
+    std::fs::set_permissions(&db_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = d.run_as_ok(&bob, ["nix-store", "-q", "--hash", &path]);
+    let refs = d.run_as_ok(&bob, ["nix-store", "-q", "--references", &path]);
+    let valid = d.run_as_ok(&bob, ["nix-store", "--check-validity", &path]);
+    std::fs::set_permissions(&db_dir, old).unwrap();
+    assert!(
+        out.starts_with("sha256:"),
+        "hash through the store-writer: {out:?}"
+    );
+    assert_eq!(refs, "", "no references");
+    assert_eq!(valid, "");
+    assert!(
+        d.log().contains("queries go to the store-writer"),
+        "the broker said why it did not read the database: {}",
+        d.log_tail(30)
+    );
+}

@@ -286,6 +286,9 @@ pub struct BrokerConfig {
     pub store_dir: String,
     /// Where the store really is on disk (the same unless the store is diverted).
     pub real_store_dir: String,
+    /// The database directory (`$NIX_STATE_DIR/db`), which the broker opens read-only to answer
+    /// queries itself; `None` sends every query to the store-writer.
+    pub db_dir: Option<String>,
     /// The daemon's `substituters` and `trusted-substituters`, for filtering client overrides.
     pub substituters: Vec<String>,
     pub trusted_substituters: Vec<String>,
