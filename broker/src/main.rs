@@ -70,12 +70,10 @@ fn run(args: &Args) -> Result<(), String> {
         "stockade-broker",
         cfg.audit_socket.as_deref().map(std::path::Path::new),
     );
+    // Opened (all three files: database, WAL, WAL index) before the lockdown, which leaves the
+    // broker no file outside the store to open.
     let db = open_db(&cfg);
-    let db_dir = db
-        .as_ref()
-        .map(|_| cfg.db_dir.as_deref().map(std::path::Path::new));
-    let summary =
-        lockdown::apply(&cfg, db_dir.flatten()).map_err(|e| format!("locking down: {e}"))?;
+    let summary = lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
     log::debug!(
         "conn={} locked down: {summary} db={}",
         cfg.client.conn_id,
@@ -101,7 +99,9 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 /// Opens the database read-only and reads from it once, so that every file SQLite needs is
-/// open before the lockdown. Without it (no database directory given, files this uid may
+/// open before the lockdown. SQLite keeps them open for the connection's life (the store-writer
+/// holds the database open, so the WAL is never removed); should it ever need to open a file
+/// again, the query fails and the broker falls back to the store-writer. Without it (no database directory given, files this uid may
 /// not read) queries go to the store-writer, which is slower but answers the same.
 fn open_db(cfg: &BrokerConfig) -> Option<StoreDb> {
     let dir = std::path::Path::new(cfg.db_dir.as_deref()?);

@@ -289,7 +289,7 @@ fn child_entry() {
 }
 
 fn apply_broker(dir: &Path) -> Result<Report, Fail> {
-    lockdown::apply_broker(&dir.join("store"), None).map_err(fail("apply_broker"))
+    lockdown::apply_broker(&dir.join("store")).map_err(fail("apply_broker"))
 }
 
 fn apply_store_writer(dir: &Path, keep_caps: bool) -> Result<Report, Fail> {
@@ -899,7 +899,7 @@ fn locks(state: &Path) -> Res {
 }
 
 fn missing_dir(dir: &Path) -> Res {
-    match lockdown::apply_broker(&dir.join("does-not-exist"), None) {
+    match lockdown::apply_broker(&dir.join("does-not-exist")) {
         Err(lockdown::LockdownError::LandlockPath { path, .. }) => {
             check!(path.ends_with("does-not-exist"), "path {path:?}");
             Ok(())

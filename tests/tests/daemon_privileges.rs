@@ -436,6 +436,51 @@ fn broker_reads_the_database_read_only() {
     for (target, mode) in &fds {
         assert_eq!(*mode, nix::libc::O_RDONLY, "{target} is open read-only");
     }
+
+    // The same broker, long after its lockdown (no file outside the store may be opened now),
+    // sees paths other clients add meanwhile, and their details.
+    let mut added = Vec::new();
+    for i in 0..40 {
+        let f = d.write_work_file(
+            &format!("later-{i}"),
+            format!("added later {i}\n").as_bytes(),
+        );
+        added.push(
+            d.run_ok(["nix-store", "--add", f.to_str().unwrap()])
+                .trim()
+                .to_string(),
+        );
+    }
+    for p in &added {
+        c.send_u64(26).unwrap(); // QueryPathInfo
+        c.send_str(p).unwrap();
+        c.flush().unwrap();
+        assert!(c.response().unwrap().is_ok(), "query {p}");
+        assert_eq!(
+            c.r().read_u64("found").unwrap(),
+            1,
+            "{p} is known to the broker"
+        );
+        let deriver = c.r().read_string("deriver").unwrap();
+        let hash = c.r().read_string("hash").unwrap();
+        assert_eq!(deriver, "");
+        assert_eq!(hash.len(), 64, "base16 SHA-256: {hash}");
+        let refs = c.r().read_u64("references").unwrap();
+        assert_eq!(refs, 0);
+        let _time = c.r().read_u64("registration time").unwrap();
+        let size = c.r().read_u64("nar size").unwrap();
+        assert!(size > 0);
+        let _ultimate = c.r().read_u64("ultimate").unwrap();
+        let sigs = c.r().read_u64("sigs").unwrap();
+        assert_eq!(sigs, 0);
+        let ca = c.r().read_string("ca").unwrap();
+        assert!(ca.starts_with("fixed:r:sha256:"), "{ca}");
+    }
+    assert!(
+        !d.log().contains("asking the store-writer from now on"),
+        "the broker kept reading the database itself: {}",
+        d.log_tail(20)
+    );
     drop(c);
 }
 
@@ -468,5 +513,40 @@ fn queries_work_when_brokers_cannot_read_the_database() {
         d.log().contains("queries go to the store-writer"),
         "the broker said why it did not read the database: {}",
         d.log_tail(30)
+    );
+}
+
+/// With `use-sqlite-wal = false` (a rollback journal, as Nix allows) brokers read the
+/// database themselves too, and see what is added after they locked down.
+#[test]
+fn broker_reads_a_rollback_journal_database() {
+    skip_unless_root!();
+    let bob = ensure_user("st-bob").unwrap();
+    let d = stockade_with("")
+        .conf_line("use-sqlite-wal = false")
+        .start()
+        .expect("stockade");
+    let mut c = RawConn::connect_as(&d, &bob).expect("connect");
+    c.handshake().expect("handshake");
+    assert!(c.set_options(&[]).unwrap().is_ok());
+    for i in 0..5 {
+        let f = d.write_work_file(&format!("journal-{i}"), format!("journal {i}\n").as_bytes());
+        let p = d
+            .run_ok(["nix-store", "--add", f.to_str().unwrap()])
+            .trim()
+            .to_string();
+        c.send_u64(1).unwrap(); // IsValidPath
+        c.send_str(&p).unwrap();
+        c.flush().unwrap();
+        assert!(c.response().unwrap().is_ok());
+        assert_eq!(c.r().read_u64("valid").unwrap(), 1, "{p} is valid");
+    }
+    let journal = d.host_path("/nix/var/nix/db/db.sqlite-wal");
+    assert!(!journal.exists(), "no WAL in rollback mode");
+    assert!(
+        !d.log().contains("asking the store-writer from now on")
+            && !d.log().contains("queries go to the store-writer"),
+        "the broker read the database itself: {}",
+        d.log_tail(20)
     );
 }

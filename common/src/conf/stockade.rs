@@ -17,8 +17,9 @@ define_settings! {
         broker_uid_range: UidRange = "broker-uid-range" => UidRange { first: 800_000, last: 865_535 };
         /// Connections served at once; more wait in the listen backlog.
         max_connections: u32 = "max-connections" => 256;
-        /// Connections served at once for one peer uid.
-        max_connections_per_uid: u32 = "max-connections-per-uid" => 32;
+        /// Connections served at once for one peer uid: a quarter of `max-connections`, so
+        /// one account cannot take every slot, yet a CI user running many jobs is served.
+        max_connections_per_uid: u32 = "max-connections-per-uid" => 64;
         /// Seconds a client has to finish the worker-protocol handshake.
         handshake_timeout: u64 = "handshake-timeout" => 30;
         /// Seconds a connection may sit idle between operations. Off by default: Nix clients

@@ -136,17 +136,17 @@ impl fmt::Display for Report {
 }
 
 /// Lock down a broker: no capabilities, read-only `store_dir` (the real store directory on
-/// disk) and, when given, read-only `db_dir` (the database it queries), nothing else on disk,
-/// the broker allow-list.
-pub fn apply_broker(store_dir: &Path, db_dir: Option<&Path>) -> Result<Report, LockdownError> {
+/// disk) and nothing else on disk, the broker allow-list.
+pub fn apply_broker(store_dir: &Path) -> Result<Report, LockdownError> {
     let reader = StatusReader::open()?;
     warn_if_threaded(&reader);
     drop_all_capabilities()?;
-    let mut rules = vec![(store_dir.to_path_buf(), Access::ReadOnly)];
-    if let Some(db) = db_dir {
-        rules.push((db.to_path_buf(), Access::ReadOnly));
-    }
-    finish(Profile::Broker, reader, &rules, SeccompProfile::Broker)
+    finish(
+        Profile::Broker,
+        reader,
+        &[(store_dir.to_path_buf(), Access::ReadOnly)],
+        SeccompProfile::Broker,
+    )
 }
 
 /// Lock down the store-writer: read-write `store_dir`, `state_dir` (`/nix/var/nix`) and
