@@ -377,6 +377,23 @@ fn masters_sharing_a_uid_range_leave_each_other_alone() {
     );
 }
 
+/// Adds a file with `contents` as root; returns its store path.
+fn add_text(d: &Daemon, name: &str, contents: &str) -> String {
+    let f = d.write_work_file(name, contents.as_bytes());
+    d.run_ok(["nix-store", "--add", f.to_str().unwrap()])
+        .trim()
+        .to_string()
+}
+
+/// An IsValidPath round trip on an open connection.
+fn is_valid(c: &mut RawConn, path: &str) -> bool {
+    c.send_u64(1).unwrap(); // IsValidPath
+    c.send_str(path).unwrap();
+    c.flush().unwrap();
+    assert!(c.response().unwrap().is_ok(), "IsValidPath {path}");
+    c.r().read_u64("valid").unwrap() == 1
+}
+
 /// The descriptors a process holds on the database directory's files, with their access mode
 /// (`O_RDONLY`, `O_WRONLY`, `O_RDWR`) from /proc/<pid>/fdinfo.
 fn db_descriptors(pid: i32) -> Vec<(String, i32)> {
@@ -409,19 +426,11 @@ fn broker_reads_the_database_read_only() {
     skip_unless_root!();
     let bob = ensure_user("st-bob").unwrap();
     let (d, _) = daemon_with_range();
-    let file = d.write_work_file("queried", b"queried by bob\n");
-    let path = d
-        .run_ok(["nix-store", "--add", file.to_str().unwrap()])
-        .trim()
-        .to_string();
+    let path = add_text(&d, "queried", "queried by bob\n");
     let mut c = RawConn::connect_as(&d, &bob).expect("connect");
     c.handshake().expect("handshake");
     assert!(c.set_options(&[]).unwrap().is_ok());
-    c.send_u64(1).unwrap(); // IsValidPath
-    c.send_str(&path).unwrap();
-    c.flush().unwrap();
-    assert!(c.response().unwrap().is_ok());
-    assert_eq!(c.r().read_u64("valid").unwrap(), 1, "{path} is valid");
+    assert!(is_valid(&mut c, &path), "{path} is valid");
 
     let procs = instance_processes(&d, "stockade");
     let broker = procs
@@ -491,11 +500,7 @@ fn queries_work_when_brokers_cannot_read_the_database() {
     skip_unless_root!();
     let bob = ensure_user("st-bob").unwrap();
     let (d, _) = daemon_with_range();
-    let file = d.write_work_file("fallback", b"asked through the store-writer\n");
-    let path = d
-        .run_ok(["nix-store", "--add", file.to_str().unwrap()])
-        .trim()
-        .to_string();
+    let path = add_text(&d, "fallback", "asked through the store-writer\n");
     let db_dir = d.host_path("/nix/var/nix/db");
     let old = std::fs::metadata(&db_dir).unwrap().permissions();
     std::fs::set_permissions(&db_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -530,16 +535,8 @@ fn broker_reads_a_rollback_journal_database() {
     c.handshake().expect("handshake");
     assert!(c.set_options(&[]).unwrap().is_ok());
     for i in 0..5 {
-        let f = d.write_work_file(&format!("journal-{i}"), format!("journal {i}\n").as_bytes());
-        let p = d
-            .run_ok(["nix-store", "--add", f.to_str().unwrap()])
-            .trim()
-            .to_string();
-        c.send_u64(1).unwrap(); // IsValidPath
-        c.send_str(&p).unwrap();
-        c.flush().unwrap();
-        assert!(c.response().unwrap().is_ok());
-        assert_eq!(c.r().read_u64("valid").unwrap(), 1, "{p} is valid");
+        let p = add_text(&d, &format!("journal-{i}"), &format!("journal {i}\n"));
+        assert!(is_valid(&mut c, &p), "{p} is valid");
     }
     let journal = d.host_path("/nix/var/nix/db/db.sqlite-wal");
     assert!(!journal.exists(), "no WAL in rollback mode");
