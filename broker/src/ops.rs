@@ -276,7 +276,9 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.stop_work()?;
             c.w.write_u64(1)?;
         }
-        Op::AddPermRoot if c.minor >= 36 => {
+        // Not in 2.8; later Nix accepts it at any protocol version (its mounted ssh-ng store
+        // sends it without looking at the version), so do we.
+        Op::AddPermRoot => {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             let link = c.r.read_path("root path")?;
             c.start_work();
@@ -378,7 +380,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.stop_work()?;
             c.w.write_u64(0)?;
         }
-        Op::QueryFailedPaths | Op::ClearFailedPaths | Op::AddPermRoot => {
+        Op::QueryFailedPaths | Op::ClearFailedPaths => {
             return Err(OpError::client(format!(
                 "invalid operation {}",
                 hl(op as u64)

@@ -51,6 +51,12 @@ pub enum RootError {
     TooMany,
     #[error("invalid root link '{0}'")]
     BadLink(String),
+    #[error("creating a garbage collector root ({0}) in the Nix store is forbidden (are you running nix-build inside the store?)")]
+    InStore(String),
+    #[error("cannot create symlink '{0}'; already exists")]
+    Exists(String),
+    #[error("Stockade creates permanent roots only below '{state}' (asked for '{link}'); create the symlink yourself and register it with an indirect root instead")]
+    OutsideState { link: String, state: String },
 }
 
 impl From<Errno> for RootError {
@@ -244,6 +250,82 @@ pub fn add_indirect_root(store: &Store, link: &str) -> Result<String, RootError>
         return Err(e.into());
     }
     Ok(link)
+}
+
+/// Nix's `addPermRoot` (trusted clients only): the symlink `link` → `path`, replacing only a
+/// symlink into the store, registered as an indirect root; `path` becomes a temporary root
+/// first. Unlike nix-daemon, which makes the link as root wherever the client asks, the
+/// store-writer makes it only below the state directory (`gcroots/` is the usual place),
+/// walking there without following symlinks: a privileged process creating links at
+/// client-chosen paths is what Stockade avoids (and Landlock would refuse them anyway).
+pub fn add_perm_root(
+    store: &Store,
+    roots: &mut TempRoots,
+    path: &StorePath,
+    link: &str,
+) -> Result<String, RootError> {
+    let link = canon_path(link).ok_or_else(|| RootError::BadLink(link.to_string()))?;
+    if link.len() > MAX_LINK_LEN {
+        return Err(RootError::BadLink(link));
+    }
+    let store_dir = store.store_dir.as_str();
+    if link == store_dir || link.starts_with(&format!("{store_dir}/")) {
+        return Err(RootError::InStore(link));
+    }
+    let state = store.state_dir.to_string_lossy().into_owned();
+    let Some(rel) = link.strip_prefix(&format!("{state}/")) else {
+        return Err(RootError::OutsideState { link, state });
+    };
+    let (parents, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+    add_temp_root(store, roots, path)?;
+    let mut dir = sys::open(
+        store.state_dir.as_path(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )?;
+    for part in parents.split('/').filter(|p| !p.is_empty()) {
+        dir = sys::open_dir_at(dir.as_fd(), part)?;
+    }
+    match sys::lstat_at(dir.as_fd(), name) {
+        Ok(st) => {
+            let into_store = sys::file_type(&st) == SFlag::S_IFLNK
+                && nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name)
+                    .is_ok_and(|t| t.as_bytes().starts_with(format!("{store_dir}/").as_bytes()));
+            if !into_store {
+                return Err(RootError::Exists(link));
+            }
+        }
+        Err(Errno::ENOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let tmp = format!(".{name}.tmp-{}", store.staging_name());
+    nix::unistd::symlinkat(
+        store.full(path).as_str(),
+        Some(dir.as_raw_fd()),
+        tmp.as_str(),
+    )?;
+    // The link belongs to the store owner, as nix-daemon's would.
+    let _ = nix::unistd::fchownat(
+        Some(dir.as_raw_fd()),
+        tmp.as_str(),
+        Some(store.euid),
+        Some(store.egid),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    );
+    if let Err(e) = nix::fcntl::renameat(
+        Some(dir.as_raw_fd()),
+        tmp.as_str(),
+        Some(dir.as_raw_fd()),
+        name,
+    ) {
+        let _ = nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            tmp.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+        return Err(e.into());
+    }
+    add_indirect_root(store, &link)
 }
 
 /// Lexically canonical absolute path (`//`, `.` and `..` resolved without touching the file

@@ -301,12 +301,24 @@ impl Session {
                 );
                 Ok(Reply::Ok)
             }
-            Req::AddPermRoot { .. } => {
-                if self.client.trusted {
-                    Err(ReqError::failed("AddPermRoot is not supported yet"))
-                } else {
-                    Err(self.refuse("addPermRoot", "you are not privileged to create perm roots"))
+            Req::AddPermRoot { path, link } => {
+                if !self.client.trusted {
+                    return Err(self.refuse("addPermRoot", "you are not privileged to create perm roots"));
                 }
+                let link = {
+                    let mut roots = self.roots.lock().unwrap_or_else(|e| e.into_inner());
+                    roots::add_perm_root(&self.store, &mut roots, &path, &link)?
+                };
+                self.store.audit.client_event(
+                    Severity::Info,
+                    &self.client,
+                    &[
+                        ("op", "addPermRoot"),
+                        ("path", &self.store.full(&path)),
+                        ("link", &link),
+                    ],
+                );
+                Ok(Reply::Text(link))
             }
             Req::FindRoots => {
                 let censor = !self.client.trusted;
