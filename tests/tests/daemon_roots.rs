@@ -62,7 +62,10 @@ fn perm_roots_for_trusted_clients_below_the_state_dir() {
     // Untrusted: refused with nix-daemon's words, nothing created, connection usable.
     let mut c = connect(&d, Some(&bob));
     let e = add_perm_root(&mut c, &path, link).unwrap_err();
-    assert!(e.contains("you are not privileged to create perm roots"), "{e}");
+    assert!(
+        e.contains("you are not privileged to create perm roots"),
+        "{e}"
+    );
     assert!(std::fs::symlink_metadata(d.host_path(link)).is_err());
     still_in_step(&mut c, &path);
     drop(c);
