@@ -122,6 +122,10 @@ impl Config {
                 "broker-uid-range",
                 st.get("broker-uid-range").unwrap_or_default(),
             ),
+            (
+                "broker-reads-database",
+                st.get("broker-reads-database").unwrap_or_default(),
+            ),
         ]
     }
 }

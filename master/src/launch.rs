@@ -115,7 +115,10 @@ impl Launcher {
                 user_name: None,
             },
             real_store_dir: store_dir.clone(),
-            db_dir: Some(paths.state_dir.join("db").to_string_lossy().into_owned()),
+            db_dir: cfg
+                .stockade
+                .broker_reads_database
+                .then(|| paths.state_dir.join("db").to_string_lossy().into_owned()),
             store_dir,
             substituters: cfg.settings.substituters.clone(),
             trusted_substituters: cfg.trusted_substituters(),

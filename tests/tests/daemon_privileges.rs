@@ -493,6 +493,40 @@ fn broker_reads_the_database_read_only() {
     drop(c);
 }
 
+/// With `broker-reads-database = false` brokers hold no descriptor on the database and ask the
+/// store-writer, with the same answers.
+#[test]
+fn brokers_can_be_kept_away_from_the_database() {
+    skip_unless_root!();
+    let bob = ensure_user("st-bob").unwrap();
+    let d = stockade_with("broker-reads-database = false\n")
+        .start()
+        .expect("stockade");
+    let path = add_text(&d, "mediated", "every query through the store-writer\n");
+    let mut c = RawConn::connect_as(&d, &bob).expect("connect");
+    c.handshake().expect("handshake");
+    assert!(c.set_options(&[]).unwrap().is_ok());
+    assert!(is_valid(&mut c, &path), "{path} is valid");
+    let later = add_text(&d, "mediated-later", "added after the broker started\n");
+    assert!(is_valid(&mut c, &later), "{later} is valid");
+    let procs = instance_processes(&d, "stockade");
+    let broker = procs
+        .iter()
+        .find(|p| p.exe == "stockade-broker")
+        .expect("a broker");
+    let fds = db_descriptors(broker.pid);
+    assert!(
+        fds.is_empty(),
+        "the broker holds nothing of the database: {fds:?}"
+    );
+    assert!(
+        d.log().contains("broker-reads-database=false"),
+        "{}",
+        d.log_tail(10)
+    );
+    drop(c);
+}
+
 /// A broker that cannot read the database (here: a directory only its owner may enter) asks
 /// the store-writer instead, with the same answers.
 #[test]

@@ -15,7 +15,8 @@ define_settings! {
         /// Uids handed to brokers, one per connection, never shared while in use. Must not
         /// overlap the build users or any real account.
         broker_uid_range: UidRange = "broker-uid-range" => UidRange { first: 800_000, last: 865_535 };
-        /// Connections served at once; more wait in the listen backlog.
+        /// Connections served at once; the master closes a connection beyond it at once (and
+        /// audits that, rate-limited).
         max_connections: u32 = "max-connections" => 256;
         /// Connections served at once for one peer uid: a quarter of `max-connections`, so
         /// one account cannot take every slot, yet a CI user running many jobs is served.
@@ -25,6 +26,11 @@ define_settings! {
         /// Seconds a connection may sit idle between operations. Off by default: Nix clients
         /// (`nix repl`, long evaluations) keep idle daemon connections for hours.
         idle_timeout: u64 = "idle-timeout" => 0;
+        /// Brokers answer queries from a read-only connection to `db.sqlite` of their own
+        /// (one process hop less per query). Off: every query goes through the store-writer,
+        /// and brokers never touch the database file, e.g. where it is not world-readable or
+        /// where no broker should be able to take SQLite's locks on it.
+        broker_reads_database: bool = "broker-reads-database" => true;
     }
 }
 
