@@ -113,7 +113,19 @@ fn open_db(cfg: &BrokerConfig) -> Option<StoreDb> {
         }
     };
     match StoreDb::open_read_only(dir, &store_dir).and_then(|db| db.warm_up().map(|()| db)) {
-        Ok(db) => Some(db),
+        Ok(db) => match writable_descriptor_in(dir) {
+            // SQLite opens the WAL read-write whenever the file permissions allow it (the same
+            // uid as the store-writer, in an unprivileged daemon): a broker must hold no such
+            // descriptor, so it gives the connection up.
+            Some(file) => {
+                log::info!(
+                    "conn={}: {file} is writable by the broker's uid; queries go to the store-writer",
+                    cfg.client.conn_id
+                );
+                None
+            }
+            None => Some(db),
+        },
         Err(e) => {
             log::info!(
                 "conn={}: not reading {} directly ({e}); queries go to the store-writer",
@@ -123,6 +135,37 @@ fn open_db(cfg: &BrokerConfig) -> Option<StoreDb> {
             None
         }
     }
+}
+
+/// A descriptor of this process, open for writing, on a file in `dir` (from /proc/self, read
+/// before the lockdown). Unreadable /proc counts as writable: better slower than unsure.
+fn writable_descriptor_in(dir: &std::path::Path) -> Option<String> {
+    // /proc shows resolved paths.
+    let real = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return Some("/proc/self/fd (unreadable)".into());
+    };
+    for entry in entries.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.parent() != Some(dir) && target.parent() != Some(real.as_path()) {
+            continue;
+        }
+        let info = std::fs::read_to_string(
+            std::path::Path::new("/proc/self/fdinfo").join(entry.file_name()),
+        )
+        .unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| i32::from_str_radix(v.trim(), 8).ok());
+        match flags {
+            Some(f) if f & nix::libc::O_ACCMODE == nix::libc::O_RDONLY => {}
+            _ => return Some(target.display().to_string()),
+        }
+    }
+    None
 }
 
 /// Log lines go to stderr, which the master collects.

@@ -102,15 +102,22 @@ impl StoreDb {
         }
     }
 
-    /// Opens `db_dir/db.sqlite` for queries only: SQLite's read-only mode (the file descriptor
-    /// itself is `O_RDONLY`) and `query_only`, so neither a bug nor a compromised caller can
+    /// Opens `db_dir/db.sqlite` for queries only: SQLite's read-only mode with a read-only
+    /// WAL index (`readonly_shm`), so every descriptor is `O_RDONLY` even where the files are
+    /// writable by this uid, and `query_only`: neither a bug nor a compromised caller can
     /// write through it. In WAL mode this needs the `-wal` and `-shm` files to exist and a
     /// writer to hold the database open (the store-writer always does); the first query
     /// establishes that, so callers that lock themselves down run one before.
     pub fn open_read_only(db_dir: &Path, store_dir: &StoreDir) -> Result<StoreDb, DbError> {
+        let uri = format!(
+            "file:{}?readonly_shm=1",
+            uri_path(&db_dir.join("db.sqlite"))
+        );
         let conn = Connection::open_with_flags(
-            db_dir.join("db.sqlite"),
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            uri,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
         )?;
         Self::configure_reader(&conn)?;
         Ok(StoreDb::from_connection(conn, store_dir))
@@ -307,5 +314,62 @@ impl StoreDb {
             out.insert(self.parse(&r?)?);
         }
         Ok(out)
+    }
+}
+
+/// `path` for a `file:` URI: every byte but unreserved ones and `/` percent-encoded, so that
+/// `?`, `#` and `%` in a directory name stay part of the path.
+fn uri_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_paths_keep_odd_characters() {
+        assert_eq!(
+            uri_path(Path::new("/nix/var/nix/db/db.sqlite")),
+            "/nix/var/nix/db/db.sqlite"
+        );
+        assert_eq!(uri_path(Path::new("/a b/c?d#e%f")), "/a%20b/c%3Fd%23e%25f");
+    }
+
+    #[test]
+    fn read_only_connection_reads_and_refuses_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let odd = dir.path().join("state ?#%");
+        std::fs::create_dir(&odd).expect("mkdir");
+        let writer = Connection::open(odd.join("db.sqlite")).expect("open");
+        let _: String = writer
+            .query_row("pragma journal_mode = wal", [], |r| r.get(0))
+            .expect("wal");
+        writer.execute_batch(SCHEMA).expect("schema");
+        writer
+            .execute(
+                "insert into ValidPaths (path, hash, registrationTime) values (?, ?, 1)",
+                [
+                    "/nix/store/hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-x",
+                    "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                ],
+            )
+            .expect("insert");
+        let sd = StoreDir::new("/nix/store").expect("store dir");
+        let db = StoreDb::open_read_only(&odd, &sd).expect("open read-only");
+        db.warm_up().expect("warm up");
+        let p: StorePath = "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-x".parse().expect("path");
+        assert!(db.is_valid(&p).expect("query"));
+        assert!(db.conn().execute("delete from ValidPaths", []).is_err());
+        assert!(db.is_valid(&p).expect("still there"));
     }
 }

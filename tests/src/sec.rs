@@ -484,3 +484,28 @@ pub fn builder(kind: DaemonKind) -> crate::DaemonBuilder {
         other => Daemon::builder(other),
     }
 }
+
+/// The descriptors a process holds on the database directory's files, with their access mode
+/// (`O_RDONLY`, `O_WRONLY`, `O_RDWR`) from /proc/<pid>/fdinfo.
+pub fn db_descriptors(pid: i32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir") {
+        let entry = entry.expect("fd entry");
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if !target.contains("/var/nix/db/") {
+            continue;
+        }
+        let fd = entry.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+            .expect("flags line");
+        out.push((target, flags & nix::libc::O_ACCMODE));
+    }
+    out
+}

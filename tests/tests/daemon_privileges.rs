@@ -12,8 +12,8 @@ use std::time::Duration;
 use stockade_common::store_path::StoreDir;
 use stockade_tests::raw::{flat_nar, info_for, input_addressed_path, RawConn};
 use stockade_tests::sec::{
-    builder, instance_processes, is_setid, staging_leftovers, stockade_with, wait_staging_gone,
-    AuditCollector, ProcStatus, CAP_SYS_ADMIN,
+    builder, db_descriptors, instance_processes, is_setid, staging_leftovers, stockade_with,
+    wait_staging_gone, AuditCollector, ProcStatus, CAP_SYS_ADMIN,
 };
 use stockade_tests::{ensure_user, skip_unless_root, stockade_bin, Daemon, DaemonKind};
 
@@ -392,31 +392,6 @@ fn is_valid(c: &mut RawConn, path: &str) -> bool {
     c.flush().unwrap();
     assert!(c.response().unwrap().is_ok(), "IsValidPath {path}");
     c.r().read_u64("valid").unwrap() == 1
-}
-
-/// The descriptors a process holds on the database directory's files, with their access mode
-/// (`O_RDONLY`, `O_WRONLY`, `O_RDWR`) from /proc/<pid>/fdinfo.
-fn db_descriptors(pid: i32) -> Vec<(String, i32)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir") {
-        let entry = entry.expect("fd entry");
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy().into_owned();
-        if !target.contains("/var/nix/db/") {
-            continue;
-        }
-        let fd = entry.file_name().to_string_lossy().into_owned();
-        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
-        let flags = info
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
-            .expect("flags line");
-        out.push((target, flags & nix::libc::O_ACCMODE));
-    }
-    out
 }
 
 /// Brokers answer queries from their own connection to the database, opened read-only: every

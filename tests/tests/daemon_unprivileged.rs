@@ -7,7 +7,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use stockade_tests::sec::{instance_processes, private_broker_uids};
+use stockade_tests::sec::{db_descriptors, instance_processes, private_broker_uids};
 use stockade_tests::{ensure_user, skip_unless_root, Daemon, DaemonKind, Layout};
 
 #[test]
@@ -89,6 +89,13 @@ fn stockade_as_an_ordinary_user() {
         }
         if p.exe == "stockade-broker" {
             assert_eq!(p.seccomp, Some(2), "{p:?}");
+            // Same uid as the store-writer: SQLite would hold the WAL open read-write, so
+            // the broker leaves the database to the store-writer.
+            let fds = db_descriptors(p.pid);
+            assert!(
+                fds.is_empty(),
+                "the broker holds nothing of the database: {fds:?}"
+            );
         }
     }
 }
