@@ -17,7 +17,7 @@ use stockade_common::worker::{
 };
 
 use crate::error::{hl, OpError, OpResult};
-use crate::writer::Writer;
+use crate::store::Store;
 
 pub type ClientReader = WireReader<BufReader<UnixStream>>;
 pub type ClientWriter = WireWriter<UnixStream>;
@@ -29,7 +29,7 @@ pub struct Conn {
     pub minor: u8,
     pub cfg: BrokerConfig,
     pub sd: StoreDir,
-    pub writer: Writer,
+    pub store: Store,
     pub opts: ClientOptions,
     /// Where denials and setting overrides are recorded (syslog and `audit-socket`).
     pub audit: Audit,
@@ -51,7 +51,7 @@ pub enum End {
 impl Conn {
     pub fn new(
         client: UnixStream,
-        writer: Writer,
+        store: Store,
         cfg: BrokerConfig,
         audit: Audit,
     ) -> std::io::Result<Conn> {
@@ -66,7 +66,7 @@ impl Conn {
             minor: 0,
             cfg,
             sd,
-            writer,
+            store,
             opts: ClientOptions::default(),
             audit,
             working: false,

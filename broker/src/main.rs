@@ -10,7 +10,7 @@ mod error;
 mod lockdown;
 mod ops;
 mod proto;
-mod writer;
+mod store;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -83,11 +83,11 @@ fn run(args: &Args) -> Result<(), String> {
     let writer = Channel::from_fd(writer_fd).map_err(|e| format!("store-writer channel: {e}"))?;
     let client = UnixStream::from(client_fd);
     let conn_id = cfg.client.conn_id;
-    let mut writer = writer::Writer::new(writer, db);
-    writer
+    let mut store = store::Store::new(writer, db);
+    store
         .hello()
         .map_err(|e| format!("greeting the store-writer: {}", e.message))?;
-    let mut conn = conn::Conn::new(client, writer, *cfg, audit)
+    let mut conn = conn::Conn::new(client, store, *cfg, audit)
         .map_err(|e| format!("setting up the connection: {e}"))?;
     match conn.serve() {
         conn::End::Eof => Ok(()),
@@ -101,8 +101,9 @@ fn run(args: &Args) -> Result<(), String> {
 /// Opens the database read-only and reads from it once, so that every file SQLite needs is
 /// open before the lockdown. SQLite keeps them open for the connection's life (the store-writer
 /// holds the database open, so the WAL is never removed); should it ever need to open a file
-/// again, the query fails and the broker falls back to the store-writer. Without it (no database directory given, files this uid may
-/// not read) queries go to the store-writer, which is slower but answers the same.
+/// again, the query fails and the broker falls back to the store-writer. Without a connection
+/// (no database directory given, files this uid may not read, or may write) queries go to
+/// the store-writer, which is slower but answers the same.
 fn open_db(cfg: &BrokerConfig) -> Option<StoreDb> {
     let dir = std::path::Path::new(cfg.db_dir.as_deref()?);
     let store_dir = match StoreDir::new(&cfg.store_dir) {

@@ -20,7 +20,7 @@ use stockade_policy::overrides::{filter_override, OverrideDecision, SubstituterP
 use crate::conn::{Conn, Tee};
 use crate::error::{hl, OpError, OpResult};
 use crate::proto::{self, DerivedPath};
-use crate::writer::unexpected;
+use crate::store::unexpected;
 
 /// Bound on a framed upload's total size (a NAR can be many GB; this only stops nonsense).
 const MAX_UPLOAD: u64 = 1 << 42;
@@ -33,7 +33,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         Op::IsValidPath => {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             c.start_work();
-            let valid = c.writer.is_valid(&path)?;
+            let valid = c.store.is_valid(&path)?;
             c.stop_work()?;
             c.w.write_bool(valid)?;
         }
@@ -43,7 +43,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
                 let _substitute = c.r.read_bool("substitute flag")?;
             }
             c.start_work();
-            let valid = c.writer.query_valid(&paths)?;
+            let valid = c.store.query_valid(&paths)?;
             c.stop_work()?;
             proto::write_paths(&mut c.w, &c.sd, &valid)?;
         }
@@ -74,9 +74,9 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             let paths = match op {
                 Op::QueryReferences => require_info(c, &path)?.references,
-                Op::QueryReferrers => c.writer.referrers(&path)?,
-                Op::QueryValidDerivers => c.writer.valid_derivers(&path)?,
-                _ => c.writer.output_map(&path)?.into_values().collect(),
+                Op::QueryReferrers => c.store.referrers(&path)?,
+                Op::QueryValidDerivers => c.store.valid_derivers(&path)?,
+                _ => c.store.output_map(&path)?.into_values().collect(),
             };
             c.stop_work()?;
             proto::write_paths(&mut c.w, &c.sd, &paths)?;
@@ -91,7 +91,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         Op::QueryDerivationOutputMap => {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             c.start_work();
-            let map = c.writer.output_map(&path)?;
+            let map = c.store.output_map(&path)?;
             c.stop_work()?;
             c.w.write_u64(map.len() as u64)?;
             for (name, p) in &map {
@@ -109,13 +109,13 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         Op::QueryPathFromHashPart => {
             let hash_part = c.r.read_string_max("hash part", 64)?;
             c.start_work();
-            let found = c.writer.path_from_hash_part(&hash_part)?;
+            let found = c.store.path_from_hash_part(&hash_part)?;
             c.stop_work()?;
             proto::write_opt_path(&mut c.w, &c.sd, found.as_ref())?;
         }
         Op::QueryAllValidPaths => {
             c.start_work();
-            let paths = c.writer.all_valid()?;
+            let paths = c.store.all_valid()?;
             c.stop_work()?;
             proto::write_paths(&mut c.w, &c.sd, &paths)?;
         }
@@ -123,7 +123,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             c.start_work();
             let info = if c.minor >= 17 {
-                c.writer.path_info(&path)?
+                c.store.path_info(&path)?
             } else {
                 Some(require_info(c, &path)?)
             };
@@ -188,7 +188,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             // nix-daemon dumps without checking validity; we refuse paths that are not valid
             // (they may be half-written or garbage).
-            if !c.writer.is_valid(&path)? {
+            if !c.store.is_valid(&path)? {
                 return Err(invalid_path(c, &path));
             }
             c.stop_work()?;
@@ -253,7 +253,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         Op::EnsurePath => {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             c.start_work();
-            if !c.writer.is_valid(&path)? {
+            if !c.store.is_valid(&path)? {
                 return Err(OpError::client(format!(
                     "path '{}' does not exist and cannot be created",
                     hl(c.sd.display(&path))
@@ -265,14 +265,14 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         Op::AddTempRoot => {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             c.start_work();
-            c.writer.expect_ok(&Req::AddTempRoot { path })?;
+            c.store.expect_ok(&Req::AddTempRoot { path })?;
             c.stop_work()?;
             c.w.write_u64(1)?;
         }
         Op::AddIndirectRoot => {
             let link = c.r.read_path("root path")?;
             c.start_work();
-            c.writer.expect_ok(&Req::AddIndirectRoot { link })?;
+            c.store.expect_ok(&Req::AddIndirectRoot { link })?;
             c.stop_work()?;
             c.w.write_u64(1)?;
         }
@@ -284,7 +284,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             pops::op_allowed(pops::Op::AddPermRoot, c.trusted())
                 .map_err(|d| c.deny(op.name(), d.0))?;
-            let link = match c.writer.call(&Req::AddPermRoot { path, link })? {
+            let link = match c.store.call(&Req::AddPermRoot { path, link })? {
                 Rep::Text(t) => t,
                 other => return Err(unexpected(&other)),
             };
@@ -298,7 +298,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         }
         Op::FindRoots => {
             c.start_work();
-            let roots = match c.writer.call(&Req::FindRoots)? {
+            let roots = match c.store.call(&Req::FindRoots)? {
                 Rep::Roots(r) => r,
                 other => return Err(unexpected(&other)),
             };
@@ -355,7 +355,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             pops::op_allowed(pops::Op::AddSignatures, c.trusted())
                 .map_err(|d| c.deny(op.name(), d.0))?;
-            c.writer.expect_ok(&Req::AddSignatures {
+            c.store.expect_ok(&Req::AddSignatures {
                 path,
                 sigs: sigs.into_iter().collect(),
             })?;
@@ -401,7 +401,7 @@ fn invalid_path(c: &Conn, path: &StorePath) -> OpError {
 }
 
 fn require_info(c: &mut Conn, path: &StorePath) -> OpResult<PathInfo> {
-    match c.writer.path_info(path)? {
+    match c.store.path_info(path)? {
         Some(i) => Ok(i),
         None => Err(invalid_path(c, path)),
     }
@@ -409,7 +409,7 @@ fn require_info(c: &mut Conn, path: &StorePath) -> OpResult<PathInfo> {
 
 /// Reads a valid derivation from the store (read-only access is all the broker has).
 fn read_derivation(c: &mut Conn, path: &StorePath) -> OpResult<Derivation> {
-    if !c.writer.is_valid(path)? {
+    if !c.store.is_valid(path)? {
         return Err(invalid_path(c, path));
     }
     let name = path
@@ -431,7 +431,7 @@ fn read_derivation(c: &mut Conn, path: &StorePath) -> OpResult<Derivation> {
 fn call_relaying_logs(c: &mut Conn, req: &Req) -> OpResult<Rep> {
     let mut lines = Vec::new();
     let rep = c
-        .writer
+        .store
         .call_logged(req, &[], &mut |level, text| lines.push((level, text)));
     for (level, text) in lines {
         c.log(Verbosity::from_wire(level), &text)?;
@@ -501,7 +501,7 @@ fn start_upload(c: &mut Conn, req: &Req) -> OpResult<Upload> {
         std::os::fd::AsRawFd::as_raw_fd(&tx),
         nix::fcntl::FcntlArg::F_SETPIPE_SZ(UPLOAD_PIPE_SIZE),
     );
-    c.writer.send(req, &[rx.as_fd()])?;
+    c.store.send(req, &[rx.as_fd()])?;
     drop(rx);
     Ok(Upload {
         tx: crate::conn::pipe_writer(tx),
@@ -513,7 +513,7 @@ fn finish_upload(c: &mut Conn, up: Upload) -> OpResult<Rep> {
     let mut tx = up.tx;
     let _ = tx.flush();
     drop(tx);
-    c.writer.recv_reply()
+    c.store.recv_reply()
 }
 
 /// Copies a framed stream from the client into `out`, always reading to its terminator.
@@ -615,7 +615,7 @@ fn add_to_store(c: &mut Conn) -> OpResult<()> {
         if let Err(e) = res {
             // Where a bare NAR ends is unknown after a parse error: the stream is lost.
             drop(up);
-            let _ = c.writer.recv_reply();
+            let _ = c.store.recv_reply();
             return Err(OpError::fatal(e.message));
         }
         c.start_work();
@@ -732,7 +732,7 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
         };
         if let Err(e) = res {
             drop(up);
-            let _ = c.writer.recv_reply();
+            let _ = c.store.recv_reply();
             return Err(OpError::fatal(e.to_string()));
         }
         expect_ok(finish_upload(c, up)?)?;
@@ -749,7 +749,7 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
         };
         if let Err(e) = res {
             drop(up);
-            let _ = c.writer.recv_reply();
+            let _ = c.store.recv_reply();
             return Err(OpError::from(e));
         }
         c.start_work();
@@ -818,11 +818,7 @@ fn import_paths(c: &mut Conn) -> OpResult<Vec<StorePath>> {
     let mut imported = Vec::new();
     // One buffered tunnel for the whole stream: what it read ahead belongs to the next entry.
     let Conn {
-        r,
-        w,
-        writer,
-        minor,
-        ..
+        r, w, store, minor, ..
     } = c;
     let tunnel = TunnelSource {
         r,
@@ -885,9 +881,9 @@ fn import_paths(c: &mut Conn) -> OpResult<Vec<StorePath>> {
             dont_check_sigs,
             batch: None,
         };
-        writer.send(&req, &[memfd.as_fd()])?;
+        store.send(&req, &[memfd.as_fd()])?;
         drop(memfd);
-        expect_ok(writer.recv_reply()?)?;
+        expect_ok(store.recv_reply()?)?;
         imported.push(path);
     }
     Ok(imported)
@@ -909,11 +905,11 @@ fn add_multiple(c: &mut Conn) -> OpResult<()> {
         opened: false,
     };
     let result = {
-        let Conn { r, writer, .. } = &mut *c;
+        let Conn { r, store, .. } = &mut *c;
         let mut fr = FramedReader::with_limits(r.get_mut(), &limits, MAX_UPLOAD);
         let res = add_multiple_inner(
             &mut fr,
-            writer,
+            store,
             &sd,
             repair,
             dont_check_sigs,
@@ -931,13 +927,13 @@ fn add_multiple(c: &mut Conn) -> OpResult<()> {
     match result {
         Ok(()) => {
             if state.opened {
-                expect_ok(c.writer.call(&Req::CommitBatch { batch })?)?;
+                expect_ok(c.store.call(&Req::CommitBatch { batch })?)?;
             }
             c.stop_work()
         }
         Err(e) => {
             if state.opened {
-                let _ = c.writer.call(&Req::AbortBatch { batch });
+                let _ = c.store.call(&Req::AbortBatch { batch });
             }
             Err(e)
         }
@@ -953,7 +949,7 @@ struct BatchState {
 
 fn add_multiple_inner<R: Read>(
     fr: &mut FramedReader<R>,
-    writer: &mut crate::writer::Writer,
+    store: &mut crate::store::Store,
     sd: &stockade_common::store_path::StoreDir,
     repair: bool,
     dont_check_sigs: bool,
@@ -973,7 +969,7 @@ fn add_multiple_inner<R: Read>(
         };
         let (rx, tx): (OwnedFd, OwnedFd) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        writer.send(&req, &[rx.as_fd()])?;
+        store.send(&req, &[rx.as_fd()])?;
         batch.opened = true;
         drop(rx);
         let mut out = crate::conn::pipe_writer(tx);
@@ -987,7 +983,7 @@ fn add_multiple_inner<R: Read>(
         };
         let _ = out.flush();
         drop(out);
-        let rep = writer.recv_reply();
+        let rep = store.recv_reply();
         res?;
         expect_ok(rep?)?;
     }
@@ -1104,22 +1100,22 @@ fn query_missing(c: &mut Conn, targets: &[DerivedPath]) -> OpResult<Missing> {
         }
         match t {
             DerivedPath::Opaque(p) => {
-                if !c.writer.is_valid(&p)? {
+                if !c.store.is_valid(&p)? {
                     m.unknown.insert(p);
                 }
             }
             DerivedPath::Built { drv, outputs } => {
-                if !c.writer.is_valid(&drv)? {
+                if !c.store.is_valid(&drv)? {
                     m.unknown.insert(drv);
                     continue;
                 }
-                let map = c.writer.output_map(&drv)?;
+                let map = c.store.output_map(&drv)?;
                 let wanted: BTreeSet<StorePath> = map
                     .iter()
                     .filter(|(name, _)| outputs.is_empty() || outputs.contains(*name))
                     .map(|(_, p)| p.clone())
                     .collect();
-                let valid = c.writer.query_valid(&wanted)?;
+                let valid = c.store.query_valid(&wanted)?;
                 if valid.len() == wanted.len() && !map.is_empty() {
                     continue;
                 }
@@ -1147,7 +1143,7 @@ fn realise_existing(
     for t in targets {
         match t {
             DerivedPath::Opaque(p) => {
-                if !c.writer.is_valid(p)? {
+                if !c.store.is_valid(p)? {
                     return Err(OpError::client(format!(
                         "path '{}' does not exist and cannot be created",
                         hl(c.sd.display(p))
@@ -1157,14 +1153,14 @@ fn realise_existing(
             }
             DerivedPath::Built { drv, outputs } => {
                 let d = read_derivation(c, drv)?;
-                let map = c.writer.output_map(drv)?;
+                let map = c.store.output_map(drv)?;
                 let mut built = BTreeMap::new();
                 for name in d.outputs.keys() {
                     if !outputs.is_empty() && !outputs.contains(name) {
                         continue;
                     }
                     let valid = match map.get(name) {
-                        Some(p) => c.writer.is_valid(p)?.then(|| p.clone()),
+                        Some(p) => c.store.is_valid(p)?.then(|| p.clone()),
                         None => None,
                     };
                     match valid {

@@ -17,7 +17,7 @@ use stockade_common::store_path::{StorePath, HASH_LEN};
 
 use crate::error::{hl, OpError, OpResult};
 
-pub struct Writer {
+pub struct Store {
     ch: Channel,
     /// The read-only database connection, if the broker could open one before its lockdown.
     db: Option<StoreDb>,
@@ -26,10 +26,10 @@ pub struct Writer {
 /// Receives the store-writer's log lines while a request runs.
 pub type LogSink<'a> = &'a mut dyn FnMut(u32, String);
 
-impl Writer {
-    pub fn new(mut ch: Channel, db: Option<StoreDb>) -> Writer {
+impl Store {
+    pub fn new(mut ch: Channel, db: Option<StoreDb>) -> Store {
         ch.enable_spill(BROKER_SPILL_MAX);
-        Writer { ch, db }
+        Store { ch, db }
     }
 
     /// Runs `f` on the local read connection. `None` when there is none, or when SQLite itself
