@@ -385,6 +385,24 @@ fn add_text(d: &Daemon, name: &str, contents: &str) -> String {
         .to_string()
 }
 
+/// A connection as `user`, past the handshake and SetOptions.
+fn session_as(d: &Daemon, user: &stockade_tests::User) -> RawConn {
+    let mut c = RawConn::connect_as(d, user).expect("connect");
+    c.handshake().expect("handshake");
+    assert!(c.set_options(&[]).unwrap().is_ok());
+    c
+}
+
+/// What the (only) broker holds of the database directory.
+fn broker_db_descriptors(d: &Daemon) -> Vec<(String, i32)> {
+    let procs = instance_processes(d, "stockade");
+    let broker = procs
+        .iter()
+        .find(|p| p.exe == "stockade-broker")
+        .expect("a broker");
+    db_descriptors(broker.pid)
+}
+
 /// An IsValidPath round trip on an open connection.
 fn is_valid(c: &mut RawConn, path: &str) -> bool {
     c.send_u64(1).unwrap(); // IsValidPath
@@ -402,17 +420,10 @@ fn broker_reads_the_database_read_only() {
     let bob = ensure_user("st-bob").unwrap();
     let (d, _) = daemon_with_range();
     let path = add_text(&d, "queried", "queried by bob\n");
-    let mut c = RawConn::connect_as(&d, &bob).expect("connect");
-    c.handshake().expect("handshake");
-    assert!(c.set_options(&[]).unwrap().is_ok());
+    let mut c = session_as(&d, &bob);
     assert!(is_valid(&mut c, &path), "{path} is valid");
 
-    let procs = instance_processes(&d, "stockade");
-    let broker = procs
-        .iter()
-        .find(|p| p.exe == "stockade-broker")
-        .expect("a broker");
-    let fds = db_descriptors(broker.pid);
+    let fds = broker_db_descriptors(&d);
     assert!(
         fds.iter().any(|(t, _)| t.ends_with("/db/db.sqlite")),
         "the broker holds the database open: {fds:?}"
@@ -478,18 +489,11 @@ fn brokers_can_be_kept_away_from_the_database() {
         .start()
         .expect("stockade");
     let path = add_text(&d, "mediated", "every query through the store-writer\n");
-    let mut c = RawConn::connect_as(&d, &bob).expect("connect");
-    c.handshake().expect("handshake");
-    assert!(c.set_options(&[]).unwrap().is_ok());
+    let mut c = session_as(&d, &bob);
     assert!(is_valid(&mut c, &path), "{path} is valid");
     let later = add_text(&d, "mediated-later", "added after the broker started\n");
     assert!(is_valid(&mut c, &later), "{later} is valid");
-    let procs = instance_processes(&d, "stockade");
-    let broker = procs
-        .iter()
-        .find(|p| p.exe == "stockade-broker")
-        .expect("a broker");
-    let fds = db_descriptors(broker.pid);
+    let fds = broker_db_descriptors(&d);
     assert!(
         fds.is_empty(),
         "the broker holds nothing of the database: {fds:?}"
@@ -540,9 +544,7 @@ fn broker_reads_a_rollback_journal_database() {
         .conf_line("use-sqlite-wal = false")
         .start()
         .expect("stockade");
-    let mut c = RawConn::connect_as(&d, &bob).expect("connect");
-    c.handshake().expect("handshake");
-    assert!(c.set_options(&[]).unwrap().is_ok());
+    let mut c = session_as(&d, &bob);
     for i in 0..5 {
         let p = add_text(&d, &format!("journal-{i}"), &format!("journal {i}\n"));
         assert!(is_valid(&mut c, &p), "{p} is valid");
