@@ -39,7 +39,9 @@ pub struct Session {
     store: Arc<Store>,
     client: ClientIdentity,
     chan: Channel,
-    reader: Option<StoreDb>,
+    /// This thread's read connection, opened at the first query: brokers answer most queries
+    /// themselves, so many sessions never need one.
+    reader: std::cell::OnceCell<StoreDb>,
     roots: Arc<Mutex<TempRoots>>,
     hello: bool,
     batches: HashMap<u64, Batch>,
@@ -56,25 +58,11 @@ pub fn serve(
     if let Err(e) = chan.set_write_timeout(Some(SEND_TIMEOUT)) {
         log::warn!("conn {}: cannot set a send timeout: {e}", client.conn_id);
     }
-    let reader = if store.shared_reads {
-        None
-    } else {
-        match store.reader() {
-            Ok(r) => Some(r),
-            Err(e) => {
-                log::error!(
-                    "conn {}: cannot open a database reader: {e}",
-                    client.conn_id
-                );
-                return;
-            }
-        }
-    };
     let mut s = Session {
         store,
         client,
         chan,
-        reader,
+        reader: std::cell::OnceCell::new(),
         roots,
         hello: false,
         batches: HashMap::new(),
@@ -140,9 +128,23 @@ impl Session {
 
     /// Runs a query on this thread's reader (or the shared connection when configured so).
     fn q<T>(&self, f: impl FnOnce(&StoreDb) -> Result<T, DbError>) -> Result<T, ReqError> {
-        match &self.reader {
+        if self.store.shared_reads {
+            return Ok(f(&self.store.db())?);
+        }
+        if self.reader.get().is_none() {
+            let opened = self.store.reader().map_err(|e| {
+                log::error!(
+                    "conn {}: cannot open a database reader: {e}",
+                    self.client.conn_id
+                );
+                e
+            })?;
+            // Only this thread touches the cell, so it is empty here.
+            let _ = self.reader.set(opened);
+        }
+        match self.reader.get() {
             Some(r) => Ok(f(r)?),
-            None => Ok(f(&self.store.db())?),
+            None => Err(ReqError::failed("no database reader")),
         }
     }
 
