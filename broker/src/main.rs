@@ -153,10 +153,14 @@ fn writable_descriptor_in(dir: &std::path::Path) -> Option<String> {
         if target.parent() != Some(dir) && target.parent() != Some(real.as_path()) {
             continue;
         }
-        let info = std::fs::read_to_string(
-            std::path::Path::new("/proc/self/fdinfo").join(entry.file_name()),
-        )
-        .unwrap_or_default();
+        // `flags:` is the second line; one read (the file claims size 0, so reading it whole
+        // would take a system call per buffer doubling).
+        let mut head = [0u8; 256];
+        let n =
+            std::fs::File::open(std::path::Path::new("/proc/self/fdinfo").join(entry.file_name()))
+                .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+                .unwrap_or(0);
+        let info = String::from_utf8_lossy(&head[..n]);
         let flags = info
             .lines()
             .find_map(|l| l.strip_prefix("flags:"))

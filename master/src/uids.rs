@@ -223,7 +223,7 @@ pub fn uids_with_processes(proc_dir: &Path) -> HashSet<u32> {
             continue;
         }
         // The process may have gone meanwhile; then it has no uid either.
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+        let Some(status) = status_head(&entry.path().join("status")) else {
             continue;
         };
         if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
@@ -235,6 +235,16 @@ pub fn uids_with_processes(proc_dir: &Path) -> HashSet<u32> {
         }
     }
     out
+}
+
+/// The start of a `/proc/<pid>/status` file, where `Uid:` is (after Name, Umask, State, Tgid,
+/// Ngid, Pid, PPid, TracerPid), in one `read`: the file reports size 0, so reading it whole
+/// grows the buffer from 32 bytes, one system call per doubling.
+fn status_head(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 1024];
+    let n = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Kill every process of `uid`: a child switches to it and signals all it may signal, which
