@@ -5,11 +5,7 @@ use stockade_common::nar::NarError;
 use stockade_common::store_path::StorePathError;
 use stockade_common::worker::WireError;
 
-/// Nix wraps every argument of an error message in magenta bold (`hintfmt`); clients strip the
-/// escapes when their stderr is not a terminal, so we reproduce them exactly.
-pub fn hl(s: impl std::fmt::Display) -> String {
-    format!("\x1b[35;1m{s}\x1b[0m")
-}
+pub use stockade_common::worker::hl;
 
 /// What ended an operation early.
 #[derive(Debug)]

@@ -6,16 +6,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::BorrowedFd;
 
-use stockade_common::base32;
 use stockade_common::db::{DbError, StoreDb};
 use stockade_common::ipc::msg::{
     BrokerToStoreWriter as Req, StoreWriterToBroker as Rep, BROKER_SPILL_MAX, QUERY_CHUNK,
 };
 use stockade_common::ipc::Channel;
 use stockade_common::narinfo::PathInfo;
-use stockade_common::store_path::{StorePath, HASH_LEN};
+use stockade_common::store_path::StorePath;
 
-use crate::error::{hl, OpError, OpResult};
+use crate::error::{OpError, OpResult};
 
 pub struct Store {
     ch: Channel,
@@ -44,11 +43,7 @@ impl Store {
                 self.db = None;
                 None
             }
-            Err(DbError::InvalidPath(p)) => Some(Err(OpError::client(format!(
-                "path '{}' is not valid",
-                hl(p)
-            )))),
-            Err(e) => Some(Err(OpError::client(e.to_string()))),
+            Err(e) => Some(Err(OpError::client(e.client_message()))),
         }
     }
 
@@ -123,17 +118,8 @@ impl Store {
 
     /// The valid subset of `paths`, asked in chunks so no message grows with the request.
     pub fn query_valid(&mut self, paths: &BTreeSet<StorePath>) -> OpResult<BTreeSet<StorePath>> {
-        let local = self.local(|db| {
-            let mut out = BTreeSet::new();
-            for p in paths {
-                if db.is_valid(p)? {
-                    out.insert(p.clone());
-                }
-            }
-            Ok(out)
-        });
-        if let Some(r) = local {
-            return r;
+        if let Some(r) = self.local(|db| db.query_valid_paths(paths)) {
+            return r.map(|v| v.into_iter().collect());
         }
         let all: Vec<StorePath> = paths.iter().cloned().collect();
         let mut out = BTreeSet::new();
@@ -179,14 +165,7 @@ impl Store {
         self.paths(&Req::QueryAllValidPaths)
     }
 
-    /// Nix checks only the length; a hash part that is not Nix base32 names no path.
     pub fn path_from_hash_part(&mut self, hash_part: &str) -> OpResult<Option<StorePath>> {
-        if hash_part.len() != HASH_LEN {
-            return Err(OpError::client("invalid hash part"));
-        }
-        if !base32::is_valid_str(hash_part) {
-            return Ok(None);
-        }
         if let Some(r) = self.local(|db| db.query_path_from_hash_part(hash_part)) {
             return r;
         }

@@ -11,10 +11,12 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use thiserror::Error;
 
+use crate::base32;
 use crate::content_address::ContentAddress;
 use crate::hash::Hash;
 use crate::narinfo::PathInfo;
-use crate::store_path::{StoreDir, StorePath};
+use crate::store_path::{StoreDir, StorePath, HASH_LEN};
+use crate::worker::hl;
 
 pub const SCHEMA_VERSION: u32 = 10;
 
@@ -85,6 +87,23 @@ pub enum DbError {
     InvalidPath(String),
     #[error("cycle detected in the references of '{0}'")]
     Cycle(String),
+    #[error("invalid hash part")]
+    InvalidHashPart,
+}
+
+impl DbError {
+    /// The text a client sees, with Nix's highlighting of the path where Nix has it.
+    pub fn client_message(&self) -> String {
+        match self {
+            DbError::InvalidPath(p) => format!("path '{}' is not valid", hl(p)),
+            DbError::FalseCa(p) => format!(
+                "cannot add path '{}' to the Nix store because it claims to be content-addressed but isn't",
+                hl(p)
+            ),
+            DbError::Cycle(p) => format!("cycle detected in the references of '{}'", hl(p)),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// A connection to `db.sqlite` and the store directory its paths are written under.
@@ -181,6 +200,20 @@ impl StoreDb {
 
     pub fn is_valid(&self, p: &StorePath) -> Result<bool, DbError> {
         Ok(self.path_id(p)?.is_some())
+    }
+
+    /// The valid ones among `paths`.
+    pub fn query_valid_paths<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a StorePath>,
+    ) -> Result<Vec<StorePath>, DbError> {
+        let mut out = Vec::new();
+        for p in paths {
+            if self.is_valid(p)? {
+                out.push(p.clone());
+            }
+        }
+        Ok(out)
     }
 
     pub fn query_path_info(&self, p: &StorePath) -> Result<Option<PathInfo>, DbError> {
@@ -293,8 +326,15 @@ impl StoreDb {
     }
 
     /// Looks a path up by its 32-character hash part, as Nix does: the first path sorting at
-    /// or after `<storeDir>/<hash>`, if it starts with that prefix.
+    /// or after `<storeDir>/<hash>`, if it starts with that prefix. Like Nix, only the length is
+    /// checked; 32 characters that are not Nix base32 name no path.
     pub fn query_path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>, DbError> {
+        if hash_part.len() != HASH_LEN {
+            return Err(DbError::InvalidHashPart);
+        }
+        if !base32::is_valid_str(hash_part) {
+            return Ok(None);
+        }
         let prefix = format!("{}/{}", self.store_dir.as_str(), hash_part);
         let found: Option<String> = self
             .conn
@@ -369,6 +409,26 @@ mod tests {
         db.warm_up().expect("warm up");
         let p: StorePath = "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-x".parse().expect("path");
         assert!(db.is_valid(&p).expect("query"));
+        let missing: StorePath = "00000000000000000000000000000000-y".parse().expect("path");
+        assert_eq!(
+            db.query_valid_paths([&p, &missing]).expect("valid subset"),
+            vec![p.clone()]
+        );
+        assert_eq!(
+            db.query_path_from_hash_part(p.hash_part())
+                .expect("by hash"),
+            Some(p.clone())
+        );
+        // Like Nix: only the length is checked.
+        assert!(matches!(
+            db.query_path_from_hash_part("short"),
+            Err(DbError::InvalidHashPart)
+        ));
+        assert_eq!(
+            db.query_path_from_hash_part("hv2lxdwpbmd9zfj87n6n7z5wxhnswiz%")
+                .expect("not base32"),
+            None
+        );
         assert!(db.conn().execute("delete from ValidPaths", []).is_err());
         assert!(db.is_valid(&p).expect("still there"));
     }

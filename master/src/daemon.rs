@@ -724,14 +724,9 @@ impl Daemon {
 
         let max = self.ctx.cfg.stockade.max_connections;
         let max_uid = self.ctx.cfg.stockade.max_connections_per_uid;
-        let at_limit = |d: &Self| {
-            (max > 0 && d.conns.len() >= max as usize)
-                || (max_uid > 0 && d.per_uid.get(&cred.uid).copied().unwrap_or(0) >= max_uid)
-        };
-        // Brokers whose clients just left may not have been reaped yet: they do not count.
-        if at_limit(self) {
-            self.reap();
-        }
+        // Brokers whose clients just left may not have been reaped yet (their SIGCHLD is
+        // still queued): they do not count. One `waitpid` when there is nothing to reap.
+        self.reap();
         let of_uid = self.per_uid.get(&cred.uid).copied().unwrap_or(0);
         if max > 0 && self.conns.len() >= max as usize {
             let reason = format!("max-connections ({max}) reached");

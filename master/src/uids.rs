@@ -306,18 +306,15 @@ mod tests {
         d
     }
 
+    /// A pool over `first..=last` that kills nothing and locks nothing, seeing `proc`.
+    fn test_pool(first: u32, last: u32, proc: &tempfile::TempDir) -> UidPool {
+        UidPool::with(UidRange { first, last }, false, proc.path(), None)
+    }
+
     #[test]
     fn round_robin_and_exhaustion() {
         let proc = fake_proc(&[]);
-        let mut pool = UidPool::with(
-            UidRange {
-                first: 10,
-                last: 12,
-            },
-            false,
-            proc.path(),
-            None,
-        );
+        let mut pool = test_pool(10, 12, &proc);
         assert_eq!(pool.allocate(), Some(10));
         assert_eq!(pool.allocate(), Some(11));
         pool.release(10);
@@ -332,15 +329,7 @@ mod tests {
     fn uids_with_processes_are_not_reused() {
         // uid 11 has a leftover process (saved uid only); 12 belonged to an earlier run.
         let proc = fake_proc(&[(100, [5, 5, 11, 5]), (101, [12, 12, 12, 12])]);
-        let mut pool = UidPool::with(
-            UidRange {
-                first: 10,
-                last: 12,
-            },
-            false,
-            proc.path(),
-            None,
-        );
+        let mut pool = test_pool(10, 12, &proc);
         assert_eq!(pool.draining(), 2);
         assert_eq!(pool.allocate(), Some(10));
         pool.release(10);
@@ -355,15 +344,7 @@ mod tests {
     #[test]
     fn release_with_leftovers_drains() {
         let proc = fake_proc(&[]);
-        let mut pool = UidPool::with(
-            UidRange {
-                first: 20,
-                last: 21,
-            },
-            false,
-            proc.path(),
-            None,
-        );
+        let mut pool = test_pool(20, 21, &proc);
         assert_eq!(pool.allocate(), Some(20));
         let p = proc.path().join("200");
         fs::create_dir(&p).expect("mkdir");
@@ -401,15 +382,7 @@ mod tests {
     #[test]
     fn released_uids_are_checked_in_batches() {
         let proc = fake_proc(&[]);
-        let mut pool = UidPool::with(
-            UidRange {
-                first: 40,
-                last: 41,
-            },
-            false,
-            proc.path(),
-            None,
-        );
+        let mut pool = test_pool(40, 41, &proc);
         assert_eq!(pool.allocate(), Some(40));
         assert_eq!(pool.allocate(), Some(41));
         pool.release(40);

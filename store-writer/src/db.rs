@@ -104,11 +104,6 @@ impl Db {
         })
     }
 
-    /// A second connection for queries only (`query_only`, so a bug cannot write through it).
-    pub fn open_reader(db_dir: &Path, store_dir: &StoreDir) -> Result<StoreDb, DbError> {
-        StoreDb::open_reader(db_dir, store_dir)
-    }
-
     pub fn add_signatures(
         &mut self,
         p: &StorePath,

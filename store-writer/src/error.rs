@@ -2,11 +2,7 @@
 
 use crate::db::DbError;
 
-/// Nix's highlighting of arguments in error messages (`ANSI_WARNING` … `ANSI_NORMAL`); clients
-/// and tests expect the exact bytes.
-pub fn hl(s: impl std::fmt::Display) -> String {
-    format!("\x1b[35;1m{s}\x1b[0m")
-}
+pub use stockade_common::worker::hl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReqError {
@@ -28,15 +24,7 @@ impl ReqError {
 
 impl From<DbError> for ReqError {
     fn from(e: DbError) -> Self {
-        ReqError::Failed(match e {
-            DbError::InvalidPath(p) => format!("path '{}' is not valid", hl(p)),
-            DbError::FalseCa(p) => format!(
-                "cannot add path '{}' to the Nix store because it claims to be content-addressed but isn't",
-                hl(p)
-            ),
-            DbError::Cycle(p) => format!("cycle detected in the references of '{}'", hl(p)),
-            other => other.to_string(),
-        })
+        ReqError::Failed(e.client_message())
     }
 }
 

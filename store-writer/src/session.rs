@@ -11,13 +11,11 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stockade_common::base32;
 use stockade_common::ipc::msg::{
     BrokerToStoreWriter as Req, ClientIdentity, StoreWriterToBroker as Reply, BROKER_SPILL_MAX,
     QUERY_CHUNK, VERSION,
 };
 use stockade_common::ipc::{self, Channel};
-use stockade_common::store_path::HASH_LEN;
 
 use crate::add::{self, Batch, Ctx, MAX_BATCHES};
 use crate::audit::Severity;
@@ -179,15 +177,7 @@ impl Session {
                         paths.len()
                     )));
                 }
-                let valid = self.q(|db| {
-                    let mut out = Vec::new();
-                    for p in paths {
-                        if db.is_valid(&p)? {
-                            out.push(p);
-                        }
-                    }
-                    Ok(out)
-                })?;
+                let valid = self.q(|db| db.query_valid_paths(&paths))?;
                 Ok(Reply::Paths(valid))
             }
             Req::QueryPathInfo { path } => Ok(Reply::PathInfo(
@@ -204,18 +194,9 @@ impl Session {
             Req::QueryDerivationOutputs { drv } => Ok(Reply::OutputMap(
                 self.q(|db| db.query_derivation_outputs(&drv))?,
             )),
-            Req::QueryPathFromHashPart { hash_part } => {
-                if hash_part.len() != HASH_LEN {
-                    return Err(ReqError::failed("invalid hash part"));
-                }
-                // Nix checks only the length; anything else simply names no path.
-                if !base32::is_valid_str(&hash_part) {
-                    return Ok(Reply::OptPath(None));
-                }
-                Ok(Reply::OptPath(
-                    self.q(|db| db.query_path_from_hash_part(&hash_part))?,
-                ))
-            }
+            Req::QueryPathFromHashPart { hash_part } => Ok(Reply::OptPath(
+                self.q(|db| db.query_path_from_hash_part(&hash_part))?,
+            )),
             Req::QueryAllValidPaths => Ok(Reply::Paths(
                 self.q(|db| db.query_all_valid_paths())?.into_iter().collect(),
             )),

@@ -255,7 +255,7 @@ impl Store {
 
     /// A fresh read connection for one broker thread.
     pub fn reader(&self) -> Result<StoreDb, DbError> {
-        Db::open_reader(&self.db_dir, &self.store_dir)
+        StoreDb::open_reader(&self.db_dir, &self.store_dir)
     }
 
     pub fn store_fd(&self) -> BorrowedFd<'_> {

@@ -289,6 +289,22 @@ impl RawConn {
         RawConn::from_stream(UnixStream::connect(d.socket_path())?)
     }
 
+    /// A connection as `user` (root when `None`) past the handshake and an empty SetOptions:
+    /// ready for an operation. Panics on failure (for tests).
+    pub fn session(d: &Daemon, user: Option<&User>) -> RawConn {
+        let mut c = match user {
+            Some(u) => RawConn::connect_as(d, u),
+            None => RawConn::connect(d),
+        }
+        .expect("connect");
+        c.handshake().expect("handshake");
+        assert!(
+            c.set_options(&[]).expect("SetOptions").is_ok(),
+            "SetOptions"
+        );
+        c
+    }
+
     /// Connects to `d`'s socket as `user`.
     pub fn connect_as(d: &Daemon, user: &User) -> io::Result<RawConn> {
         RawConn::from_stream(connect_socket_as(&d.socket_path(), user)?)

@@ -385,14 +385,6 @@ fn add_text(d: &Daemon, name: &str, contents: &str) -> String {
         .to_string()
 }
 
-/// A connection as `user`, past the handshake and SetOptions.
-fn session_as(d: &Daemon, user: &stockade_tests::User) -> RawConn {
-    let mut c = RawConn::connect_as(d, user).expect("connect");
-    c.handshake().expect("handshake");
-    assert!(c.set_options(&[]).unwrap().is_ok());
-    c
-}
-
 /// What the (only) broker holds of the database directory.
 fn broker_db_descriptors(d: &Daemon) -> Vec<(String, i32)> {
     let procs = instance_processes(d, "stockade");
@@ -420,7 +412,7 @@ fn broker_reads_the_database_read_only() {
     let bob = ensure_user("st-bob").unwrap();
     let (d, _) = daemon_with_range();
     let path = add_text(&d, "queried", "queried by bob\n");
-    let mut c = session_as(&d, &bob);
+    let mut c = RawConn::session(&d, Some(&bob));
     assert!(is_valid(&mut c, &path), "{path} is valid");
 
     let fds = broker_db_descriptors(&d);
@@ -489,7 +481,7 @@ fn brokers_can_be_kept_away_from_the_database() {
         .start()
         .expect("stockade");
     let path = add_text(&d, "mediated", "every query through the store-writer\n");
-    let mut c = session_as(&d, &bob);
+    let mut c = RawConn::session(&d, Some(&bob));
     assert!(is_valid(&mut c, &path), "{path} is valid");
     let later = add_text(&d, "mediated-later", "added after the broker started\n");
     assert!(is_valid(&mut c, &later), "{later} is valid");
@@ -544,7 +536,7 @@ fn broker_reads_a_rollback_journal_database() {
         .conf_line("use-sqlite-wal = false")
         .start()
         .expect("stockade");
-    let mut c = session_as(&d, &bob);
+    let mut c = RawConn::session(&d, Some(&bob));
     for i in 0..5 {
         let p = add_text(&d, &format!("journal-{i}"), &format!("journal {i}\n"));
         assert!(is_valid(&mut c, &p), "{p} is valid");

@@ -6,7 +6,7 @@
 //! Needs root (namespaces, useradd); fails loudly in CI without it.
 
 use stockade_tests::raw::{Outcome, RawConn};
-use stockade_tests::{ensure_user, skip_unless_root, Daemon};
+use stockade_tests::{ensure_user, skip_unless_root};
 
 const ADD_PERM_ROOT: u64 = 47;
 const IS_VALID_PATH: u64 = 1;
@@ -33,17 +33,6 @@ fn still_in_step(c: &mut RawConn, path: &str) {
     assert_eq!(c.r().read_u64("valid").unwrap(), 1);
 }
 
-fn connect(d: &Daemon, user: Option<&stockade_tests::User>) -> RawConn {
-    let mut c = match user {
-        Some(u) => RawConn::connect_as(d, u),
-        None => RawConn::connect(d),
-    }
-    .expect("connect");
-    c.handshake().expect("handshake");
-    assert!(c.set_options(&[]).unwrap().is_ok());
-    c
-}
-
 #[test]
 fn perm_roots_for_trusted_clients_below_the_state_dir() {
     skip_unless_root!();
@@ -60,7 +49,7 @@ fn perm_roots_for_trusted_clients_below_the_state_dir() {
     std::fs::create_dir_all(d.host_path("/nix/var/nix/gcroots/perm")).unwrap();
 
     // Untrusted: refused with nix-daemon's words, nothing created, connection usable.
-    let mut c = connect(&d, Some(&bob));
+    let mut c = RawConn::session(&d, Some(&bob));
     let e = add_perm_root(&mut c, &path, link).unwrap_err();
     assert!(
         e.contains("you are not privileged to create perm roots"),
@@ -71,7 +60,7 @@ fn perm_roots_for_trusted_clients_below_the_state_dir() {
     drop(c);
 
     // Trusted: the link (given with `..` and `//`, canonicalised), registered as a root.
-    let mut c = connect(&d, None);
+    let mut c = RawConn::session(&d, None);
     let got = add_perm_root(&mut c, &path, "/nix/var/nix/gcroots//x/../perm/result").unwrap();
     assert_eq!(got, link);
     let target = std::fs::read_link(d.host_path(link)).expect("the link exists");

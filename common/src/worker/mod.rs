@@ -11,6 +11,13 @@
 //! [`PROTOCOL_VERSION`] and implementing the op-level fields of those versions; the handshake
 //! steps (trust flag at 35, feature sets at 38) are already gated here.
 
+/// Nix's highlighting of the arguments in error messages (`ANSI_WARNING` … `ANSI_NORMAL`, its
+/// `hintfmt`); clients strip the escapes when their stderr is not a terminal, and tests compare
+/// the exact bytes, so every process renders them alike.
+pub fn hl(s: impl std::fmt::Display) -> String {
+    format!("\x1b[35;1m{s}\x1b[0m")
+}
+
 mod framed;
 mod handshake;
 mod options;
