@@ -10,7 +10,7 @@ list=scripts/defences.txt
 target=target/defences-off
 mapfile -t rows < <(grep -v '^\s*#' "$list" | grep -v '^\s*$')
 [ "${#rows[@]}" -gt 0 ] || { echo "no defences listed in $list"; exit 0; }
-features=$(printf '%s\n' "${rows[@]}" | awk '{print $1}' | sort -u | paste -sd, -)
+features=$(printf '%s\n' "${rows[@]}" | awk '{print $1}' | tr , '\n' | sort -u | paste -sd, -)
 echo "==> building with the defences off: $features"
 cargo build --quiet --workspace --bins --target-dir "$target" --features "$features"
 export STOCKADE_BIN="$PWD/$target/debug/stockade"

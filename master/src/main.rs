@@ -76,10 +76,14 @@ fn run(args: DaemonArgs) -> Result<i32> {
     let uid = nix::unistd::geteuid().as_raw();
     let as_root = uid == 0;
 
-    if args.stdio && !stdio::serves_locally(as_root, &paths.state_dir) {
-        // Forwarding needs no children, no audit handle of its own and no privileges.
-        let ctx = context(args, paths, cfg, as_root, uid, None)?;
-        return stdio::forward(ctx);
+    if args.stdio {
+        // A running daemon is always the one to serve: a second store-writer on its store
+        // would race it (A75). Forwarding needs no children and no privileges.
+        let local = stdio::serves_locally(as_root, &paths.state_dir);
+        if let Some(daemon) = stdio::running_daemon(&args, &paths, local)? {
+            let ctx = context(args, paths, cfg, as_root, uid, None)?;
+            return stdio::forward(ctx, daemon);
+        }
     }
     if as_root {
         check_protected_hardlinks()?;
@@ -133,3 +137,7 @@ fn check_protected_hardlinks() -> Result<()> {
         }
     }
 }
+
+// Test-only switches that turn a defence off (scripts/defences-off.sh). Never in a release build.
+#[cfg(all(not(debug_assertions), feature = "without-a75"))]
+compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -30,8 +30,10 @@ use stockade_common::ipc::msg::ClientIdentity;
 use stockade_common::ipc::{peer_cred, PeerCred};
 use stockade_policy::TrustOverride;
 
+use crate::cli::DaemonArgs;
 use crate::daemon::{unprivileged_notice, yes_no, Ctx};
 use crate::error::{Error, Result};
+use crate::paths::Paths;
 use crate::uids::UidPool;
 
 /// Whether this invocation serves the store itself.
@@ -138,23 +140,50 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
     Ok(0)
 }
 
-/// Connect to the running daemon and splice standard input/output to it.
-pub fn forward(ctx: Ctx) -> Result<i32> {
-    let path = match ctx.args.trust_override() {
-        TrustOverride::ForceTrusted => {
-            return Err(Error::Refused(
-                "--force-trusted needs a store this process may write; the daemon decides \
+/// The connection to forward to, when a daemon serves the store: `None` when this process
+/// should serve it itself (`local`, and no daemon answers). The socket depends on the trust
+/// asked for: `--force-untrusted` goes to the untrusted one.
+pub fn running_daemon(args: &DaemonArgs, paths: &Paths, local: bool) -> Result<Option<UnixStream>> {
+    if local && cfg!(feature = "without-a75") {
+        return Ok(None);
+    }
+    let path = match args.trust_override() {
+        TrustOverride::ForceUntrusted => &paths.untrusted_socket_path,
+        TrustOverride::Default | TrustOverride::ForceTrusted => &paths.socket_path,
+    };
+    match UnixStream::connect(path) {
+        Ok(sock) if args.trust_override() == TrustOverride::ForceTrusted => {
+            drop(sock);
+            Err(Error::Refused(
+                "--force-trusted cannot be honoured: a daemon serves this store and decides \
                  the trust of forwarded connections"
                     .into(),
             ))
         }
-        TrustOverride::ForceUntrusted => &ctx.paths.untrusted_socket_path,
-        TrustOverride::Default => &ctx.paths.socket_path,
-    };
-    let sock = UnixStream::connect(path).map_err(Error::io(format!(
-        "cannot connect to the daemon at {}",
-        path.display()
-    )))?;
+        Ok(sock) => Ok(Some(sock)),
+        // No daemon (no socket, or nobody listening): the store is ours if we may write it.
+        Err(e)
+            if local
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(Error::io(format!(
+            "cannot connect to the daemon at {}",
+            path.display()
+        ))(e)),
+    }
+}
+
+/// Splice standard input/output to the running daemon's connection `sock`.
+pub fn forward(ctx: Ctx, sock: UnixStream) -> Result<i32> {
+    log::debug!(
+        "forwarding to the daemon at {}",
+        ctx.paths.socket_path.display()
+    );
     let out = start_splice(sock)?;
     let _ = out.join();
     Ok(0)

@@ -64,7 +64,7 @@ pub fn add_build_log(ctx: &Ctx<'_>, drv: &StorePath, fd: OwnedFd) -> Result<(), 
         sys::drain(&mut input, u64::MAX)?;
         return Ok(());
     }
-    let tmp = format!("{name}.tmp.{}", store.staging_name());
+    let tmp = format!("{name}.tmp.{}", store.unique_suffix());
     let file = File::from(sys::openat(
         dir.as_fd(),
         tmp.as_str(),

@@ -11,8 +11,14 @@ pub mod db;
 pub mod error;
 pub mod hashing;
 pub mod lockdown;
+pub mod pathlocks;
 pub mod roots;
 pub mod session;
 pub mod store;
 pub mod sys;
 pub mod verify;
+
+// Test-only switches that turn a defence off, so its security test can be shown to fail
+// (scripts/defences-off.sh). Never in a release build.
+#[cfg(all(not(debug_assertions), feature = "without-a75"))]
+compile_error!("the without-* features switch defences off; they are for test builds only");

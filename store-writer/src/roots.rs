@@ -234,7 +234,7 @@ pub fn add_indirect_root(store: &Store, link: &str) -> Result<String, RootError>
         OFlag::O_RDONLY | OFlag::O_DIRECTORY,
         Mode::empty(),
     )?;
-    let tmp = format!("{hash}.tmp-{}-{}", std::process::id(), store.staging_name());
+    let tmp = format!("{hash}.tmp-{}", store.unique_suffix());
     nix::unistd::symlinkat(link.as_str(), Some(auto.as_raw_fd()), tmp.as_str())?;
     if let Err(e) = nix::fcntl::renameat(
         Some(auto.as_raw_fd()),
@@ -298,7 +298,7 @@ pub fn add_perm_root(
         Err(Errno::ENOENT) => {}
         Err(e) => return Err(e.into()),
     }
-    let tmp = format!(".{name}.tmp-{}", store.staging_name());
+    let tmp = format!(".{name}.tmp-{}", store.unique_suffix());
     nix::unistd::symlinkat(
         store.full(path).as_str(),
         Some(dir.as_raw_fd()),

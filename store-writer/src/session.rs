@@ -227,7 +227,7 @@ impl Session {
                                     "too many open batches (at most {MAX_BATCHES})"
                                 )));
                             }
-                            self.batches.insert(id, Batch::new(&self.store)?);
+                            self.batches.insert(id, Batch::new());
                         }
                         let mut batch = self
                             .batches
@@ -248,7 +248,7 @@ impl Session {
                             fd,
                         );
                         if res.is_err() {
-                            add::fail_batch(&mut batch);
+                            batch.fail();
                         }
                         self.batches.insert(id, batch);
                         res?;
@@ -261,7 +261,7 @@ impl Session {
                     .batches
                     .remove(&batch)
                     .ok_or_else(|| ReqError::Violation(format!("commit of unknown batch {batch}")))?;
-                add::commit_batch(&self.ctx(), b)?;
+                b.commit(&self.ctx())?;
                 Ok(Reply::Ok)
             }
             Req::AbortBatch { batch } => {

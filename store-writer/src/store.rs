@@ -2,14 +2,12 @@
 //! database, the trusted keys, the in-process path locks and the audit sinks. Created once from
 //! the master's `Start` message; every broker thread borrows it.
 
-use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -25,8 +23,8 @@ use crate::audit::Audit;
 use crate::db::{self, Db, DbError, DbOptions, StoreDb};
 use crate::sys;
 
-/// Prefix of the private staging directories inside the real store directory.
-pub const STAGING_PREFIX: &str = ".stockade-tmp-";
+/// The lock only a running store-writer holds, in the database directory.
+pub const WRITER_LOCK: &str = "stockade-writer.lock";
 
 /// Size of `db/reserved` (Nix's `gc-reserved-space` default).
 const RESERVED_SIZE: i64 = 8 << 20;
@@ -46,6 +44,8 @@ pub enum StartError {
     Key(String),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error("another Stockade store-writer serves this store (it holds {0}); two must never write one store at once")]
+    SecondWriter(String),
 }
 
 fn ctx<E: Into<std::io::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> StartError {
@@ -68,11 +68,12 @@ pub struct Store {
     db: Mutex<Db>,
     pub keys: TrustedKeys,
     pub audit: Audit,
-    pub locks: PathLocks,
     pub euid: Uid,
     pub egid: Gid,
     /// Held for the whole life of the process, shared, as every Nix store process does.
     _big_lock: Flock<File>,
+    /// Held exclusively for the whole life of the process: one store-writer per store (A75).
+    _writer_lock: Option<Flock<File>>,
     staging_counter: AtomicU64,
     /// Serve queries from the shared write connection instead of per-thread readers (for
     /// measurements).
@@ -158,6 +159,8 @@ impl Store {
             Err((_, e)) => return Err(ctx("locking the big lock")(e)),
         };
 
+        let writer_lock = lock_writer(&db_dir)?;
+
         let db = db::init(
             &db_dir,
             &store_dir,
@@ -180,15 +183,15 @@ impl Store {
             db: Mutex::new(db),
             keys,
             audit,
-            locks: PathLocks::default(),
             euid,
             egid,
             _big_lock: big_lock,
+            _writer_lock: writer_lock,
             staging_counter: AtomicU64::new(0),
             shared_reads: false,
             cfg,
         };
-        store.remove_stale_staging();
+        crate::add::stage::remove_stale(store.store_fd());
         if store.cfg.as_root {
             store.give_state_to_owner();
         }
@@ -224,6 +227,7 @@ impl Store {
             "db/db.sqlite-shm",
             "db/schema",
             "db/big-lock",
+            "db/stockade-writer.lock",
             "db/reserved",
         ] {
             paths.push(state.join(rel));
@@ -266,23 +270,10 @@ impl Store {
         self.store_dir.display(p)
     }
 
-    /// A name for a new staging directory, unique in this process.
-    pub fn staging_name(&self) -> String {
+    /// `<pid>-<n>`, unique in this store's life: for temporary names.
+    pub fn unique_suffix(&self) -> String {
         let n = self.staging_counter.fetch_add(1, Ordering::Relaxed);
-        format!("{STAGING_PREFIX}{}-{n}", std::process::id())
-    }
-
-    fn remove_stale_staging(&self) {
-        let Ok(entries) = sys::read_dir(self.store_fd()) else {
-            return;
-        };
-        for (name, _) in entries {
-            if name.as_bytes().starts_with(STAGING_PREFIX.as_bytes()) {
-                if let Err(e) = sys::remove_tree(self.store_fd(), &name) {
-                    log::warn!("cannot remove stale staging directory {name:?}: {e}");
-                }
-            }
-        }
+        format!("{}-{n}", std::process::id())
     }
 
     /// `<state>/gc.lock`, opened anew for each holder (flock locks belong to the open file).
@@ -300,6 +291,25 @@ impl Store {
     pub fn gc_shared(&self) -> std::io::Result<Flock<File>> {
         let f = self.open_gc_lock()?;
         Flock::lock(f, FlockArg::LockShared).map_err(|(_, e)| e.into())
+    }
+}
+
+/// `db/stockade-writer.lock` (0600, so no other user can open it to hold it), exclusively.
+fn lock_writer(db_dir: &Path) -> Result<Option<Flock<File>>, StartError> {
+    if cfg!(feature = "without-a75") {
+        return Ok(None);
+    }
+    let path = db_dir.join(WRITER_LOCK);
+    let fd = sys::open(
+        path.as_path(),
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(ctx(format!("opening {}", path.display())))?;
+    match Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, Errno::EWOULDBLOCK)) => Err(StartError::SecondWriter(path.display().to_string())),
+        Err((_, e)) => Err(ctx(format!("locking {}", path.display()))(e)),
     }
 }
 
@@ -357,46 +367,5 @@ fn reserve_space(path: &Path) {
         if nix::fcntl::posix_fallocate(fd.as_raw_fd(), 0, RESERVED_SIZE).is_err() {
             let _ = File::from(fd).set_len(RESERVED_SIZE as u64);
         }
-    }
-}
-
-/// In-process locks on store paths, so two clients adding the same path do not race: the
-/// second waits, then finds the path valid. A set of paths is taken atomically (all or none
-/// held), which rules out lock-order deadlocks.
-#[derive(Default)]
-pub struct PathLocks {
-    held: Mutex<BTreeSet<StorePath>>,
-    freed: Condvar,
-}
-
-pub struct PathGuard<'a> {
-    locks: &'a PathLocks,
-    paths: Vec<StorePath>,
-}
-
-impl PathLocks {
-    pub fn lock(&self, paths: impl IntoIterator<Item = StorePath>) -> PathGuard<'_> {
-        let paths: Vec<StorePath> = paths
-            .into_iter()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while paths.iter().any(|p| held.contains(p)) {
-            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
-        }
-        held.extend(paths.iter().cloned());
-        PathGuard { locks: self, paths }
-    }
-}
-
-impl Drop for PathGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
-        for p in &self.paths {
-            held.remove(p);
-        }
-        drop(held);
-        self.locks.freed.notify_all();
     }
 }

@@ -123,13 +123,14 @@ pub fn store_files(d: &Daemon) -> BTreeMap<String, String> {
     out
 }
 
-/// Entries of the store directory whose name starts with `.stockade-tmp-` (staging leftovers).
+/// Entries of the store directory that are Stockade staging directories (`tmp-stockade-*`,
+/// and `.stockade-tmp-*` as earlier versions named them).
 pub fn staging_leftovers(d: &Daemon) -> Vec<String> {
     fs::read_dir(d.host_path(&d.store_dir()))
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(".stockade-tmp-"))
+                .filter(|n| n.starts_with("tmp-stockade-") || n.starts_with(".stockade-tmp-"))
                 .collect()
         })
         .unwrap_or_default()
@@ -140,19 +141,32 @@ pub fn staging_leftovers(d: &Daemon) -> Vec<String> {
 /// store-writer may still be cleaning up a refused add for a moment after the broker has
 /// hung up on its client.
 pub fn wait_staging_gone(d: &Daemon, timeout: Duration) -> Vec<String> {
+    wait_staging(d, timeout, |left| left.is_empty())
+}
+
+/// Waits (on inotify events of the store directory) until a staging directory exists, or
+/// `timeout` passes; returns those there.
+pub fn wait_staging_present(d: &Daemon, timeout: Duration) -> Vec<String> {
+    wait_staging(d, timeout, |left| !left.is_empty())
+}
+
+fn wait_staging(d: &Daemon, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
     let dir = d.host_path(&d.store_dir());
     let Ok(inotify) = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK) else {
         return staging_leftovers(d);
     };
     let watched = inotify.add_watch(
         &dir,
-        AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_DELETE_SELF,
+        AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_DELETE_SELF,
     );
     let deadline = Instant::now() + timeout;
     loop {
         let left = staging_leftovers(d);
         let now = Instant::now();
-        if left.is_empty() || now >= deadline || watched.is_err() {
+        if done(&left) || now >= deadline || watched.is_err() {
             return left;
         }
         let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];

@@ -225,9 +225,10 @@ fn force_untrusted_stdio_forwarded_for_a_trusted_account() {
     untrusted_checks(&mut c, &s, &log);
 }
 
-/// Root runs `--stdio --force-untrusted`: it serves the store itself, still untrusted.
+/// Root runs `--stdio --force-untrusted` while the daemon runs: it forwards to the daemon's
+/// untrusted socket rather than serving the store with a second store-writer (A75).
 #[test]
-fn force_untrusted_stdio_as_root_serves_untrusted() {
+fn force_untrusted_stdio_as_root_forwards_untrusted() {
     skip_unless_root!();
     let s = setup();
     let bin = stockade_bin().unwrap();
@@ -242,7 +243,7 @@ fn force_untrusted_stdio_as_root_serves_untrusted() {
     .expect("start --stdio");
     let log = || std::fs::read_to_string(&err).unwrap_or_default();
     untrusted_checks(&mut c, &s, &log);
-    assert!(log().contains("mode=stdio"), "{}", log());
+    assert!(!log().contains("mode=stdio"), "served locally: {}", log());
 }
 
 /// A `--stdio` instance started by root while the daemon serves clients must leave the

@@ -1,0 +1,169 @@
+//! Installing staged paths: under the store path locks, skip what became valid meanwhile,
+//! check references, make sure the tree on disk is still what was hashed (A75), rename each
+//! into place and register all of them in one transaction; a failure undoes every rename.
+
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+
+use nix::errno::Errno;
+use nix::fcntl::RenameFlags;
+
+use stockade_common::narinfo::PathInfo;
+use stockade_common::store_path::StorePath;
+
+use super::decide::{derivation_outputs, read_staged_drv, references};
+use super::stage::{check_nar, Staging};
+use super::{now, Ctx};
+use crate::error::{hl, ReqError};
+use crate::store::Store;
+use crate::{pathlocks, sys};
+
+/// One staged path, ready to install.
+pub struct Item {
+    /// Its node in the staging directory.
+    pub node: String,
+    pub info: PathInfo,
+    pub repair: bool,
+    /// What vouches for its contents (audit: ca, sig:<key>, trusted, unchecked).
+    pub evidence: String,
+}
+
+/// How each item ended.
+pub enum Outcome {
+    Added(PathInfo),
+    /// Valid already (someone else added it meanwhile): its registered info.
+    Present(PathInfo),
+}
+
+/// How a staged path was put in place, so a failed registration can undo it.
+enum Installed {
+    New,
+    /// An old tree was exchanged out; it now sits in the staging directory as the node.
+    Replaced,
+}
+
+/// Installs `items` from `staging` (all or nothing) and audits each path added as `op`.
+pub fn commit(
+    ctx: &Ctx<'_>,
+    staging: &Staging,
+    items: Vec<Item>,
+    op: &str,
+) -> Result<Vec<Outcome>, ReqError> {
+    let store = ctx.store;
+    // The tree on disk must be what was hashed while it arrived: nothing else may have added,
+    // removed or changed a file of it since (another writer's cleanup did, A75).
+    if !cfg!(feature = "without-a75") {
+        for it in &items {
+            let (hash, size) = staging.nar_hash(&it.node)?;
+            check_nar(&store.full(&it.info.path), &it.info, &hash, size)?;
+        }
+    }
+    let _locks = pathlocks::lock(store.store_fd(), items.iter().map(|i| i.info.path.clone()))?;
+    let mut outcomes = Vec::with_capacity(items.len());
+    let mut todo = Vec::with_capacity(items.len());
+    {
+        let db = store.db();
+        for it in items {
+            match db.query_path_info(&it.info.path)? {
+                Some(existing) if !it.repair => outcomes.push(Outcome::Present(existing)),
+                _ => todo.push(it),
+            }
+        }
+    }
+    let in_batch: BTreeSet<StorePath> = todo.iter().map(|i| i.info.path.clone()).collect();
+    for it in &todo {
+        references(ctx, Some(&it.info.path), &it.info.references, &in_batch)?;
+    }
+    let staged_drv = |p: &StorePath| -> Option<Vec<u8>> {
+        let it = todo.iter().find(|i| &i.info.path == p)?;
+        read_staged_drv(staging, &it.node)
+    };
+    let mut regs = Vec::with_capacity(todo.len());
+    for it in &todo {
+        let outputs = derivation_outputs(staging, &it.node, &it.info, &staged_drv)?;
+        regs.push((it.info.clone(), outputs));
+    }
+    let mut done: Vec<(&Item, Installed)> = Vec::with_capacity(todo.len());
+    for it in &todo {
+        match install(store, staging, &it.node, &it.info.path) {
+            Ok(how) => done.push((it, how)),
+            Err(e) => {
+                undo(store, staging, done);
+                return Err(e);
+            }
+        }
+    }
+    if let Err(e) = store.db().register(&regs, now()) {
+        undo(store, staging, done);
+        return Err(e.into());
+    }
+    if store.cfg.fsync_metadata {
+        let _ = nix::unistd::fsync(store.store_fd().as_raw_fd());
+    }
+    for it in &todo {
+        ctx.added(op, &it.info, &it.evidence);
+    }
+    outcomes.extend(todo.into_iter().map(|it| Outcome::Added(it.info)));
+    Ok(outcomes)
+}
+
+fn install(
+    store: &Store,
+    staging: &Staging,
+    node: &str,
+    path: &StorePath,
+) -> Result<Installed, ReqError> {
+    let base = path.base_name();
+    let (from, to) = (staging.fd().as_raw_fd(), store.store_fd().as_raw_fd());
+    let rename = |flags| nix::fcntl::renameat2(Some(from), node, Some(to), base, flags);
+    match rename(RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(Installed::New),
+        Err(Errno::EEXIST) => {
+            // A leftover (an invalid path's garbage) or the old copy being repaired: swap it
+            // out atomically; it is deleted with the staging directory.
+            rename(RenameFlags::RENAME_EXCHANGE)?;
+            Ok(Installed::Replaced)
+        }
+        Err(Errno::EINVAL) => {
+            // A file system without RENAME_NOREPLACE; we hold the path lock.
+            match sys::lstat_at(store.store_fd(), base) {
+                Err(Errno::ENOENT) => {
+                    nix::fcntl::renameat(Some(from), node, Some(to), base)?;
+                    Ok(Installed::New)
+                }
+                _ => {
+                    rename(RenameFlags::RENAME_EXCHANGE)?;
+                    Ok(Installed::Replaced)
+                }
+            }
+        }
+        Err(e) => Err(ReqError::failed(format!(
+            "moving '{}' into place: {e}",
+            hl(store.full(path))
+        ))),
+    }
+}
+
+fn undo(store: &Store, staging: &Staging, done: Vec<(&Item, Installed)>) {
+    for (it, how) in done.into_iter().rev() {
+        let base = it.info.path.base_name();
+        let res = match how {
+            Installed::New => nix::fcntl::renameat(
+                Some(store.store_fd().as_raw_fd()),
+                base,
+                Some(staging.fd().as_raw_fd()),
+                it.node.as_str(),
+            ),
+            Installed::Replaced => nix::fcntl::renameat2(
+                Some(staging.fd().as_raw_fd()),
+                it.node.as_str(),
+                Some(store.store_fd().as_raw_fd()),
+                base,
+                RenameFlags::RENAME_EXCHANGE,
+            ),
+        };
+        if let Err(e) = res {
+            log::error!("cannot undo the installation of {base}: {e}");
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Adding paths, in one straight line per request:
+//!
+//! 1. **decide** what the request claims before reading its data (`decide`): names, methods,
+//!    evidence for the contents per the client's trust, references; a path that is valid
+//!    already (and not being repaired) is answered without writing anything;
+//! 2. **receive and stage** the data (`ingest` for AddToStore, whose path is known only
+//!    once the data is hashed; `stage::nar` for AddNar): parsed and hashed as it arrives, into a
+//!    locked staging directory (`stage`), or into memory first when small;
+//! 3. **install** (`install`): under the store path locks, re-check validity, check the tree on
+//!    disk against its hash, rename into place and register in one transaction.
+//!
+//! No lock is held while the client's data arrives: the locked staging directory and a temp
+//! root (taken as soon as the path is known) protect the work instead.
+
+mod batch;
+mod decide;
+mod ingest;
+mod install;
+pub mod stage;
+
+use std::collections::BTreeSet;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use stockade_common::content_address::{ContentAddress, ContentAddressMethod};
+use stockade_common::hash::{Encoding, HashAlgo};
+use stockade_common::ipc::msg::ClientIdentity;
+use stockade_common::narinfo::PathInfo;
+use stockade_common::store_path::StorePath;
+
+pub use batch::{Batch, MAX_BATCHES};
+use install::{Item, Outcome};
+
+use crate::audit::Severity;
+use crate::error::ReqError;
+use crate::roots::{add_temp_root, TempRoots};
+use crate::store::Store;
+use crate::sys::{self, PipeReader};
+
+/// A broker that sends nothing for this long loses the request.
+pub const PIPE_IDLE: Duration = Duration::from_secs(300);
+/// The node of a single add inside its staging directory.
+const NODE: &str = "x";
+
+/// Who is asking, as the master told us, and their temporary roots.
+pub struct Ctx<'a> {
+    pub store: &'a Arc<Store>,
+    pub client: &'a ClientIdentity,
+    pub roots: &'a Mutex<TempRoots>,
+}
+
+impl Ctx<'_> {
+    fn temp_root(&self, p: &StorePath) -> Result<(), ReqError> {
+        let mut roots = self.roots.lock().unwrap_or_else(|e| e.into_inner());
+        add_temp_root(self.store, &mut roots, p)?;
+        Ok(())
+    }
+
+    fn refuse(&self, op: &str, path: &str, reason: &str) {
+        self.store.audit.client_event(
+            Severity::Warning,
+            self.client,
+            &[
+                ("op", op),
+                ("outcome", "refused"),
+                ("path", path),
+                ("reason", reason),
+            ],
+        );
+    }
+
+    fn added(&self, op: &str, info: &PathInfo, evidence: &str) {
+        let full = self.store.full(&info.path);
+        let hash = info.nar_hash.to_typed(Encoding::Base32);
+        self.store.audit.client_event(
+            Severity::Notice,
+            self.client,
+            &[
+                ("op", op),
+                ("outcome", "added"),
+                ("path", &full),
+                ("narHash", &hash),
+                ("evidence", evidence),
+            ],
+        );
+    }
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// AddToStore: the store-writer hashes the data and computes the path. → the registered info.
+pub fn add_to_store(
+    ctx: &Ctx<'_>,
+    name: &str,
+    method: ContentAddressMethod,
+    algo: HashAlgo,
+    references: Vec<StorePath>,
+    repair: bool,
+    fd: OwnedFd,
+) -> Result<PathInfo, ReqError> {
+    let res = add_to_store_inner(ctx, name, method, algo, references, repair, fd);
+    if let Err(ReqError::Failed(msg)) = &res {
+        ctx.refuse("addToStore", name, msg);
+    }
+    res
+}
+
+fn add_to_store_inner(
+    ctx: &Ctx<'_>,
+    name: &str,
+    method: ContentAddressMethod,
+    algo: HashAlgo,
+    references: Vec<StorePath>,
+    repair: bool,
+    fd: OwnedFd,
+) -> Result<PathInfo, ReqError> {
+    let store = ctx.store;
+    let refs: BTreeSet<StorePath> = references.into_iter().collect();
+    decide::ca_request(ctx, name, method, algo, &refs)?;
+    let input = PipeReader::new(fd, PIPE_IDLE)?;
+    let got = ingest::receive(store, input, method, algo, name, NODE)?;
+    let ca = ContentAddress {
+        method,
+        hash: got.ca_hash,
+    };
+    let path = ca
+        .store_path(&store.store_dir, name, &refs, false)
+        .map_err(|e| ReqError::failed(e.to_string()))?;
+    ctx.temp_root(&path)?;
+    if !repair {
+        if let Some(existing) = store.db().query_path_info(&path)? {
+            return Ok(existing);
+        }
+    }
+    let staging = ingest::materialise(store, got.data, method, NODE)?;
+    let full = store.full(&path);
+    staging.canonicalise(NODE, &full)?;
+    let info = PathInfo {
+        path,
+        deriver: None,
+        nar_hash: got.nar_hash,
+        references: refs,
+        registration_time: now(),
+        nar_size: got.nar_size,
+        ultimate: false,
+        sigs: BTreeSet::new(),
+        ca: Some(ca),
+    };
+    let item = Item {
+        node: NODE.to_string(),
+        info,
+        repair,
+        evidence: "ca".to_string(),
+    };
+    match install::commit(ctx, &staging, vec![item], "addToStore")?.pop() {
+        Some(Outcome::Added(info) | Outcome::Present(info)) => Ok(info),
+        None => Err(ReqError::failed("nothing was installed")),
+    }
+}
+
+/// AddNar: adds a NAR with client-claimed metadata, or stages it into `batch`.
+pub fn add_nar(
+    ctx: &Ctx<'_>,
+    info: PathInfo,
+    repair: bool,
+    dont_check_sigs: bool,
+    batch: Option<&mut Batch>,
+    fd: OwnedFd,
+) -> Result<(), ReqError> {
+    let full = ctx.store.full(&info.path);
+    let op = if batch.is_some() {
+        "addNar(batch)"
+    } else {
+        "addNar"
+    };
+    let res = add_nar_inner(ctx, info, repair, dont_check_sigs, batch, fd);
+    if let Err(ReqError::Failed(msg)) = &res {
+        ctx.refuse(op, &full, msg);
+    }
+    res
+}
+
+fn add_nar_inner(
+    ctx: &Ctx<'_>,
+    mut info: PathInfo,
+    repair: bool,
+    dont_check_sigs: bool,
+    batch: Option<&mut Batch>,
+    fd: OwnedFd,
+) -> Result<(), ReqError> {
+    let store = ctx.store;
+    let evidence = decide::evidence(ctx, &mut info, dont_check_sigs)?;
+    let mut input = PipeReader::new(fd, PIPE_IDLE)?;
+    let drain_limit = info.nar_size.saturating_add(1);
+    let staged = batch.as_deref().map(Batch::paths).unwrap_or_default();
+    // Already staged in this batch, or valid: the data is not needed.
+    if staged.contains(&info.path) || (!repair && store.db().is_valid(&info.path)?) {
+        sys::drain(&mut input, drain_limit)?;
+        return Ok(());
+    }
+    decide::references(ctx, Some(&info.path), &info.references, &staged)?;
+    ctx.temp_root(&info.path)?;
+    let full = store.full(&info.path);
+    match batch {
+        Some(b) => b.stage(info, repair, evidence, input, store),
+        None => {
+            let staging = stage::Staging::new(store)?;
+            stage::nar(&staging, NODE, &info, input)?;
+            staging.canonicalise(NODE, &full)?;
+            let item = Item {
+                node: NODE.to_string(),
+                info,
+                repair,
+                evidence,
+            };
+            install::commit(ctx, &staging, vec![item], "addNar")?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Staging: where an add's data lands before it is installed. A staging directory is private
+//! (0700) and lives inside the real store directory (same file system, so the final rename is
+//! atomic). It is named `tmp-stockade-<pid>-<n>` and `flock`ed exclusively for its whole life,
+//! as Nix (2.20 and later) names and locks its own `tmp-*` directories in the store: a Nix
+//! garbage collector and Stockade's own start-up cleanup remove only those they can lock (A75).
+//! One directory may hold several nodes (the paths of one batch), each named by the caller.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::{Mode, SFlag};
+
+use stockade_common::content_address::{ContentAddress, ContentAddressMethod};
+use stockade_common::hash::{Encoding, Hash, HashAlgo};
+use stockade_common::nar::{self, Limits, NarErrorKind, NarReader};
+use stockade_common::narinfo::PathInfo;
+use stockade_common::store_path::FileIngestion;
+
+use crate::canon::{self, Owner};
+use crate::error::{hl, ReqError};
+use crate::hashing::{hash_modulo_reader, CaHasher, ModuloHasher, Tee};
+use crate::store::Store;
+use crate::sys;
+
+/// Prefix of staging directories. Nix's collector skips a `tmp-*` directory it cannot lock.
+pub const STAGING_PREFIX: &str = "tmp-stockade-";
+/// What staging directories were called before they were locked; never locked, so removable.
+const LEGACY_PREFIX: &str = ".stockade-tmp-";
+/// Buffer between a pipe and the NAR parser (which reads token by token).
+pub const BUF: usize = 256 * 1024;
+
+/// A locked private directory in the store holding staged nodes. Deleted on drop.
+pub struct Staging {
+    store: Arc<Store>,
+    name: String,
+    /// The directory, locked exclusively until it is deleted.
+    dir: Flock<OwnedFd>,
+}
+
+impl Staging {
+    pub fn new(store: &Arc<Store>) -> Result<Staging, ReqError> {
+        let at = store.store_fd();
+        loop {
+            let name = format!("{STAGING_PREFIX}{}", store.unique_suffix());
+            match nix::sys::stat::mkdirat(
+                Some(at.as_raw_fd()),
+                name.as_str(),
+                Mode::from_bits_truncate(0o700),
+            ) {
+                Ok(()) => {}
+                Err(Errno::EEXIST) => continue,
+                Err(e) => {
+                    return Err(ReqError::failed(format!(
+                        "creating a staging directory: {e}"
+                    )))
+                }
+            }
+            let fd = match sys::open_dir_at(at, name.as_str()) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            // Nobody else can hold the lock of a directory this new unless a cleanup found it
+            // between mkdir and here; then it may be gone: take another name.
+            let dir = match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => l,
+                Err((_, Errno::EWOULDBLOCK)) => continue,
+                Err((_, e)) => return Err(e.into()),
+            };
+            let same = |a: &nix::sys::stat::FileStat, b: &nix::sys::stat::FileStat| {
+                a.st_dev == b.st_dev && a.st_ino == b.st_ino
+            };
+            match (sys::lstat_at(at, name.as_str()), sys::fstat(dir.as_fd())) {
+                (Ok(named), Ok(held)) if same(&named, &held) => {}
+                _ => continue,
+            }
+            nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
+            return Ok(Staging {
+                store: store.clone(),
+                name,
+                dir,
+            });
+        }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn create_file(&self, node: &str) -> Result<File, ReqError> {
+        let fd = sys::openat(
+            self.fd(),
+            node,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+            Mode::from_bits_truncate(0o444),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens a staged node for reading; it must be a regular file.
+    pub fn open_file(&self, node: &str) -> Result<(File, u64), ReqError> {
+        let fd = sys::openat(
+            self.fd(),
+            node,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::ELOOP | Errno::EISDIR => ReqError::failed("regular file expected"),
+            e => e.into(),
+        })?;
+        let st = sys::fstat(fd.as_fd())?;
+        if sys::file_type(&st) != SFlag::S_IFREG {
+            return Err(ReqError::failed("regular file expected"));
+        }
+        Ok((File::from(fd), u64::try_from(st.st_size).unwrap_or(0)))
+    }
+
+    pub fn canonicalise(&self, node: &str, display: &str) -> Result<(), ReqError> {
+        let s = &self.store;
+        let owner = Owner {
+            uid: s.euid,
+            gid: s.egid,
+            chown: s.cfg.as_root,
+        };
+        canon::canonicalise(self.fd(), OsStr::new(node), &owner, display)
+            .map_err(|e| ReqError::failed(e.to_string()))
+    }
+
+    /// NAR hash and size of a staged node, read back from disk.
+    pub fn nar_hash(&self, node: &str) -> Result<(Hash, u64), ReqError> {
+        let mut h = nar::HashingWriter::sink(HashAlgo::Sha256);
+        nar::dump_at(self.fd(), OsStr::new(node), &mut h)
+            .map_err(|e| ReqError::failed(e.to_string()))?;
+        let (hash, size, _) = h.finish();
+        Ok((hash, size))
+    }
+
+    /// Writes `data` as the regular file `node`.
+    pub fn write_file(&self, node: &str, data: &[u8]) -> Result<(), ReqError> {
+        let mut f = self.create_file(node)?;
+        f.write_all(data)?;
+        Ok(())
+    }
+
+    /// Restores the NAR in `data` (already validated) as `node`.
+    pub fn restore_bytes(&self, node: &str, data: &[u8]) -> Result<(), ReqError> {
+        let mut reader = NarReader::new(data);
+        nar::restore(&mut reader, self.fd(), OsStr::new(node))
+            .and_then(|()| reader.finish_at_eof())
+            .map_err(|e| ReqError::failed(e.to_string()))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // Still locked while it goes, so no cleanup elsewhere races with this one.
+        if let Err(e) = sys::remove_tree(self.store.store_fd(), OsStr::new(&self.name)) {
+            log::warn!("cannot remove staging directory {}: {e}", self.name);
+        }
+    }
+}
+
+/// Removes staging directories nobody holds: those of a store-writer that died. A live
+/// writer's (this one's, or one a misconfigured second instance runs) are locked and kept.
+pub fn remove_stale(store_fd: BorrowedFd<'_>) {
+    let Ok(entries) = sys::read_dir(store_fd) else {
+        return;
+    };
+    for (name, _) in entries {
+        let bytes = name.as_bytes();
+        let legacy = bytes.starts_with(LEGACY_PREFIX.as_bytes());
+        if !legacy && !bytes.starts_with(STAGING_PREFIX.as_bytes()) {
+            continue;
+        }
+        let Ok(fd) = sys::open_dir_at(store_fd, name.as_os_str()) else {
+            continue;
+        };
+        let held = if cfg!(feature = "without-a75") {
+            None
+        } else {
+            match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => Some(l),
+                Err((_, Errno::EWOULDBLOCK)) => {
+                    log::info!("staging directory {name:?} is in use; left alone");
+                    continue;
+                }
+                Err((_, e)) => {
+                    log::warn!("cannot lock staging directory {name:?}: {e}");
+                    continue;
+                }
+            }
+        };
+        if let Err(e) = sys::remove_tree(store_fd, &name) {
+            log::warn!("cannot remove stale staging directory {name:?}: {e}");
+        }
+        drop(held);
+    }
+}
+
+/// Restores the NAR from `input` as `node` while hashing it, then checks the NAR hash, size
+/// and content address against `info`.
+pub fn nar(
+    staging: &Staging,
+    node: &str,
+    info: &PathInfo,
+    input: impl Read,
+) -> Result<(), ReqError> {
+    let full = staging.store.full(&info.path);
+    let ca_hasher = match &info.ca {
+        Some(ContentAddress {
+            method: ContentAddressMethod::Fixed(FileIngestion::Recursive),
+            hash,
+        }) => Some(CaHasher::Modulo(ModuloHasher::new(
+            hash.algo(),
+            info.path.hash_part(),
+        ))),
+        _ => None,
+    };
+    let tee = Tee::new(BufReader::with_capacity(BUF, input), ca_hasher);
+    let limits = Limits {
+        max_nar_size: info.nar_size,
+        ..Limits::default()
+    };
+    let mut reader = NarReader::with_limits(tee, limits);
+    let res = nar::restore(&mut reader, staging.fd(), OsStr::new(node))
+        .and_then(|()| reader.finish_at_eof());
+    if let Err(e) = res {
+        return Err(match e.kind() {
+            NarErrorKind::TooLarge(_) => ReqError::failed(format!(
+                "size mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+                hl(&full),
+                hl(info.nar_size),
+                hl(format!("more than {}", info.nar_size))
+            )),
+            _ => ReqError::failed(format!("importing path '{}': {e}", hl(&full))),
+        });
+    }
+    let (nar_hash, nar_size, ca_tee) = reader.into_inner().finish();
+    check_nar(&full, info, &nar_hash, nar_size)?;
+    if let Some(ca) = &info.ca {
+        let got = match ca.method {
+            ContentAddressMethod::Fixed(FileIngestion::Recursive) => {
+                ca_tee.and_then(CaHasher::finish)
+            }
+            ContentAddressMethod::Fixed(FileIngestion::Flat) => {
+                let (f, size) = staging.open_file(node)?;
+                hash_modulo_reader(f, ca.hash.algo(), info.path.hash_part(), size)?
+            }
+            ContentAddressMethod::Text => {
+                let (f, size) = staging.open_file(node)?;
+                hash_modulo_reader(f, HashAlgo::Sha256, "", size)?
+            }
+        };
+        let got = got.ok_or_else(|| {
+            ReqError::failed(format!("path '{}' has too many self-references", hl(&full)))
+        })?;
+        if got != ca.hash {
+            return Err(ReqError::failed(format!(
+                "ca hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+                hl(&full),
+                hl(ca.hash.to_typed(Encoding::Base32)),
+                hl(got.to_typed(Encoding::Base32))
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The NAR hash and size the client declared against what arrived (or what is on disk).
+pub fn check_nar(full: &str, info: &PathInfo, hash: &Hash, size: u64) -> Result<(), ReqError> {
+    if *hash != info.nar_hash {
+        return Err(ReqError::failed(format!(
+            "hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+            hl(full),
+            hl(info.nar_hash.to_typed(Encoding::Base32)),
+            hl(hash.to_typed(Encoding::Base32))
+        )));
+    }
+    if size != info.nar_size {
+        return Err(ReqError::failed(format!(
+            "size mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+            hl(full),
+            hl(info.nar_size),
+            hl(size)
+        )));
+    }
+    Ok(())
+}

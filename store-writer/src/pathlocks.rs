@@ -1,0 +1,87 @@
+//! Store path locks as Nix takes them (`<store>/<hash>-<name>.lock`, `flock` exclusive), so
+//! that whoever else writes this store (another thread here, a real Nix, a build) cannot
+//! install or remove a path while we do (A75). Paths are locked in sorted order, as Nix's
+//! `PathLocks` does, so two lockers of overlapping sets cannot deadlock. A lock file is deleted
+//! when released; a waiter that then wins a deleted file's lock sees the byte written into it
+//! before the unlink and tries again with a fresh file, as in Nix.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
+
+use stockade_common::store_path::StorePath;
+
+use crate::sys;
+
+/// Held locks on a set of store paths; released (and their lock files deleted) on drop.
+pub struct PathGuard<'a> {
+    store_fd: BorrowedFd<'a>,
+    held: Vec<(String, Flock<OwnedFd>)>,
+}
+
+/// Locks `paths` (sorted, each once), waiting for other holders.
+pub fn lock<'a>(
+    store_fd: BorrowedFd<'a>,
+    paths: impl IntoIterator<Item = StorePath>,
+) -> nix::Result<PathGuard<'a>> {
+    let names: BTreeSet<String> = paths
+        .into_iter()
+        .map(|p| format!("{}.lock", p.base_name()))
+        .collect();
+    let mut guard = PathGuard {
+        store_fd,
+        held: Vec::with_capacity(names.len()),
+    };
+    for name in names {
+        let lock = lock_one(store_fd, &name)?;
+        guard.held.push((name, lock));
+    }
+    Ok(guard)
+}
+
+fn lock_one(store_fd: BorrowedFd<'_>, name: &str) -> nix::Result<Flock<OwnedFd>> {
+    loop {
+        let fd = sys::openat(
+            store_fd,
+            name,
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        let lock = Flock::lock(fd, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+        // A released lock file has one byte in it and no name any more: try a fresh one.
+        if sys::fstat(lock.as_fd())?.st_size == 0 {
+            return Ok(lock);
+        }
+    }
+}
+
+impl Drop for PathGuard<'_> {
+    fn drop(&mut self) {
+        for (name, lock) in self.held.drain(..) {
+            // Unlink only the file we hold (its name could have been replaced meanwhile).
+            let ours = match (
+                sys::lstat_at(self.store_fd, name.as_str()),
+                sys::fstat(lock.as_fd()),
+            ) {
+                (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+                _ => false,
+            };
+            if ours {
+                match nix::unistd::unlinkat(
+                    Some(self.store_fd.as_raw_fd()),
+                    name.as_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                ) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(e) => log::warn!("cannot remove lock file {name}: {e}"),
+                }
+            }
+            // Tell a waiter that this file is stale; the lock goes with the descriptor.
+            let _ = nix::unistd::write(lock.as_fd(), b"d");
+        }
+    }
+}
