@@ -85,7 +85,14 @@ impl Ctx {
                 .cfg
                 .audit_socket()
                 .map(|p| p.to_string_lossy().into_owned()),
+            db_group: self.broker_db_group(),
         }
+    }
+
+    /// The supplementary group brokers get to read the database, when they read it.
+    pub fn broker_db_group(&self) -> Option<u32> {
+        (self.as_root && self.cfg.stockade.broker_reads_database)
+            .then(|| db_reader_gid(&self.cfg.broker_uid_range()))
     }
 
     /// How the store-writer is confined.
@@ -834,6 +841,12 @@ impl Daemon {
 /// broker range, so it never collides with a broker and needs no passwd entry.
 pub fn store_writer_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
     brokers.first.saturating_sub(1).max(1)
+}
+
+/// The group that may enter the database directory: only brokers hold it (A69). Like the
+/// store-writer's uid, it is taken from just below the broker range, which must be free.
+pub fn db_reader_gid(brokers: &stockade_common::conf::UidRange) -> u32 {
+    brokers.first.saturating_sub(2).max(1)
 }
 
 #[cfg(test)]

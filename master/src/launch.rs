@@ -100,6 +100,8 @@ fn check_program(path: &Path) -> Result<()> {
 pub struct Launcher {
     pub programs: Programs,
     template: BrokerConfig,
+    /// The database directory's group, for brokers that read the database (A69).
+    db_group: Option<u32>,
 }
 
 impl Launcher {
@@ -129,7 +131,15 @@ impl Launcher {
             idle_timeout: cfg.stockade.idle_timeout,
             audit_socket: cfg.audit_socket().map(|p| p.to_string_lossy().into_owned()),
         };
-        Launcher { programs, template }
+        let db_group = cfg
+            .stockade
+            .broker_reads_database
+            .then(|| crate::daemon::db_reader_gid(&cfg.broker_uid_range()));
+        Launcher {
+            programs,
+            template,
+            db_group,
+        }
     }
 
     /// Register the client with the store-writer and exec its broker. `broker_uid` is the
@@ -160,7 +170,11 @@ impl Launcher {
         drop(broker_end);
         writer.new_client(identity, to_writer_writer_end)?;
         let confinement = match broker_uid {
-            Some(uid) => Confinement::OwnUid { uid, gid: uid },
+            Some(uid) => Confinement::OwnUid {
+                uid,
+                gid: uid,
+                group: self.db_group,
+            },
             None => Confinement::SameUid,
         };
         let start_fd = start_theirs.into_fd();

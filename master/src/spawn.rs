@@ -78,7 +78,12 @@ pub enum Confinement {
     /// Root daemon, store-writer: this uid and gid, no groups, [`STORE_WRITER_CAPS`] only.
     StoreWriterCaps { uid: u32, gid: u32 },
     /// Root daemon, broker: this uid and gid, no groups, no capabilities.
-    OwnUid { uid: u32, gid: u32 },
+    /// Its own uid and gid, and at most one supplementary group.
+    OwnUid {
+        uid: u32,
+        gid: u32,
+        group: Option<u32>,
+    },
     /// Daemon run by an ordinary user: the same uid; only `no_new_privs`.
     SameUid,
 }
@@ -233,10 +238,13 @@ fn child_setup(plan: &Plan) -> Result<(), Errno> {
                 caps::raise(None, CapSet::Ambient, *cap).map_err(|_| Errno::last())?;
             }
         }
-        Confinement::OwnUid { uid, gid } => {
+        Confinement::OwnUid { uid, gid, group } => {
             caps_set(CapSet::Inheritable, &CapsHashSet::new())?;
             clear_ambient()?;
-            nix::unistd::setgroups(&[])?;
+            match group {
+                Some(g) => nix::unistd::setgroups(&[Gid::from_raw(g)])?,
+                None => nix::unistd::setgroups(&[])?,
+            }
             let (g, u) = (Gid::from_raw(gid), Uid::from_raw(uid));
             nix::unistd::setresgid(g, g, g)?;
             nix::unistd::setresuid(u, u, u)?;

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -79,7 +78,8 @@ impl Db {
     pub fn open(db_dir: &Path, store_dir: &StoreDir, opts: &DbOptions) -> Result<Db, DbError> {
         let path: PathBuf = db_dir.join("db.sqlite");
         let conn = Connection::open(&path)?;
-        conn.busy_timeout(Duration::from_secs(3600))?;
+        // Short: longer waits happen in `Store::write`, without the connection held (A69).
+        conn.busy_timeout(crate::dbbusy::SQLITE_BUSY_WAIT)?;
         conn.pragma_update(None, "foreign_keys", 1)?;
         // Temporary tables in memory: after lockdown nothing outside the state dir is writable.
         conn.pragma_update(None, "temp_store", "memory")?;

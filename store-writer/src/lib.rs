@@ -8,6 +8,7 @@ pub mod buildlog;
 pub mod canon;
 pub mod control;
 pub mod db;
+pub mod dbbusy;
 pub mod error;
 pub mod hashing;
 pub mod lockdown;
@@ -20,5 +21,8 @@ pub mod verify;
 
 // Test-only switches that turn a defence off, so its security test can be shown to fail
 // (scripts/defences-off.sh). Never in a release build.
-#[cfg(all(not(debug_assertions), feature = "without-a75"))]
+#[cfg(all(
+    not(debug_assertions),
+    any(feature = "without-a69", feature = "without-a75")
+))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -329,7 +329,8 @@ impl Session {
                     }
                 }
                 let set = sigs.iter().cloned().collect();
-                self.store.db().add_signatures(&path, &set)?;
+                self.store
+                    .write("adding signatures", |db| db.add_signatures(&path, &set))?;
                 let full = self.store.full(&path);
                 self.store.audit.client_event(
                     Severity::Notice,

@@ -21,7 +21,7 @@ use stockade_common::store_path::{StoreDir, StorePath};
 
 use crate::audit::Audit;
 use crate::db::{self, Db, DbError, DbOptions, StoreDb};
-use crate::sys;
+use crate::{dbbusy, sys};
 
 /// The lock only a running store-writer holds, in the database directory.
 pub const WRITER_LOCK: &str = "stockade-writer.lock";
@@ -195,6 +195,7 @@ impl Store {
         if store.cfg.as_root {
             store.give_state_to_owner();
         }
+        restrict_db_dir(&store.db_dir, &store.cfg)?;
         Ok(store)
     }
 
@@ -257,6 +258,39 @@ impl Store {
         self.db.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs the write `f` on the write connection, retrying while another process holds the
+    /// database locked, with the connection given up between tries (A69). After
+    /// [`dbbusy::BUSY_DEADLINE`] it fails, naming the lock holders, and audits that.
+    pub fn write<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut(&mut Db) -> Result<T, DbError>,
+    ) -> Result<T, crate::error::ReqError> {
+        match dbbusy::retry(|| f(&mut self.db())) {
+            Ok(v) => Ok(v),
+            Err(dbbusy::Busy::Other(e)) => Err(e.into()),
+            Err(dbbusy::Busy::TimedOut(e)) => {
+                let holders = dbbusy::lock_holders(&self.db_dir).join(",");
+                let secs = dbbusy::BUSY_DEADLINE.as_secs().to_string();
+                self.audit.event(
+                    crate::audit::Severity::Warning,
+                    &[
+                        ("op", "database"),
+                        ("outcome", "busy"),
+                        ("during", what),
+                        ("waited", &secs),
+                        ("holders", &holders),
+                        ("error", &e.to_string()),
+                    ],
+                );
+                Err(crate::error::ReqError::failed(format!(
+                    "the Nix database is locked by another process (pid:uid {}); gave up {what} after {secs} s",
+                    if holders.is_empty() { "unknown" } else { &holders }
+                )))
+            }
+        }
+    }
+
     /// A fresh read connection for one broker thread.
     pub fn reader(&self) -> Result<StoreDb, DbError> {
         StoreDb::open_reader(&self.db_dir, &self.store_dir)
@@ -311,6 +345,37 @@ fn lock_writer(db_dir: &Path) -> Result<Option<Flock<File>>, StartError> {
         Err((_, Errno::EWOULDBLOCK)) => Err(StartError::SecondWriter(path.display().to_string())),
         Err((_, e)) => Err(ctx(format!("locking {}", path.display()))(e)),
     }
+}
+
+/// The database directory is entered only by the store owner and, through `db_group`, the
+/// brokers that read the database: Nix leaves it (and `db.sqlite-shm`) readable by every
+/// account, which lets any local user take a read lock on SQLite's write-lock byte and stall
+/// every store write (A69). Nix itself runs as root and never needs more.
+fn restrict_db_dir(db_dir: &Path, cfg: &StoreWriterConfig) -> Result<(), StartError> {
+    if cfg!(feature = "without-a69") {
+        return Ok(());
+    }
+    let fd = sys::open(
+        db_dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(ctx(format!("opening {}", db_dir.display())))?;
+    let mode = match cfg.db_group {
+        Some(gid) if cfg.as_root => {
+            nix::unistd::fchown(
+                fd.as_raw_fd(),
+                Some(Uid::from_raw(0)),
+                Some(Gid::from_raw(gid)),
+            )
+            .map_err(ctx(format!("changing the group of {}", db_dir.display())))?;
+            0o750
+        }
+        _ => 0o700,
+    };
+    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode))
+        .map_err(ctx(format!("changing the mode of {}", db_dir.display())))?;
+    Ok(())
 }
 
 fn mkdir_at(dir: BorrowedFd<'_>, name: &str, mode: u32) -> Result<(), StartError> {

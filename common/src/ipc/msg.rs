@@ -79,6 +79,9 @@ pub struct StoreWriterConfig {
     pub as_root: bool,
     /// Optional extra audit destination (`audit-socket` in stockade.conf).
     pub audit_socket: Option<String>,
+    /// The group that may enter the database directory (brokers that read the database
+    /// hold it); nobody else may, so no other user can take SQLite's locks (A69).
+    pub db_group: Option<u32>,
 }
 
 /// store-writer → master.

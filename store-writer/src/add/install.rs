@@ -93,9 +93,10 @@ pub fn commit(
             }
         }
     }
-    if let Err(e) = store.db().register(&regs, now()) {
+    let time = now();
+    if let Err(e) = store.write("registering paths", |db| db.register(&regs, time)) {
         undo(store, staging, done);
-        return Err(e.into());
+        return Err(e);
     }
     if store.cfg.fsync_metadata {
         let _ = nix::unistd::fsync(store.store_fd().as_raw_fd());

@@ -41,6 +41,7 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         compress_build_log: true,
         as_root: false,
         audit_socket: None,
+        db_group: None,
     }
 }
 
