@@ -2,6 +2,10 @@
 //! `main` hands the control channel to [`control::serve`]; each broker channel is served by
 //! [`session::serve`] on a thread of its own.
 
+// `without-a71` switches the A71 defence off, to show its test can fail; never in a release.
+#[cfg(all(feature = "without-a71", not(debug_assertions)))]
+compile_error!("without-a71 switches a defence off; test builds only");
+
 pub mod add;
 pub mod audit;
 pub mod buildlog;
