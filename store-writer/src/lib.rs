@@ -23,6 +23,10 @@ pub mod verify;
 // (scripts/defences-off.sh). Never in a release build.
 #[cfg(all(
     not(debug_assertions),
-    any(feature = "without-a69", feature = "without-a75")
+    any(
+        feature = "without-a69",
+        feature = "without-a71",
+        feature = "without-a75"
+    )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -366,7 +366,7 @@ impl Session {
                 let mut log = |level: u32, text: String| {
                     let _ = chan.send(&Reply::Log { level, text }, &[]);
                 };
-                let errors = verify::verify_store(&store, check_contents, &mut log)?;
+                let errors = verify::verify_store(&store, &self.client, check_contents, &mut log)?;
                 Ok(Reply::Bool(errors))
             }
             #[allow(unreachable_patterns)]
