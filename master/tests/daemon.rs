@@ -176,7 +176,8 @@ fn children_are_confined() {
         field(&line, "Gid"),
         Some(format!("{uid},{uid},{uid},{uid}").as_str())
     );
-    assert_eq!(field(&line, "Groups"), Some(""), "{line}");
+    // One supplementary group: the database directory's (A69), just below the broker range.
+    assert_eq!(field(&line, "Groups"), Some("2999998"), "{line}");
     for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(field(&line, set), Some(NO_CAPS), "{set}: {line}");
     }
@@ -519,6 +520,16 @@ fn first_line_then_eof(mut cmd: Command) -> (String, std::process::ExitStatus, S
     (line.trim_end().to_string(), status, err)
 }
 
+/// `--stdio` serves the store itself only when no daemon answers (A75): point it at a socket
+/// path where none listens.
+fn no_daemon(mut cmd: Command) -> Command {
+    cmd.env(
+        "NIX_DAEMON_SOCKET_PATH",
+        "/nonexistent/stockade-test/socket",
+    );
+    cmd
+}
+
 #[test]
 fn stdio_served_locally_as_root() {
     require_root!();
@@ -527,7 +538,7 @@ fn stdio_served_locally_as_root() {
         stockade_conf: "broker-uid-range = 3000100-3000109\n".into(),
         ..Setup::default()
     });
-    let (line, status, err) = first_line_then_eof(d.stockade_cmd(None, &["--stdio"]));
+    let (line, status, err) = first_line_then_eof(no_daemon(d.stockade_cmd(None, &["--stdio"])));
     assert!(status.success(), "{status:?} {err}");
     // Pipes: the master splices them to a socketpair it made, so the broker's peer is not us.
     assert_ne!(
@@ -542,8 +553,9 @@ fn stdio_served_locally_as_root() {
         .unwrap_or("");
     assert!(uid.starts_with("300010"), "{line}");
     assert_eq!(field(&line, "CapEff"), Some(NO_CAPS), "{line}");
-    let (line, status, _) =
-        first_line_then_eof(d.stockade_cmd(None, &["--stdio", "--force-untrusted"]));
+    let (line, status, _) = first_line_then_eof(no_daemon(
+        d.stockade_cmd(None, &["--stdio", "--force-untrusted"]),
+    ));
     assert!(status.success());
     assert_eq!(field(&line, "trusted"), Some("false"), "{line}");
     // The broker got its own channel, the store-writer was told and shut down in order.
@@ -561,7 +573,7 @@ fn stdio_on_a_socket_hands_the_socket_to_the_broker() {
     let d = Instance::start(Setup::default());
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
     let theirs_out = theirs.try_clone().expect("clone");
-    let mut cmd = d.stockade_cmd(None, &["--stdio"]);
+    let mut cmd = no_daemon(d.stockade_cmd(None, &["--stdio"]));
     let mut child = cmd
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs_out)))
