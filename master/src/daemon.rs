@@ -40,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::launch::Launcher;
 use crate::paths::Paths;
 use crate::peers::peer_facts;
+use crate::ratelimit::RateLimit;
 use crate::socket::{self, Listeners};
 use crate::spawn::Confinement;
 use crate::uids::UidPool;
@@ -175,42 +176,6 @@ struct Conn {
     client_pid: i32,
     broker_uid: Option<u32>,
     started: Instant,
-}
-
-/// At most `burst` limit-refusal lines per second; the rest are counted and the count is
-/// reported with the next line that gets through (A5).
-#[derive(Debug)]
-struct RateLimit {
-    burst: u32,
-    window: Instant,
-    in_window: u32,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    fn new(burst: u32) -> Self {
-        RateLimit {
-            burst,
-            window: Instant::now(),
-            in_window: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(suppressed so far)` when this event may be logged.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        if now.duration_since(self.window) >= Duration::from_secs(1) {
-            self.window = now;
-            self.in_window = 0;
-        }
-        if self.in_window < self.burst {
-            self.in_window += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
 }
 
 struct Daemon {
@@ -834,22 +799,4 @@ impl Daemon {
 /// broker range, so it never collides with a broker and needs no passwd entry.
 pub fn store_writer_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
     brokers.first.saturating_sub(1).max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limit_counts_what_it_drops() {
-        let mut r = RateLimit::new(2);
-        let t0 = Instant::now();
-        assert_eq!(r.admit(t0), Some(0));
-        assert_eq!(r.admit(t0), Some(0));
-        assert_eq!(r.admit(t0), None);
-        assert_eq!(r.admit(t0), None);
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(r.admit(t1), Some(2));
-        assert_eq!(r.admit(t1), Some(0));
-    }
 }

@@ -25,6 +25,7 @@ mod launch;
 mod logger;
 mod paths;
 mod peers;
+mod ratelimit;
 mod restrict;
 mod socket;
 mod spawn;
