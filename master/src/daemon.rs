@@ -12,9 +12,11 @@
 //!
 //! When a broker exits the master tells the store-writer (`ClientGone`), frees the broker's uid
 //! once nothing runs under it, and writes the `closed` audit line. If the store-writer dies the
-//! master exits non-zero (see writer.rs). SIGTERM/SIGINT: stop accepting, send `Shutdown`, wait
-//! for the store-writer to exit, send SIGTERM to the remaining brokers, exit 0. SIGHUP is
-//! ignored (configuration is read at start only).
+//! master exits non-zero (see writer.rs). If the store and state directories were replaced since
+//! the store-writer started, the next client first gets a new store-writer (restart.rs).
+//! SIGTERM/SIGINT: stop accepting, send `Shutdown`, wait for the store-writer to exit, send
+//! SIGTERM to the remaining brokers, exit 0. SIGHUP is ignored (configuration is read at start
+//! only).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -41,13 +43,14 @@ use crate::launch::Launcher;
 use crate::paths::Paths;
 use crate::peers::peer_facts;
 use crate::ratelimit::RateLimit;
+use crate::restart::{self, Checked, StoreWatch};
 use crate::socket::{self, Listeners};
 use crate::spawn::Confinement;
 use crate::uids::UidPool;
 use crate::writer::StoreWriter;
 
 /// How long the store-writer has to finish after `Shutdown` before it is killed.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
 /// Connections accepted per listener per loop turn, so one flooded socket cannot starve the
 /// other or the signal handling.
@@ -182,6 +185,8 @@ struct Daemon {
     ctx: Ctx,
     listeners: Option<Listeners>,
     writer: StoreWriter,
+    /// The directories `writer` started on.
+    watch: StoreWatch,
     writer_chan_open: bool,
     writer_exited: bool,
     sigfd: SignalFd,
@@ -227,6 +232,7 @@ pub fn run(ctx: Ctx) -> Result<i32> {
     // The store-writer is up and locked down before the socket appears: a client that sees
     // the socket never meets a half-started daemon.
     let writer = ctx.start_store_writer()?;
+    let watch = StoreWatch::record(&ctx.paths);
     let listeners = socket::open(&ctx.paths, ctx.uid)?;
     let uids = if ctx.as_root {
         Some(UidPool::new(ctx.cfg.broker_uid_range())?)
@@ -275,6 +281,7 @@ pub fn run(ctx: Ctx) -> Result<i32> {
         ctx,
         listeners: Some(listeners),
         writer,
+        watch,
         writer_chan_open: true,
         writer_exited: false,
         sigfd,
@@ -711,6 +718,15 @@ impl Daemon {
                 &reason,
             );
             return;
+        }
+        match restart::ensure_current(&self.ctx, &mut self.watch, &mut self.writer) {
+            Checked::Current => {}
+            Checked::Restarted => self.writer_chan_open = true,
+            // Logged and audited; the old store-writer is reaped, the run loop stops.
+            Checked::Stop => {
+                self.writer_exited = true;
+                return;
+            }
         }
         let broker_uid = match self.uids.as_mut() {
             Some(pool) => match pool.allocate() {
