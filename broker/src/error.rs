@@ -66,7 +66,18 @@ impl From<NarError> for OpError {
 
 impl From<ipc::Error> for OpError {
     fn from(e: ipc::Error) -> OpError {
-        OpError::fatal(format!("internal error talking to the store-writer: {e}"))
+        match e {
+            // It exited: the daemon is stopping, or the store was replaced under it and a new
+            // store-writer serves new connections (master/src/restart.rs).
+            ipc::Error::Closed
+            | ipc::Error::Sys(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
+                OpError::fatal(
+                    "the store-writer serving this connection has stopped (the daemon is \
+                     stopping, or the store was replaced); open a new connection",
+                )
+            }
+            e => OpError::fatal(format!("internal error talking to the store-writer: {e}")),
+        }
     }
 }
 

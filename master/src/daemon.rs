@@ -12,9 +12,11 @@
 //!
 //! When a broker exits the master tells the store-writer (`ClientGone`), frees the broker's uid
 //! once nothing runs under it, and writes the `closed` audit line. If the store-writer dies the
-//! master exits non-zero (see writer.rs). SIGTERM/SIGINT: stop accepting, send `Shutdown`, wait
-//! for the store-writer to exit, send SIGTERM to the remaining brokers, exit 0. SIGHUP is
-//! ignored (configuration is read at start only).
+//! master exits non-zero (see writer.rs). If the store and state directories were replaced since
+//! the store-writer started, the next client first gets a new store-writer (restart.rs).
+//! SIGTERM/SIGINT: stop accepting, send `Shutdown`, wait for the store-writer to exit, send
+//! SIGTERM to the remaining brokers, exit 0. SIGHUP is ignored (configuration is read at start
+//! only).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -40,13 +42,15 @@ use crate::error::{Error, Result};
 use crate::launch::Launcher;
 use crate::paths::Paths;
 use crate::peers::peer_facts;
+use crate::ratelimit::RateLimit;
+use crate::restart::{self, Checked, StoreWatch};
 use crate::socket::{self, Listeners};
 use crate::spawn::Confinement;
 use crate::uids::UidPool;
 use crate::writer::StoreWriter;
 
 /// How long the store-writer has to finish after `Shutdown` before it is killed.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
 /// Connections accepted per listener per loop turn, so one flooded socket cannot starve the
 /// other or the signal handling.
@@ -184,46 +188,12 @@ struct Conn {
     started: Instant,
 }
 
-/// At most `burst` limit-refusal lines per second; the rest are counted and the count is
-/// reported with the next line that gets through (A5).
-#[derive(Debug)]
-struct RateLimit {
-    burst: u32,
-    window: Instant,
-    in_window: u32,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    fn new(burst: u32) -> Self {
-        RateLimit {
-            burst,
-            window: Instant::now(),
-            in_window: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(suppressed so far)` when this event may be logged.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        if now.duration_since(self.window) >= Duration::from_secs(1) {
-            self.window = now;
-            self.in_window = 0;
-        }
-        if self.in_window < self.burst {
-            self.in_window += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
-
 struct Daemon {
     ctx: Ctx,
     listeners: Option<Listeners>,
     writer: StoreWriter,
+    /// The directories `writer` started on.
+    watch: StoreWatch,
     writer_chan_open: bool,
     writer_exited: bool,
     sigfd: SignalFd,
@@ -269,6 +239,7 @@ pub fn run(ctx: Ctx) -> Result<i32> {
     // The store-writer is up and locked down before the socket appears: a client that sees
     // the socket never meets a half-started daemon.
     let writer = ctx.start_store_writer()?;
+    let watch = StoreWatch::record(&ctx.paths);
     let listeners = socket::open(&ctx.paths, ctx.uid)?;
     let uids = if ctx.as_root {
         Some(UidPool::new(ctx.cfg.broker_uid_range())?)
@@ -317,6 +288,7 @@ pub fn run(ctx: Ctx) -> Result<i32> {
         ctx,
         listeners: Some(listeners),
         writer,
+        watch,
         writer_chan_open: true,
         writer_exited: false,
         sigfd,
@@ -754,6 +726,15 @@ impl Daemon {
             );
             return;
         }
+        match restart::ensure_current(&self.ctx, &mut self.watch, &mut self.writer) {
+            Checked::Current => {}
+            Checked::Restarted => self.writer_chan_open = true,
+            // Logged and audited; the old store-writer is reaped, the run loop stops.
+            Checked::Stop => {
+                self.writer_exited = true;
+                return;
+            }
+        }
         let broker_uid = match self.uids.as_mut() {
             Some(pool) => match pool.allocate() {
                 Some(uid) => Some(uid),
@@ -847,22 +828,4 @@ pub fn store_writer_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
 /// store-writer's uid, it is taken from just below the broker range, which must be free.
 pub fn db_reader_gid(brokers: &stockade_common::conf::UidRange) -> u32 {
     brokers.first.saturating_sub(2).max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limit_counts_what_it_drops() {
-        let mut r = RateLimit::new(2);
-        let t0 = Instant::now();
-        assert_eq!(r.admit(t0), Some(0));
-        assert_eq!(r.admit(t0), Some(0));
-        assert_eq!(r.admit(t0), None);
-        assert_eq!(r.admit(t0), None);
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(r.admit(t1), Some(2));
-        assert_eq!(r.admit(t1), Some(0));
-    }
 }

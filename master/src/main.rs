@@ -14,6 +14,7 @@
 //! - [`peers`], [`uids`]: who the peer is; which uid its broker gets;
 //! - [`launch`], [`spawn`], [`writer`]: channels, exec and confinement of the children, and the
 //!   builder-helper hook (not started yet, see launch.rs);
+//! - [`restart`]: a new store-writer when the store directories were replaced under it;
 //! - [`restrict`]: what the master keeps for itself;
 //! - [`stdio`]: the `--stdio` modes.
 
@@ -25,6 +26,8 @@ mod launch;
 mod logger;
 mod paths;
 mod peers;
+mod ratelimit;
+mod restart;
 mod restrict;
 mod socket;
 mod spawn;

@@ -3,7 +3,8 @@
 //!
 //! If the store-writer dies the master logs it and exits non-zero rather than restarting it: the
 //! brokers' channels to it are gone with it, so every connection is lost either way, and a
-//! supervisor (systemd `Restart=`) restarting the whole daemon gives a clean state.
+//! supervisor (systemd `Restart=`) restarting the whole daemon gives a clean state. The one
+//! exception is a store replaced under the running daemon (restart.rs).
 
 use std::os::fd::AsFd;
 use std::path::Path;

@@ -3,24 +3,22 @@
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-use nix::poll::{poll, PollFd, PollFlags};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use std::time::Duration;
 
 use crate::client::Client;
 use crate::fsutil::{self, mkdir_mode};
-use crate::proc::{self, ChildSetup, ProcHandle};
+use crate::proc::{self, ChildSetup};
 use crate::users::User;
 use crate::{HarnessError, DEFAULT_COMMAND_TIMEOUT, DEFAULT_START_TIMEOUT, SYSTEM_PATH};
+
+mod wait;
 
 /// Which daemon to start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +116,7 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     user: Option<User>,
+    socket_outside_state: bool,
     start_timeout: Duration,
     command_timeout: Duration,
 }
@@ -142,6 +141,7 @@ impl DaemonBuilder {
             args: Vec::new(),
             env: Vec::new(),
             user: None,
+            socket_outside_state: false,
             start_timeout: DEFAULT_START_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
         }
@@ -188,6 +188,14 @@ impl DaemonBuilder {
         self
     }
 
+    /// Puts the daemon socket at `<base>/daemon-socket/socket`, outside the state directory,
+    /// and names it through `NIX_DAEMON_SOCKET_PATH` in either layout, as Nix's functional
+    /// tests do, so that a test can remove the state directory while the daemon runs.
+    pub fn socket_outside_state(mut self) -> Self {
+        self.socket_outside_state = true;
+        self
+    }
+
     pub fn start_timeout(mut self, t: Duration) -> Self {
         self.start_timeout = t;
         self
@@ -219,6 +227,8 @@ pub struct Daemon {
     kind: DaemonKind,
     layout: Layout,
     base: PathBuf,
+    /// Holds the daemon socket.
+    socket_dir: PathBuf,
     holder: Option<Holder>,
     child: Option<Child>,
     marker: String,
@@ -256,6 +266,11 @@ impl Daemon {
             kind: b.kind.clone(),
             layout: b.layout,
             marker: format!("STOCKADE_TEST_INSTANCE={}", base.display()),
+            socket_dir: base.join(if b.socket_outside_state {
+                "daemon-socket"
+            } else {
+                "nix/var/nix/daemon-socket"
+            }),
             base,
             holder: None,
             child: None,
@@ -294,10 +309,12 @@ impl Daemon {
             let p = self.base.join(dir);
             mkdir_mode(&p, mode).map_err(io("creating", &p))?;
         }
+        mkdir_mode(&self.socket_dir, 0o755).map_err(io("creating", &self.socket_dir))?;
         if let Some(u) = &b.user {
             // An unprivileged daemon must own its state; everything else stays as it is.
-            let nix = self.base.join("nix");
-            chown_tree(&nix, u).map_err(io("chown", &nix))?;
+            for dir in [self.base.join("nix"), self.socket_dir.clone()] {
+                chown_tree(&dir, u).map_err(io("chown", &dir))?;
+            }
         }
         let mut conf = b
             .nix_conf
@@ -433,8 +450,12 @@ impl Daemon {
                 ("NIX_STORE_DIR".into(), s(&nix.join("store"))),
                 ("NIX_STATE_DIR".into(), s(&nix.join("var/nix"))),
                 ("NIX_LOG_DIR".into(), s(&nix.join("var/log/nix"))),
-                ("NIX_DAEMON_SOCKET_PATH".into(), s(&self.socket_path())),
             ]);
+        }
+        // Clients of a daemon in the mount namespace find the default socket by themselves.
+        let default_socket = self.socket_dir == self.base.join("nix/var/nix/daemon-socket");
+        if self.layout == Layout::Redirected || !default_socket {
+            env.push(("NIX_DAEMON_SOCKET_PATH".into(), s(&self.socket_path())));
         }
         let (k, v) = self.marker.split_once('=').unwrap_or((&self.marker, ""));
         env.push((k.into(), v.into()));
@@ -482,80 +503,6 @@ impl Daemon {
         )))?;
         self.child = Some(child);
         Ok(())
-    }
-
-    /// Waits until a connection to the socket succeeds. Wakes on inotify events in the socket
-    /// directory and on the daemon's exit (pidfd); only a socket that exists but refuses
-    /// connections (bound, not yet listening) is retried on a short, growing timer.
-    fn wait_for_socket(&mut self, timeout: Duration) -> Result<(), HarnessError> {
-        let sock = self.socket_path();
-        let dir = self.base.join("nix/var/nix/daemon-socket");
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .map_err(|e| HarnessError::io("inotify_init")(e.into()))?;
-        inotify
-            .add_watch(
-                &dir,
-                AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ATTRIB | AddWatchFlags::IN_MOVED_TO,
-            )
-            .map_err(|e| HarnessError::io(format!("watching {}", dir.display()))(e.into()))?;
-        let pid = self.pid();
-        let pidfd = ProcHandle::open(pid).map_err(HarnessError::io("pidfd_open of the daemon"))?;
-        let deadline = Instant::now() + timeout;
-        let mut backoff = Duration::from_millis(1);
-        loop {
-            let retry = match UnixStream::connect(&sock) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    let b = backoff;
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
-                    Some(b)
-                }
-                Err(e) => {
-                    return Err(HarnessError::io(format!(
-                        "connecting to {}",
-                        sock.display()
-                    ))(e))
-                }
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(HarnessError::StartTimeout {
-                    kind: self.kind.name(),
-                    socket: sock.display().to_string(),
-                    timeout,
-                    log: self.log_tail(40),
-                });
-            }
-            let wait = retry.map_or(deadline - now, |r| r.min(deadline - now));
-            let mut fds = [
-                PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
-                PollFd::new(pidfd.fd().as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, proc::poll_timeout(wait)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(HarnessError::io("poll")(e.into())),
-            }
-            let died = fds[1].revents().is_some_and(|r| !r.is_empty());
-            if died {
-                let status = match self.child.as_mut().map(Child::wait) {
-                    Some(Ok(s)) => s.to_string(),
-                    _ => "unknown status".into(),
-                };
-                return Err(HarnessError::DaemonDied {
-                    kind: self.kind.name(),
-                    status,
-                    socket: sock.display().to_string(),
-                    log: self.log_tail(40),
-                });
-            }
-            // Drain the events; which file changed does not matter, we just try again.
-            while let Ok(events) = inotify.read_events() {
-                if events.is_empty() {
-                    break;
-                }
-            }
-        }
     }
 
     /// The home directory of `user` (the harness's own user when None) inside this instance,
@@ -744,7 +691,7 @@ impl Daemon {
 
     /// The daemon socket, as reachable from the host.
     pub fn socket_path(&self) -> PathBuf {
-        self.base.join("nix/var/nix/daemon-socket/socket")
+        self.socket_dir.join("socket")
     }
 
     /// Where a path the daemon and clients see (e.g. a store path) lives on the host.
