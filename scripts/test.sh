@@ -55,6 +55,9 @@ if [ "$passed" -eq 0 ]; then
   exit 1
 fi
 
+step "scripts/defences-off.sh (each security test fails with its defence off)"
+scripts/defences-off.sh
+
 if [ "${SKIP_FUZZ:-0}" = 1 ] && [ -z "${CI:-}" ]; then
   step "fuzz smoke run skipped (SKIP_FUZZ=1)"
 else
