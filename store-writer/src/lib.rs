@@ -13,6 +13,7 @@ pub mod error;
 pub mod hashing;
 pub mod lockdown;
 pub mod pathlocks;
+pub mod phase;
 pub mod roots;
 pub mod session;
 pub mod store;
@@ -24,6 +25,7 @@ pub mod verify;
 #[cfg(all(
     not(debug_assertions),
     any(
+        feature = "without-a68",
         feature = "without-a69",
         feature = "without-a71",
         feature = "without-a75"

@@ -1,10 +1,11 @@
 //! One broker channel, served on its own thread.
 //!
-//! As in OpenSSH's privilege-separation monitor, each connection is a small state machine:
-//! before `Hello` only `Hello` is accepted; afterwards every request except `Hello`. A request
-//! the state does not allow, a malformed message, a wrong descriptor count or an unknown
-//! batch ends the channel (logged and audited) without touching the store. Identity and trust
-//! come only from the master's `NewClient` message, never from the broker.
+//! As in OpenSSH's privilege-separation monitor, each connection is a small state machine
+//! whose phase (`phase.rs`) decides, from a request's kind alone, whether it is handled,
+//! refused for this client's trust, or ends the channel; that happens before the request is
+//! decoded, within a size limit per kind (A68). A malformed message, a wrong descriptor count
+//! or an unknown batch also ends the channel (logged and audited) without touching the store.
+//! Identity and trust come only from the master's `NewClient` message, never from the broker.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -12,15 +13,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stockade_common::ipc::msg::{
-    BrokerToStoreWriter as Req, ClientIdentity, StoreWriterToBroker as Reply, BROKER_SPILL_MAX,
-    QUERY_CHUNK, VERSION,
+    BrokerToStoreWriter as Req, ClientIdentity, ReqKind, StoreWriterToBroker as Reply,
+    BROKER_SPILL_MAX, QUERY_CHUNK, VERSION,
 };
 use stockade_common::ipc::{self, Channel};
+use stockade_policy::ops::{op_allowed, Op};
 
 use crate::add::{self, Batch, Ctx, MAX_BATCHES};
 use crate::audit::Severity;
 use crate::db::{DbError, StoreDb};
 use crate::error::{hl, ReqError};
+use crate::phase::{permitted, Phase, Verdict};
 use crate::roots::{self, TempRoots};
 use crate::store::Store;
 use crate::{buildlog, verify};
@@ -69,30 +72,46 @@ pub fn serve(
 }
 
 impl Session {
+    /// The session's phase, from its state.
+    fn phase(&self) -> Phase {
+        if !self.hello {
+            Phase::BeforeHello
+        } else if !self.batches.is_empty() {
+            Phase::InBatch
+        } else {
+            Phase::Ready
+        }
+    }
+
     fn run(&mut self) {
         loop {
-            let (req, mut fds) = match self.chan.recv::<Req>() {
+            let phase = self.phase();
+            let trusted = self.client.trusted;
+            // The kind (first bytes) is checked against the phase before anything is decoded,
+            // and decides how large the message may be (A68).
+            let admit = |head: &[u8]| {
+                if cfg!(feature = "without-a68") {
+                    return Ok(BROKER_SPILL_MAX);
+                }
+                let kind = ReqKind::from_head(head).ok_or("unknown request")?;
+                match permitted(phase, kind, trusted) {
+                    Verdict::Violation(why) => Err(format!("{kind:?}: {why}")),
+                    Verdict::Handle | Verdict::Refuse(_) => Ok(kind.max_bytes()),
+                }
+            };
+            let (req, mut fds) = match self.chan.recv_admitted::<Req>(admit) {
                 Ok(m) => m,
                 Err(ipc::Error::Closed) => return,
                 Err(e) => return self.violation(&format!("bad message: {e}")),
             };
             let fd = fds.pop();
-            if !self.hello {
-                match req {
-                    Req::Hello { version } if version == VERSION => {
-                        self.hello = true;
-                        if self.send(&Reply::Hello { version: VERSION }).is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    Req::Hello { version } => {
-                        return self.violation(&format!("unsupported message version {version}"))
-                    }
-                    _ => return self.violation("request before Hello"),
-                }
-            }
-            let reply = match self.dispatch(req, fd) {
+            // Decided again on what was decoded (a spilled payload is read twice).
+            let reply = match permitted(phase, req.kind(), trusted) {
+                Verdict::Violation(why) => return self.violation(why),
+                Verdict::Refuse(denied) => Err(self.refuse(req.kind(), denied.0)),
+                Verdict::Handle => self.dispatch(req, fd),
+            };
+            let reply = match reply {
                 Ok(r) => r,
                 Err(ReqError::Failed(message)) => Reply::Error { message },
                 Err(ReqError::Violation(why)) => return self.violation(&why),
@@ -154,11 +173,13 @@ impl Session {
         }
     }
 
-    fn refuse(&self, op: &str, msg: &str) -> ReqError {
+    /// Refuses a request this client's trust does not allow, audited.
+    fn refuse(&self, kind: ReqKind, msg: &str) -> ReqError {
+        let op = format!("{kind:?}");
         self.store.audit.client_event(
             Severity::Warning,
             &self.client,
-            &[("op", op), ("outcome", "refused"), ("reason", msg)],
+            &[("op", &op), ("outcome", "refused"), ("reason", msg)],
         );
         ReqError::failed(msg)
     }
@@ -168,7 +189,13 @@ impl Session {
             fd.ok_or_else(|| ReqError::Violation("missing descriptor".into()))
         };
         match req {
-            Req::Hello { .. } => Err(ReqError::Violation("second Hello".into())),
+            Req::Hello { version } if version == VERSION => {
+                self.hello = true;
+                Ok(Reply::Hello { version: VERSION })
+            }
+            Req::Hello { version } => Err(ReqError::Violation(format!(
+                "unsupported message version {version}"
+            ))),
             Req::IsValidPath { path } => Ok(Reply::Bool(self.q(|db| db.is_valid(&path))?)),
             Req::QueryValidPaths { paths } => {
                 if paths.len() > QUERY_CHUNK {
@@ -285,9 +312,6 @@ impl Session {
                 Ok(Reply::Ok)
             }
             Req::AddPermRoot { path, link } => {
-                if !self.client.trusted {
-                    return Err(self.refuse("addPermRoot", "you are not privileged to create perm roots"));
-                }
                 let link = {
                     let mut roots = self.roots.lock().unwrap_or_else(|e| e.into_inner());
                     roots::add_perm_root(&self.store, &mut roots, &path, &link)?
@@ -320,9 +344,6 @@ impl Session {
                 Ok(Reply::Roots(out))
             }
             Req::AddSignatures { path, sigs } => {
-                if !self.client.trusted {
-                    return Err(self.refuse("addSignatures", "you are not privileged to add signatures"));
-                }
                 for s in &sigs {
                     if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
                         return Err(ReqError::failed(format!("invalid signature '{}'", hl(s))));
@@ -341,9 +362,6 @@ impl Session {
             }
             Req::AddBuildLog { drv } => {
                 let fd = need_fd(fd)?;
-                if !self.client.trusted {
-                    return Err(self.refuse("addBuildLog", "you are not privileged to add logs"));
-                }
                 buildlog::add_build_log(&self.ctx(), &drv, fd)?;
                 Ok(Reply::Ok)
             }
@@ -356,10 +374,11 @@ impl Session {
                 repair,
             } => {
                 if repair {
-                    if !self.client.trusted {
-                        return Err(self.refuse("verifyStore", "you are not privileged to repair paths"));
+                    let op = Op::VerifyStore { repair };
+                    if let Err(denied) = op_allowed(op, self.client.trusted) {
+                        return Err(self.refuse(ReqKind::VerifyStore, denied.0));
                     }
-                    return Err(ReqError::failed("repairing is not supported yet"));
+                    return Err(self.refuse(ReqKind::VerifyStore, "repairing is not supported yet"));
                 }
                 let store = self.store.clone();
                 let chan = &mut self.chan;
@@ -369,6 +388,7 @@ impl Session {
                 let errors = verify::verify_store(&store, &self.client, check_contents, &mut log)?;
                 Ok(Reply::Bool(errors))
             }
+            // The enum is non_exhaustive across crates; every kind went through `permitted`.
             #[allow(unreachable_patterns)]
             _ => Err(ReqError::Violation("unsupported request".into())),
         }

@@ -97,6 +97,8 @@ pub enum Error {
     InvalidTimeout,
     #[error("socket has no peer credentials")]
     NoPeer,
+    #[error("IPC message refused before decoding: {0}")]
+    Refused(String),
     #[error("malformed spilled IPC message: {0}")]
     BadSpill(&'static str),
 }
@@ -322,6 +324,64 @@ impl Channel {
         Ok((value, fds))
     }
 
+    /// Receives a typed message on a spilling channel, but first shows `admit` the payload's
+    /// first bytes (at most [`ADMIT_HEAD`]: enough for the variant tag) and its size. `admit`
+    /// returns the most bytes this message may have, or why it is refused; only then is a
+    /// spilled payload read and anything decoded, within that limit (A68).
+    pub fn recv_admitted<M: Message>(
+        &mut self,
+        admit: impl FnOnce(&[u8]) -> Result<usize, String>,
+    ) -> Result<(M, Vec<OwnedFd>), Error> {
+        let max = self.spill.unwrap_or(self.limit);
+        let (len, mut fds) = self.recv_bytes(M::MAX_FDS.saturating_add(1))?;
+        let msg = self.buf.get(..len).ok_or(Error::BadSpill("length"))?;
+        let (payload, spilled) = match (self.spill, msg.split_first()) {
+            (None, _) => (Some(msg.to_vec()), None),
+            (Some(_), Some((&SPILL_INLINE, p))) => (Some(p.to_vec()), None),
+            (Some(_), Some((&SPILL_MEMFD, rest))) => {
+                let size: [u8; 8] = rest.try_into().map_err(|_| Error::BadSpill("header"))?;
+                let size = usize::try_from(u64::from_le_bytes(size)).unwrap_or(usize::MAX);
+                let memfd = fds.pop().ok_or(Error::BadSpill("no memfd"))?;
+                (None, Some((memfd, size)))
+            }
+            _ => return Err(Error::BadSpill("header")),
+        };
+        if fds.len() > M::MAX_FDS {
+            return Err(Error::TooManyFds {
+                got: fds.len(),
+                max: M::MAX_FDS,
+            });
+        }
+        let (head, size) = match (&payload, &spilled) {
+            (Some(p), _) => (
+                p.get(..ADMIT_HEAD.min(p.len()))
+                    .unwrap_or_default()
+                    .to_vec(),
+                p.len(),
+            ),
+            (None, Some((memfd, size))) => (read_spill_head(memfd.as_fd(), *size)?, *size),
+            (None, None) => return Err(Error::BadSpill("header")),
+        };
+        let limit = admit(&head).map_err(Error::Refused)?.min(max);
+        if size > limit {
+            return Err(Error::TooLarge { size, limit });
+        }
+        let payload = match (payload, spilled) {
+            (Some(p), _) => p,
+            (None, Some((memfd, size))) => read_spill(memfd, size)?,
+            (None, None) => return Err(Error::BadSpill("header")),
+        };
+        let value: M = codec(limit).deserialize(&payload).map_err(Error::Decode)?;
+        let expected = value.fd_count();
+        if fds.len() != expected {
+            return Err(Error::FdCountMismatch {
+                got: fds.len(),
+                expected,
+            });
+        }
+        Ok((value, fds))
+    }
+
     fn recv_spilling<T: DeserializeOwned>(
         &mut self,
         max_fds: usize,
@@ -503,6 +563,19 @@ fn spill_to_memfd(payload: &[u8]) -> Result<OwnedFd, Error> {
 
 /// Reads a spilled payload of exactly `size` bytes. The descriptor must be a regular file of
 /// that size (a memfd); a pipe or socket could block us forever.
+/// How many leading bytes of a payload [`Channel::recv_admitted`] shows its `admit` function.
+pub const ADMIT_HEAD: usize = 8;
+
+/// The first bytes of a spilled payload of `size` bytes, without reading the rest.
+fn read_spill_head(fd: BorrowedFd<'_>, size: usize) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; ADMIT_HEAD.min(size)];
+    let n = nix::sys::uio::pread(fd, &mut buf, 0).map_err(|_| Error::BadSpill("short memfd"))?;
+    if n != buf.len() {
+        return Err(Error::BadSpill("short memfd"));
+    }
+    Ok(buf)
+}
+
 fn read_spill(fd: OwnedFd, size: usize) -> Result<Vec<u8>, Error> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::from(fd);

@@ -260,6 +260,134 @@ pub enum StoreWriterToBroker {
     },
 }
 
+/// The kind of a [`BrokerToStoreWriter`] request, readable from its first bytes (bincode's
+/// variant index) before the rest is decoded, so a receiver can check it against what the
+/// session permits and bound its size first (A68). Same order as the enum's variants; a test
+/// keeps them in step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReqKind {
+    Hello,
+    IsValidPath,
+    QueryValidPaths,
+    QueryPathInfo,
+    QueryReferrers,
+    QueryValidDerivers,
+    QueryDerivationOutputs,
+    QueryPathFromHashPart,
+    QueryAllValidPaths,
+    AddToStore,
+    AddNar,
+    CommitBatch,
+    AbortBatch,
+    AddTempRoot,
+    AddIndirectRoot,
+    AddPermRoot,
+    FindRoots,
+    AddSignatures,
+    AddBuildLog,
+    RegisterDrvOutput,
+    QueryRealisation,
+    VerifyStore,
+}
+
+/// Largest request with a path info (AddNar, AddToStore): a path with tens of thousands of
+/// references and signatures fits.
+const PATH_INFO_REQUEST_MAX: usize = 8 << 20;
+
+impl ReqKind {
+    const ALL: [ReqKind; 22] = [
+        ReqKind::Hello,
+        ReqKind::IsValidPath,
+        ReqKind::QueryValidPaths,
+        ReqKind::QueryPathInfo,
+        ReqKind::QueryReferrers,
+        ReqKind::QueryValidDerivers,
+        ReqKind::QueryDerivationOutputs,
+        ReqKind::QueryPathFromHashPart,
+        ReqKind::QueryAllValidPaths,
+        ReqKind::AddToStore,
+        ReqKind::AddNar,
+        ReqKind::CommitBatch,
+        ReqKind::AbortBatch,
+        ReqKind::AddTempRoot,
+        ReqKind::AddIndirectRoot,
+        ReqKind::AddPermRoot,
+        ReqKind::FindRoots,
+        ReqKind::AddSignatures,
+        ReqKind::AddBuildLog,
+        ReqKind::RegisterDrvOutput,
+        ReqKind::QueryRealisation,
+        ReqKind::VerifyStore,
+    ];
+
+    /// The kind named by the first bytes of an encoded request (`None`: no such request).
+    pub fn from_head(head: &[u8]) -> Option<ReqKind> {
+        // bincode's varint: a variant index below 251 is that one byte.
+        let tag = *head.first()?;
+        if tag >= 251 {
+            return None;
+        }
+        ReqKind::ALL.get(usize::from(tag)).copied()
+    }
+
+    /// The most bytes an encoded request of this kind may have: enough for any honest one,
+    /// small enough that its decoded form stays small whatever it holds.
+    pub fn max_bytes(self) -> usize {
+        match self {
+            ReqKind::Hello
+            | ReqKind::IsValidPath
+            | ReqKind::QueryPathInfo
+            | ReqKind::QueryReferrers
+            | ReqKind::QueryValidDerivers
+            | ReqKind::QueryDerivationOutputs
+            | ReqKind::QueryPathFromHashPart
+            | ReqKind::QueryAllValidPaths
+            | ReqKind::CommitBatch
+            | ReqKind::AbortBatch
+            | ReqKind::AddTempRoot
+            | ReqKind::FindRoots
+            | ReqKind::AddBuildLog
+            | ReqKind::QueryRealisation
+            | ReqKind::VerifyStore => 4 << 10,
+            // QUERY_CHUNK paths of at most ~250 bytes each.
+            ReqKind::QueryValidPaths => 256 << 10,
+            ReqKind::AddIndirectRoot | ReqKind::AddPermRoot => 16 << 10,
+            ReqKind::AddSignatures => 256 << 10,
+            ReqKind::RegisterDrvOutput => 1 << 20,
+            ReqKind::AddToStore | ReqKind::AddNar => PATH_INFO_REQUEST_MAX,
+        }
+    }
+}
+
+impl BrokerToStoreWriter {
+    pub fn kind(&self) -> ReqKind {
+        match self {
+            BrokerToStoreWriter::Hello { .. } => ReqKind::Hello,
+            BrokerToStoreWriter::IsValidPath { .. } => ReqKind::IsValidPath,
+            BrokerToStoreWriter::QueryValidPaths { .. } => ReqKind::QueryValidPaths,
+            BrokerToStoreWriter::QueryPathInfo { .. } => ReqKind::QueryPathInfo,
+            BrokerToStoreWriter::QueryReferrers { .. } => ReqKind::QueryReferrers,
+            BrokerToStoreWriter::QueryValidDerivers { .. } => ReqKind::QueryValidDerivers,
+            BrokerToStoreWriter::QueryDerivationOutputs { .. } => ReqKind::QueryDerivationOutputs,
+            BrokerToStoreWriter::QueryPathFromHashPart { .. } => ReqKind::QueryPathFromHashPart,
+            BrokerToStoreWriter::QueryAllValidPaths => ReqKind::QueryAllValidPaths,
+            BrokerToStoreWriter::AddToStore { .. } => ReqKind::AddToStore,
+            BrokerToStoreWriter::AddNar { .. } => ReqKind::AddNar,
+            BrokerToStoreWriter::CommitBatch { .. } => ReqKind::CommitBatch,
+            BrokerToStoreWriter::AbortBatch { .. } => ReqKind::AbortBatch,
+            BrokerToStoreWriter::AddTempRoot { .. } => ReqKind::AddTempRoot,
+            BrokerToStoreWriter::AddIndirectRoot { .. } => ReqKind::AddIndirectRoot,
+            BrokerToStoreWriter::AddPermRoot { .. } => ReqKind::AddPermRoot,
+            BrokerToStoreWriter::FindRoots => ReqKind::FindRoots,
+            BrokerToStoreWriter::AddSignatures { .. } => ReqKind::AddSignatures,
+            BrokerToStoreWriter::AddBuildLog { .. } => ReqKind::AddBuildLog,
+            BrokerToStoreWriter::RegisterDrvOutput { .. } => ReqKind::RegisterDrvOutput,
+            BrokerToStoreWriter::QueryRealisation { .. } => ReqKind::QueryRealisation,
+            BrokerToStoreWriter::VerifyStore { .. } => ReqKind::VerifyStore,
+        }
+    }
+}
+
 impl Message for BrokerToStoreWriter {
     const MAX_FDS: usize = 1;
     fn fd_count(&self) -> usize {
@@ -376,3 +504,84 @@ no_fds!(
     BrokerToBuilder,
     BuilderToBroker,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::Hash;
+    use crate::store_path::FileIngestion;
+
+    /// One request of every kind, encoded: its first byte names its kind, and the kind's size
+    /// limit lets it through.
+    #[test]
+    fn request_kinds_follow_the_variant_order() {
+        let p: StorePath = "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-x".parse().unwrap();
+        let info = PathInfo::new(p.clone(), Hash::sha256(b""), 0);
+        use BrokerToStoreWriter as R;
+        let all = vec![
+            R::Hello { version: 1 },
+            R::IsValidPath { path: p.clone() },
+            R::QueryValidPaths {
+                paths: vec![p.clone(); QUERY_CHUNK],
+            },
+            R::QueryPathInfo { path: p.clone() },
+            R::QueryReferrers { path: p.clone() },
+            R::QueryValidDerivers { path: p.clone() },
+            R::QueryDerivationOutputs { drv: p.clone() },
+            R::QueryPathFromHashPart {
+                hash_part: "x".repeat(32),
+            },
+            R::QueryAllValidPaths,
+            R::AddToStore {
+                name: "x".into(),
+                method: ContentAddressMethod::Fixed(FileIngestion::Recursive),
+                algo: HashAlgo::Sha256,
+                references: vec![p.clone()],
+                repair: false,
+            },
+            R::AddNar {
+                info: Box::new(info),
+                repair: false,
+                dont_check_sigs: false,
+                batch: Some(7),
+            },
+            R::CommitBatch { batch: 7 },
+            R::AbortBatch { batch: 7 },
+            R::AddTempRoot { path: p.clone() },
+            R::AddIndirectRoot {
+                link: "/a".repeat(100),
+            },
+            R::AddPermRoot {
+                path: p.clone(),
+                link: "/a".into(),
+            },
+            R::FindRoots,
+            R::AddSignatures {
+                path: p.clone(),
+                sigs: vec!["k:s".into(); 100],
+            },
+            R::AddBuildLog { drv: p.clone() },
+            R::RegisterDrvOutput {
+                realisation: "{}".into(),
+            },
+            R::QueryRealisation { id: "x".into() },
+            R::VerifyStore {
+                check_contents: true,
+                repair: false,
+            },
+        ];
+        assert_eq!(all.len(), ReqKind::ALL.len());
+        for (req, kind) in all.iter().zip(ReqKind::ALL) {
+            assert_eq!(req.kind(), kind);
+            let bytes = crate::ipc::encode(req, BROKER_SPILL_MAX).unwrap();
+            assert_eq!(ReqKind::from_head(&bytes), Some(kind), "{req:?}");
+            assert!(
+                bytes.len() <= kind.max_bytes(),
+                "{kind:?}: {} bytes",
+                bytes.len()
+            );
+        }
+        assert_eq!(ReqKind::from_head(&[ReqKind::ALL.len() as u8]), None);
+        assert_eq!(ReqKind::from_head(&[]), None);
+    }
+}
