@@ -5,7 +5,7 @@
 //! error while reading arguments is reported twice and ends the connection; an error during
 //! work is reported once and the connection carries on.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 
 use stockade_common::audit::{Audit, Facility, Severity};
@@ -294,9 +294,4 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
         }
         Ok(n)
     }
-}
-
-/// A buffered writer for the pipe an upload goes through to the store-writer.
-pub fn pipe_writer(fd: std::os::fd::OwnedFd) -> BufWriter<std::fs::File> {
-    BufWriter::with_capacity(64 * 1024, std::fs::File::from(fd))
 }

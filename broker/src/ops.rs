@@ -482,40 +482,6 @@ fn set_options(c: &mut Conn) -> OpResult<()> {
 
 // ---- Adding paths -----------------------------------------------------------------------
 
-/// A pipe to the store-writer: the request goes out with the read end, then the caller feeds
-/// the write end, then the reply is awaited.
-struct Upload {
-    tx: BufWriter<std::fs::File>,
-}
-
-/// Capacity asked for the upload pipe (the default `pipe-max-size`). With the default 64 KiB
-/// the broker and the store-writer take turns every 64 KiB; with more room the broker reads
-/// ahead while the store-writer hashes and writes, and the store-writer reads in larger pieces.
-const UPLOAD_PIPE_SIZE: i32 = 1 << 20;
-
-fn start_upload(c: &mut Conn, req: &Req) -> OpResult<Upload> {
-    let (rx, tx): (OwnedFd, OwnedFd) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-    // Best effort: past the per-user pipe budget the kernel refuses, and 64 KiB still works.
-    let _ = nix::fcntl::fcntl(
-        std::os::fd::AsRawFd::as_raw_fd(&tx),
-        nix::fcntl::FcntlArg::F_SETPIPE_SZ(UPLOAD_PIPE_SIZE),
-    );
-    c.store.send(req, &[rx.as_fd()])?;
-    drop(rx);
-    Ok(Upload {
-        tx: crate::conn::pipe_writer(tx),
-    })
-}
-
-fn finish_upload(c: &mut Conn, up: Upload) -> OpResult<Rep> {
-    // EOF for the store-writer; a failed flush means it stopped reading, and its reply says why.
-    let mut tx = up.tx;
-    let _ = tx.flush();
-    drop(tx);
-    c.store.recv_reply()
-}
-
 /// Copies a framed stream from the client into `out`, always reading to its terminator.
 fn copy_framed(c: &mut Conn, out: &mut impl Write) -> OpResult<()> {
     let limits = *c.r.limits();
@@ -560,9 +526,9 @@ fn add_to_store(c: &mut Conn) -> OpResult<()> {
             references: refs.into_iter().collect(),
             repair,
         };
-        let mut up = start_upload(c, &req)?;
+        let mut up = c.store.start_upload(&req)?;
         copy_framed(c, &mut up.tx)?;
-        let info = expect_info(finish_upload(c, up)?)?;
+        let info = expect_info(c.store.finish_upload(up)?)?;
         c.stop_work()?;
         proto::write_path_info(&mut c.w, &c.sd, &info, c.minor, true)?;
     } else {
@@ -601,7 +567,7 @@ fn add_to_store(c: &mut Conn) -> OpResult<()> {
             references: Vec::new(),
             repair: false,
         };
-        let mut up = start_upload(c, &req)?;
+        let mut up = c.store.start_upload(&req)?;
         let res = if method == ContentAddressMethod::Fixed(FileIngestion::Flat) {
             copy_flat_nar(c.raw_reader(), &mut up.tx)
         } else {
@@ -614,12 +580,11 @@ fn add_to_store(c: &mut Conn) -> OpResult<()> {
         };
         if let Err(e) = res {
             // Where a bare NAR ends is unknown after a parse error: the stream is lost.
-            drop(up);
-            let _ = c.store.recv_reply();
+            c.store.abandon_upload(up);
             return Err(OpError::fatal(e.message));
         }
         c.start_work();
-        let info = expect_info(finish_upload(c, up)?)?;
+        let info = expect_info(c.store.finish_upload(up)?)?;
         c.stop_work()?;
         c.w.write_string(&c.sd.display(&info.path))?;
     }
@@ -677,9 +642,9 @@ fn add_text(
         references: refs.into_iter().collect(),
         repair: false,
     };
-    let mut up = start_upload(c, &req)?;
+    let mut up = c.store.start_upload(&req)?;
     let _ = up.tx.write_all(text);
-    expect_info(finish_upload(c, up)?)
+    expect_info(c.store.finish_upload(up)?)
 }
 
 fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
@@ -714,13 +679,13 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
     };
     if c.minor >= 23 {
         c.start_work();
-        let mut up = start_upload(c, &req)?;
+        let mut up = c.store.start_upload(&req)?;
         copy_framed(c, &mut up.tx)?;
-        expect_ok(finish_upload(c, up)?)?;
+        expect_ok(c.store.finish_upload(up)?)?;
         c.stop_work()?;
     } else if c.minor >= 21 {
         c.start_work();
-        let mut up = start_upload(c, &req)?;
+        let mut up = c.store.start_upload(&req)?;
         let res = {
             let tunnel = TunnelSource::new(c);
             let tee = Tee {
@@ -731,14 +696,13 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
             NarReader::new(tee).skip_to_end()
         };
         if let Err(e) = res {
-            drop(up);
-            let _ = c.store.recv_reply();
+            c.store.abandon_upload(up);
             return Err(OpError::fatal(e.to_string()));
         }
-        expect_ok(finish_upload(c, up)?)?;
+        expect_ok(c.store.finish_upload(up)?)?;
         c.stop_work()?;
     } else {
-        let mut up = start_upload(c, &req)?;
+        let mut up = c.store.start_upload(&req)?;
         let res = {
             let tee = Tee {
                 inner: c.raw_reader(),
@@ -748,12 +712,11 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
             NarReader::new(tee).skip_to_end()
         };
         if let Err(e) = res {
-            drop(up);
-            let _ = c.store.recv_reply();
+            c.store.abandon_upload(up);
             return Err(OpError::from(e));
         }
         c.start_work();
-        expect_ok(finish_upload(c, up)?)?;
+        expect_ok(c.store.finish_upload(up)?)?;
         c.stop_work()?;
     }
     Ok(())
@@ -881,9 +844,10 @@ fn import_paths(c: &mut Conn) -> OpResult<Vec<StorePath>> {
             dont_check_sigs,
             batch: None,
         };
-        store.send(&req, &[memfd.as_fd()])?;
-        drop(memfd);
-        expect_ok(store.recv_reply()?)?;
+        let mut up = store.start_upload(&req)?;
+        // A refused upload or a store-writer that stopped reading: its reply says why.
+        let _ = io::copy(&mut std::fs::File::from(memfd), &mut up.tx);
+        expect_ok(store.finish_upload(up)?)?;
         imported.push(path);
     }
     Ok(imported)
@@ -967,23 +931,18 @@ fn add_multiple_inner<R: Read>(
             dont_check_sigs,
             batch: Some(batch.id),
         };
-        let (rx, tx): (OwnedFd, OwnedFd) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        store.send(&req, &[rx.as_fd()])?;
+        let mut up = store.start_upload(&req)?;
+        // The store-writer opens the batch with its first AddNar, even one it refuses.
         batch.opened = true;
-        drop(rx);
-        let mut out = crate::conn::pipe_writer(tx);
         let res = {
             let tee = Tee {
                 inner: wr.get_mut(),
-                out: &mut out,
+                out: &mut up.tx,
                 failed: None,
             };
             NarReader::new(tee).skip_to_end()
         };
-        let _ = out.flush();
-        drop(out);
-        let rep = store.recv_reply();
+        let rep = store.finish_upload(up);
         res?;
         expect_ok(rep?)?;
     }
@@ -998,9 +957,9 @@ fn add_build_log(c: &mut Conn) -> OpResult<()> {
         copy_framed(c, &mut io::sink())?;
         return Err(c.deny("AddBuildLog", d.0));
     }
-    let mut up = start_upload(c, &Req::AddBuildLog { drv })?;
+    let mut up = c.store.start_upload(&Req::AddBuildLog { drv })?;
     copy_framed(c, &mut up.tx)?;
-    expect_ok(finish_upload(c, up)?)?;
+    expect_ok(c.store.finish_upload(up)?)?;
     c.stop_work()?;
     c.w.write_u64(1)?;
     Ok(())

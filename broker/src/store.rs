@@ -4,7 +4,9 @@
 //! channel to the store-writer: one request, then log messages and exactly one final reply.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::BorrowedFd;
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use stockade_common::db::{DbError, StoreDb};
 use stockade_common::ipc::msg::{
@@ -62,6 +64,25 @@ impl Store {
     pub fn send(&mut self, req: &Req, fds: &[BorrowedFd<'_>]) -> OpResult<()> {
         self.ch.send(req, fds)?;
         Ok(())
+    }
+
+    /// Waits for the store-writer's answer to an upload request: the write end of the pipe it
+    /// reads the data from (A70), or the refusal it answered with at once.
+    pub fn recv_upload(&mut self) -> OpResult<Result<OwnedFd, OpError>> {
+        loop {
+            let (rep, mut fds) = self.ch.recv::<Rep>()?;
+            match rep {
+                Rep::Log { .. } => continue,
+                Rep::Upload => {
+                    return fds
+                        .pop()
+                        .map(Ok)
+                        .ok_or_else(|| OpError::fatal("upload pipe missing"))
+                }
+                Rep::Error { message } => return Ok(Err(OpError::client(message))),
+                other => return Err(unexpected(&other)),
+            }
+        }
     }
 
     /// Waits for the final reply to a request sent with [`send`](Self::send); log messages
@@ -191,6 +212,74 @@ impl Store {
         match self.call(&Req::QueryDerivationOutputs { drv: drv.clone() })? {
             Rep::OutputMap(m) => Ok(m),
             other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// Where an upload's data goes: the store-writer's pipe, or nowhere when it refused the request
+/// at once. Writes to a refused upload fail, as writes to a pipe the store-writer stopped
+/// reading do, so callers keep reading their client's stream to its end either way.
+pub enum UploadTx {
+    Pipe(BufWriter<File>),
+    Refused,
+}
+
+impl Write for UploadTx {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            UploadTx::Pipe(w) => w.write(buf),
+            UploadTx::Refused => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            UploadTx::Pipe(w) => w.flush(),
+            UploadTx::Refused => Ok(()),
+        }
+    }
+}
+
+/// An upload under way: the request went out, the data goes into `tx`, then the reply comes.
+pub struct Upload {
+    pub tx: UploadTx,
+    refused: Option<OpError>,
+}
+
+impl Store {
+    /// Sends an upload request and gets the pipe for its data (A70: the store-writer makes it).
+    pub fn start_upload(&mut self, req: &Req) -> OpResult<Upload> {
+        self.send(req, &[])?;
+        Ok(match self.recv_upload()? {
+            Ok(fd) => Upload {
+                tx: UploadTx::Pipe(BufWriter::with_capacity(64 * 1024, File::from(fd))),
+                refused: None,
+            },
+            Err(e) => Upload {
+                tx: UploadTx::Refused,
+                refused: Some(e),
+            },
+        })
+    }
+
+    /// Ends the data (EOF for the store-writer) and waits for the final reply. A failed flush
+    /// means the store-writer stopped reading; its reply says why.
+    pub fn finish_upload(&mut self, up: Upload) -> OpResult<Rep> {
+        if let Some(e) = up.refused {
+            return Err(e);
+        }
+        let mut tx = up.tx;
+        let _ = tx.flush();
+        drop(tx);
+        self.recv_reply()
+    }
+
+    /// Gives an upload up (the client's data was bad): the store-writer sees a short stream,
+    /// and its reply is read and dropped.
+    pub fn abandon_upload(&mut self, up: Upload) {
+        if up.refused.is_none() {
+            drop(up.tx);
+            let _ = self.recv_reply();
         }
     }
 }

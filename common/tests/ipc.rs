@@ -324,7 +324,7 @@ fn extra_fds_rejected_and_closed() {
     // 200 copies of one fd where the type allows none.
     let many = vec![wr.as_raw_fd(); 200];
     send_raw(&a, &payload, &many).unwrap();
-    let err = b.recv::<StoreWriterToBroker>().unwrap_err();
+    let err = b.recv::<BrokerToStoreWriter>().unwrap_err();
     assert!(
         matches!(err, Error::TooManyFds { got: 200, max: 0 }),
         "{err:?}"

@@ -581,22 +581,21 @@ fn broker_workload(dir: &Path) -> Res {
         .map_err(fail("recv spilled"))?;
     check!(got == reply, "spilled reply round trip");
 
-    // NarFromPath-like: dump a store path into a pipe and hand the read end over.
+    // An upload: the store-writer makes a pipe and hands the broker its write end.
     let (r, w) = nix_io(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)).map_err(fail("pipe2"))?;
     let mut nar_bytes = Vec::new();
     nar::dump(&store.join("aaa-hello"), &mut nar_bytes).map_err(fail("nar dump"))?;
-    let drv = StorePath::from_hash(&[1; 20], "x.drv").map_err(fail("drv path"))?;
-    broker
-        .send(&BrokerToStoreWriter::AddBuildLog { drv }, &[r.as_fd()])
+    writer
+        .send(&StoreWriterToBroker::Upload, &[w.as_fd()])
         .map_err(fail("send with fd"))?;
-    drop(r);
-    let (_, mut fds) = writer
-        .recv::<BrokerToStoreWriter>()
+    drop(w);
+    let (_, mut fds) = broker
+        .recv::<StoreWriterToBroker>()
         .map_err(fail("recv with fd"))?;
     let received: OwnedFd = fds.pop().ok_or_else(|| Fail::Check("no fd".into()))?;
     // The NAR is larger than a pipe buffer: write in pieces, reading as we go.
-    let mut w = File::from(w);
-    let mut rd = File::from(received);
+    let mut w = File::from(received);
+    let mut rd = File::from(r);
     let mut back = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     for chunk in nar_bytes.chunks(16 * 1024) {

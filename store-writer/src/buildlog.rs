@@ -13,10 +13,11 @@ use nix::sys::stat::Mode;
 
 use stockade_common::store_path::StorePath;
 
-use crate::add::{Ctx, PIPE_IDLE};
+use crate::add::Ctx;
 use crate::audit::Severity;
 use crate::error::{hl, ReqError};
-use crate::sys::{self, PipeReader};
+use crate::sys;
+use crate::upload::Upload;
 
 fn subdir(parent: BorrowedFd<'_>, name: &str) -> Result<OwnedFd, ReqError> {
     match nix::sys::stat::mkdirat(
@@ -39,7 +40,7 @@ pub fn add_build_log(ctx: &Ctx<'_>, drv: &StorePath, fd: OwnedFd) -> Result<(), 
             hl(&full)
         )));
     }
-    let mut input = PipeReader::new(fd, PIPE_IDLE)?;
+    let mut input = Upload::new(fd);
     let base = drv.base_name();
     // A validated base name is at least 34 ASCII characters.
     let (Some(head), Some(rest)) = (base.get(..2), base.get(2..)) else {

@@ -18,6 +18,7 @@ pub mod roots;
 pub mod session;
 pub mod store;
 pub mod sys;
+pub mod upload;
 pub mod verify;
 
 // Test-only switches that turn a defence off, so its security test can be shown to fail
@@ -27,6 +28,7 @@ pub mod verify;
     any(
         feature = "without-a68",
         feature = "without-a69",
+        feature = "without-a70",
         feature = "without-a71",
         feature = "without-a75"
     )

@@ -8,7 +8,7 @@
 //! Identity and trust come only from the master's `NewClient` message, never from the broker.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use crate::error::{hl, ReqError};
 use crate::phase::{permitted, Phase, Verdict};
 use crate::roots::{self, TempRoots};
 use crate::store::Store;
-use crate::{buildlog, verify};
+use crate::{buildlog, upload, verify};
 
 /// How long a reply may wait for a broker that does not read its channel.
 const SEND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -99,17 +99,16 @@ impl Session {
                     Verdict::Handle | Verdict::Refuse(_) => Ok(kind.max_bytes()),
                 }
             };
-            let (req, mut fds) = match self.chan.recv_admitted::<Req>(admit) {
+            let (req, _) = match self.chan.recv_admitted::<Req>(admit) {
                 Ok(m) => m,
                 Err(ipc::Error::Closed) => return,
                 Err(e) => return self.violation(&format!("bad message: {e}")),
             };
-            let fd = fds.pop();
             // Decided again on what was decoded (a spilled payload is read twice).
             let reply = match permitted(phase, req.kind(), trusted) {
                 Verdict::Violation(why) => return self.violation(why),
                 Verdict::Refuse(denied) => Err(self.refuse(req.kind(), denied.0)),
-                Verdict::Handle => self.dispatch(req, fd),
+                Verdict::Handle => self.dispatch(req),
             };
             let reply = match reply {
                 Ok(r) => r,
@@ -184,10 +183,17 @@ impl Session {
         ReqError::failed(msg)
     }
 
-    fn dispatch(&mut self, req: Req, fd: Option<OwnedFd>) -> Result<Reply, ReqError> {
-        let need_fd = |fd: Option<OwnedFd>| {
-            fd.ok_or_else(|| ReqError::Violation("missing descriptor".into()))
-        };
+    /// Makes the pipe an upload's data comes through and hands the broker its write end
+    /// (`Upload`); the read end stays here (A70).
+    fn open_upload(&mut self) -> Result<OwnedFd, ReqError> {
+        let (rx, tx) = upload::pipe()?;
+        self.chan
+            .send(&Reply::Upload, &[tx.as_fd()])
+            .map_err(|e| ReqError::Violation(format!("cannot hand out an upload pipe: {e}")))?;
+        Ok(rx)
+    }
+
+    fn dispatch(&mut self, req: Req) -> Result<Reply, ReqError> {
         match req {
             Req::Hello { version } if version == VERSION => {
                 self.hello = true;
@@ -234,7 +240,7 @@ impl Session {
                 references,
                 repair,
             } => {
-                let fd = need_fd(fd)?;
+                let fd = self.open_upload()?;
                 let info = add::add_to_store(&self.ctx(), &name, method, algo, references, repair, fd)?;
                 Ok(Reply::PathInfo(Some(Box::new(info))))
             }
@@ -244,9 +250,11 @@ impl Session {
                 dont_check_sigs,
                 batch,
             } => {
-                let fd = need_fd(fd)?;
                 match batch {
-                    None => add::add_nar(&self.ctx(), *info, repair, dont_check_sigs, None, fd)?,
+                    None => {
+                        let fd = self.open_upload()?;
+                        add::add_nar(&self.ctx(), *info, repair, dont_check_sigs, None, fd)?
+                    }
                     Some(id) => {
                         if !self.batches.contains_key(&id) {
                             if self.batches.len() >= MAX_BATCHES {
@@ -266,14 +274,16 @@ impl Session {
                                 "an earlier path of this batch failed to import",
                             ));
                         }
-                        let res = add::add_nar(
-                            &self.ctx(),
-                            *info,
-                            repair,
-                            dont_check_sigs,
-                            Some(&mut batch),
-                            fd,
-                        );
+                        let res = self.open_upload().and_then(|fd| {
+                            add::add_nar(
+                                &self.ctx(),
+                                *info,
+                                repair,
+                                dont_check_sigs,
+                                Some(&mut batch),
+                                fd,
+                            )
+                        });
                         if res.is_err() {
                             batch.fail();
                         }
@@ -361,7 +371,7 @@ impl Session {
                 Ok(Reply::Ok)
             }
             Req::AddBuildLog { drv } => {
-                let fd = need_fd(fd)?;
+                let fd = self.open_upload()?;
                 buildlog::add_build_log(&self.ctx(), &drv, fd)?;
                 Ok(Reply::Ok)
             }

@@ -6,7 +6,6 @@ use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::time::Duration;
 
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
@@ -177,58 +176,6 @@ pub fn remove_xattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
-    }
-}
-
-/// A reader over a pipe (or file) handed over by a broker that gives up when no data arrives
-/// for `idle`: a broker that never closes its end cannot park a store-writer thread forever.
-pub struct PipeReader {
-    fd: OwnedFd,
-    idle: Duration,
-}
-
-impl PipeReader {
-    /// Accepts only pipes and regular files (a memfd): reading a device or socket is nothing
-    /// a broker has a reason to ask for.
-    pub fn new(fd: OwnedFd, idle: Duration) -> io::Result<PipeReader> {
-        let st = fstat(fd.as_fd())?;
-        let ty = file_type(&st);
-        if ty != SFlag::S_IFIFO && ty != SFlag::S_IFREG {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the data descriptor is not a pipe",
-            ));
-        }
-        Ok(PipeReader { fd, idle })
-    }
-}
-
-impl Read for PipeReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let ms = i32::try_from(self.idle.as_millis()).unwrap_or(i32::MAX);
-        loop {
-            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-            match poll(
-                &mut fds,
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-            ) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no data from the broker within the idle timeout",
-                    ))
-                }
-                Ok(_) => {}
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            match nix::unistd::read(self.fd.as_raw_fd(), buf) {
-                Ok(n) => return Ok(n),
-                Err(Errno::EINTR) | Err(Errno::EAGAIN) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 }
 

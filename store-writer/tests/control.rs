@@ -86,9 +86,6 @@ fn control_channel_lifecycle() {
         broker.recv::<Reply>().unwrap().0,
         Reply::Hello { version: VERSION }
     );
-    let (r, w) = nix::unistd::pipe().unwrap();
-    std::fs::write(format!("/proc/self/fd/{}", w.as_raw_fd()), b"hi").unwrap();
-    drop(w);
     broker
         .send(
             &Req::AddToStore {
@@ -98,10 +95,15 @@ fn control_channel_lifecycle() {
                 references: vec![],
                 repair: false,
             },
-            &[r.as_fd()],
+            &[],
         )
         .unwrap();
-    drop(r);
+    // The store-writer hands out the pipe the data goes into (A70).
+    let (up, mut fds) = broker.recv::<Reply>().unwrap();
+    assert_eq!(up, Reply::Upload);
+    let w = fds.pop().expect("upload pipe");
+    std::fs::write(format!("/proc/self/fd/{}", w.as_raw_fd()), b"hi").unwrap();
+    drop(w);
     let info = match broker.recv::<Reply>().unwrap().0 {
         Reply::PathInfo(Some(i)) => i,
         other => panic!("{other:?}"),

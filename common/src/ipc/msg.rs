@@ -166,8 +166,8 @@ pub enum BrokerToStoreWriter {
     },
     /// → `Paths`
     QueryAllValidPaths,
-    /// Add data the store-writer addresses itself. One descriptor: the read end of a pipe
-    /// with the raw contents (text, flat) or a NAR (recursive). → `PathInfo`
+    /// Add data the store-writer addresses itself. → `Upload`, then the raw contents (text,
+    /// flat) or a NAR (recursive) go into that pipe; → `PathInfo`
     AddToStore {
         name: String,
         method: ContentAddressMethod,
@@ -176,8 +176,8 @@ pub enum BrokerToStoreWriter {
         repair: bool,
     },
     /// Add a NAR with the metadata the client claims; the store-writer checks all of it
-    /// against the client's trust. One descriptor: a pipe with the NAR. With `batch`, the
-    /// path is staged and registered by `CommitBatch`. → `Ok`
+    /// against the client's trust. → `Upload`, then the NAR goes into that pipe; → `Ok`. With
+    /// `batch`, the path is staged and registered by `CommitBatch`.
     AddNar {
         info: Box<PathInfo>,
         repair: bool,
@@ -212,7 +212,7 @@ pub enum BrokerToStoreWriter {
         path: StorePath,
         sigs: Vec<String>,
     },
-    /// One descriptor: a pipe with the log. → `Ok`
+    /// → `Upload`, then the log goes into that pipe; → `Ok`
     AddBuildLog {
         drv: StorePath,
     },
@@ -258,6 +258,10 @@ pub enum StoreWriterToBroker {
     Error {
         message: String,
     },
+    /// The first answer to an upload (AddToStore, AddNar, AddBuildLog). Carries one
+    /// descriptor: the write end of a pipe the store-writer made and reads (A70); the broker
+    /// writes the data into it, closes it, and then gets the final reply.
+    Upload,
 }
 
 /// The kind of a [`BrokerToStoreWriter`] request, readable from its first bytes (bincode's
@@ -388,13 +392,19 @@ impl BrokerToStoreWriter {
     }
 }
 
+/// Brokers hand the store-writer no descriptors: upload pipes come from the store-writer (A70).
 impl Message for BrokerToStoreWriter {
+    const MAX_FDS: usize = 0;
+    fn fd_count(&self) -> usize {
+        0
+    }
+}
+
+impl Message for StoreWriterToBroker {
     const MAX_FDS: usize = 1;
     fn fd_count(&self) -> usize {
         match self {
-            BrokerToStoreWriter::AddToStore { .. }
-            | BrokerToStoreWriter::AddNar { .. }
-            | BrokerToStoreWriter::AddBuildLog { .. } => 1,
+            StoreWriterToBroker::Upload => 1,
             _ => 0,
         }
     }
@@ -498,12 +508,7 @@ macro_rules! no_fds {
     )*};
 }
 
-no_fds!(
-    StoreWriterToMaster,
-    StoreWriterToBroker,
-    BrokerToBuilder,
-    BuilderToBroker,
-);
+no_fds!(StoreWriterToMaster, BrokerToBuilder, BuilderToBroker,);
 
 #[cfg(test)]
 mod tests {

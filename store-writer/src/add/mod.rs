@@ -21,7 +21,7 @@ pub mod stage;
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use stockade_common::content_address::{ContentAddress, ContentAddressMethod};
 use stockade_common::hash::{Encoding, HashAlgo};
@@ -36,10 +36,9 @@ use crate::audit::Severity;
 use crate::error::ReqError;
 use crate::roots::{add_temp_root, TempRoots};
 use crate::store::Store;
-use crate::sys::{self, PipeReader};
+use crate::sys;
+use crate::upload::Upload;
 
-/// A broker that sends nothing for this long loses the request.
-pub const PIPE_IDLE: Duration = Duration::from_secs(300);
 /// The node of a single add inside its staging directory.
 const NODE: &str = "x";
 
@@ -122,7 +121,7 @@ fn add_to_store_inner(
     let store = ctx.store;
     let refs: BTreeSet<StorePath> = references.into_iter().collect();
     decide::ca_request(ctx, name, method, algo, &refs)?;
-    let input = PipeReader::new(fd, PIPE_IDLE)?;
+    let input = Upload::new(fd);
     let got = ingest::receive(store, input, method, algo, name, NODE)?;
     let ca = ContentAddress {
         method,
@@ -195,7 +194,7 @@ fn add_nar_inner(
 ) -> Result<(), ReqError> {
     let store = ctx.store;
     let evidence = decide::evidence(ctx, &mut info, dont_check_sigs)?;
-    let mut input = PipeReader::new(fd, PIPE_IDLE)?;
+    let mut input = Upload::new(fd);
     let drain_limit = info.nar_size.saturating_add(1);
     let staged = batch.as_deref().map(Batch::paths).unwrap_or_default();
     // Already staged in this batch, or valid: the data is not needed.
@@ -209,6 +208,12 @@ fn add_nar_inner(
     match batch {
         Some(b) => b.stage(info, repair, evidence, input, store),
         None => {
+            // Before A70 the GC lock was held while the client's data arrived.
+            let _gc = if cfg!(feature = "without-a70") {
+                Some(store.gc_shared()?)
+            } else {
+                None
+            };
             let staging = stage::Staging::new(store)?;
             stage::nar(&staging, NODE, &info, input)?;
             staging.canonicalise(NODE, &full)?;

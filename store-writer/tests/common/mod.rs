@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -124,37 +124,34 @@ pub struct Broker {
     pub logs: Vec<(u32, String)>,
 }
 
-/// A pipe whose read end goes to the store-writer while a thread writes `data` into the other.
-pub fn pipe_with(data: Vec<u8>) -> (OwnedFd, JoinHandle<()>) {
-    let (r, w) = nix::unistd::pipe().unwrap();
-    let t = std::thread::spawn(move || {
+/// Writes `data` into the upload pipe `w` on a thread of its own.
+pub fn write_in_thread(w: OwnedFd, data: Vec<u8>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
         let mut f = std::fs::File::from(w);
         // The store-writer may stop reading early (a refused request): ignore EPIPE.
         let _ = f.write_all(&data);
-    });
-    (r, t)
+    })
 }
 
 impl Broker {
-    /// Sends a request (with a pipe carrying `data` when given) and returns the final reply.
+    /// Sends a request and returns the final reply. For an upload (`data` given) the
+    /// store-writer first answers with the pipe to write `data` into (A70).
     pub fn call(&mut self, req: Req, data: Option<Vec<u8>>) -> Reply {
         self.logs.clear();
-        let writer = match data {
-            Some(d) => {
-                let (r, t) = pipe_with(d);
-                self.chan.send(&req, &[r.as_fd()]).unwrap();
-                drop(r);
-                Some(t)
-            }
-            None => {
-                self.chan.send(&req, &[]).unwrap();
-                None
-            }
-        };
+        self.chan.send(&req, &[]).unwrap();
+        let mut data = data;
+        let mut writer = None;
         let reply = loop {
-            let (m, _) = self.chan.recv::<Reply>().unwrap();
+            let (m, mut fds) = self.chan.recv::<Reply>().unwrap();
             match m {
                 Reply::Log { level, text } => self.logs.push((level, text)),
+                Reply::Upload => {
+                    let d = data
+                        .take()
+                        .expect("an upload pipe for a request without data");
+                    let w = fds.pop().expect("the upload pipe");
+                    writer = Some(write_in_thread(w, d));
+                }
                 other => break other,
             }
         };

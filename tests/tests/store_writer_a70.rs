@@ -1,0 +1,83 @@
+//! A70: a client that paces an upload must hold nothing others need. An untrusted client
+//! starts AddToStoreNar of a signed path and stops half-way: another client importing the same
+//! path is served, and a real Nix deleting a path (which takes the GC lock exclusively) is not
+//! blocked; when the paced upload goes on, it completes. (Cutting off an upload that is too
+//! slow is `store-writer/src/upload.rs`'s unit test: its real deadlines take minutes.)
+
+use std::time::Duration;
+
+use stockade_common::signature::SecretKey;
+use stockade_common::store_path::StoreDir;
+use stockade_tests::raw::{flat_nar, info_for, input_addressed_path, RawConn};
+use stockade_tests::sec::{stockade_with, wait_staging_present};
+use stockade_tests::{ensure_user, skip_unless_root};
+
+fn send_frames(c: &mut RawConn, data: &[u8]) {
+    for piece in data.chunks(64 * 1024) {
+        c.send_u64(piece.len() as u64).unwrap();
+        c.send(piece).unwrap();
+    }
+    c.flush().unwrap();
+}
+
+#[test]
+fn a_paced_upload_holds_no_lock() {
+    skip_unless_root!();
+    let alice = ensure_user("st-alice").unwrap();
+    let bob = ensure_user("st-bob").unwrap();
+    let key = SecretKey::generate("a70-key-1").unwrap();
+    let d = stockade_with("")
+        .conf_line(&format!("trusted-public-keys = {}", key.to_public()))
+        .start()
+        .expect("stockade");
+    let sd = StoreDir::new("/nix/store").unwrap();
+    let q_file = d.write_work_file("q.txt", b"dead path\n");
+    let q = d.run_ok(["nix-store", "--add", q_file.to_str().unwrap()]);
+
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let nar = flat_nar(&data);
+    let p = input_addressed_path(&sd, "a70-paced", "paced");
+    let mut info = info_for(&p, &sd, &nar);
+    info.sign(&sd, &key).unwrap();
+
+    // Alice sends half of it, then stops.
+    let mut slow = RawConn::session(&d, Some(&alice));
+    slow.send_add_to_store_nar_header(&info, &sd, false, false)
+        .unwrap();
+    let half = nar.len() / 2;
+    send_frames(&mut slow, &nar[..half]);
+    assert!(
+        !wait_staging_present(&d, Duration::from_secs(60)).is_empty(),
+        "the paced add never started"
+    );
+
+    // Bob imports the same path meanwhile, and is served.
+    let mut other = RawConn::session(&d, Some(&bob));
+    other.set_timeout(Duration::from_secs(60));
+    let resp = other
+        .add_to_store_nar(&info, &sd, &nar, false)
+        .expect("bob's import got no answer while alice paced hers");
+    assert!(resp.is_ok(), "{resp:?}");
+
+    // A real Nix takes the GC lock exclusively to delete a dead path: nothing holds it.
+    let del = d
+        .cmd("nix-store")
+        .args(["--delete", &q])
+        .env("NIX_REMOTE", "local")
+        .timeout(Duration::from_secs(60))
+        .output();
+    assert!(
+        del.success(),
+        "nix-store --delete was blocked or failed: {del}"
+    );
+
+    // Alice goes on and is served too (the path is valid by now).
+    send_frames(&mut slow, &nar[half..]);
+    slow.send_u64(0).unwrap();
+    slow.flush().unwrap();
+    let resp = slow.response().expect("response");
+    assert!(resp.is_ok(), "{resp:?}");
+    d.run_ok(["nix-store", "--verify-path", &p]);
+    let gone = d.cmd("nix-store").args(["--check-validity", &q]).output();
+    assert!(!gone.success(), "{q} was not deleted");
+}
