@@ -547,6 +547,12 @@ impl Daemon {
                     &[("reason", &reason)],
                 );
             }
+            Ok(StoreWriterToMaster::ConnectGcSocket { id }) => {
+                let path = self.ctx.paths.state_dir.join("gc-socket/socket");
+                if let Err(e) = self.writer.gc_socket(id, &path) {
+                    log::warn!("cannot answer the store-writer's gc-socket request: {e}");
+                }
+            }
             Ok(other) => log::warn!("unexpected message from the store-writer: {other:?}"),
             Err(ipc::Error::Closed) => {
                 // Its exit status arrives with SIGCHLD; stop polling the dead channel.

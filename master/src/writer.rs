@@ -117,6 +117,26 @@ impl StoreWriter {
     }
 
     /// Receive one message (blocking).
+    /// Connects to a running Nix garbage collector's socket at `path` for the store-writer
+    /// (which makes no sockets itself) and hands it the connection, or why there is none.
+    pub fn gc_socket(&mut self, id: u64, path: &std::path::Path) -> Result<()> {
+        let (msg, sock) = match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => (MasterToStoreWriter::GcSocket { id, error: None }, Some(s)),
+            Err(e) => (
+                MasterToStoreWriter::GcSocket {
+                    id,
+                    error: Some(e.to_string()),
+                },
+                None,
+            ),
+        };
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> =
+            sock.iter().map(std::os::fd::AsFd::as_fd).collect();
+        self.chan
+            .send(&msg, &fds)
+            .map_err(Error::ipc("answering the store-writer"))
+    }
+
     pub fn recv(&mut self) -> Result<StoreWriterToMaster, ipc::Error> {
         self.chan.recv::<StoreWriterToMaster>().map(|(m, _fds)| m)
     }

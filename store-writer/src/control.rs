@@ -92,6 +92,19 @@ pub fn serve(mut control: Channel) -> i32 {
     store
         .audit
         .event(Severity::Notice, &[("op", "start"), ("settings", &startup)]);
+    // Session threads ask the master for gc-socket connections through a second handle on
+    // this channel; the answers arrive in the loop below.
+    match control
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| e.to_string())
+        .and_then(|fd| Channel::from_fd(fd).map_err(|e| e.to_string()))
+    {
+        Ok(send) => {
+            let _ = store.gc_link.set(crate::gclink::GcLink::new(send));
+        }
+        Err(e) => log::warn!("no way to reach a running garbage collector: {e}"),
+    }
     if let Err(e) = control.send(&Out::Ready, &[]) {
         log::error!("control channel: {e}");
         return 1;
@@ -122,6 +135,16 @@ pub fn serve(mut control: Channel) -> i32 {
                 }
             }
             In::ClientGone { conn_id } => client_gone(&conns, conn_id),
+            In::GcSocket { id, error } => {
+                let answer = match (error, fds.pop()) {
+                    (None, Some(fd)) => Ok(fd),
+                    (Some(why), _) => Err(why),
+                    (None, None) => Err("no descriptor".to_string()),
+                };
+                if let Some(link) = store.gc_link.get() {
+                    link.answer(id, answer);
+                }
+            }
             In::Shutdown => break 0,
             other => {
                 log::error!("control channel: unexpected {other:?}");

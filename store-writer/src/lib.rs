@@ -10,6 +10,7 @@ pub mod control;
 pub mod db;
 pub mod dbbusy;
 pub mod error;
+pub mod gclink;
 pub mod hashing;
 pub mod lockdown;
 pub mod pathlocks;

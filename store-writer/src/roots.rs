@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,6 +48,8 @@ pub enum RootError {
     Io(#[from] std::io::Error),
     #[error("too many temporary roots on this connection (at most {MAX_TEMP_ROOTS})")]
     TooMany,
+    #[error("a garbage collector is running and cannot be told about a temporary root: {0}")]
+    GcUnreachable(String),
     #[error("invalid root link '{0}'")]
     BadLink(String),
     #[error("creating a garbage collector root ({0}) in the Nix store is forbidden (are you running nix-build inside the store?)")]
@@ -173,7 +174,8 @@ impl Drop for TempRoots {
 }
 
 /// Adds `path` to `roots` the way Nix's `addTempRoot` does: under a shared GC lock when no GC
-/// runs, otherwise by telling the running GC through its socket first.
+/// runs, otherwise by telling the running GC through its socket first. A root that cannot reach
+/// a running collector is an error, never silently missed (the collector would delete the path).
 pub fn add_temp_root(
     store: &Store,
     roots: &mut TempRoots,
@@ -188,36 +190,50 @@ pub fn add_temp_root(
     roots.open()?;
     let full = store.full(path);
     let lock = store.open_gc_lock()?;
-    let _shared = match Flock::lock(lock, FlockArg::LockSharedNonblock) {
-        Ok(l) => Some(l),
-        Err((_, Errno::EWOULDBLOCK)) => {
-            tell_running_gc(&store.state_dir, &full)?;
-            None
+    let mut pause = Duration::from_millis(5);
+    let deadline = std::time::Instant::now() + GC_REACH_DEADLINE;
+    let _shared = loop {
+        match Flock::lock(lock.try_clone()?, FlockArg::LockSharedNonblock) {
+            Ok(l) => break Some(l),
+            // Before A70 the root then went to the file only, which the collector has read.
+            Err((_, Errno::EWOULDBLOCK)) if cfg!(feature = "without-a70") => break None,
+            Err((_, Errno::EWOULDBLOCK)) => {}
+            Err((_, e)) => return Err(e.into()),
         }
-        Err((_, e)) => return Err(e.into()),
+        // A collector holds the lock: tell it. If it is just starting (no socket yet) or just
+        // ending (its socket refuses), look at the lock again.
+        match tell_running_gc(store, &full) {
+            Ok(()) => break None,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(RootError::GcUnreachable(e.to_string()))
+            }
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+        }
     };
     roots.append(&format!("{full}\0"))?;
     roots.roots.insert(path.clone());
     Ok(())
 }
 
-/// A collector is running: send it `<path>\n` on its socket and wait for its `1`. If it went
-/// away meanwhile the root is simply written to the file (the next GC reads it there).
-fn tell_running_gc(state_dir: &Path, full: &str) -> Result<(), RootError> {
-    let sock = state_dir.join("gc-socket/socket");
-    let mut s = match UnixStream::connect(&sock) {
-        Ok(s) => s,
-        Err(_) => return Ok(()),
-    };
+/// How long a temp root keeps trying to reach a running collector.
+const GC_REACH_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A collector is running: send it `<path>\n` on its socket and wait for its `1`.
+fn tell_running_gc(store: &Store, full: &str) -> std::io::Result<()> {
+    let mut s = store.connect_gc()?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;
     s.set_write_timeout(Some(Duration::from_secs(60)))?;
-    if s.write_all(format!("{full}\n").as_bytes()).is_err() {
-        return Ok(());
-    }
+    s.write_all(format!("{full}\n").as_bytes())?;
     let mut ack = [0u8; 1];
-    match s.read(&mut ack) {
-        Ok(1) if ack == *b"1" => Ok(()),
-        Ok(_) | Err(_) => Ok(()),
+    match s.read(&mut ack)? {
+        1 if ack == *b"1" => Ok(()),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "the collector did not acknowledge the root",
+        )),
     }
 }
 

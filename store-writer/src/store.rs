@@ -78,6 +78,9 @@ pub struct Store {
     /// Serve queries from the shared write connection instead of per-thread readers (for
     /// measurements).
     pub shared_reads: bool,
+    /// The way to a running Nix collector's socket through the master; without it (tests,
+    /// tools without a master) the socket is connected directly.
+    pub gc_link: std::sync::OnceLock<crate::gclink::GcLink>,
 }
 
 impl Store {
@@ -189,6 +192,7 @@ impl Store {
             _writer_lock: writer_lock,
             staging_counter: AtomicU64::new(0),
             shared_reads: false,
+            gc_link: std::sync::OnceLock::new(),
             cfg,
         };
         crate::add::stage::remove_stale(store.store_fd());
@@ -308,6 +312,16 @@ impl Store {
     pub fn unique_suffix(&self) -> String {
         let n = self.staging_counter.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n}", std::process::id())
+    }
+
+    /// A connection to a running Nix garbage collector's `gc-socket`.
+    pub fn connect_gc(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        match self.gc_link.get() {
+            Some(link) => link.connect(),
+            None => {
+                std::os::unix::net::UnixStream::connect(self.state_dir.join("gc-socket/socket"))
+            }
+        }
     }
 
     /// `<state>/gc.lock`, opened anew for each holder (flock locks belong to the open file).

@@ -81,3 +81,45 @@ fn a_paced_upload_holds_no_lock() {
     let gone = d.cmd("nix-store").args(["--check-validity", &q]).output();
     assert!(!gone.success(), "{q} was not deleted");
 }
+
+/// A real Nix collector runs (as root, on the same store) and has read the roots; a client adds
+/// a path through Stockade meanwhile. The temp root must reach the collector through its
+/// socket (the master connects it for the store-writer), or the collector deletes the path the
+/// client was just told is valid. `_NIX_TEST_GC_SYNC` (Nix's own test hook) pauses the
+/// collector at that point, reading a FIFO; our open of the FIFO completes when it gets there.
+#[test]
+fn a_path_added_while_nix_collects_garbage_survives() {
+    skip_unless_root!();
+    let d = stockade_with("").start().expect("stockade");
+    let fifo = d.base_dir().join("gc-sync");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let f = d.write_work_file("new.txt", b"added while the collector runs\n");
+    std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            d.cmd("nix-store")
+                .args(["--gc"])
+                .env("NIX_REMOTE", "local")
+                .env("_NIX_TEST_GC_SYNC", &fifo)
+                .timeout(Duration::from_secs(120))
+                .output()
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fifo_path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(std::fs::OpenOptions::new().write(true).open(fifo_path));
+        });
+        let sync = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the collector never reached its synchronisation point")
+            .expect("opening the FIFO");
+        let p = d.run_ok(["nix-store", "--add", f.to_str().unwrap()]);
+        drop(sync);
+        let out = gc.join().unwrap();
+        assert!(out.success(), "{out}");
+        assert!(
+            d.host_path(&p).exists(),
+            "the collector deleted {p}, which the client was told is valid"
+        );
+        d.run_ok(["nix-store", "--verify-path", &p]);
+    });
+}

@@ -56,6 +56,12 @@ pub enum MasterToStoreWriter {
     },
     /// Finish what is running and exit.
     Shutdown,
+    /// The answer to `ConnectGcSocket`: with `error` none, carries one descriptor, a unix
+    /// stream connected to the running garbage collector's `gc-socket/socket`.
+    GcSocket {
+        id: u64,
+        error: Option<String>,
+    },
 }
 
 /// The store-writer's configuration, decided by the master from nix.conf and the environment.
@@ -101,6 +107,11 @@ pub enum StoreWriterToMaster {
     ClientRefused {
         conn_id: u64,
         reason: String,
+    },
+    /// A Nix garbage collector is running: connect to its `gc-socket` for us (the
+    /// store-writer may not make sockets), so a temp root reaches it. → `GcSocket { id }`
+    ConnectGcSocket {
+        id: u64,
     },
 }
 
@@ -481,6 +492,7 @@ impl Message for MasterToStoreWriter {
     fn fd_count(&self) -> usize {
         match self {
             MasterToStoreWriter::NewClient { .. } => 1,
+            MasterToStoreWriter::GcSocket { error: None, .. } => 1,
             _ => 0,
         }
     }

@@ -1,0 +1,80 @@
+//! Reaching a running Nix garbage collector (A70). While a collector runs it holds the GC lock
+//! and reads new temp roots from its `gc-socket`; a root written only to our temproots file
+//! then would be missed and the path collected. After its lockdown the store-writer may not
+//! make sockets, so it asks the master over the control channel for a connected one. Session
+//! threads share the sending side; the control loop routes each answer to its asker.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use stockade_common::ipc::msg::StoreWriterToMaster;
+use stockade_common::ipc::Channel;
+
+/// How long an answer from the master may take.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+type Answer = Result<OwnedFd, String>;
+
+pub struct GcLink {
+    /// A second handle on the control channel, for sending only.
+    send: Mutex<Channel>,
+    pending: Mutex<HashMap<u64, SyncSender<Answer>>>,
+    next: AtomicU64,
+}
+
+impl GcLink {
+    pub fn new(send: Channel) -> GcLink {
+        GcLink {
+            send: Mutex::new(send),
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// A connection to the running collector's socket, made by the master.
+    pub fn connect(&self) -> io::Result<UnixStream> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(1);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let sent = self
+            .send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(&StoreWriterToMaster::ConnectGcSocket { id }, &[]);
+        let answer = match sent {
+            Ok(()) => rx
+                .recv_timeout(ANSWER_WAIT)
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer from the master")),
+            Err(e) => Err(io::Error::other(e.to_string())),
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        match answer? {
+            Ok(fd) => Ok(UnixStream::from(fd)),
+            Err(why) => Err(io::Error::new(io::ErrorKind::ConnectionRefused, why)),
+        }
+    }
+
+    /// The control loop got the master's answer `id`.
+    pub fn answer(&self, id: u64, answer: Answer) {
+        let asker = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(tx) = asker {
+            let _ = tx.try_send(answer);
+        }
+    }
+}
