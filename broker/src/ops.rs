@@ -245,10 +245,11 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             skip_basic_derivation(c)?;
             let _mode = c.r.read_u64("build mode")?;
             c.start_work();
-            return Err(OpError::client(format!(
+            let why = format!(
                 "cannot build '{}': building is not supported by this daemon yet",
                 hl(c.sd.display(&drv_path))
-            )));
+            );
+            return Err(c.deny(op.name(), &why));
         }
         Op::EnsurePath => {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
@@ -320,14 +321,16 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             pops::op_allowed(pops::Op::CollectGarbage { ignore_liveness }, c.trusted())
                 .map_err(|d| c.deny(op.name(), d.0))?;
-            return Err(OpError::client(
+            return Err(c.deny(
+                op.name(),
                 "garbage collection through this daemon is not supported yet",
             ));
         }
         Op::SetOptions => set_options(c)?,
         Op::OptimiseStore => {
             c.start_work();
-            return Err(OpError::client(
+            return Err(c.deny(
+                op.name(),
                 "store optimisation through this daemon is not supported yet",
             ));
         }

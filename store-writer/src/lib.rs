@@ -11,6 +11,7 @@ pub mod db;
 pub mod dbbusy;
 pub mod error;
 pub mod gclink;
+pub mod groupsync;
 pub mod hashing;
 pub mod lockdown;
 pub mod pathlocks;

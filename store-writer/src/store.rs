@@ -81,6 +81,8 @@ pub struct Store {
     /// The way to a running Nix collector's socket through the master; without it (tests,
     /// tools without a master) the socket is connected directly.
     pub gc_link: std::sync::OnceLock<crate::gclink::GcLink>,
+    /// Shared fsyncs of the store directory for concurrent installs.
+    pub dir_sync: crate::groupsync::GroupSync,
 }
 
 impl Store {
@@ -193,6 +195,7 @@ impl Store {
             staging_counter: AtomicU64::new(0),
             shared_reads: false,
             gc_link: std::sync::OnceLock::new(),
+            dir_sync: crate::groupsync::GroupSync::default(),
             cfg,
         };
         crate::add::stage::remove_stale(store.store_fd());

@@ -93,13 +93,19 @@ pub fn commit(
             }
         }
     }
+    // The renames are on disk before the registration is (groupsync.rs).
+    if store.cfg.fsync_metadata {
+        if let Err(e) = store.dir_sync.sync(store.store_fd()) {
+            undo(store, staging, done);
+            return Err(ReqError::failed(format!(
+                "syncing the store directory: {e}"
+            )));
+        }
+    }
     let time = now();
     if let Err(e) = store.write("registering paths", |db| db.register(&regs, time)) {
         undo(store, staging, done);
         return Err(e);
-    }
-    if store.cfg.fsync_metadata {
-        let _ = nix::unistd::fsync(store.store_fd().as_raw_fd());
     }
     for it in &todo {
         ctx.added(op, &it.info, &it.evidence);
