@@ -118,6 +118,7 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     user: Option<User>,
+    parent_dir: Option<PathBuf>,
     start_timeout: Duration,
     command_timeout: Duration,
 }
@@ -142,6 +143,7 @@ impl DaemonBuilder {
             args: Vec::new(),
             env: Vec::new(),
             user: None,
+            parent_dir: None,
             start_timeout: DEFAULT_START_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
         }
@@ -185,6 +187,14 @@ impl DaemonBuilder {
     /// Runs the daemon as `user` instead of the harness's own user.
     pub fn run_as(mut self, user: &User) -> Self {
         self.user = Some(user.clone());
+        self
+    }
+
+    /// Makes the instance's directory (and so its store) in `dir` instead of
+    /// `$STOCKADE_TEST_TMPDIR`, else the system temp dir: e.g. a directory on a disk when the
+    /// temp dir is tmpfs.
+    pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.parent_dir = Some(dir.into());
         self
     }
 
@@ -241,9 +251,11 @@ impl Daemon {
         let (program, mut args) = b.kind.command()?;
         args.extend(b.args.iter().cloned());
 
-        let parent = std::env::var_os("STOCKADE_TEST_TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
+        let parent = b.parent_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("STOCKADE_TEST_TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir)
+        });
         let base = tempfile::Builder::new()
             .prefix("stockade-test-")
             .tempdir_in(&parent)
