@@ -1,8 +1,8 @@
-//! Adding fresh paths: trees of small files and one large file.
+//! Adding paths: fresh trees and files, and re-adding ones that are already valid.
 
 use std::path::Path;
 
-use super::{expect_store_paths, Iteration, Workload};
+use super::{expect_store_paths, failure, Iteration, Workload};
 use crate::daemon::Daemon;
 use crate::HarnessError;
 
@@ -122,4 +122,88 @@ fn write_big_file(path: &Path, mib: usize) -> Result<(), HarnessError> {
             .map_err(HarnessError::io("writing the big file"))?;
     }
     w.flush().map_err(HarnessError::io("writing the big file"))
+}
+
+/// `nix-store --add` of `source` once, untimed; returns the store path it printed.
+fn add_once(daemon: &Daemon, source: &Path) -> Result<String, HarnessError> {
+    let o = daemon.cmd("nix-store").arg("--add").arg(source).run()?;
+    expect_store_paths(daemon, &o, 1)?;
+    Ok(o.stdout_str().trim().to_string())
+}
+
+/// One timed re-add: `nix-store --add` of `source`, which must print `expected` again.
+fn readd<'d>(daemon: &'d Daemon, source: std::path::PathBuf, expected: String) -> Iteration<'d> {
+    Box::new(move || {
+        let o = daemon.cmd("nix-store").arg("--add").arg(&source).run()?;
+        if o.success() && o.stdout_str().trim() == expected {
+            Ok(())
+        } else {
+            Err(failure(daemon, &format!("expected {expected} again"), &o))
+        }
+    })
+}
+
+/// `nix-store --add` of a tree of small files that is already valid: the daemon receives and
+/// hashes the whole NAR, finds the path valid and has nothing to write. The tree is added once
+/// untimed; every run adds the same tree again and must get the same path.
+pub struct ReAddTree {
+    pub files: usize,
+}
+
+impl Workload for ReAddTree {
+    fn name(&self) -> String {
+        format!("readd-tree-{}", self.files)
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "nix-store --add again of a valid tree of {} small files in {} directories",
+            self.files,
+            self.files.div_ceil(50)
+        )
+    }
+
+    fn prepare<'d>(
+        &self,
+        daemon: &'d Daemon,
+        runs: usize,
+    ) -> Result<Vec<Iteration<'d>>, HarnessError> {
+        let root = daemon.work_dir().join("readd-tree/tree");
+        write_tree(&root, self.files, "readd")?;
+        let path = add_once(daemon, &root)?;
+        Ok((0..runs)
+            .map(|_| readd(daemon, root.clone(), path.clone()))
+            .collect())
+    }
+}
+
+/// `nix-store --add` of one large file that is already valid (as [`AddFile`], but the same
+/// name every run, so the same store path).
+pub struct ReAddFile {
+    pub mib: usize,
+}
+
+impl Workload for ReAddFile {
+    fn name(&self) -> String {
+        format!("re{}", AddFile { mib: self.mib }.name())
+    }
+
+    fn description(&self) -> String {
+        format!("nix-store --add again of a valid {} MiB file", self.mib)
+    }
+
+    fn prepare<'d>(
+        &self,
+        daemon: &'d Daemon,
+        runs: usize,
+    ) -> Result<Vec<Iteration<'d>>, HarnessError> {
+        let dir = daemon.work_dir().join("readd-file");
+        std::fs::create_dir_all(&dir).map_err(HarnessError::io("mkdir"))?;
+        let blob = dir.join("big");
+        write_big_file(&blob, self.mib)?;
+        let path = add_once(daemon, &blob)?;
+        Ok((0..runs)
+            .map(|_| readd(daemon, blob.clone(), path.clone()))
+            .collect())
+    }
 }

@@ -11,10 +11,12 @@ use crate::HarnessError;
 
 mod add;
 mod concurrent;
+mod disk;
 mod query;
 
-pub use add::{AddFile, AddTree};
+pub use add::{AddFile, AddTree, ReAddFile, ReAddTree};
 pub use concurrent::Concurrent;
+pub use disk::{disk_dir, AddDisk};
 pub use query::{QueryInfo, QueryValid};
 
 /// One timed run of a workload.
@@ -44,6 +46,9 @@ pub fn workloads(scale: f64) -> Vec<Box<dyn Workload>> {
     vec![
         Box::new(AddTree { files: n(20_000) }),
         Box::new(AddFile { mib: n(1024) }),
+        Box::new(ReAddTree { files: n(5000) }),
+        Box::new(ReAddFile { mib: n(1024) }),
+        Box::new(AddDisk { files: n(2000) }),
         Box::new(QueryValid { paths: n(5000) }),
         Box::new(QueryInfo { paths: n(5000) }),
         // At least two, or nothing runs concurrently.
