@@ -140,6 +140,8 @@ pub struct BenchOptions {
     pub scale: f64,
     /// Only these workloads (all when empty).
     pub only: Vec<String>,
+    /// Extra nix.conf lines for both daemons (e.g. `fsync-metadata = false`).
+    pub conf_lines: Vec<String>,
     /// Compare against Stockade (otherwise nix-daemon only).
     pub stockade: bool,
     /// What stands in for Stockade: [`DaemonKind::Stockade`] except in the harness's own tests.
@@ -156,6 +158,7 @@ impl Default for BenchOptions {
             warmup: 1,
             scale: 1.0,
             only: Vec::new(),
+            conf_lines: Vec::new(),
             stockade: true,
             against: DaemonKind::Stockade,
             baseline: DaemonKind::Nix,
@@ -194,6 +197,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
         let parent = w.parent_dir()?;
         let builder = |kind: &DaemonKind| {
             let b = Daemon::builder(kind.clone()).stockade_conf(&bench_stockade_conf());
+            let b = opts.conf_lines.iter().fold(b, |b, l| b.conf_line(l));
             match &parent {
                 Some(p) => b.parent_dir(p),
                 None => b,
