@@ -117,6 +117,7 @@ pub struct DaemonBuilder {
     env: Vec<(String, String)>,
     user: Option<User>,
     socket_outside_state: bool,
+    parent_dir: Option<PathBuf>,
     start_timeout: Duration,
     command_timeout: Duration,
 }
@@ -142,6 +143,7 @@ impl DaemonBuilder {
             env: Vec::new(),
             user: None,
             socket_outside_state: false,
+            parent_dir: None,
             start_timeout: DEFAULT_START_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
         }
@@ -193,6 +195,14 @@ impl DaemonBuilder {
     /// tests do, so that a test can remove the state directory while the daemon runs.
     pub fn socket_outside_state(mut self) -> Self {
         self.socket_outside_state = true;
+        self
+    }
+
+    /// Makes the instance's directory (and so its store) in `dir` instead of
+    /// `$STOCKADE_TEST_TMPDIR`, else the system temp dir: e.g. a directory on a disk when the
+    /// temp dir is tmpfs.
+    pub fn parent_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.parent_dir = Some(dir.into());
         self
     }
 
@@ -251,9 +261,11 @@ impl Daemon {
         let (program, mut args) = b.kind.command()?;
         args.extend(b.args.iter().cloned());
 
-        let parent = std::env::var_os("STOCKADE_TEST_TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
+        let parent = b.parent_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("STOCKADE_TEST_TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir)
+        });
         let base = tempfile::Builder::new()
             .prefix("stockade-test-")
             .tempdir_in(&parent)

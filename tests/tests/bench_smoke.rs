@@ -8,7 +8,8 @@ fn small() -> BenchOptions {
     BenchOptions {
         runs: 1,
         warmup: 0,
-        // add-tree-200, add-file-10m, query-*-50, concurrent-2.
+        // add-tree-200, add-file-10m, readd-tree-50, readd-file-10m, add-disk-20, query-*-50,
+        // concurrent-2.
         scale: 0.01,
         ..BenchOptions::default()
     }
@@ -33,6 +34,9 @@ fn every_workload_runs_once_against_the_real_stockade() {
     for name in [
         "add-tree-200",
         "add-file-10m",
+        "readd-tree-50",
+        "readd-file-10m",
+        "add-disk-20",
         "query-valid-50",
         "query-info-50",
         "concurrent-2",

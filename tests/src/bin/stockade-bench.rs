@@ -24,6 +24,10 @@ struct Args {
     /// Run only workloads whose name starts with this (repeatable).
     #[arg(long = "workload", short = 'w')]
     only: Vec<String>,
+    /// Append this line to both daemons' nix.conf (repeatable), e.g. `--conf
+    /// 'fsync-metadata = false'` to see what synchronous writes cost.
+    #[arg(long = "conf", value_name = "LINE")]
+    conf_lines: Vec<String>,
     /// Measure nix-daemon only.
     #[arg(long)]
     nix_only: bool,
@@ -56,6 +60,7 @@ fn main() {
         warmup: args.warmup,
         scale: args.scale,
         only: args.only,
+        conf_lines: args.conf_lines,
         stockade: !args.nix_only,
         baseline: match args.baseline_stockade {
             Some(program) => DaemonKind::Custom {

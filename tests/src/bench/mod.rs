@@ -9,6 +9,16 @@ use std::time::{Duration, Instant};
 use crate::daemon::{Daemon, DaemonKind};
 use crate::HarnessError;
 
+mod add;
+mod concurrent;
+mod disk;
+mod query;
+
+pub use add::{AddFile, AddTree, ReAddFile, ReAddTree};
+pub use concurrent::Concurrent;
+pub use disk::{disk_dir, AddDisk};
+pub use query::{QueryInfo, QueryValid};
+
 /// One timed run of a workload.
 pub type Iteration<'d> = Box<dyn FnOnce() -> Result<(), HarnessError> + 'd>;
 
@@ -23,6 +33,11 @@ pub trait Workload {
         daemon: &'d Daemon,
         runs: usize,
     ) -> Result<Vec<Iteration<'d>>, HarnessError>;
+    /// The directory in which both daemons' instance directories (their `/nix`) are made;
+    /// None: the harness's default (`$STOCKADE_TEST_TMPDIR`, else the system temp dir).
+    fn parent_dir(&self) -> Result<Option<std::path::PathBuf>, HarnessError> {
+        Ok(None)
+    }
 }
 
 /// Every workload, at `scale` (1.0 = the sizes issue 4 names; the smoke test uses less).
@@ -31,6 +46,9 @@ pub fn workloads(scale: f64) -> Vec<Box<dyn Workload>> {
     vec![
         Box::new(AddTree { files: n(20_000) }),
         Box::new(AddFile { mib: n(1024) }),
+        Box::new(ReAddTree { files: n(5000) }),
+        Box::new(ReAddFile { mib: n(1024) }),
+        Box::new(AddDisk { files: n(2000) }),
         Box::new(QueryValid { paths: n(5000) }),
         Box::new(QueryInfo { paths: n(5000) }),
         // At least two, or nothing runs concurrently.
@@ -38,300 +56,6 @@ pub fn workloads(scale: f64) -> Vec<Box<dyn Workload>> {
             clients: n(32).max(2),
         }),
     ]
-}
-
-/// `nix-store --add` of a fresh tree of small files (a different tree each run, so that every
-/// run really adds a path).
-pub struct AddTree {
-    pub files: usize,
-}
-
-impl Workload for AddTree {
-    fn name(&self) -> String {
-        format!("add-tree-{}", self.files)
-    }
-
-    fn description(&self) -> String {
-        format!(
-            "nix-store --add of a tree of {} small files (0.1 KiB average) in {} directories",
-            self.files,
-            self.files.div_ceil(50)
-        )
-    }
-
-    fn prepare<'d>(
-        &self,
-        daemon: &'d Daemon,
-        runs: usize,
-    ) -> Result<Vec<Iteration<'d>>, HarnessError> {
-        let mut out: Vec<Iteration<'d>> = Vec::new();
-        for run in 0..runs {
-            let root = daemon.work_dir().join(format!("add-tree/run{run}/tree"));
-            for i in 0..self.files {
-                let dir = root.join(format!("d{:03}", i / 50));
-                if i % 50 == 0 {
-                    std::fs::create_dir_all(&dir).map_err(HarnessError::io("mkdir"))?;
-                }
-                let contents = format!("run {run} file {i}\n{}\n", "x".repeat(i % 97));
-                std::fs::write(dir.join(format!("f{i:05}")), contents)
-                    .map_err(HarnessError::io("writing a tree file"))?;
-            }
-            out.push(Box::new(move || {
-                let path = daemon.cmd("nix-store").arg("--add").arg(&root).run()?;
-                expect_store_paths(daemon, &path, 1)
-            }));
-        }
-        Ok(out)
-    }
-}
-
-/// `nix-store --add` of one large file. The file is written once (untimed): a 1 MiB random
-/// block repeated, cheap to make and not compressible to nothing. Each run adds it under
-/// another name (a hard link), so every run creates a new store path from the same bytes.
-pub struct AddFile {
-    pub mib: usize,
-}
-
-impl Workload for AddFile {
-    fn name(&self) -> String {
-        let gib = self.mib / 1024;
-        if gib * 1024 == self.mib {
-            format!("add-file-{gib}g")
-        } else {
-            format!("add-file-{}m", self.mib)
-        }
-    }
-
-    fn description(&self) -> String {
-        format!("nix-store --add of one {} MiB file", self.mib)
-    }
-
-    fn prepare<'d>(
-        &self,
-        daemon: &'d Daemon,
-        runs: usize,
-    ) -> Result<Vec<Iteration<'d>>, HarnessError> {
-        let dir = daemon.work_dir().join("add-file");
-        std::fs::create_dir_all(&dir).map_err(HarnessError::io("mkdir"))?;
-        let blob = dir.join("blob");
-        write_big_file(&blob, self.mib)?;
-        let mut out: Vec<Iteration<'d>> = Vec::new();
-        for run in 0..runs {
-            let name = dir.join(format!("big-{run}"));
-            std::fs::hard_link(&blob, &name).map_err(HarnessError::io("hard link"))?;
-            out.push(Box::new(move || {
-                let path = daemon.cmd("nix-store").arg("--add").arg(&name).run()?;
-                expect_store_paths(daemon, &path, 1)
-            }));
-        }
-        Ok(out)
-    }
-}
-
-/// `mib` MiB: one random MiB (from the process's random hasher state, no extra crate),
-/// repeated.
-fn write_big_file(path: &std::path::Path, mib: usize) -> Result<(), HarnessError> {
-    use std::hash::{BuildHasher, Hasher};
-    use std::io::Write;
-    let state = std::collections::hash_map::RandomState::new();
-    let mut block = Vec::with_capacity(1 << 20);
-    let mut i: u64 = 0;
-    while block.len() < 1 << 20 {
-        let mut h = state.build_hasher();
-        h.write_u64(i);
-        block.extend_from_slice(&h.finish().to_le_bytes());
-        i += 1;
-    }
-    let f = std::fs::File::create(path).map_err(HarnessError::io("creating the big file"))?;
-    let mut w = std::io::BufWriter::new(f);
-    for _ in 0..mib {
-        w.write_all(&block)
-            .map_err(HarnessError::io("writing the big file"))?;
-    }
-    w.flush().map_err(HarnessError::io("writing the big file"))
-}
-
-/// Adds `n` distinct small files (untimed setup of the query workloads) and returns their
-/// store paths.
-fn add_small_paths(daemon: &Daemon, what: &str, n: usize) -> Result<Vec<String>, HarnessError> {
-    let dir = daemon.work_dir().join(what);
-    std::fs::create_dir_all(&dir).map_err(HarnessError::io("mkdir"))?;
-    let mut files = Vec::new();
-    for i in 0..n {
-        let f = dir.join(format!("q{i:05}"));
-        std::fs::write(&f, format!("{what} file {i}\n")).map_err(HarnessError::io("write"))?;
-        files.push(f);
-    }
-    let mut paths = Vec::new();
-    // Several clients in chunks, to keep argument lists short.
-    for chunk in files.chunks(500) {
-        let out = daemon.cmd("nix-store").arg("--add").args(chunk).run()?;
-        expect_store_paths(daemon, &out, chunk.len())?;
-        paths.extend(out.stdout_str().lines().map(str::to_string));
-    }
-    Ok(paths)
-}
-
-/// `nix-store --check-validity` of many valid paths in one client command. Nix 2.8 asks
-/// IsValidPath once per path (its path-info cache is empty in a fresh client).
-pub struct QueryValid {
-    pub paths: usize,
-}
-
-impl Workload for QueryValid {
-    fn name(&self) -> String {
-        format!("query-valid-{}", self.paths)
-    }
-
-    fn description(&self) -> String {
-        format!(
-            "nix-store --check-validity of {} valid paths, one client (IsValidPath each)",
-            self.paths
-        )
-    }
-
-    fn prepare<'d>(
-        &self,
-        daemon: &'d Daemon,
-        runs: usize,
-    ) -> Result<Vec<Iteration<'d>>, HarnessError> {
-        let paths = std::sync::Arc::new(add_small_paths(daemon, "query-valid", self.paths)?);
-        let mut out: Vec<Iteration<'d>> = Vec::new();
-        for _ in 0..runs {
-            let paths = paths.clone();
-            out.push(Box::new(move || {
-                let o = daemon
-                    .cmd("nix-store")
-                    .arg("--check-validity")
-                    .args(paths.iter())
-                    .run()?;
-                if o.success() && o.stdout.is_empty() {
-                    Ok(())
-                } else {
-                    Err(failure(daemon, "unexpected validity result", &o))
-                }
-            }));
-        }
-        Ok(out)
-    }
-}
-
-/// `nix-store -q --hash` of many valid paths in one client command (one QueryPathInfo each).
-pub struct QueryInfo {
-    pub paths: usize,
-}
-
-impl Workload for QueryInfo {
-    fn name(&self) -> String {
-        format!("query-info-{}", self.paths)
-    }
-
-    fn description(&self) -> String {
-        format!(
-            "nix-store -q --hash of {} valid paths, one client (QueryPathInfo each)",
-            self.paths
-        )
-    }
-
-    fn prepare<'d>(
-        &self,
-        daemon: &'d Daemon,
-        runs: usize,
-    ) -> Result<Vec<Iteration<'d>>, HarnessError> {
-        let paths = std::sync::Arc::new(add_small_paths(daemon, "query-info", self.paths)?);
-        let mut out: Vec<Iteration<'d>> = Vec::new();
-        for _ in 0..runs {
-            let paths = paths.clone();
-            out.push(Box::new(move || {
-                let o = daemon
-                    .cmd("nix-store")
-                    .args(["-q", "--hash"])
-                    .args(paths.iter())
-                    .run()?;
-                let ok = o.success()
-                    && o.stdout_str()
-                        .lines()
-                        .filter(|l| l.starts_with("sha256:"))
-                        .count()
-                        == paths.len();
-                if ok {
-                    Ok(())
-                } else {
-                    Err(failure(daemon, "unexpected query result", &o))
-                }
-            }));
-        }
-        Ok(out)
-    }
-}
-
-/// Many clients at once, each a short mixed session of three connections: add a small file of
-/// its own, query its hash, export it (NarFromPath). Measures the wall time until all are done.
-pub struct Concurrent {
-    pub clients: usize,
-}
-
-/// One client's session; `$1` is its file. Prints the path it added.
-const SESSION: &str = "set -e
-p=$(nix-store --add \"$1\")
-nix-store -q --hash \"$p\" >/dev/null
-nix-store --export \"$p\" >/dev/null
-echo \"$p\"";
-
-impl Workload for Concurrent {
-    fn name(&self) -> String {
-        format!("concurrent-{}", self.clients)
-    }
-
-    fn description(&self) -> String {
-        format!(
-            "{} clients at once, each: nix-store --add of a small file, -q --hash, --export",
-            self.clients
-        )
-    }
-
-    fn prepare<'d>(
-        &self,
-        daemon: &'d Daemon,
-        runs: usize,
-    ) -> Result<Vec<Iteration<'d>>, HarnessError> {
-        let dir = daemon.work_dir().join("concurrent");
-        std::fs::create_dir_all(&dir).map_err(HarnessError::io("mkdir"))?;
-        let mut out: Vec<Iteration<'d>> = Vec::new();
-        for run in 0..runs {
-            let mut files = Vec::new();
-            for c in 0..self.clients {
-                let f = dir.join(format!("r{run}-c{c}"));
-                std::fs::write(&f, format!("run {run} client {c}\n"))
-                    .map_err(HarnessError::io("write"))?;
-                files.push(f);
-            }
-            out.push(Box::new(move || {
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = files
-                        .iter()
-                        .map(|f| {
-                            s.spawn(move || {
-                                let o = daemon
-                                    .cmd("/bin/sh")
-                                    .args(["-c", SESSION, "session"])
-                                    .arg(f)
-                                    .run()?;
-                                expect_store_paths(daemon, &o, 1)
-                            })
-                        })
-                        .collect();
-                    for h in handles {
-                        h.join().map_err(|_| {
-                            HarnessError::Other("a client thread panicked".into())
-                        })??;
-                    }
-                    Ok(())
-                })
-            }));
-        }
-        Ok(out)
-    }
 }
 
 fn expect_store_paths(d: &Daemon, o: &crate::RunOutput, n: usize) -> Result<(), HarnessError> {
@@ -416,6 +140,8 @@ pub struct BenchOptions {
     pub scale: f64,
     /// Only these workloads (all when empty).
     pub only: Vec<String>,
+    /// Extra nix.conf lines for both daemons (e.g. `fsync-metadata = false`).
+    pub conf_lines: Vec<String>,
     /// Compare against Stockade (otherwise nix-daemon only).
     pub stockade: bool,
     /// What stands in for Stockade: [`DaemonKind::Stockade`] except in the harness's own tests.
@@ -432,6 +158,7 @@ impl Default for BenchOptions {
             warmup: 1,
             scale: 1.0,
             only: Vec::new(),
+            conf_lines: Vec::new(),
             stockade: true,
             against: DaemonKind::Stockade,
             baseline: DaemonKind::Nix,
@@ -467,15 +194,19 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
             continue;
         }
         let total = opts.warmup + opts.runs;
-        let nix = Daemon::builder(opts.baseline.clone())
-            .stockade_conf(&bench_stockade_conf())
-            .start()?;
+        let parent = w.parent_dir()?;
+        let builder = |kind: &DaemonKind| {
+            let b = Daemon::builder(kind.clone()).stockade_conf(&bench_stockade_conf());
+            let b = opts.conf_lines.iter().fold(b, |b, l| b.conf_line(l));
+            match &parent {
+                Some(p) => b.parent_dir(p),
+                None => b,
+            }
+        };
+        let nix = builder(&opts.baseline).start()?;
         let mut nix_iters = w.prepare(&nix, total)?.into_iter();
         let stockade = if opts.stockade {
-            Daemon::builder(opts.against.clone())
-                .stockade_conf(&bench_stockade_conf())
-                .start()
-                .map_err(|e| e.to_string())
+            builder(&opts.against).start().map_err(|e| e.to_string())
         } else {
             Err("not requested".to_string())
         };
