@@ -12,9 +12,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 use nix::fcntl::OFlag;
-use nix::sys::stat::{Mode, SFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
+use stockade_common::hash::{Hash, HashAlgo, Hasher};
 
 use crate::sys;
 
@@ -44,21 +45,115 @@ pub struct Owner {
     pub chown: bool,
 }
 
-/// Canonicalises the tree `name` below `parent`. `display` is how paths appear in errors.
+/// What a canonical tree looked like when it was canonicalised: how many nodes and file bytes
+/// it has, and a digest of every node's path, type, mode, inode, size and change time. Any
+/// later change to the tree (a file written, truncated, added, removed, renamed or replaced)
+/// changes a change time or the listing, so [`seal_of`] no longer matches: a cheap check that
+/// the tree about to be installed is still the one that was hashed (A75).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seal {
+    pub nodes: u64,
+    pub bytes: u64,
+    digest: Hash,
+}
+
+struct Sealer {
+    nodes: u64,
+    bytes: u64,
+    h: Hasher,
+}
+
+impl Sealer {
+    fn new() -> Sealer {
+        Sealer {
+            nodes: 0,
+            bytes: 0,
+            h: Hasher::new(HashAlgo::Sha256),
+        }
+    }
+
+    fn record(&mut self, path: &std::path::Path, st: &FileStat) {
+        use std::os::unix::ffi::OsStrExt;
+        self.nodes += 1;
+        if sys::file_type(st) == SFlag::S_IFREG {
+            self.bytes += u64::try_from(st.st_size).unwrap_or(0);
+        }
+        self.h.update(path.as_os_str().as_bytes());
+        self.h.update(&[0]);
+        for v in [
+            u64::from(st.st_mode),
+            st.st_ino,
+            u64::try_from(st.st_size).unwrap_or(0),
+            u64::try_from(st.st_ctime).unwrap_or(0),
+            u64::try_from(st.st_ctime_nsec).unwrap_or(0),
+        ] {
+            self.h.update(&v.to_le_bytes());
+        }
+    }
+
+    fn finish(self) -> Seal {
+        Seal {
+            nodes: self.nodes,
+            bytes: self.bytes,
+            digest: self.h.finish(),
+        }
+    }
+}
+
+/// Canonicalises the tree `name` below `parent` and returns its seal. `display` is how paths
+/// appear in errors. Children are visited in name order, as [`seal_of`] visits them.
 pub fn canonicalise(
     parent: BorrowedFd<'_>,
     name: &OsStr,
     owner: &Owner,
     display: &str,
-) -> Result<(), CanonError> {
+) -> Result<Seal, CanonError> {
+    walk(parent, name, display, &mut |at, child, path| {
+        node(at, child, owner, path)
+    })
+}
+
+/// The seal of the tree `name` below `parent` as it is now (stat only, nothing changed).
+pub fn seal_of(parent: BorrowedFd<'_>, name: &OsStr, display: &str) -> Result<Seal, CanonError> {
+    walk(parent, name, display, &mut |at, child, path| {
+        let st = sys::lstat_at(at, child).map_err(io(path))?;
+        let dir = if sys::file_type(&st) == SFlag::S_IFDIR {
+            Some(sys::open_dir_at(at, child).map_err(io(path))?)
+        } else {
+            None
+        };
+        Ok((dir, st))
+    })
+}
+
+/// Handles one node (parent directory, name, display path): its directory fd when it is a
+/// directory, and its status to seal.
+type Visit<'a> = dyn FnMut(
+        BorrowedFd<'_>,
+        &OsStr,
+        &std::path::Path,
+    ) -> Result<(Option<OwnedFd>, FileStat), CanonError>
+    + 'a;
+
+/// Visits every node below `parent` depth first, children in name order; `visit` handles one
+/// node and returns its directory fd (for directories) and the status to seal.
+fn walk(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    display: &str,
+    visit: &mut Visit<'_>,
+) -> Result<Seal, CanonError> {
     struct Frame {
         fd: OwnedFd,
         path: PathBuf,
         pending: Vec<OsString>,
     }
+    let mut seal = Sealer::new();
     let mut stack: Vec<Frame> = Vec::new();
     let root_path = PathBuf::from(display);
-    if let Some(fd) = node(parent, name, owner, &root_path)? {
+    let (fd, st) = visit(parent, name, &root_path)?;
+    seal.record(&root_path, &st);
+    if let Some(fd) = fd {
         let pending = children(&fd, &root_path)?;
         stack.push(Frame {
             fd,
@@ -72,12 +167,14 @@ pub fn canonicalise(
             continue;
         };
         let path = top.path.join(&child);
-        if let Some(fd) = node(top.fd.as_fd(), &child, owner, &path)? {
+        let (fd, st) = visit(top.fd.as_fd(), &child, &path)?;
+        seal.record(&path, &st);
+        if let Some(fd) = fd {
             let pending = children(&fd, &path)?;
             stack.push(Frame { fd, path, pending });
         }
     }
-    Ok(())
+    Ok(seal.finish())
 }
 
 fn io(path: &std::path::Path) -> impl Fn(nix::errno::Errno) -> CanonError + '_ {
@@ -87,21 +184,25 @@ fn io(path: &std::path::Path) -> impl Fn(nix::errno::Errno) -> CanonError + '_ {
     }
 }
 
+/// A directory's entries, last name first (the walk pops them in name order).
 fn children(dir: &OwnedFd, path: &std::path::Path) -> Result<Vec<OsString>, CanonError> {
-    Ok(sys::read_dir(dir.as_fd())
+    let mut names: Vec<OsString> = sys::read_dir(dir.as_fd())
         .map_err(io(path))?
         .into_iter()
         .map(|(n, _)| n)
-        .collect())
+        .collect();
+    names.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(names)
 }
 
-/// Canonicalises one node; returns the directory fd when it is a directory.
+/// Canonicalises one node; returns the directory fd when it is a directory, and the node's
+/// status afterwards.
 fn node(
     parent: BorrowedFd<'_>,
     name: &OsStr,
     owner: &Owner,
     path: &std::path::Path,
-) -> Result<Option<OwnedFd>, CanonError> {
+) -> Result<(Option<OwnedFd>, FileStat), CanonError> {
     let err = io(path);
     let st = sys::lstat_at(parent, name).map_err(&err)?;
     let mtime = TimeSpec::new(MTIME, 0);
@@ -125,7 +226,11 @@ fn node(
                 nix::sys::stat::UtimensatFlags::NoFollowSymlink,
             )
             .map_err(&err)?;
-            Ok(None)
+            let after = sys::lstat_at(parent, name).map_err(&err)?;
+            if sys::file_type(&after) != SFlag::S_IFLNK || after.st_ino != st.st_ino {
+                return Err(CanonError::Unsupported(path.display().to_string()));
+            }
+            Ok((None, after))
         }
         ty @ (SFlag::S_IFREG | SFlag::S_IFDIR) => {
             let is_dir = ty == SFlag::S_IFDIR;
@@ -158,7 +263,8 @@ fn node(
             }
             nix::sys::stat::futimens(fd.as_raw_fd(), &TimeSpec::UTIME_OMIT, &mtime)
                 .map_err(&err)?;
-            Ok(is_dir.then_some(fd))
+            let after = sys::fstat(fd.as_fd()).map_err(&err)?;
+            Ok((is_dir.then_some(fd), after))
         }
         _ => Err(CanonError::Unsupported(path.display().to_string())),
     }
@@ -176,4 +282,82 @@ fn strip_xattrs(fd: BorrowedFd<'_>, path: &std::path::Path) -> Result<(), CanonE
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod seal_tests {
+    use super::*;
+    use std::io::Write;
+
+    fn owner() -> Owner {
+        Owner {
+            uid: nix::unistd::geteuid(),
+            gid: nix::unistd::getegid(),
+            chown: false,
+        }
+    }
+
+    /// Any change after canonicalisation breaks the seal: contents rewritten at the same size,
+    /// a file removed, a file added.
+    #[test]
+    fn changes_break_the_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let make = |name: &str| {
+            let root = dir.path().join(name);
+            std::fs::create_dir_all(root.join("d")).unwrap();
+            std::fs::write(root.join("d/a"), b"aaaa").unwrap();
+            std::fs::write(root.join("b"), b"bbbb").unwrap();
+            std::os::unix::fs::symlink("b", root.join("l")).unwrap();
+        };
+        let parent = std::fs::File::open(dir.path()).unwrap();
+        let seal = |name: &str| {
+            make(name);
+            let s = canonicalise(parent.as_fd(), OsStr::new(name), &owner(), name).unwrap();
+            assert_eq!(
+                (s.nodes, s.bytes),
+                (5, 8),
+                "root, d, d/a, b, l; 8 bytes of files"
+            );
+            assert_eq!(seal_of(parent.as_fd(), OsStr::new(name), name).unwrap(), s);
+            s
+        };
+        let unlock = |p: &std::path::Path| {
+            let mut perm = std::fs::metadata(p).unwrap().permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+            std::fs::set_permissions(p, perm).unwrap();
+        };
+
+        let s = seal("rewrite");
+        let f = dir.path().join("rewrite/b");
+        // As root the write itself is the only change (no chmod to make it writable first).
+        if !nix::unistd::geteuid().is_root() {
+            unlock(&f);
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .write_all(b"BBBB")
+            .unwrap();
+        assert_ne!(
+            seal_of(parent.as_fd(), OsStr::new("rewrite"), "rewrite").unwrap(),
+            s
+        );
+
+        let s = seal("remove");
+        unlock(&dir.path().join("remove/d"));
+        std::fs::remove_file(dir.path().join("remove/d/a")).unwrap();
+        assert_ne!(
+            seal_of(parent.as_fd(), OsStr::new("remove"), "remove").unwrap(),
+            s
+        );
+
+        let s = seal("add");
+        unlock(&dir.path().join("add"));
+        std::fs::write(dir.path().join("add/c"), b"").unwrap();
+        assert_ne!(
+            seal_of(parent.as_fd(), OsStr::new("add"), "add").unwrap(),
+            s
+        );
+    }
 }

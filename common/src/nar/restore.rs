@@ -38,6 +38,25 @@ pub fn restore<R: Read>(
     parent: BorrowedFd<'_>,
     name: &std::ffi::OsStr,
 ) -> Result<(), NarError> {
+    restore_counted(nar, parent, name).map(|_| ())
+}
+
+/// What [`restore_counted`] created: a caller can check that the tree on disk still has it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Directories, regular files and symlinks, the root included.
+    pub nodes: u64,
+    /// Bytes of regular-file contents.
+    pub bytes: u64,
+}
+
+/// [`restore`], counting what it creates.
+pub fn restore_counted<R: Read>(
+    nar: &mut NarReader<R>,
+    parent: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> Result<Restored, NarError> {
+    let mut made = Restored::default();
     if nar.offset() != 0 {
         return Err(nar.error(NarErrorKind::Restore {
             op: "restoring",
@@ -74,6 +93,7 @@ pub fn restore<R: Read>(
                 )
                 .map_err(|e| fail(nar, "opening directory", e))?;
                 dirs.push(fd);
+                made.nodes += 1;
             }
             Event::Entry { name } => {
                 pending.clear();
@@ -85,6 +105,7 @@ pub fn restore<R: Read>(
             Event::Symlink { target } => {
                 nix::unistd::symlinkat(target, Some(raw(at)), pending.as_slice())
                     .map_err(|e| fail(nar, "creating symlink", e))?;
+                made.nodes += 1;
             }
             Event::Regular { executable, .. } => {
                 let mode = if executable { 0o555 } else { 0o444 };
@@ -96,12 +117,14 @@ pub fn restore<R: Read>(
                 )
                 .map_err(|e| fail(nar, "creating file", e))?;
                 let mut file = File::from(fd);
+                made.nodes += 1;
                 loop {
                     let n = nar.read_contents(&mut buf)?;
                     if n == 0 {
                         break;
                     }
                     let chunk = buf.get(..n).unwrap_or_default();
+                    made.bytes += chunk.len() as u64;
                     file.write_all(chunk).map_err(|e| {
                         nar.error(NarErrorKind::Restore {
                             op: "writing file",
@@ -110,7 +133,7 @@ pub fn restore<R: Read>(
                     })?;
                 }
             }
-            Event::End => return Ok(()),
+            Event::End => return Ok(made),
         }
     }
 }

@@ -72,13 +72,14 @@ impl Batch {
         };
         // Store path base names are unique within the batch and valid file names.
         let node = info.path.base_name().to_string();
-        stage::nar(staging, &node, &info, input)?;
-        staging.canonicalise(&node, &store.full(&info.path))?;
+        let made = stage::nar(staging, &node, &info, input)?;
+        let seal = staging.canonicalise(&node, &store.full(&info.path), made)?;
         self.items.push(Item {
             node,
             info,
             repair,
             evidence,
+            seal,
         });
         Ok(())
     }

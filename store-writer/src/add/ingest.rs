@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use stockade_common::content_address::ContentAddressMethod;
 use stockade_common::hash::{Hash, HashAlgo, Hasher};
-use stockade_common::nar::{self, Limits, NarReader};
+use stockade_common::nar::{self, Limits, NarReader, Restored};
 use stockade_common::store_path::FileIngestion;
 
 use super::stage::{Staging, BUF};
@@ -25,8 +25,8 @@ pub const MAX_TEXT: u64 = 64 << 20;
 pub enum Data {
     /// All of it, in memory: for text and flat files the contents, for NARs the archive.
     Memory(Vec<u8>),
-    /// Staged as `node` in a staging directory.
-    Staged(Staging),
+    /// Staged as `node` in a staging directory, with what was written there.
+    Staged(Staging, Restored),
 }
 
 /// What was received and what it hashes to.
@@ -92,6 +92,7 @@ pub fn receive(
             let mut h = Hasher::new(algo);
             let mut rest = Cursor::new(head).chain(input);
             let mut buf = vec![0u8; BUF];
+            let mut written = 0u64;
             loop {
                 let n = match rest.read(&mut buf) {
                     Ok(0) => break,
@@ -102,14 +103,19 @@ pub fn receive(
                 let chunk = buf.get(..n).unwrap_or_default();
                 h.update(chunk);
                 f.write_all(chunk)?;
+                written += chunk.len() as u64;
             }
             drop(f);
             let (nar_hash, nar_size) = staging.nar_hash(node)?;
+            let made = Restored {
+                nodes: 1,
+                bytes: written,
+            };
             Ok(Received {
                 ca_hash: h.finish(),
                 nar_hash,
                 nar_size,
-                data: Data::Staged(staging),
+                data: Data::Staged(staging, made),
             })
         }
         ContentAddressMethod::Fixed(FileIngestion::Recursive) => {
@@ -134,15 +140,15 @@ pub fn receive(
             let rest = Cursor::new(head).chain(input);
             let tee = Tee::new(BufReader::with_capacity(BUF, rest), ca);
             let mut reader = NarReader::with_limits(tee, Limits::default());
-            nar::restore(&mut reader, staging.fd(), OsStr::new(node))
-                .and_then(|()| reader.finish_at_eof())
+            let made = nar::restore_counted(&mut reader, staging.fd(), OsStr::new(node))
+                .and_then(|made| reader.finish_at_eof().map(|()| made))
                 .map_err(|e| ReqError::failed(e.to_string()))?;
             let (nar_hash, nar_size, ca) = reader.into_inner().finish();
             Ok(Received {
                 ca_hash: ca_hash(ca, nar_hash)?,
                 nar_hash,
                 nar_size,
-                data: Data::Staged(staging),
+                data: Data::Staged(staging, made),
             })
         }
     }
@@ -161,24 +167,25 @@ fn flat_nar_hash(data: &[u8]) -> Result<(Hash, u64), ReqError> {
     Ok((hash, size))
 }
 
-/// Writes data held in memory into a new staging directory as `node`.
+/// Writes data held in memory into a new staging directory as `node`; returns the staging
+/// directory and what it holds.
 pub fn materialise(
     store: &Arc<Store>,
     data: Data,
     method: ContentAddressMethod,
     node: &str,
-) -> Result<Staging, ReqError> {
+) -> Result<(Staging, Restored), ReqError> {
     match data {
-        Data::Staged(s) => Ok(s),
+        Data::Staged(s, made) => Ok((s, made)),
         Data::Memory(bytes) => {
             let staging = Staging::new(store)?;
-            match method {
+            let made = match method {
                 ContentAddressMethod::Fixed(FileIngestion::Recursive) => {
                     staging.restore_bytes(node, &bytes)?
                 }
                 _ => staging.write_file(node, &bytes)?,
-            }
-            Ok(staging)
+            };
+            Ok((staging, made))
         }
     }
 }

@@ -12,8 +12,9 @@ use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::StorePath;
 
 use super::decide::{derivation_outputs, read_staged_drv, references};
-use super::stage::{check_nar, Staging};
+use super::stage::Staging;
 use super::{now, Ctx};
+use crate::canon::Seal;
 use crate::error::{hl, ReqError};
 use crate::store::Store;
 use crate::{pathlocks, sys};
@@ -26,6 +27,8 @@ pub struct Item {
     pub repair: bool,
     /// What vouches for its contents (audit: ca, sig:<key>, trusted, unchecked).
     pub evidence: String,
+    /// The staged tree as it was canonicalised, right after it was hashed.
+    pub seal: Seal,
 }
 
 /// How each item ended.
@@ -50,13 +53,11 @@ pub fn commit(
     op: &str,
 ) -> Result<Vec<Outcome>, ReqError> {
     let store = ctx.store;
-    // The tree on disk must be what was hashed while it arrived: nothing else may have added,
-    // removed or changed a file of it since (another writer's cleanup did, A75).
-    if !cfg!(feature = "without-a75") {
-        for it in &items {
-            let (hash, size) = staging.nar_hash(&it.node)?;
-            check_nar(&store.full(&it.info.path), &it.info, &hash, size)?;
-        }
+    // The tree on disk must be what was hashed while it arrived: nothing may have added,
+    // removed or changed a file of it since (another writer's cleanup did, A75). Its seal
+    // (every node's inode, size and change time) shows that without reading it again.
+    for it in &items {
+        staging.check_seal(&it.node, &store.full(&it.info.path), &it.seal)?;
     }
     let _locks = pathlocks::lock(store.store_fd(), items.iter().map(|i| i.info.path.clone()))?;
     let mut outcomes = Vec::with_capacity(items.len());

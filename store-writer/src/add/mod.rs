@@ -136,9 +136,9 @@ fn add_to_store_inner(
             return Ok(existing);
         }
     }
-    let staging = ingest::materialise(store, got.data, method, NODE)?;
+    let (staging, made) = ingest::materialise(store, got.data, method, NODE)?;
     let full = store.full(&path);
-    staging.canonicalise(NODE, &full)?;
+    let seal = staging.canonicalise(NODE, &full, made)?;
     let info = PathInfo {
         path,
         deriver: None,
@@ -155,6 +155,7 @@ fn add_to_store_inner(
         info,
         repair,
         evidence: "ca".to_string(),
+        seal,
     };
     match install::commit(ctx, &staging, vec![item], "addToStore")?.pop() {
         Some(Outcome::Added(info) | Outcome::Present(info)) => Ok(info),
@@ -215,13 +216,14 @@ fn add_nar_inner(
                 None
             };
             let staging = stage::Staging::new(store)?;
-            stage::nar(&staging, NODE, &info, input)?;
-            staging.canonicalise(NODE, &full)?;
+            let made = stage::nar(&staging, NODE, &info, input)?;
+            let seal = staging.canonicalise(NODE, &full, made)?;
             let item = Item {
                 node: NODE.to_string(),
                 info,
                 repair,
                 evidence,
+                seal,
             };
             install::commit(ctx, &staging, vec![item], "addNar")?;
             Ok(())

@@ -18,11 +18,11 @@ use nix::sys::stat::{Mode, SFlag};
 
 use stockade_common::content_address::{ContentAddress, ContentAddressMethod};
 use stockade_common::hash::{Encoding, Hash, HashAlgo};
-use stockade_common::nar::{self, Limits, NarErrorKind, NarReader};
+use stockade_common::nar::{self, Limits, NarErrorKind, NarReader, Restored};
 use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::FileIngestion;
 
-use crate::canon::{self, Owner};
+use crate::canon::{self, Owner, Seal};
 use crate::error::{hl, ReqError};
 use crate::hashing::{hash_modulo_reader, CaHasher, ModuloHasher, Tee};
 use crate::store::Store;
@@ -126,15 +126,38 @@ impl Staging {
         Ok((File::from(fd), u64::try_from(st.st_size).unwrap_or(0)))
     }
 
-    pub fn canonicalise(&self, node: &str, display: &str) -> Result<(), ReqError> {
+    /// Canonicalises a staged node that should hold what `made` says was written, and seals
+    /// it: a tree that lost or gained anything since it was written is refused (A75).
+    pub fn canonicalise(
+        &self,
+        node: &str,
+        display: &str,
+        made: Restored,
+    ) -> Result<Seal, ReqError> {
         let s = &self.store;
         let owner = Owner {
             uid: s.euid,
             gid: s.egid,
             chown: s.cfg.as_root,
         };
-        canon::canonicalise(self.fd(), OsStr::new(node), &owner, display)
-            .map_err(|e| ReqError::failed(e.to_string()))
+        let seal = canon::canonicalise(self.fd(), OsStr::new(node), &owner, display)
+            .map_err(|e| ReqError::failed(e.to_string()))?;
+        if !cfg!(feature = "without-a75") && (seal.nodes != made.nodes || seal.bytes != made.bytes)
+        {
+            return Err(changed(display));
+        }
+        Ok(seal)
+    }
+
+    /// Checks that a staged node is still exactly as it was sealed (A75).
+    pub fn check_seal(&self, node: &str, display: &str, seal: &Seal) -> Result<(), ReqError> {
+        if cfg!(feature = "without-a75") {
+            return Ok(());
+        }
+        match canon::seal_of(self.fd(), OsStr::new(node), display) {
+            Ok(now) if now == *seal => Ok(()),
+            _ => Err(changed(display)),
+        }
     }
 
     /// NAR hash and size of a staged node, read back from disk.
@@ -147,18 +170,24 @@ impl Staging {
     }
 
     /// Writes `data` as the regular file `node`.
-    pub fn write_file(&self, node: &str, data: &[u8]) -> Result<(), ReqError> {
+    pub fn write_file(&self, node: &str, data: &[u8]) -> Result<Restored, ReqError> {
         let mut f = self.create_file(node)?;
         f.write_all(data)?;
-        Ok(())
+        Ok(Restored {
+            nodes: 1,
+            bytes: data.len() as u64,
+        })
     }
 
     /// Restores the NAR in `data` (already validated) as `node`.
-    pub fn restore_bytes(&self, node: &str, data: &[u8]) -> Result<(), ReqError> {
+    pub fn restore_bytes(&self, node: &str, data: &[u8]) -> Result<Restored, ReqError> {
         let mut reader = NarReader::new(data);
-        nar::restore(&mut reader, self.fd(), OsStr::new(node))
-            .and_then(|()| reader.finish_at_eof())
-            .map_err(|e| ReqError::failed(e.to_string()))
+        let made = nar::restore_counted(&mut reader, self.fd(), OsStr::new(node))
+            .map_err(|e| ReqError::failed(e.to_string()))?;
+        reader
+            .finish_at_eof()
+            .map_err(|e| ReqError::failed(e.to_string()))?;
+        Ok(made)
     }
 }
 
@@ -215,7 +244,7 @@ pub fn nar(
     node: &str,
     info: &PathInfo,
     input: impl Read,
-) -> Result<(), ReqError> {
+) -> Result<Restored, ReqError> {
     let full = staging.store.full(&info.path);
     let ca_hasher = match &info.ca {
         Some(ContentAddress {
@@ -233,19 +262,17 @@ pub fn nar(
         ..Limits::default()
     };
     let mut reader = NarReader::with_limits(tee, limits);
-    let res = nar::restore(&mut reader, staging.fd(), OsStr::new(node))
-        .and_then(|()| reader.finish_at_eof());
-    if let Err(e) = res {
-        return Err(match e.kind() {
-            NarErrorKind::TooLarge(_) => ReqError::failed(format!(
-                "size mismatch importing path '{}';\n  specified: {}\n  got:       {}",
-                hl(&full),
-                hl(info.nar_size),
-                hl(format!("more than {}", info.nar_size))
-            )),
-            _ => ReqError::failed(format!("importing path '{}': {e}", hl(&full))),
-        });
-    }
+    let res = nar::restore_counted(&mut reader, staging.fd(), OsStr::new(node))
+        .and_then(|made| reader.finish_at_eof().map(|()| made));
+    let made = res.map_err(|e| match e.kind() {
+        NarErrorKind::TooLarge(_) => ReqError::failed(format!(
+            "size mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+            hl(&full),
+            hl(info.nar_size),
+            hl(format!("more than {}", info.nar_size))
+        )),
+        _ => ReqError::failed(format!("importing path '{}': {e}", hl(&full))),
+    })?;
     let (nar_hash, nar_size, ca_tee) = reader.into_inner().finish();
     check_nar(&full, info, &nar_hash, nar_size)?;
     if let Some(ca) = &info.ca {
@@ -274,7 +301,7 @@ pub fn nar(
             )));
         }
     }
-    Ok(())
+    Ok(made)
 }
 
 /// The NAR hash and size the client declared against what arrived (or what is on disk).
@@ -296,4 +323,11 @@ pub fn check_nar(full: &str, info: &PathInfo, hash: &Hash, size: u64) -> Result<
         )));
     }
     Ok(())
+}
+
+fn changed(display: &str) -> ReqError {
+    ReqError::failed(format!(
+        "the staged copy of '{}' changed before it was installed; nothing was added",
+        hl(display)
+    ))
 }
