@@ -83,6 +83,8 @@ pub struct Store {
     pub gc_link: std::sync::OnceLock<crate::gclink::GcLink>,
     /// Shared fsyncs of the store directory for concurrent installs.
     pub dir_sync: crate::groupsync::GroupSync,
+    /// Empty staging directories, locked, waiting to be used again.
+    pub staging_pool: Mutex<Vec<crate::add::stage::StagingDir>>,
 }
 
 impl Store {
@@ -196,6 +198,7 @@ impl Store {
             shared_reads: false,
             gc_link: std::sync::OnceLock::new(),
             dir_sync: crate::groupsync::GroupSync::default(),
+            staging_pool: Mutex::new(Vec::new()),
             cfg,
         };
         crate::add::stage::remove_stale(store.store_fd());

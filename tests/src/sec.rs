@@ -116,36 +116,52 @@ fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, String>) {
 /// are left out: they are its locking scheme, not store contents.
 pub fn store_files(d: &Daemon) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    walk(&d.host_path(&d.store_dir()), "", &mut out);
+    let store = d.host_path(&d.store_dir());
+    walk(&store, "", &mut out);
     if *d.kind() == DaemonKind::Nix {
         out.retain(|k, _| !k.ends_with(".lock") || k.contains('/'));
     }
+    // Stockade's pool of empty staging directories holds nothing.
+    out.retain(|k, _| !(is_staging(k) && is_empty_dir(&store.join(k))));
     out
 }
 
-/// Entries of the store directory that are Stockade staging directories (`tmp-stockade-*`,
-/// and `.stockade-tmp-*` as earlier versions named them).
+/// Whether a store entry is a Stockade staging directory (`tmp-stockade-*`, and
+/// `.stockade-tmp-*` as earlier versions named them).
+fn is_staging(name: &str) -> bool {
+    name.starts_with("tmp-stockade-") || name.starts_with(".stockade-tmp-")
+}
+
+/// Whether `p` is an empty directory: a staging directory waiting in the store-writer's pool,
+/// which holds nothing of anyone's.
+fn is_empty_dir(p: &std::path::Path) -> bool {
+    fs::read_dir(p).is_ok_and(|mut rd| rd.next().is_none())
+}
+
+/// Staging directories of the store that hold something (an add under way, or a leftover);
+/// empty ones are the store-writer's pool of directories to reuse.
 pub fn staging_leftovers(d: &Daemon) -> Vec<String> {
-    fs::read_dir(d.host_path(&d.store_dir()))
+    let store = d.host_path(&d.store_dir());
+    fs::read_dir(&store)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("tmp-stockade-") || n.starts_with(".stockade-tmp-"))
+                .filter(|n| is_staging(n) && !is_empty_dir(&store.join(n)))
                 .collect()
         })
         .unwrap_or_default()
 }
 
-/// Waits (on inotify events of the store directory, not on a timer) until no staging
-/// directory is left in the store, or `timeout` passes; returns what is still there. The
-/// store-writer may still be cleaning up a refused add for a moment after the broker has
-/// hung up on its client.
+/// Waits (on inotify events of the store directory and of its staging directories, not on a
+/// timer) until no staging directory holds anything, or `timeout` passes; returns what is
+/// still there. The store-writer may still be cleaning up a refused add for a moment after
+/// the broker has hung up on its client.
 pub fn wait_staging_gone(d: &Daemon, timeout: Duration) -> Vec<String> {
     wait_staging(d, timeout, |left| left.is_empty())
 }
 
-/// Waits (on inotify events of the store directory) until a staging directory exists, or
-/// `timeout` passes; returns those there.
+/// Waits (on inotify events) until a staging directory holds something (an add has started
+/// staging), or `timeout` passes; returns those.
 pub fn wait_staging_present(d: &Daemon, timeout: Duration) -> Vec<String> {
     wait_staging(d, timeout, |left| !left.is_empty())
 }
@@ -155,15 +171,22 @@ fn wait_staging(d: &Daemon, timeout: Duration, done: impl Fn(&[String]) -> bool)
     let Ok(inotify) = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK) else {
         return staging_leftovers(d);
     };
-    let watched = inotify.add_watch(
-        &dir,
-        AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_DELETE_SELF,
-    );
+    let events = AddWatchFlags::IN_CREATE
+        | AddWatchFlags::IN_DELETE
+        | AddWatchFlags::IN_MOVED_FROM
+        | AddWatchFlags::IN_MOVED_TO
+        | AddWatchFlags::IN_DELETE_SELF;
+    let watched = inotify.add_watch(&dir, events);
     let deadline = Instant::now() + timeout;
     loop {
+        // Watch every staging directory too: filling or emptying one happens inside it.
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.filter_map(|e| e.ok()) {
+                if is_staging(&e.file_name().to_string_lossy()) {
+                    let _ = inotify.add_watch(&e.path(), events);
+                }
+            }
+        }
         let left = staging_leftovers(d);
         let now = Instant::now();
         if done(&left) || now >= deadline || watched.is_err() {

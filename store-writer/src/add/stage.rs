@@ -35,62 +35,59 @@ const LEGACY_PREFIX: &str = ".stockade-tmp-";
 /// Buffer between a pipe and the NAR parser (which reads token by token).
 pub const BUF: usize = 256 * 1024;
 
-/// A locked private directory in the store holding staged nodes. Deleted on drop.
+/// Idle staging directories kept for reuse (creating and deleting one per add churns inodes
+/// and costs a dozen system calls).
+const POOL_MAX: usize = 16;
+
+/// A staging directory: its name in the store and its descriptor, locked exclusively for as
+/// long as it exists (also while it waits in the pool).
+pub struct StagingDir {
+    name: String,
+    dir: Flock<OwnedFd>,
+}
+
+impl StagingDir {
+    /// Whether the name in the store still leads to the directory we hold.
+    fn still_ours(&self, store_fd: BorrowedFd<'_>) -> bool {
+        match (
+            sys::lstat_at(store_fd, self.name.as_str()),
+            sys::fstat(self.dir.as_fd()),
+        ) {
+            (Ok(named), Ok(held)) => named.st_dev == held.st_dev && named.st_ino == held.st_ino,
+            _ => false,
+        }
+    }
+}
+
+/// A locked private directory in the store holding staged nodes, for one add or one batch.
+/// On drop its contents are deleted and the directory goes back to the store's pool.
 pub struct Staging {
     store: Arc<Store>,
-    name: String,
-    /// The directory, locked exclusively until it is deleted.
-    dir: Flock<OwnedFd>,
+    inner: Option<StagingDir>,
 }
 
 impl Staging {
     pub fn new(store: &Arc<Store>) -> Result<Staging, ReqError> {
         let at = store.store_fd();
-        loop {
-            let name = format!("{STAGING_PREFIX}{}", store.unique_suffix());
-            match nix::sys::stat::mkdirat(
-                Some(at.as_raw_fd()),
-                name.as_str(),
-                Mode::from_bits_truncate(0o700),
-            ) {
-                Ok(()) => {}
-                Err(Errno::EEXIST) => continue,
-                Err(e) => {
-                    return Err(ReqError::failed(format!(
-                        "creating a staging directory: {e}"
-                    )))
-                }
-            }
-            let fd = match sys::open_dir_at(at, name.as_str()) {
-                Ok(fd) => fd,
-                Err(Errno::ENOENT) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            // Nobody else can hold the lock of a directory this new unless a cleanup found it
-            // between mkdir and here; then it may be gone: take another name.
-            let dir = match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => l,
-                Err((_, Errno::EWOULDBLOCK)) => continue,
-                Err((_, e)) => return Err(e.into()),
-            };
-            let same = |a: &nix::sys::stat::FileStat, b: &nix::sys::stat::FileStat| {
-                a.st_dev == b.st_dev && a.st_ino == b.st_ino
-            };
-            match (sys::lstat_at(at, name.as_str()), sys::fstat(dir.as_fd())) {
-                (Ok(named), Ok(held)) if same(&named, &held) => {}
-                _ => continue,
-            }
-            nix::sys::stat::fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
-            return Ok(Staging {
-                store: store.clone(),
-                name,
-                dir,
-            });
-        }
+        let pooled = {
+            let mut pool = store.staging_pool.lock().unwrap_or_else(|e| e.into_inner());
+            std::iter::from_fn(|| pool.pop()).find(|d| d.still_ours(at))
+        };
+        let inner = match pooled {
+            Some(d) => d,
+            None => create(at, store)?,
+        };
+        Ok(Staging {
+            store: store.clone(),
+            inner: Some(inner),
+        })
     }
-
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.dir.as_fd()
+        match &self.inner {
+            Some(d) => d.dir.as_fd(),
+            // Only taken in `drop`.
+            None => self.store.store_fd(),
+        }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -191,11 +188,69 @@ impl Staging {
     }
 }
 
+/// Makes a new staging directory: created, opened, locked, and checked to be the one named.
+fn create(at: BorrowedFd<'_>, store: &Store) -> Result<StagingDir, ReqError> {
+    loop {
+        let name = format!("{STAGING_PREFIX}{}", store.unique_suffix());
+        match nix::sys::stat::mkdirat(
+            Some(at.as_raw_fd()),
+            name.as_str(),
+            Mode::from_bits_truncate(0o700),
+        ) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => continue,
+            Err(e) => {
+                return Err(ReqError::failed(format!(
+                    "creating a staging directory: {e}"
+                )))
+            }
+        }
+        let fd = match sys::open_dir_at(at, name.as_str()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        // Nobody else can hold the lock of a directory this new unless a cleanup found it
+        // between mkdir and here; then it may be gone: take another name.
+        let dir = match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, Errno::EWOULDBLOCK)) => continue,
+            Err((_, e)) => return Err(e.into()),
+        };
+        let made = StagingDir { name, dir };
+        if !made.still_ours(at) {
+            continue;
+        }
+        nix::sys::stat::fchmod(made.dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
+        return Ok(made);
+    }
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
-        // Still locked while it goes, so no cleanup elsewhere races with this one.
-        if let Err(e) = sys::remove_tree(self.store.store_fd(), OsStr::new(&self.name)) {
-            log::warn!("cannot remove staging directory {}: {e}", self.name);
+        let Some(d) = self.inner.take() else { return };
+        let at = self.store.store_fd();
+        // Still locked while its contents go, so no cleanup elsewhere races with this one.
+        let emptied = sys::read_dir(d.dir.as_fd())
+            .map_err(std::io::Error::from)
+            .and_then(|entries| {
+                entries
+                    .iter()
+                    .try_for_each(|(entry, _)| sys::remove_tree(d.dir.as_fd(), entry))
+            });
+        if emptied.is_ok() {
+            let mut pool = self
+                .store
+                .staging_pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if pool.len() < POOL_MAX {
+                pool.push(d);
+                return;
+            }
+        }
+        if let Err(e) = sys::remove_tree(at, OsStr::new(&d.name)) {
+            log::warn!("cannot remove staging directory {}: {e}", d.name);
         }
     }
 }

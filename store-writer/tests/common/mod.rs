@@ -103,12 +103,19 @@ impl Env {
         b
     }
 
-    /// Entries of the real store directory other than `.links`.
+    /// Entries of the real store directory other than `.links` and the store-writer's pool of
+    /// empty staging directories.
     pub fn store_entries(&self) -> BTreeSet<String> {
-        std::fs::read_dir(self.real_store())
+        let store = self.real_store();
+        std::fs::read_dir(&store)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n != ".links")
+            .filter(|n| {
+                let pooled = n.starts_with("tmp-stockade-")
+                    && std::fs::read_dir(store.join(n)).is_ok_and(|mut d| d.next().is_none());
+                !pooled
+            })
             .collect()
     }
 
