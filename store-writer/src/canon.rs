@@ -16,6 +16,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
 use stockade_common::hash::{Hash, HashAlgo, Hasher};
+use stockade_common::nar::Restored;
 
 use crate::sys;
 
@@ -45,39 +46,31 @@ pub struct Owner {
     pub chown: bool,
 }
 
-/// What a canonical tree looked like when it was canonicalised: how many nodes and file bytes
-/// it has, and a digest of every node's path, type, mode, inode, size and change time. Any
-/// later change to the tree (a file written, truncated, added, removed, renamed or replaced)
-/// changes a change time or the listing, so [`seal_of`] no longer matches: a cheap check that
-/// the tree about to be installed is still the one that was hashed (A75).
+/// What a canonical tree's directories looked like when it was canonicalised: a digest of the
+/// root's and every directory's path, mode, inode and change time. Adding, removing or renaming
+/// anything in a directory changes that directory's change time, so once a staged tree has been
+/// counted against what was restored into it, [`seal_of`] matching shows that nothing has been
+/// added to or taken out of it since (A75), for a stat of each directory rather than a read of
+/// every file. (Rewriting a file in place needs write access to a 0444 file in a locked 0700
+/// directory, that is root's; the seal does not look at files.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seal {
-    pub nodes: u64,
-    pub bytes: u64,
     digest: Hash,
 }
 
 struct Sealer {
-    nodes: u64,
-    bytes: u64,
     h: Hasher,
 }
 
 impl Sealer {
     fn new() -> Sealer {
         Sealer {
-            nodes: 0,
-            bytes: 0,
             h: Hasher::new(HashAlgo::Sha256),
         }
     }
 
     fn record(&mut self, path: &std::path::Path, st: &FileStat) {
         use std::os::unix::ffi::OsStrExt;
-        self.nodes += 1;
-        if sys::file_type(st) == SFlag::S_IFREG {
-            self.bytes += u64::try_from(st.st_size).unwrap_or(0);
-        }
         self.h.update(path.as_os_str().as_bytes());
         self.h.update(&[0]);
         for v in [
@@ -93,66 +86,38 @@ impl Sealer {
 
     fn finish(self) -> Seal {
         Seal {
-            nodes: self.nodes,
-            bytes: self.bytes,
             digest: self.h.finish(),
         }
     }
 }
 
-/// Canonicalises the tree `name` below `parent` and returns its seal. `display` is how paths
-/// appear in errors. Children are visited in name order, as [`seal_of`] visits them.
+/// Canonicalises the tree `name` below `parent`; returns its seal and what it holds (nodes,
+/// file bytes). `display` is how paths appear in errors. Children are visited in name order,
+/// as [`seal_of`] visits them.
 pub fn canonicalise(
     parent: BorrowedFd<'_>,
     name: &OsStr,
     owner: &Owner,
     display: &str,
-) -> Result<Seal, CanonError> {
-    walk(parent, name, display, &mut |at, child, path| {
-        node(at, child, owner, path)
-    })
-}
-
-/// The seal of the tree `name` below `parent` as it is now (stat only, nothing changed).
-pub fn seal_of(parent: BorrowedFd<'_>, name: &OsStr, display: &str) -> Result<Seal, CanonError> {
-    walk(parent, name, display, &mut |at, child, path| {
-        let st = sys::lstat_at(at, child).map_err(io(path))?;
-        let dir = if sys::file_type(&st) == SFlag::S_IFDIR {
-            Some(sys::open_dir_at(at, child).map_err(io(path))?)
-        } else {
-            None
-        };
-        Ok((dir, st))
-    })
-}
-
-/// Handles one node (parent directory, name, display path): its directory fd when it is a
-/// directory, and its status to seal.
-type Visit<'a> = dyn FnMut(
-        BorrowedFd<'_>,
-        &OsStr,
-        &std::path::Path,
-    ) -> Result<(Option<OwnedFd>, FileStat), CanonError>
-    + 'a;
-
-/// Visits every node below `parent` depth first, children in name order; `visit` handles one
-/// node and returns its directory fd (for directories) and the status to seal.
-fn walk(
-    parent: BorrowedFd<'_>,
-    name: &OsStr,
-    display: &str,
-    visit: &mut Visit<'_>,
-) -> Result<Seal, CanonError> {
+) -> Result<(Seal, Restored), CanonError> {
     struct Frame {
         fd: OwnedFd,
         path: PathBuf,
         pending: Vec<OsString>,
     }
     let mut seal = Sealer::new();
-    let mut stack: Vec<Frame> = Vec::new();
+    let mut held = Restored::default();
+    let mut count = |st: &FileStat| {
+        held.nodes += 1;
+        if sys::file_type(st) == SFlag::S_IFREG {
+            held.bytes += u64::try_from(st.st_size).unwrap_or(0);
+        }
+    };
     let root_path = PathBuf::from(display);
-    let (fd, st) = visit(parent, name, &root_path)?;
+    let (fd, st) = node(parent, name, owner, &root_path, true)?;
+    count(&st);
     seal.record(&root_path, &st);
+    let mut stack: Vec<Frame> = Vec::new();
     if let Some(fd) = fd {
         let pending = children(&fd, &root_path)?;
         stack.push(Frame {
@@ -167,14 +132,71 @@ fn walk(
             continue;
         };
         let path = top.path.join(&child);
-        let (fd, st) = visit(top.fd.as_fd(), &child, &path)?;
-        seal.record(&path, &st);
+        let (fd, st) = node(top.fd.as_fd(), &child, owner, &path, false)?;
+        count(&st);
         if let Some(fd) = fd {
+            seal.record(&path, &st);
             let pending = children(&fd, &path)?;
             stack.push(Frame { fd, path, pending });
         }
     }
+    Ok((seal.finish(), held))
+}
+
+/// The seal of the tree `name` below `parent` as it is now: a stat of the root and of every
+/// directory, in the order [`canonicalise`] met them; nothing is changed.
+pub fn seal_of(parent: BorrowedFd<'_>, name: &OsStr, display: &str) -> Result<Seal, CanonError> {
+    struct Frame {
+        fd: OwnedFd,
+        path: PathBuf,
+        pending: Vec<OsString>,
+    }
+    let mut seal = Sealer::new();
+    let root_path = PathBuf::from(display);
+    let st = sys::lstat_at(parent, name).map_err(io(&root_path))?;
+    seal.record(&root_path, &st);
+    if sys::file_type(&st) != SFlag::S_IFDIR {
+        return Ok(seal.finish());
+    }
+    let fd = sys::open_dir_at(parent, name).map_err(io(&root_path))?;
+    let pending = subdirs(&fd, &root_path)?;
+    let mut stack = vec![Frame {
+        fd,
+        path: root_path,
+        pending,
+    }];
+    while let Some(top) = stack.last_mut() {
+        let Some(child) = top.pending.pop() else {
+            stack.pop();
+            continue;
+        };
+        let path = top.path.join(&child);
+        let fd = sys::open_dir_at(top.fd.as_fd(), child.as_os_str()).map_err(io(&path))?;
+        let st = sys::fstat(fd.as_fd()).map_err(io(&path))?;
+        seal.record(&path, &st);
+        let pending = subdirs(&fd, &path)?;
+        stack.push(Frame { fd, path, pending });
+    }
     Ok(seal.finish())
+}
+
+/// A directory's subdirectories, last name first (from the entry types where the file system
+/// gives them, else from a stat).
+fn subdirs(dir: &OwnedFd, path: &std::path::Path) -> Result<Vec<OsString>, CanonError> {
+    let mut names = Vec::new();
+    for (name, ty) in sys::read_dir(dir.as_fd()).map_err(io(path))? {
+        let is_dir = match ty {
+            Some(t) => t == nix::dir::Type::Directory,
+            None => sys::lstat_at(dir.as_fd(), name.as_os_str())
+                .map(|st| sys::file_type(&st) == SFlag::S_IFDIR)
+                .map_err(io(path))?,
+        };
+        if is_dir {
+            names.push(name);
+        }
+    }
+    names.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(names)
 }
 
 fn io(path: &std::path::Path) -> impl Fn(nix::errno::Errno) -> CanonError + '_ {
@@ -197,11 +219,14 @@ fn children(dir: &OwnedFd, path: &std::path::Path) -> Result<Vec<OsString>, Cano
 
 /// Canonicalises one node; returns the directory fd when it is a directory, and the node's
 /// status afterwards.
+/// For directories (and the root when `root`), the status is read after the changes, so its
+/// change time can be sealed; for other files it is the status read before (for the counts).
 fn node(
     parent: BorrowedFd<'_>,
     name: &OsStr,
     owner: &Owner,
     path: &std::path::Path,
+    root: bool,
 ) -> Result<(Option<OwnedFd>, FileStat), CanonError> {
     let err = io(path);
     let st = sys::lstat_at(parent, name).map_err(&err)?;
@@ -263,7 +288,11 @@ fn node(
             }
             nix::sys::stat::futimens(fd.as_raw_fd(), &TimeSpec::UTIME_OMIT, &mtime)
                 .map_err(&err)?;
-            let after = sys::fstat(fd.as_fd()).map_err(&err)?;
+            let after = if is_dir || root {
+                sys::fstat(fd.as_fd()).map_err(&err)?
+            } else {
+                st2
+            };
             Ok((is_dir.then_some(fd), after))
         }
         _ => Err(CanonError::Unsupported(path.display().to_string())),
@@ -287,7 +316,6 @@ fn strip_xattrs(fd: BorrowedFd<'_>, path: &std::path::Path) -> Result<(), CanonE
 #[cfg(test)]
 mod seal_tests {
     use super::*;
-    use std::io::Write;
 
     fn owner() -> Owner {
         Owner {
@@ -297,8 +325,8 @@ mod seal_tests {
         }
     }
 
-    /// Any change after canonicalisation breaks the seal: contents rewritten at the same size,
-    /// a file removed, a file added.
+    /// Any change to the listing after canonicalisation breaks the seal: a file replaced, one
+    /// removed, one added (deep or at the top).
     #[test]
     fn changes_break_the_seal() {
         let dir = tempfile::tempdir().unwrap();
@@ -312,9 +340,9 @@ mod seal_tests {
         let parent = std::fs::File::open(dir.path()).unwrap();
         let seal = |name: &str| {
             make(name);
-            let s = canonicalise(parent.as_fd(), OsStr::new(name), &owner(), name).unwrap();
+            let (s, held) = canonicalise(parent.as_fd(), OsStr::new(name), &owner(), name).unwrap();
             assert_eq!(
-                (s.nodes, s.bytes),
+                (held.nodes, held.bytes),
                 (5, 8),
                 "root, d, d/a, b, l; 8 bytes of files"
             );
@@ -327,20 +355,13 @@ mod seal_tests {
             std::fs::set_permissions(p, perm).unwrap();
         };
 
-        let s = seal("rewrite");
-        let f = dir.path().join("rewrite/b");
-        // As root the write itself is the only change (no chmod to make it writable first).
-        if !nix::unistd::geteuid().is_root() {
-            unlock(&f);
-        }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&f)
-            .unwrap()
-            .write_all(b"BBBB")
-            .unwrap();
+        // A file replaced by another of the same size (written beside it, renamed over it).
+        let s = seal("replace");
+        unlock(&dir.path().join("replace"));
+        std::fs::write(dir.path().join("replace/new"), b"BBBB").unwrap();
+        std::fs::rename(dir.path().join("replace/new"), dir.path().join("replace/b")).unwrap();
         assert_ne!(
-            seal_of(parent.as_fd(), OsStr::new("rewrite"), "rewrite").unwrap(),
+            seal_of(parent.as_fd(), OsStr::new("replace"), "replace").unwrap(),
             s
         );
 

@@ -137,10 +137,9 @@ impl Staging {
             gid: s.egid,
             chown: s.cfg.as_root,
         };
-        let seal = canon::canonicalise(self.fd(), OsStr::new(node), &owner, display)
+        let (seal, held) = canon::canonicalise(self.fd(), OsStr::new(node), &owner, display)
             .map_err(|e| ReqError::failed(e.to_string()))?;
-        if !cfg!(feature = "without-a75") && (seal.nodes != made.nodes || seal.bytes != made.bytes)
-        {
+        if !cfg!(feature = "without-a75") && held != made {
             return Err(changed(display));
         }
         Ok(seal)
