@@ -613,6 +613,16 @@ impl RawConn {
         Ok((resp, Some(path)))
     }
 
+    /// `data` as frames of 64 KiB of a framed stream, without the terminator (the stream goes
+    /// on), flushed: for tests that pace an upload.
+    pub fn send_frames(&mut self, data: &[u8]) -> io::Result<()> {
+        for piece in data.chunks(64 * 1024) {
+            self.send_u64(piece.len() as u64)?;
+            self.send(piece)?;
+        }
+        self.flush()
+    }
+
     /// `data` as a framed stream in chunks of `chunk` bytes, with the terminator.
     pub fn send_framed(&mut self, data: &[u8], chunk: usize) -> io::Result<()> {
         for piece in data.chunks(chunk.max(1)) {

@@ -12,14 +12,6 @@ use stockade_tests::raw::{flat_nar, info_for, input_addressed_path, RawConn};
 use stockade_tests::sec::{stockade_with, wait_staging_present};
 use stockade_tests::{ensure_user, skip_unless_root};
 
-fn send_frames(c: &mut RawConn, data: &[u8]) {
-    for piece in data.chunks(64 * 1024) {
-        c.send_u64(piece.len() as u64).unwrap();
-        c.send(piece).unwrap();
-    }
-    c.flush().unwrap();
-}
-
 #[test]
 fn a_paced_upload_holds_no_lock() {
     skip_unless_root!();
@@ -45,7 +37,7 @@ fn a_paced_upload_holds_no_lock() {
     slow.send_add_to_store_nar_header(&info, &sd, false, false)
         .unwrap();
     let half = nar.len() / 2;
-    send_frames(&mut slow, &nar[..half]);
+    slow.send_frames(&nar[..half]).unwrap();
     assert!(
         !wait_staging_present(&d, Duration::from_secs(60)).is_empty(),
         "the paced add never started"
@@ -72,7 +64,7 @@ fn a_paced_upload_holds_no_lock() {
     );
 
     // Alice goes on and is served too (the path is valid by now).
-    send_frames(&mut slow, &nar[half..]);
+    slow.send_frames(&nar[half..]).unwrap();
     slow.send_u64(0).unwrap();
     slow.flush().unwrap();
     let resp = slow.response().expect("response");

@@ -26,15 +26,6 @@ fn big_tree_nar(d: &Daemon) -> Vec<u8> {
     out
 }
 
-/// Sends `data` as frames of a framed stream (no terminator).
-fn send_frames(c: &mut RawConn, data: &[u8]) {
-    for piece in data.chunks(64 * 1024) {
-        c.send_u64(piece.len() as u64).unwrap();
-        c.send(piece).unwrap();
-    }
-    c.flush().unwrap();
-}
-
 fn count_files(dir: &std::path::Path) -> usize {
     let mut n = 0;
     for e in std::fs::read_dir(dir).unwrap() {
@@ -69,7 +60,7 @@ fn root_stdio_during_an_add_loses_nothing() {
     c.send_add_to_store_nar_header(&info, &sd, false, true)
         .unwrap();
     let half = nar.len() / 2;
-    send_frames(&mut c, &nar[..half]);
+    c.send_frames(&nar[..half]).unwrap();
     let staging = wait_staging_present(&d, Duration::from_secs(60));
     assert!(!staging.is_empty(), "the add never started staging");
 
@@ -91,7 +82,7 @@ fn root_stdio_during_an_add_loses_nothing() {
         let _ = child.wait();
     }
 
-    send_frames(&mut c, &nar[half..]);
+    c.send_frames(&nar[half..]).unwrap();
     c.send_u64(0).unwrap();
     c.flush().unwrap();
     let resp = c.response().expect("response");
@@ -171,7 +162,7 @@ fn staging_directories_in_use_are_locked() {
     let mut c = RawConn::session(&d, None);
     c.send_add_to_store_nar_header(&info, &sd, false, true)
         .unwrap();
-    send_frames(&mut c, &nar[..nar.len() / 2]);
+    c.send_frames(&nar[..nar.len() / 2]).unwrap();
     let staging = wait_staging_present(&d, Duration::from_secs(60));
     let name = staging.first().expect("a staging directory");
     assert!(
@@ -183,7 +174,7 @@ fn staging_directories_in_use_are_locked() {
         Err((_, e)) => assert_eq!(e, nix::errno::Errno::EWOULDBLOCK, "{name}"),
         Ok(_) => panic!("{name} is not locked"),
     }
-    send_frames(&mut c, &nar[nar.len() / 2..]);
+    c.send_frames(&nar[nar.len() / 2..]).unwrap();
     c.send_u64(0).unwrap();
     c.flush().unwrap();
     assert!(c.response().unwrap().is_ok());
