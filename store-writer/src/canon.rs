@@ -9,6 +9,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use nix::fcntl::OFlag;
@@ -46,7 +47,7 @@ pub struct Owner {
     pub chown: bool,
 }
 
-/// What a canonical tree's directories looked like when it was canonicalised: a digest of the
+/// What a canonical tree's directories looked like once it was complete: a digest of the
 /// root's and every directory's path, mode, inode and change time. Adding, removing or renaming
 /// anything in a directory changes that directory's change time, so once a staged tree has been
 /// counted against what was restored into it, [`seal_of`] matching shows that nothing has been
@@ -91,21 +92,21 @@ impl Sealer {
     }
 }
 
-/// Canonicalises the tree `name` below `parent`; returns its seal and what it holds (nodes,
-/// file bytes). `display` is how paths appear in errors. Children are visited in name order,
-/// as [`seal_of`] visits them.
+/// Canonicalises the tree `name` below `parent` that someone else made (a build's output, for
+/// the builds to come; staged adds are made canonical by [`CanonFinish`] as they are
+/// restored); returns what it holds (nodes, file bytes). `display` is how paths appear in
+/// errors.
 pub fn canonicalise(
     parent: BorrowedFd<'_>,
     name: &OsStr,
     owner: &Owner,
     display: &str,
-) -> Result<(Seal, Restored), CanonError> {
+) -> Result<Restored, CanonError> {
     struct Frame {
         fd: OwnedFd,
         path: PathBuf,
         pending: Vec<OsString>,
     }
-    let mut seal = Sealer::new();
     let mut held = Restored::default();
     let mut count = |st: &FileStat| {
         held.nodes += 1;
@@ -114,9 +115,8 @@ pub fn canonicalise(
         }
     };
     let root_path = PathBuf::from(display);
-    let (fd, st) = node(parent, name, owner, &root_path, true)?;
+    let (fd, st) = node(parent, name, owner, &root_path)?;
     count(&st);
-    seal.record(&root_path, &st);
     let mut stack: Vec<Frame> = Vec::new();
     if let Some(fd) = fd {
         let pending = children(&fd, &root_path)?;
@@ -132,20 +132,98 @@ pub fn canonicalise(
             continue;
         };
         let path = top.path.join(&child);
-        let (fd, st) = node(top.fd.as_fd(), &child, owner, &path, false)?;
+        let (fd, st) = node(top.fd.as_fd(), &child, owner, &path)?;
         count(&st);
         if let Some(fd) = fd {
-            seal.record(&path, &st);
             let pending = children(&fd, &path)?;
             stack.push(Frame { fd, path, pending });
         }
     }
-    Ok((seal.finish(), held))
+    Ok(held)
+}
+
+/// Gives each node the store's metadata as `restore_with` completes it, on the descriptor the
+/// restore already has open: owner, mtime 1, no extended attributes, directories 0555. Files
+/// are created 0444 or 0555 already (the store-writer's umask is 022), and nothing but the
+/// restore writes into its private, locked staging directory, so nothing is looked at again.
+pub struct CanonFinish<'a> {
+    owner: &'a Owner,
+    /// Whether new nodes (owned by the store-writer's uid) must be given to the owner.
+    chown: bool,
+}
+
+impl<'a> CanonFinish<'a> {
+    pub fn new(owner: &'a Owner) -> CanonFinish<'a> {
+        let chown = owner.chown && nix::unistd::geteuid() != owner.uid;
+        CanonFinish { owner, chown }
+    }
+
+    fn meta(&self, fd: BorrowedFd<'_>, dir: bool) -> std::io::Result<()> {
+        for name in sys::list_xattrs(fd)? {
+            let keep = name.to_str().is_ok_and(|n| IGNORED_XATTRS.contains(&n));
+            if !keep {
+                sys::remove_xattr(fd, &name)?;
+            }
+        }
+        if self.chown {
+            nix::unistd::fchown(fd.as_raw_fd(), Some(self.owner.uid), Some(self.owner.gid))?;
+        }
+        if dir {
+            nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o555))?;
+        }
+        nix::sys::stat::futimens(
+            fd.as_raw_fd(),
+            &TimeSpec::UTIME_OMIT,
+            &TimeSpec::new(MTIME, 0),
+        )?;
+        Ok(())
+    }
+}
+
+impl stockade_common::nar::Finish for CanonFinish<'_> {
+    fn file(&mut self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        self.meta(fd, false)
+    }
+
+    fn directory(&mut self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        self.meta(fd, true)
+    }
+
+    fn symlink(&mut self, parent: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<()> {
+        let name = OsStr::from_bytes(name);
+        if self.chown {
+            nix::unistd::fchownat(
+                Some(parent.as_raw_fd()),
+                name,
+                Some(self.owner.uid),
+                Some(self.owner.gid),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )?;
+        }
+        nix::sys::stat::utimensat(
+            Some(parent.as_raw_fd()),
+            name,
+            &TimeSpec::UTIME_OMIT,
+            &TimeSpec::new(MTIME, 0),
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )?;
+        Ok(())
+    }
 }
 
 /// The seal of the tree `name` below `parent` as it is now: a stat of the root and of every
 /// directory, in the order [`canonicalise`] met them; nothing is changed.
 pub fn seal_of(parent: BorrowedFd<'_>, name: &OsStr, display: &str) -> Result<Seal, CanonError> {
+    seal_and_count(parent, name, display).map(|(seal, _)| seal)
+}
+
+/// [`seal_of`], also counting the nodes of the tree (from the directory listings, without a
+/// stat of each file).
+pub fn seal_and_count(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    display: &str,
+) -> Result<(Seal, u64), CanonError> {
     struct Frame {
         fd: OwnedFd,
         path: PathBuf,
@@ -155,11 +233,12 @@ pub fn seal_of(parent: BorrowedFd<'_>, name: &OsStr, display: &str) -> Result<Se
     let root_path = PathBuf::from(display);
     let st = sys::lstat_at(parent, name).map_err(io(&root_path))?;
     seal.record(&root_path, &st);
+    let mut nodes = 1u64;
     if sys::file_type(&st) != SFlag::S_IFDIR {
-        return Ok(seal.finish());
+        return Ok((seal.finish(), nodes));
     }
     let fd = sys::open_dir_at(parent, name).map_err(io(&root_path))?;
-    let pending = subdirs(&fd, &root_path)?;
+    let pending = subdirs(&fd, &root_path, &mut nodes)?;
     let mut stack = vec![Frame {
         fd,
         path: root_path,
@@ -174,17 +253,22 @@ pub fn seal_of(parent: BorrowedFd<'_>, name: &OsStr, display: &str) -> Result<Se
         let fd = sys::open_dir_at(top.fd.as_fd(), child.as_os_str()).map_err(io(&path))?;
         let st = sys::fstat(fd.as_fd()).map_err(io(&path))?;
         seal.record(&path, &st);
-        let pending = subdirs(&fd, &path)?;
+        let pending = subdirs(&fd, &path, &mut nodes)?;
         stack.push(Frame { fd, path, pending });
     }
-    Ok(seal.finish())
+    Ok((seal.finish(), nodes))
 }
 
 /// A directory's subdirectories, last name first (from the entry types where the file system
 /// gives them, else from a stat).
-fn subdirs(dir: &OwnedFd, path: &std::path::Path) -> Result<Vec<OsString>, CanonError> {
+fn subdirs(
+    dir: &OwnedFd,
+    path: &std::path::Path,
+    nodes: &mut u64,
+) -> Result<Vec<OsString>, CanonError> {
     let mut names = Vec::new();
     for (name, ty) in sys::read_dir(dir.as_fd()).map_err(io(path))? {
+        *nodes += 1;
         let is_dir = match ty {
             Some(t) => t == nix::dir::Type::Directory,
             None => sys::lstat_at(dir.as_fd(), name.as_os_str())
@@ -219,14 +303,13 @@ fn children(dir: &OwnedFd, path: &std::path::Path) -> Result<Vec<OsString>, Cano
 
 /// Canonicalises one node; returns the directory fd when it is a directory, and the node's
 /// status afterwards.
-/// For directories (and the root when `root`), the status is read after the changes, so its
-/// change time can be sealed; for other files it is the status read before (for the counts).
+/// Canonicalises one node; returns the directory fd when it is a directory, and its status
+/// (for the counts).
 fn node(
     parent: BorrowedFd<'_>,
     name: &OsStr,
     owner: &Owner,
     path: &std::path::Path,
-    root: bool,
 ) -> Result<(Option<OwnedFd>, FileStat), CanonError> {
     let err = io(path);
     let st = sys::lstat_at(parent, name).map_err(&err)?;
@@ -251,11 +334,7 @@ fn node(
                 nix::sys::stat::UtimensatFlags::NoFollowSymlink,
             )
             .map_err(&err)?;
-            let after = sys::lstat_at(parent, name).map_err(&err)?;
-            if sys::file_type(&after) != SFlag::S_IFLNK || after.st_ino != st.st_ino {
-                return Err(CanonError::Unsupported(path.display().to_string()));
-            }
-            Ok((None, after))
+            Ok((None, st))
         }
         ty @ (SFlag::S_IFREG | SFlag::S_IFDIR) => {
             let is_dir = ty == SFlag::S_IFDIR;
@@ -288,12 +367,7 @@ fn node(
             }
             nix::sys::stat::futimens(fd.as_raw_fd(), &TimeSpec::UTIME_OMIT, &mtime)
                 .map_err(&err)?;
-            let after = if is_dir || root {
-                sys::fstat(fd.as_fd()).map_err(&err)?
-            } else {
-                st2
-            };
-            Ok((is_dir.then_some(fd), after))
+            Ok((is_dir.then_some(fd), st2))
         }
         _ => Err(CanonError::Unsupported(path.display().to_string())),
     }
@@ -340,12 +414,14 @@ mod seal_tests {
         let parent = std::fs::File::open(dir.path()).unwrap();
         let seal = |name: &str| {
             make(name);
-            let (s, held) = canonicalise(parent.as_fd(), OsStr::new(name), &owner(), name).unwrap();
+            let held = canonicalise(parent.as_fd(), OsStr::new(name), &owner(), name).unwrap();
             assert_eq!(
                 (held.nodes, held.bytes),
                 (5, 8),
                 "root, d, d/a, b, l; 8 bytes of files"
             );
+            let (s, nodes) = seal_and_count(parent.as_fd(), OsStr::new(name), name).unwrap();
+            assert_eq!(nodes, 5);
             assert_eq!(seal_of(parent.as_fd(), OsStr::new(name), name).unwrap(), s);
             s
         };

@@ -43,6 +43,8 @@ fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
 }
 
 fn main() {
+    // Staged files are created with their final modes (0444, 0555): nothing may mask them.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(log::LevelFilter::Info);
     let args = Args::parse();

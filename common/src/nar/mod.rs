@@ -37,7 +37,9 @@ pub use crate::hash::{HashingReader, HashingWriter};
 pub use dump::{dump, dump_and_hash, dump_at, DumpError};
 pub use error::{NarError, NarErrorKind};
 pub use reader::{validate, Event, NarReader};
-pub use restore::{restore, restore_counted, restore_path, Restored};
+pub use restore::{
+    restore, restore_counted, restore_path, restore_with, Finish, NoFinish, Restored,
+};
 pub use writer::{write_flat_nar, NarWriter};
 
 /// First token of every NAR.

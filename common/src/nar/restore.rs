@@ -56,6 +56,46 @@ pub fn restore_counted<R: Read>(
     parent: BorrowedFd<'_>,
     name: &std::ffi::OsStr,
 ) -> Result<Restored, NarError> {
+    restore_with(nar, parent, name, &mut NoFinish)
+}
+
+/// Told about each node [`restore_with`] has completed, with a descriptor on it (files and
+/// directories: a directory once everything in it is complete) or its parent and name
+/// (symlinks), so a caller can give it its final metadata without opening it again.
+pub trait Finish {
+    fn file(&mut self, fd: BorrowedFd<'_>) -> io::Result<()>;
+    fn directory(&mut self, fd: BorrowedFd<'_>) -> io::Result<()>;
+    fn symlink(&mut self, parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()>;
+}
+
+/// Finishes nothing.
+pub struct NoFinish;
+
+impl Finish for NoFinish {
+    fn file(&mut self, _: BorrowedFd<'_>) -> io::Result<()> {
+        Ok(())
+    }
+    fn directory(&mut self, _: BorrowedFd<'_>) -> io::Result<()> {
+        Ok(())
+    }
+    fn symlink(&mut self, _: BorrowedFd<'_>, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// [`restore_counted`], calling `finish` on each completed node.
+pub fn restore_with<R: Read>(
+    nar: &mut NarReader<R>,
+    parent: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    finish: &mut dyn Finish,
+) -> Result<Restored, NarError> {
+    let finishing = |nar: &NarReader<R>, e: io::Error| {
+        nar.error(NarErrorKind::Restore {
+            op: "finishing",
+            source: e,
+        })
+    };
     let mut made = Restored::default();
     if nar.offset() != 0 {
         return Err(nar.error(NarErrorKind::Restore {
@@ -100,12 +140,19 @@ pub fn restore_counted<R: Read>(
                 pending.extend_from_slice(name);
             }
             Event::EndDirectory => {
-                dirs.pop();
+                if let Some(done) = dirs.pop() {
+                    finish
+                        .directory(done.as_fd())
+                        .map_err(|e| finishing(nar, e))?;
+                }
             }
             Event::Symlink { target } => {
                 nix::unistd::symlinkat(target, Some(raw(at)), pending.as_slice())
                     .map_err(|e| fail(nar, "creating symlink", e))?;
                 made.nodes += 1;
+                finish
+                    .symlink(at, pending.as_slice())
+                    .map_err(|e| finishing(nar, e))?;
             }
             Event::Regular { executable, .. } => {
                 let mode = if executable { 0o555 } else { 0o444 };
@@ -132,6 +179,7 @@ pub fn restore_counted<R: Read>(
                         })
                     })?;
                 }
+                finish.file(file.as_fd()).map_err(|e| finishing(nar, e))?;
             }
             Event::End => return Ok(made),
         }

@@ -73,7 +73,7 @@ impl Batch {
         // Store path base names are unique within the batch and valid file names.
         let node = info.path.base_name().to_string();
         let made = stage::nar(staging, &node, &info, input)?;
-        let seal = staging.canonicalise(&node, &store.full(&info.path), made)?;
+        let seal = staging.seal(&node, &store.full(&info.path), made)?;
         self.items.push(Item {
             node,
             info,

@@ -2,7 +2,6 @@
 //! Like nix-daemon, up to [`IN_MEMORY`] bytes are held in memory, so re-adding a path that is
 //! already valid writes nothing to disk; larger data streams into a staging directory.
 
-use std::ffi::OsStr;
 use std::io::{BufReader, Cursor, Read, Write};
 use std::sync::Arc;
 
@@ -105,6 +104,7 @@ pub fn receive(
                 f.write_all(chunk)?;
                 written += chunk.len() as u64;
             }
+            staging.finish_file(&f)?;
             drop(f);
             let (nar_hash, nar_size) = staging.nar_hash(node)?;
             let made = Restored {
@@ -140,7 +140,8 @@ pub fn receive(
             let rest = Cursor::new(head).chain(input);
             let tee = Tee::new(BufReader::with_capacity(BUF, rest), ca);
             let mut reader = NarReader::with_limits(tee, Limits::default());
-            let made = nar::restore_counted(&mut reader, staging.fd(), OsStr::new(node))
+            let made = staging
+                .restore(&mut reader, node)
                 .and_then(|made| reader.finish_at_eof().map(|()| made))
                 .map_err(|e| ReqError::failed(e.to_string()))?;
             let (nar_hash, nar_size, ca) = reader.into_inner().finish();

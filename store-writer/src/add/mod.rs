@@ -138,7 +138,7 @@ fn add_to_store_inner(
     }
     let (staging, made) = ingest::materialise(store, got.data, method, NODE)?;
     let full = store.full(&path);
-    let seal = staging.canonicalise(NODE, &full, made)?;
+    let seal = staging.seal(NODE, &full, made)?;
     let info = PathInfo {
         path,
         deriver: None,
@@ -217,7 +217,7 @@ fn add_nar_inner(
             };
             let staging = stage::Staging::new(store)?;
             let made = stage::nar(&staging, NODE, &info, input)?;
-            let seal = staging.canonicalise(NODE, &full, made)?;
+            let seal = staging.seal(NODE, &full, made)?;
             let item = Item {
                 node: NODE.to_string(),
                 info,

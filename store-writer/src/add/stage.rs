@@ -22,7 +22,7 @@ use stockade_common::nar::{self, Limits, NarErrorKind, NarReader, Restored};
 use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::FileIngestion;
 
-use crate::canon::{self, Owner, Seal};
+use crate::canon::{self, CanonFinish, Owner, Seal};
 use crate::error::{hl, ReqError};
 use crate::hashing::{hash_modulo_reader, CaHasher, ModuloHasher, Tee};
 use crate::store::Store;
@@ -123,23 +123,43 @@ impl Staging {
         Ok((File::from(fd), u64::try_from(st.st_size).unwrap_or(0)))
     }
 
-    /// Canonicalises a staged node that should hold what `made` says was written, and seals
-    /// it: a tree that lost or gained anything since it was written is refused (A75).
-    pub fn canonicalise(
-        &self,
-        node: &str,
-        display: &str,
-        made: Restored,
-    ) -> Result<Seal, ReqError> {
+    fn owner(&self) -> Owner {
         let s = &self.store;
-        let owner = Owner {
+        Owner {
             uid: s.euid,
             gid: s.egid,
             chown: s.cfg.as_root,
-        };
-        let (seal, held) = canon::canonicalise(self.fd(), OsStr::new(node), &owner, display)
+        }
+    }
+
+    /// Gives a regular file written into this directory the store's metadata.
+    pub fn finish_file(&self, f: &File) -> Result<(), ReqError> {
+        let owner = self.owner();
+        nar::Finish::file(&mut CanonFinish::new(&owner), f.as_fd())?;
+        Ok(())
+    }
+
+    /// Restores the NAR of `reader` as `node`, each node canonical as it is completed.
+    pub fn restore<R: Read>(
+        &self,
+        reader: &mut NarReader<R>,
+        node: &str,
+    ) -> Result<Restored, stockade_common::nar::NarError> {
+        let owner = self.owner();
+        nar::restore_with(
+            reader,
+            self.fd(),
+            OsStr::new(node),
+            &mut CanonFinish::new(&owner),
+        )
+    }
+
+    /// Seals a staged node, complete and canonical, that should hold what `made` says was
+    /// written: a tree that lost or gained anything since is refused (A75).
+    pub fn seal(&self, node: &str, display: &str, made: Restored) -> Result<Seal, ReqError> {
+        let (seal, nodes) = canon::seal_and_count(self.fd(), OsStr::new(node), display)
             .map_err(|e| ReqError::failed(e.to_string()))?;
-        if !cfg!(feature = "without-a75") && held != made {
+        if !cfg!(feature = "without-a75") && nodes != made.nodes {
             return Err(changed(display));
         }
         Ok(seal)
@@ -165,10 +185,11 @@ impl Staging {
         Ok((hash, size))
     }
 
-    /// Writes `data` as the regular file `node`.
+    /// Writes `data` as the regular file `node`, canonical.
     pub fn write_file(&self, node: &str, data: &[u8]) -> Result<Restored, ReqError> {
         let mut f = self.create_file(node)?;
         f.write_all(data)?;
+        self.finish_file(&f)?;
         Ok(Restored {
             nodes: 1,
             bytes: data.len() as u64,
@@ -178,7 +199,8 @@ impl Staging {
     /// Restores the NAR in `data` (already validated) as `node`.
     pub fn restore_bytes(&self, node: &str, data: &[u8]) -> Result<Restored, ReqError> {
         let mut reader = NarReader::new(data);
-        let made = nar::restore_counted(&mut reader, self.fd(), OsStr::new(node))
+        let made = self
+            .restore(&mut reader, node)
             .map_err(|e| ReqError::failed(e.to_string()))?;
         reader
             .finish_at_eof()
@@ -316,7 +338,8 @@ pub fn nar(
         ..Limits::default()
     };
     let mut reader = NarReader::with_limits(tee, limits);
-    let res = nar::restore_counted(&mut reader, staging.fd(), OsStr::new(node))
+    let res = staging
+        .restore(&mut reader, node)
         .and_then(|made| reader.finish_at_eof().map(|()| made));
     let made = res.map_err(|e| match e.kind() {
         NarErrorKind::TooLarge(_) => ReqError::failed(format!(
