@@ -97,6 +97,9 @@ pub fn priority(facility: Facility, severity: Severity) -> u8 {
 struct Dest {
     path: PathBuf,
     sock: Mutex<Option<UnixDatagram>>,
+    /// Making a socket was refused (a locked-down process may not make new ones): no use in
+    /// trying again for every event.
+    no_new_sockets: std::sync::atomic::AtomicBool,
 }
 
 impl Dest {
@@ -104,6 +107,7 @@ impl Dest {
         let d = Dest {
             path: path.to_path_buf(),
             sock: Mutex::new(None),
+            no_new_sockets: std::sync::atomic::AtomicBool::new(false),
         };
         if let Ok(mut guard) = d.sock.lock() {
             *guard = connect(path).ok();
@@ -130,7 +134,16 @@ impl Dest {
             }
         }
         *guard = None;
-        let sock = connect(&self.path)?;
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.no_new_sockets.load(Relaxed) {
+            return Err(io::Error::from_raw_os_error(nix::libc::EPERM));
+        }
+        let sock = UnixDatagram::unbound().inspect_err(|e| {
+            if matches!(e.raw_os_error(), Some(nix::libc::EPERM | nix::libc::EACCES)) {
+                self.no_new_sockets.store(true, Relaxed);
+            }
+        })?;
+        let sock = connect_socket(sock, &self.path)?;
         let sent = sock.send(msg);
         *guard = Some(sock);
         sent.map(|_| ())
@@ -138,7 +151,10 @@ impl Dest {
 }
 
 fn connect(path: &Path) -> io::Result<UnixDatagram> {
-    let sock = UnixDatagram::unbound()?;
+    connect_socket(UnixDatagram::unbound()?, path)
+}
+
+fn connect_socket(sock: UnixDatagram, path: &Path) -> io::Result<UnixDatagram> {
     sock.connect(path)?;
     sock.set_write_timeout(Some(SEND_TIMEOUT))?;
     Ok(sock)
