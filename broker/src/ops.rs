@@ -435,7 +435,7 @@ fn call_relaying_logs(c: &mut Conn, req: &Req) -> OpResult<Rep> {
     let mut lines = Vec::new();
     let rep = c
         .store
-        .call_logged(req, &[], &mut |level, text| lines.push((level, text)));
+        .call_logged(req, &mut |level, text| lines.push((level, text)));
     for (level, text) in lines {
         c.log(Verbosity::from_wire(level), &text)?;
     }

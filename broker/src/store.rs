@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use stockade_common::db::{DbError, StoreDb};
 use stockade_common::ipc::msg::{
@@ -60,15 +60,9 @@ impl Store {
         }
     }
 
-    /// Sends a request without waiting (for uploads, whose data follows in the pipe).
-    pub fn send(&mut self, req: &Req, fds: &[BorrowedFd<'_>]) -> OpResult<()> {
-        self.ch.send(req, fds)?;
-        Ok(())
-    }
-
     /// Waits for the store-writer's answer to an upload request: the write end of the pipe it
     /// reads the data from (A70), or the refusal it answered with at once.
-    pub fn recv_upload(&mut self) -> OpResult<Result<OwnedFd, OpError>> {
+    fn recv_upload(&mut self) -> OpResult<Result<OwnedFd, OpError>> {
         loop {
             let (rep, mut fds) = self.ch.recv::<Rep>()?;
             match rep {
@@ -85,9 +79,9 @@ impl Store {
         }
     }
 
-    /// Waits for the final reply to a request sent with [`send`](Self::send); log messages
-    /// that arrive meanwhile are dropped (uploads do not log).
-    pub fn recv_reply(&mut self) -> OpResult<Rep> {
+    /// Waits for the final reply to an upload; log messages that arrive meanwhile are dropped
+    /// (uploads do not log).
+    fn recv_reply(&mut self) -> OpResult<Rep> {
         loop {
             let (rep, _) = self.ch.recv::<Rep>()?;
             match rep {
@@ -99,13 +93,9 @@ impl Store {
     }
 
     /// Sends `req` and waits for its final reply, passing log messages to `log`.
-    pub fn call_logged(
-        &mut self,
-        req: &Req,
-        fds: &[BorrowedFd<'_>],
-        log: LogSink<'_>,
-    ) -> OpResult<Rep> {
-        self.ch.send(req, fds)?;
+    pub fn call_logged(&mut self, req: &Req, log: LogSink<'_>) -> OpResult<Rep> {
+        // Brokers hand the store-writer no descriptors (A70).
+        self.ch.send(req, &[])?;
         loop {
             let (rep, _) = self.ch.recv::<Rep>()?;
             match rep {
@@ -117,7 +107,7 @@ impl Store {
     }
 
     pub fn call(&mut self, req: &Req) -> OpResult<Rep> {
-        self.call_logged(req, &[], &mut |_, _| {})
+        self.call_logged(req, &mut |_, _| {})
     }
 
     pub fn expect_ok(&mut self, req: &Req) -> OpResult<()> {
@@ -249,7 +239,7 @@ pub struct Upload {
 impl Store {
     /// Sends an upload request and gets the pipe for its data (A70: the store-writer makes it).
     pub fn start_upload(&mut self, req: &Req) -> OpResult<Upload> {
-        self.send(req, &[])?;
+        self.ch.send(req, &[])?;
         Ok(match self.recv_upload()? {
             Ok(fd) => Upload {
                 tx: UploadTx::Pipe(BufWriter::with_capacity(64 * 1024, File::from(fd))),

@@ -325,53 +325,28 @@ impl Channel {
     }
 
     /// Receives a typed message on a spilling channel, but first shows `admit` the payload's
-    /// first bytes (at most [`ADMIT_HEAD`]: enough for the variant tag) and its size. `admit`
-    /// returns the most bytes this message may have, or why it is refused; only then is a
-    /// spilled payload read and anything decoded, within that limit (A68).
+    /// first bytes (at most [`ADMIT_HEAD`]: enough for the variant tag). `admit` returns the
+    /// most bytes this message may have, or why it is refused; only then is a spilled payload
+    /// read and anything decoded, within that limit (A68).
     pub fn recv_admitted<M: Message>(
         &mut self,
         admit: impl FnOnce(&[u8]) -> Result<usize, String>,
     ) -> Result<(M, Vec<OwnedFd>), Error> {
         let max = self.spill.unwrap_or(self.limit);
-        let (len, mut fds) = self.recv_bytes(M::MAX_FDS.saturating_add(1))?;
-        let msg = self.buf.get(..len).ok_or(Error::BadSpill("length"))?;
-        let (payload, spilled) = match (self.spill, msg.split_first()) {
-            (None, _) => (Some(msg.to_vec()), None),
-            (Some(_), Some((&SPILL_INLINE, p))) => (Some(p.to_vec()), None),
-            (Some(_), Some((&SPILL_MEMFD, rest))) => {
-                let size: [u8; 8] = rest.try_into().map_err(|_| Error::BadSpill("header"))?;
-                let size = usize::try_from(u64::from_le_bytes(size)).unwrap_or(usize::MAX);
-                let memfd = fds.pop().ok_or(Error::BadSpill("no memfd"))?;
-                (None, Some((memfd, size)))
+        let (body, fds) = self.recv_body(M::MAX_FDS)?;
+        let limit = match &body {
+            Body::Inline(r) => {
+                let head = self
+                    .buf
+                    .get(r.start..r.start + ADMIT_HEAD.min(r.len()))
+                    .unwrap_or_default();
+                admit(head)
             }
-            _ => return Err(Error::BadSpill("header")),
-        };
-        if fds.len() > M::MAX_FDS {
-            return Err(Error::TooManyFds {
-                got: fds.len(),
-                max: M::MAX_FDS,
-            });
+            Body::Spilled(memfd, size) => admit(&read_spill_head(memfd.as_fd(), *size)?),
         }
-        let (head, size) = match (&payload, &spilled) {
-            (Some(p), _) => (
-                p.get(..ADMIT_HEAD.min(p.len()))
-                    .unwrap_or_default()
-                    .to_vec(),
-                p.len(),
-            ),
-            (None, Some((memfd, size))) => (read_spill_head(memfd.as_fd(), *size)?, *size),
-            (None, None) => return Err(Error::BadSpill("header")),
-        };
-        let limit = admit(&head).map_err(Error::Refused)?.min(max);
-        if size > limit {
-            return Err(Error::TooLarge { size, limit });
-        }
-        let payload = match (payload, spilled) {
-            (Some(p), _) => p,
-            (None, Some((memfd, size))) => read_spill(memfd, size)?,
-            (None, None) => return Err(Error::BadSpill("header")),
-        };
-        let value: M = codec(limit).deserialize(&payload).map_err(Error::Decode)?;
+        .map_err(Error::Refused)?
+        .min(max);
+        let value: M = self.decode_body(body, limit)?;
         let expected = value.fd_count();
         if fds.len() != expected {
             return Err(Error::FdCountMismatch {
@@ -387,34 +362,59 @@ impl Channel {
         max_fds: usize,
         max: usize,
     ) -> Result<(T, Vec<OwnedFd>), Error> {
-        let (len, mut fds) = self.recv_bytes(max_fds.saturating_add(1))?;
+        let (body, fds) = self.recv_body(max_fds)?;
+        Ok((self.decode_body(body, max)?, fds))
+    }
+
+    /// Receives one message's bytes and descriptors (at most `max_fds` besides a spill memfd)
+    /// and says where its payload is.
+    fn recv_body(&mut self, max_fds: usize) -> Result<(Body, Vec<OwnedFd>), Error> {
+        let spilling = self.spill.is_some();
+        let (len, mut fds) = self.recv_bytes(max_fds.saturating_add(usize::from(spilling)))?;
         let msg = self.buf.get(..len).ok_or(Error::BadSpill("length"))?;
-        match msg.split_first() {
-            Some((&SPILL_INLINE, payload)) => {
-                if fds.len() > max_fds {
-                    return Err(Error::TooManyFds {
-                        got: fds.len(),
-                        max: max_fds,
-                    });
-                }
-                let value = codec(max).deserialize(payload).map_err(Error::Decode)?;
-                Ok((value, fds))
-            }
-            Some((&SPILL_MEMFD, rest)) => {
-                let size: [u8; 8] = rest.try_into().map_err(|_| Error::BadSpill("header"))?;
-                let size = u64::from_le_bytes(size);
-                if size > max as u64 {
-                    return Err(Error::TooLarge {
-                        size: usize::try_from(size).unwrap_or(usize::MAX),
-                        limit: max,
-                    });
-                }
+        let body = match (spilling, msg.first()) {
+            (false, _) => Body::Inline(0..len),
+            (true, Some(&SPILL_INLINE)) => Body::Inline(1..len),
+            (true, Some(&SPILL_MEMFD)) => {
+                let size: [u8; 8] = msg
+                    .get(1..)
+                    .and_then(|r| r.try_into().ok())
+                    .ok_or(Error::BadSpill("header"))?;
+                let size = usize::try_from(u64::from_le_bytes(size)).unwrap_or(usize::MAX);
                 let memfd = fds.pop().ok_or(Error::BadSpill("no memfd"))?;
-                let payload = read_spill(memfd, size as usize)?;
-                let value = codec(max).deserialize(&payload).map_err(Error::Decode)?;
-                Ok((value, fds))
+                Body::Spilled(memfd, size)
             }
-            _ => Err(Error::BadSpill("header")),
+            _ => return Err(Error::BadSpill("header")),
+        };
+        if fds.len() > max_fds {
+            return Err(Error::TooManyFds {
+                got: fds.len(),
+                max: max_fds,
+            });
+        }
+        Ok((body, fds))
+    }
+
+    /// Decodes a payload of at most `limit` bytes (a spilled one is read only if it fits).
+    fn decode_body<T: DeserializeOwned>(&self, body: Body, limit: usize) -> Result<T, Error> {
+        match body {
+            Body::Inline(r) => {
+                if r.len() > limit {
+                    return Err(Error::TooLarge {
+                        size: r.len(),
+                        limit,
+                    });
+                }
+                let payload = self.buf.get(r).unwrap_or_default();
+                codec(limit).deserialize(payload).map_err(Error::Decode)
+            }
+            Body::Spilled(memfd, size) => {
+                if size > limit {
+                    return Err(Error::TooLarge { size, limit });
+                }
+                let payload = read_spill(memfd, size)?;
+                codec(limit).deserialize(&payload).map_err(Error::Decode)
+            }
         }
     }
 
@@ -563,6 +563,13 @@ fn spill_to_memfd(payload: &[u8]) -> Result<OwnedFd, Error> {
 
 /// Reads a spilled payload of exactly `size` bytes. The descriptor must be a regular file of
 /// that size (a memfd); a pipe or socket could block us forever.
+/// Where a received message's payload is: in the receive buffer, or in a spilled memfd of the
+/// stated size.
+enum Body {
+    Inline(std::ops::Range<usize>),
+    Spilled(OwnedFd, usize),
+}
+
 /// How many leading bytes of a payload [`Channel::recv_admitted`] shows its `admit` function.
 pub const ADMIT_HEAD: usize = 8;
 

@@ -141,7 +141,7 @@ pub fn receive(
             let tee = Tee::new(BufReader::with_capacity(BUF, rest), ca);
             let mut reader = NarReader::with_limits(tee, Limits::default());
             let made = staging
-                .restore(&mut reader, node)
+                .restore(&mut reader, node)?
                 .and_then(|made| reader.finish_at_eof().map(|()| made))
                 .map_err(|e| ReqError::failed(e.to_string()))?;
             let (nar_hash, nar_size, ca) = reader.into_inner().finish();

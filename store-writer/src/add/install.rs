@@ -122,7 +122,7 @@ fn install(
     path: &StorePath,
 ) -> Result<Installed, ReqError> {
     let base = path.base_name();
-    let (from, to) = (staging.fd().as_raw_fd(), store.store_fd().as_raw_fd());
+    let (from, to) = (staging.fd()?.as_raw_fd(), store.store_fd().as_raw_fd());
     let rename = |flags| nix::fcntl::renameat2(Some(from), node, Some(to), base, flags);
     match rename(RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => Ok(Installed::New),
@@ -153,17 +153,21 @@ fn install(
 }
 
 fn undo(store: &Store, staging: &Staging, done: Vec<(&Item, Installed)>) {
+    let Ok(staged) = staging.fd() else {
+        log::error!("cannot undo installations: the staging directory is gone");
+        return;
+    };
     for (it, how) in done.into_iter().rev() {
         let base = it.info.path.base_name();
         let res = match how {
             Installed::New => nix::fcntl::renameat(
                 Some(store.store_fd().as_raw_fd()),
                 base,
-                Some(staging.fd().as_raw_fd()),
+                Some(staged.as_raw_fd()),
                 it.node.as_str(),
             ),
             Installed::Replaced => nix::fcntl::renameat2(
-                Some(staging.fd().as_raw_fd()),
+                Some(staged.as_raw_fd()),
                 it.node.as_str(),
                 Some(store.store_fd().as_raw_fd()),
                 base,

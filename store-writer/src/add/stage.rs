@@ -82,12 +82,12 @@ impl Staging {
             inner: Some(inner),
         })
     }
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        match &self.inner {
-            Some(d) => d.dir.as_fd(),
-            // Only taken in `drop`.
-            None => self.store.store_fd(),
-        }
+    /// The directory's descriptor (gone only once `drop` has begun).
+    pub fn fd(&self) -> Result<BorrowedFd<'_>, ReqError> {
+        self.inner
+            .as_ref()
+            .map(|d| d.dir.as_fd())
+            .ok_or_else(|| ReqError::failed("the staging directory is gone"))
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -96,7 +96,7 @@ impl Staging {
 
     pub fn create_file(&self, node: &str) -> Result<File, ReqError> {
         let fd = sys::openat(
-            self.fd(),
+            self.fd()?,
             node,
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
             Mode::from_bits_truncate(0o444),
@@ -107,7 +107,7 @@ impl Staging {
     /// Opens a staged node for reading; it must be a regular file.
     pub fn open_file(&self, node: &str) -> Result<(File, u64), ReqError> {
         let fd = sys::openat(
-            self.fd(),
+            self.fd()?,
             node,
             OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
             Mode::empty(),
@@ -139,25 +139,27 @@ impl Staging {
         Ok(())
     }
 
-    /// Restores the NAR of `reader` as `node`, each node canonical as it is completed.
+    /// Restores the NAR of `reader` as `node`, each node canonical as it is completed. The
+    /// outer error: no staging directory; the inner one: the archive's.
     pub fn restore<R: Read>(
         &self,
         reader: &mut NarReader<R>,
         node: &str,
-    ) -> Result<Restored, stockade_common::nar::NarError> {
+    ) -> Result<Result<Restored, stockade_common::nar::NarError>, ReqError> {
         let owner = self.owner();
-        nar::restore_with(
+        let dir = self.fd()?;
+        Ok(nar::restore_with(
             reader,
-            self.fd(),
+            dir,
             OsStr::new(node),
             &mut CanonFinish::new(&owner),
-        )
+        ))
     }
 
     /// Seals a staged node, complete and canonical, that should hold what `made` says was
     /// written: a tree that lost or gained anything since is refused (A75).
     pub fn seal(&self, node: &str, display: &str, made: Restored) -> Result<Seal, ReqError> {
-        let (seal, nodes) = canon::seal_and_count(self.fd(), OsStr::new(node), display)
+        let (seal, nodes) = canon::seal_and_count(self.fd()?, OsStr::new(node), display)
             .map_err(|e| ReqError::failed(e.to_string()))?;
         if !cfg!(feature = "without-a75") && nodes != made.nodes {
             return Err(changed(display));
@@ -170,7 +172,7 @@ impl Staging {
         if cfg!(feature = "without-a75") {
             return Ok(());
         }
-        match canon::seal_of(self.fd(), OsStr::new(node), display) {
+        match canon::seal_of(self.fd()?, OsStr::new(node), display) {
             Ok(now) if now == *seal => Ok(()),
             _ => Err(changed(display)),
         }
@@ -179,7 +181,7 @@ impl Staging {
     /// NAR hash and size of a staged node, read back from disk.
     pub fn nar_hash(&self, node: &str) -> Result<(Hash, u64), ReqError> {
         let mut h = nar::HashingWriter::sink(HashAlgo::Sha256);
-        nar::dump_at(self.fd(), OsStr::new(node), &mut h)
+        nar::dump_at(self.fd()?, OsStr::new(node), &mut h)
             .map_err(|e| ReqError::failed(e.to_string()))?;
         let (hash, size, _) = h.finish();
         Ok((hash, size))
@@ -200,7 +202,7 @@ impl Staging {
     pub fn restore_bytes(&self, node: &str, data: &[u8]) -> Result<Restored, ReqError> {
         let mut reader = NarReader::new(data);
         let made = self
-            .restore(&mut reader, node)
+            .restore(&mut reader, node)?
             .map_err(|e| ReqError::failed(e.to_string()))?;
         reader
             .finish_at_eof()
@@ -339,7 +341,7 @@ pub fn nar(
     };
     let mut reader = NarReader::with_limits(tee, limits);
     let res = staging
-        .restore(&mut reader, node)
+        .restore(&mut reader, node)?
         .and_then(|made| reader.finish_at_eof().map(|()| made));
     let made = res.map_err(|e| match e.kind() {
         NarErrorKind::TooLarge(_) => ReqError::failed(format!(
@@ -382,7 +384,7 @@ pub fn nar(
 }
 
 /// The NAR hash and size the client declared against what arrived (or what is on disk).
-pub fn check_nar(full: &str, info: &PathInfo, hash: &Hash, size: u64) -> Result<(), ReqError> {
+fn check_nar(full: &str, info: &PathInfo, hash: &Hash, size: u64) -> Result<(), ReqError> {
     if *hash != info.nar_hash {
         return Err(ReqError::failed(format!(
             "hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
