@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use stockade_common::content_address::ContentAddressMethod;
 use stockade_common::derivation::Derivation;
 use stockade_common::hash::HashAlgo;
-use stockade_common::ipc::msg::{BrokerToStoreWriter as Req, StoreWriterToBroker as Rep};
+use stockade_common::ipc::writer::{self as w, StoreRequest};
 use stockade_common::nar::{self, NarReader};
 use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::{FileIngestion, StorePath};
@@ -20,7 +20,6 @@ use stockade_policy::overrides::{filter_override, OverrideDecision, SubstituterP
 use crate::conn::{Conn, Tee};
 use crate::error::{hl, OpError, OpResult};
 use crate::proto::{self, DerivedPath};
-use crate::store::unexpected;
 
 /// Bound on a framed upload's total size (a NAR can be many GB; this only stops nonsense).
 const MAX_UPLOAD: u64 = 1 << 42;
@@ -266,14 +265,14 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         Op::AddTempRoot => {
             let path = proto::read_path(&mut c.r, &c.sd, "path")?;
             c.start_work();
-            c.store.expect_ok(&Req::AddTempRoot { path })?;
+            c.store.call(w::AddTempRoot { path })?;
             c.stop_work()?;
             c.w.write_u64(1)?;
         }
         Op::AddIndirectRoot => {
             let link = c.r.read_path("root path")?;
             c.start_work();
-            c.store.expect_ok(&Req::AddIndirectRoot { link })?;
+            c.store.call(w::AddIndirectRoot { link })?;
             c.stop_work()?;
             c.w.write_u64(1)?;
         }
@@ -285,10 +284,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             pops::op_allowed(pops::Op::AddPermRoot, c.trusted())
                 .map_err(|d| c.deny(op.name(), d.0))?;
-            let link = match c.store.call(&Req::AddPermRoot { path, link })? {
-                Rep::Text(t) => t,
-                other => return Err(unexpected(&other)),
-            };
+            let link = c.store.call(w::AddPermRoot { path, link })?;
             c.stop_work()?;
             c.w.write_string(&link)?;
         }
@@ -299,10 +295,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
         }
         Op::FindRoots => {
             c.start_work();
-            let roots = match c.store.call(&Req::FindRoots)? {
-                Rep::Roots(r) => r,
-                other => return Err(unexpected(&other)),
-            };
+            let roots = c.store.call(w::FindRoots {})?;
             c.stop_work()?;
             c.w.write_u64(roots.len() as u64)?;
             for (link, target) in &roots {
@@ -340,15 +333,11 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             pops::op_allowed(pops::Op::VerifyStore { repair }, c.trusted())
                 .map_err(|d| c.deny(op.name(), d.0))?;
-            let req = Req::VerifyStore {
+            let req = w::VerifyStore {
                 check_contents,
                 repair,
             };
-            let rep = call_relaying_logs(c, &req)?;
-            let errors = match rep {
-                Rep::Bool(b) => b,
-                other => return Err(unexpected(&other)),
-            };
+            let errors = call_relaying_logs(c, req)?;
             c.stop_work()?;
             c.w.write_bool(errors)?;
         }
@@ -358,7 +347,7 @@ pub fn perform(c: &mut Conn, op: Op) -> OpResult<()> {
             c.start_work();
             pops::op_allowed(pops::Op::AddSignatures, c.trusted())
                 .map_err(|d| c.deny(op.name(), d.0))?;
-            c.store.expect_ok(&Req::AddSignatures {
+            c.store.call(w::AddSignatures {
                 path,
                 sigs: sigs.into_iter().collect(),
             })?;
@@ -431,7 +420,7 @@ fn read_derivation(c: &mut Conn, path: &StorePath) -> OpResult<Derivation> {
     })
 }
 
-fn call_relaying_logs(c: &mut Conn, req: &Req) -> OpResult<Rep> {
+fn call_relaying_logs<R: StoreRequest>(c: &mut Conn, req: R) -> OpResult<R::Reply> {
     let mut lines = Vec::new();
     let rep = c
         .store
@@ -522,16 +511,16 @@ fn add_to_store(c: &mut Conn) -> OpResult<()> {
                 return Err(e);
             }
         };
-        let req = Req::AddToStore {
+        let req = w::AddToStore {
             name,
             method,
             algo,
             references: refs.into_iter().collect(),
             repair,
         };
-        let mut up = c.store.start_upload(&req)?;
+        let mut up = c.store.start_upload(req)?;
         copy_framed(c, &mut up.tx)?;
-        let info = expect_info(c.store.finish_upload(up)?)?;
+        let info = c.store.finish_upload(up)?;
         c.stop_work()?;
         proto::write_path_info(&mut c.w, &c.sd, &info, c.minor, true)?;
     } else {
@@ -563,14 +552,14 @@ fn add_to_store(c: &mut Conn) -> OpResult<()> {
         };
         // The NAR is not framed here: parse it to find its end. For flat ingestion only the
         // file's contents go to the store-writer.
-        let req = Req::AddToStore {
+        let req = w::AddToStore {
             name,
             method,
             algo,
             references: Vec::new(),
             repair: false,
         };
-        let mut up = c.store.start_upload(&req)?;
+        let mut up = c.store.start_upload(req)?;
         let res = if method == ContentAddressMethod::Fixed(FileIngestion::Flat) {
             copy_flat_nar(c.raw_reader(), &mut up.tx)
         } else {
@@ -587,7 +576,7 @@ fn add_to_store(c: &mut Conn) -> OpResult<()> {
             return Err(OpError::fatal(e.message));
         }
         c.start_work();
-        let info = expect_info(c.store.finish_upload(up)?)?;
+        let info = c.store.finish_upload(up)?;
         c.stop_work()?;
         c.w.write_string(&c.sd.display(&info.path))?;
     }
@@ -625,29 +614,22 @@ fn copy_flat_nar(src: &mut impl Read, out: &mut impl Write) -> OpResult<()> {
     }
 }
 
-fn expect_info(rep: Rep) -> OpResult<PathInfo> {
-    match rep {
-        Rep::PathInfo(Some(i)) => Ok(*i),
-        other => Err(unexpected(&other)),
-    }
-}
-
 fn add_text(
     c: &mut Conn,
     name: String,
     refs: BTreeSet<StorePath>,
     text: &[u8],
 ) -> OpResult<PathInfo> {
-    let req = Req::AddToStore {
+    let req = w::AddToStore {
         name,
         method: ContentAddressMethod::Text,
         algo: HashAlgo::Sha256,
         references: refs.into_iter().collect(),
         repair: false,
     };
-    let mut up = c.store.start_upload(&req)?;
+    let mut up = c.store.start_upload(req)?;
     let _ = up.tx.write_all(text);
-    expect_info(c.store.finish_upload(up)?)
+    c.store.finish_upload(up)
 }
 
 fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
@@ -674,7 +656,7 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
         sigs,
         ca,
     };
-    let req = Req::AddNar {
+    let req = w::AddNar {
         info: Box::new(info),
         repair,
         dont_check_sigs: pops::effective_dont_check_sigs(dont_check_sigs, trusted),
@@ -682,13 +664,13 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
     };
     if c.minor >= 23 {
         c.start_work();
-        let mut up = c.store.start_upload(&req)?;
+        let mut up = c.store.start_upload(req)?;
         copy_framed(c, &mut up.tx)?;
-        expect_ok(c.store.finish_upload(up)?)?;
+        c.store.finish_upload(up)?;
         c.stop_work()?;
     } else if c.minor >= 21 {
         c.start_work();
-        let mut up = c.store.start_upload(&req)?;
+        let mut up = c.store.start_upload(req)?;
         let res = {
             let tunnel = TunnelSource::new(c);
             let tee = Tee {
@@ -702,10 +684,10 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
             c.store.abandon_upload(up);
             return Err(OpError::fatal(e.to_string()));
         }
-        expect_ok(c.store.finish_upload(up)?)?;
+        c.store.finish_upload(up)?;
         c.stop_work()?;
     } else {
-        let mut up = c.store.start_upload(&req)?;
+        let mut up = c.store.start_upload(req)?;
         let res = {
             let tee = Tee {
                 inner: c.raw_reader(),
@@ -719,17 +701,10 @@ fn add_to_store_nar(c: &mut Conn) -> OpResult<()> {
             return Err(OpError::from(e));
         }
         c.start_work();
-        expect_ok(c.store.finish_upload(up)?)?;
+        c.store.finish_upload(up)?;
         c.stop_work()?;
     }
     Ok(())
-}
-
-fn expect_ok(rep: Rep) -> OpResult<()> {
-    match rep {
-        Rep::Ok => Ok(()),
-        other => Err(unexpected(&other)),
-    }
 }
 
 /// Pulls data from the client with `STDERR_READ` (protocol 1.21–1.22).
@@ -841,16 +816,16 @@ fn import_paths(c: &mut Conn) -> OpResult<Vec<StorePath>> {
             (info, OwnedFd::from(file))
         };
         let path = info.path.clone();
-        let req = Req::AddNar {
+        let req = w::AddNar {
             info: Box::new(info),
             repair: false,
             dont_check_sigs,
             batch: None,
         };
-        let mut up = store.start_upload(&req)?;
+        let mut up = store.start_upload(req)?;
         // A refused upload or a store-writer that stopped reading: its reply says why.
         let _ = io::copy(&mut std::fs::File::from(memfd), &mut up.tx);
-        expect_ok(store.finish_upload(up)?)?;
+        store.finish_upload(up)?;
         imported.push(path);
     }
     Ok(imported)
@@ -894,13 +869,13 @@ fn add_multiple(c: &mut Conn) -> OpResult<()> {
     match result {
         Ok(()) => {
             if state.opened {
-                expect_ok(c.store.call(&Req::CommitBatch { batch })?)?;
+                c.store.call(w::CommitBatch { batch })?;
             }
             c.stop_work()
         }
         Err(e) => {
             if state.opened {
-                let _ = c.store.call(&Req::AbortBatch { batch });
+                let _ = c.store.call(w::AbortBatch { batch });
             }
             Err(e)
         }
@@ -928,13 +903,13 @@ fn add_multiple_inner<R: Read>(
     for _ in 0..count {
         let mut info = proto::read_path_info_16(&mut wr, sd)?;
         info.ultimate = false;
-        let req = Req::AddNar {
+        let req = w::AddNar {
             info: Box::new(info),
             repair,
             dont_check_sigs,
             batch: Some(batch.id),
         };
-        let mut up = store.start_upload(&req)?;
+        let mut up = store.start_upload(req)?;
         // The store-writer opens the batch with its first AddNar, even one it refuses.
         batch.opened = true;
         let res = {
@@ -947,7 +922,7 @@ fn add_multiple_inner<R: Read>(
         };
         let rep = store.finish_upload(up);
         res?;
-        expect_ok(rep?)?;
+        rep?;
     }
     Ok(())
 }
@@ -960,9 +935,9 @@ fn add_build_log(c: &mut Conn) -> OpResult<()> {
         copy_framed(c, &mut io::sink())?;
         return Err(c.deny("AddBuildLog", d.0));
     }
-    let mut up = c.store.start_upload(&Req::AddBuildLog { drv })?;
+    let mut up = c.store.start_upload(w::AddBuildLog { drv })?;
     copy_framed(c, &mut up.tx)?;
-    expect_ok(c.store.finish_upload(up)?)?;
+    c.store.finish_upload(up)?;
     c.stop_work()?;
     c.w.write_u64(1)?;
     Ok(())

@@ -9,9 +9,8 @@ use std::io::{self, BufWriter, Write};
 use std::os::fd::OwnedFd;
 
 use stockade_common::db::{DbError, StoreDb};
-use stockade_common::ipc::msg::{
-    BrokerToStoreWriter as Req, StoreWriterToBroker as Rep, BROKER_SPILL_MAX, QUERY_CHUNK,
-};
+use stockade_common::ipc::msg::{BROKER_SPILL_MAX, QUERY_CHUNK};
+use stockade_common::ipc::writer::{self as w, StoreRequest, StoreWriterToBroker as Rep, Upload};
 use stockade_common::ipc::Channel;
 use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::StorePath;
@@ -52,19 +51,19 @@ impl Store {
     /// The channel opens with an exchange of `Hello`s carrying the message-set version.
     pub fn hello(&mut self) -> OpResult<()> {
         let version = stockade_common::ipc::msg::VERSION;
-        match self.call(&Req::Hello { version })? {
-            Rep::Hello { version: v } if v == version => Ok(()),
-            other => Err(OpError::fatal(format!(
-                "store-writer speaks another message version: {other:?}"
+        match self.call(w::Hello { version })? {
+            v if v == version => Ok(()),
+            v => Err(OpError::fatal(format!(
+                "store-writer speaks another message version: {v}"
             ))),
         }
     }
 
     /// Waits for the store-writer's answer to an upload request: the write end of the pipe it
     /// reads the data from (A70), or the refusal it answered with at once.
-    fn recv_upload(&mut self) -> OpResult<Result<OwnedFd, OpError>> {
+    fn recv_upload<R: StoreRequest>(&mut self) -> OpResult<Result<OwnedFd, OpError>> {
         loop {
-            let (rep, mut fds) = self.ch.recv::<Rep>()?;
+            let (rep, mut fds) = self.ch.recv::<Rep<R::Reply>>()?;
             match rep {
                 Rep::Log { .. } => continue,
                 Rep::Upload => {
@@ -74,57 +73,42 @@ impl Store {
                         .ok_or_else(|| OpError::fatal("upload pipe missing"))
                 }
                 Rep::Error { message } => return Ok(Err(OpError::client(message))),
-                other => return Err(unexpected(&other)),
+                Rep::Done(_) => return Err(OpError::fatal("upload answered without a pipe")),
             }
         }
     }
 
-    /// Waits for the final reply to an upload; log messages that arrive meanwhile are dropped
-    /// (uploads do not log).
-    fn recv_reply(&mut self) -> OpResult<Rep> {
+    /// Waits for the final reply to `R`, passing log messages to `log`.
+    fn recv_reply<R: StoreRequest>(&mut self, log: LogSink<'_>) -> OpResult<R::Reply> {
         loop {
-            let (rep, _) = self.ch.recv::<Rep>()?;
-            match rep {
-                Rep::Log { .. } => continue,
-                Rep::Error { message } => return Err(OpError::client(message)),
-                other => return Ok(other),
-            }
-        }
-    }
-
-    /// Sends `req` and waits for its final reply, passing log messages to `log`.
-    pub fn call_logged(&mut self, req: &Req, log: LogSink<'_>) -> OpResult<Rep> {
-        // Brokers hand the store-writer no descriptors (A70).
-        self.ch.send(req, &[])?;
-        loop {
-            let (rep, _) = self.ch.recv::<Rep>()?;
+            let (rep, _) = self.ch.recv::<Rep<R::Reply>>()?;
             match rep {
                 Rep::Log { level, text } => log(level, text),
                 Rep::Error { message } => return Err(OpError::client(message)),
-                other => return Ok(other),
+                Rep::Done(v) => return Ok(v),
+                Rep::Upload => {
+                    return Err(OpError::fatal("a pipe offered for a request without data"))
+                }
             }
         }
     }
 
-    pub fn call(&mut self, req: &Req) -> OpResult<Rep> {
-        self.call_logged(req, &mut |_, _| {})
+    /// Sends `req` and waits for its reply, passing log messages to `log`.
+    pub fn call_logged<R: StoreRequest>(&mut self, req: R, log: LogSink<'_>) -> OpResult<R::Reply> {
+        // Brokers hand the store-writer no descriptors (A70).
+        self.ch.send(&req.into(), &[])?;
+        self.recv_reply::<R>(log)
     }
 
-    pub fn expect_ok(&mut self, req: &Req) -> OpResult<()> {
-        match self.call(req)? {
-            Rep::Ok => Ok(()),
-            other => Err(unexpected(&other)),
-        }
+    pub fn call<R: StoreRequest>(&mut self, req: R) -> OpResult<R::Reply> {
+        self.call_logged(req, &mut |_, _| {})
     }
 
     pub fn is_valid(&mut self, path: &StorePath) -> OpResult<bool> {
         if let Some(r) = self.local(|db| db.is_valid(path)) {
             return r;
         }
-        match self.call(&Req::IsValidPath { path: path.clone() })? {
-            Rep::Bool(b) => Ok(b),
-            other => Err(unexpected(&other)),
-        }
+        self.call(w::IsValidPath { path: path.clone() })
     }
 
     /// The valid subset of `paths`, asked in chunks so no message grows with the request.
@@ -135,12 +119,9 @@ impl Store {
         let all: Vec<StorePath> = paths.iter().cloned().collect();
         let mut out = BTreeSet::new();
         for chunk in all.chunks(QUERY_CHUNK) {
-            match self.call(&Req::QueryValidPaths {
+            out.extend(self.call(w::QueryValidPaths {
                 paths: chunk.to_vec(),
-            })? {
-                Rep::Paths(v) => out.extend(v),
-                other => return Err(unexpected(&other)),
-            }
+            })?);
         }
         Ok(out)
     }
@@ -149,60 +130,50 @@ impl Store {
         if let Some(r) = self.local(|db| db.query_path_info(path)) {
             return r;
         }
-        match self.call(&Req::QueryPathInfo { path: path.clone() })? {
-            Rep::PathInfo(i) => Ok(i.map(|b| *b)),
-            other => Err(unexpected(&other)),
-        }
+        self.call(w::QueryPathInfo { path: path.clone() })
     }
 
     pub fn referrers(&mut self, path: &StorePath) -> OpResult<BTreeSet<StorePath>> {
         if let Some(r) = self.local(|db| db.query_referrers(path)) {
             return r;
         }
-        self.paths(&Req::QueryReferrers { path: path.clone() })
+        Ok(self
+            .call(w::QueryReferrers { path: path.clone() })?
+            .into_iter()
+            .collect())
     }
 
     pub fn valid_derivers(&mut self, path: &StorePath) -> OpResult<BTreeSet<StorePath>> {
         if let Some(r) = self.local(|db| db.query_valid_derivers(path)) {
             return r;
         }
-        self.paths(&Req::QueryValidDerivers { path: path.clone() })
+        Ok(self
+            .call(w::QueryValidDerivers { path: path.clone() })?
+            .into_iter()
+            .collect())
     }
 
     pub fn all_valid(&mut self) -> OpResult<BTreeSet<StorePath>> {
         if let Some(r) = self.local(|db| db.query_all_valid_paths()) {
             return r;
         }
-        self.paths(&Req::QueryAllValidPaths)
+        Ok(self.call(w::QueryAllValidPaths {})?.into_iter().collect())
     }
 
     pub fn path_from_hash_part(&mut self, hash_part: &str) -> OpResult<Option<StorePath>> {
         if let Some(r) = self.local(|db| db.query_path_from_hash_part(hash_part)) {
             return r;
         }
-        match self.call(&Req::QueryPathFromHashPart {
+        self.call(w::QueryPathFromHashPart {
             hash_part: hash_part.to_string(),
-        })? {
-            Rep::OptPath(p) => Ok(p),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    fn paths(&mut self, req: &Req) -> OpResult<BTreeSet<StorePath>> {
-        match self.call(req)? {
-            Rep::Paths(v) => Ok(v.into_iter().collect()),
-            other => Err(unexpected(&other)),
-        }
+        })
     }
 
     pub fn output_map(&mut self, drv: &StorePath) -> OpResult<BTreeMap<String, StorePath>> {
         if let Some(r) = self.local(|db| db.query_derivation_outputs(drv)) {
             return r;
         }
-        match self.call(&Req::QueryDerivationOutputs { drv: drv.clone() })? {
-            Rep::OutputMap(m) => Ok(m),
-            other => Err(unexpected(&other)),
-        }
+        self.call(w::QueryDerivationOutputs { drv: drv.clone() })
     }
 }
 
@@ -230,50 +201,50 @@ impl Write for UploadTx {
     }
 }
 
-/// An upload under way: the request went out, the data goes into `tx`, then the reply comes.
-pub struct Upload {
+/// An upload of request `R` under way: the request went out, the data goes into `tx`, then
+/// the reply comes.
+pub struct Uploading<R> {
     pub tx: UploadTx,
     refused: Option<OpError>,
+    req: std::marker::PhantomData<R>,
 }
 
 impl Store {
     /// Sends an upload request and gets the pipe for its data (A70: the store-writer makes it).
-    pub fn start_upload(&mut self, req: &Req) -> OpResult<Upload> {
-        self.ch.send(req, &[])?;
-        Ok(match self.recv_upload()? {
-            Ok(fd) => Upload {
-                tx: UploadTx::Pipe(BufWriter::with_capacity(64 * 1024, File::from(fd))),
-                refused: None,
-            },
-            Err(e) => Upload {
-                tx: UploadTx::Refused,
-                refused: Some(e),
-            },
+    pub fn start_upload<R: Upload>(&mut self, req: R) -> OpResult<Uploading<R>> {
+        self.ch.send(&req.into(), &[])?;
+        let (tx, refused) = match self.recv_upload::<R>()? {
+            Ok(fd) => (
+                UploadTx::Pipe(BufWriter::with_capacity(64 * 1024, File::from(fd))),
+                None,
+            ),
+            Err(e) => (UploadTx::Refused, Some(e)),
+        };
+        Ok(Uploading {
+            tx,
+            refused,
+            req: std::marker::PhantomData,
         })
     }
 
     /// Ends the data (EOF for the store-writer) and waits for the final reply. A failed flush
-    /// means the store-writer stopped reading; its reply says why.
-    pub fn finish_upload(&mut self, up: Upload) -> OpResult<Rep> {
+    /// means the store-writer stopped reading; its reply says why. Uploads do not log.
+    pub fn finish_upload<R: Upload>(&mut self, up: Uploading<R>) -> OpResult<R::Reply> {
         if let Some(e) = up.refused {
             return Err(e);
         }
         let mut tx = up.tx;
         let _ = tx.flush();
         drop(tx);
-        self.recv_reply()
+        self.recv_reply::<R>(&mut |_, _| {})
     }
 
     /// Gives an upload up (the client's data was bad): the store-writer sees a short stream,
     /// and its reply is read and dropped.
-    pub fn abandon_upload(&mut self, up: Upload) {
+    pub fn abandon_upload<R: Upload>(&mut self, up: Uploading<R>) {
         if up.refused.is_none() {
             drop(up.tx);
-            let _ = self.recv_reply();
+            let _ = self.recv_reply::<R>(&mut |_, _| {});
         }
     }
-}
-
-pub fn unexpected(rep: &Rep) -> OpError {
-    OpError::fatal(format!("unexpected reply from the store-writer: {rep:?}"))
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use stockade_common::ipc::msg::{
     BrokerToStoreWriter, ClientIdentity, MasterToStoreWriter, StoreWriterToBroker,
 };
+use stockade_common::ipc::writer as w;
 use stockade_common::ipc::{self, Channel, Error};
 
 /// Tests here count this process's descriptors, so they must not overlap.
@@ -76,13 +77,13 @@ fn typed_round_trip() {
 
     // Several messages queued keep their boundaries and order.
     let reqs = [
-        BrokerToStoreWriter::IsValidPath {
+        BrokerToStoreWriter::IsValidPath(w::IsValidPath {
             path: sp("00000000000000000000000000000000-a"),
-        },
-        BrokerToStoreWriter::Hello { version: 7 },
-        BrokerToStoreWriter::IsValidPath {
+        }),
+        BrokerToStoreWriter::Hello(w::Hello { version: 7 }),
+        BrokerToStoreWriter::IsValidPath(w::IsValidPath {
             path: sp("11111111111111111111111111111111-x"),
-        },
+        }),
     ];
     for r in &reqs {
         b.send(r, &[]).unwrap();
@@ -149,25 +150,25 @@ fn passed_channel_works_after_from_fd() {
 
     broker_end
         .send(
-            &BrokerToStoreWriter::IsValidPath {
+            &BrokerToStoreWriter::IsValidPath(w::IsValidPath {
                 path: sp("22222222222222222222222222222222-p"),
-            },
+            }),
             &[],
         )
         .unwrap();
     let (req, _) = client_chan.recv::<BrokerToStoreWriter>().unwrap();
     assert_eq!(
         req,
-        BrokerToStoreWriter::IsValidPath {
+        BrokerToStoreWriter::IsValidPath(w::IsValidPath {
             path: sp("22222222222222222222222222222222-p")
-        }
+        })
     );
     client_chan
-        .send(&StoreWriterToBroker::Bool(true), &[])
+        .send(&StoreWriterToBroker::Done(true), &[])
         .unwrap();
     assert_eq!(
-        broker_end.recv::<StoreWriterToBroker>().unwrap().0,
-        StoreWriterToBroker::Bool(true)
+        broker_end.recv::<StoreWriterToBroker<bool>>().unwrap().0,
+        StoreWriterToBroker::Done(true)
     );
 }
 
@@ -270,9 +271,9 @@ fn garbage_truncated_and_trailing_bytes_rejected() {
     let _g = serial();
     let (a, mut b) = ipc::socketpair().unwrap();
     let good = ipc::encode(
-        &BrokerToStoreWriter::IsValidPath {
+        &BrokerToStoreWriter::IsValidPath(w::IsValidPath {
             path: sp("33333333333333333333333333333333-abc"),
-        },
+        }),
         ipc::DEFAULT_LIMIT,
     )
     .unwrap();
@@ -432,12 +433,12 @@ fn closed_peer_and_timeout() {
     let (mut c, _d) = ipc::socketpair().unwrap();
     c.set_write_timeout(Some(Duration::from_millis(20)))
         .unwrap();
-    let filler = BrokerToStoreWriter::IsValidPath {
+    let filler = BrokerToStoreWriter::IsValidPath(w::IsValidPath {
         path: sp(&format!(
             "44444444444444444444444444444444-{}",
             "x".repeat(200)
         )),
-    };
+    });
     let mut sent = 0;
     let err = loop {
         match c.send(&filler, &[]) {
@@ -454,7 +455,7 @@ fn closed_peer_and_timeout() {
         Err(Error::Closed)
     ));
     assert!(matches!(
-        b.send(&BrokerToStoreWriter::Hello { version: 1 }, &[]),
+        b.send(&BrokerToStoreWriter::Hello(w::Hello { version: 1 }), &[]),
         Err(Error::Closed)
     ));
 }
@@ -472,11 +473,11 @@ fn from_fd_checks_socket_type() {
 
     let (a, mut b) = ipc::socketpair().unwrap();
     let mut a = Channel::from_fd(a.into_fd()).unwrap();
-    a.send(&BrokerToStoreWriter::Hello { version: 3 }, &[])
+    a.send(&BrokerToStoreWriter::Hello(w::Hello { version: 3 }), &[])
         .unwrap();
     assert_eq!(
         b.recv::<BrokerToStoreWriter>().unwrap().0,
-        BrokerToStoreWriter::Hello { version: 3 }
+        BrokerToStoreWriter::Hello(w::Hello { version: 3 })
     );
 }
 

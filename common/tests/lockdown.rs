@@ -18,6 +18,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::libc;
 use stockade_common::ipc::msg::{BrokerToStoreWriter, StoreWriterToBroker};
+use stockade_common::ipc::writer as w;
 use stockade_common::ipc::{self, Channel};
 use stockade_common::lockdown::{self, Enforcement, Report};
 use stockade_common::nar;
@@ -556,9 +557,9 @@ fn broker_workload(dir: &Path) -> Res {
         .map(path)
         .collect::<Result<_, _>>()
         .map_err(fail("store path"))?;
-    let query = BrokerToStoreWriter::QueryValidPaths {
+    let query = BrokerToStoreWriter::QueryValidPaths(w::QueryValidPaths {
         paths: paths.clone(),
-    };
+    });
     broker.send(&query, &[]).map_err(fail("send query"))?;
     let (got, fds) = writer
         .recv::<BrokerToStoreWriter>()
@@ -570,14 +571,14 @@ fn broker_workload(dir: &Path) -> Res {
         .map(path)
         .collect::<Result<_, _>>()
         .map_err(fail("store path"))?;
-    let reply = StoreWriterToBroker::Paths(many);
+    let reply = StoreWriterToBroker::Done(many);
     check!(
         ipc::encode(&reply, limit).map_err(fail("encode"))?.len() > ipc::DEFAULT_LIMIT,
         "reply too small to spill"
     );
     writer.send(&reply, &[]).map_err(fail("send spilled"))?;
     let (got, _) = broker
-        .recv::<StoreWriterToBroker>()
+        .recv::<StoreWriterToBroker<Vec<StorePath>>>()
         .map_err(fail("recv spilled"))?;
     check!(got == reply, "spilled reply round trip");
 
@@ -586,12 +587,10 @@ fn broker_workload(dir: &Path) -> Res {
     let mut nar_bytes = Vec::new();
     nar::dump(&store.join("aaa-hello"), &mut nar_bytes).map_err(fail("nar dump"))?;
     writer
-        .send(&StoreWriterToBroker::Upload, &[w.as_fd()])
+        .send(&w::Notice::Upload, &[w.as_fd()])
         .map_err(fail("send with fd"))?;
     drop(w);
-    let (_, mut fds) = broker
-        .recv::<StoreWriterToBroker>()
-        .map_err(fail("recv with fd"))?;
+    let (_, mut fds) = broker.recv::<w::Notice>().map_err(fail("recv with fd"))?;
     let received: OwnedFd = fds.pop().ok_or_else(|| Fail::Check("no fd".into()))?;
     // The NAR is larger than a pipe buffer: write in pieces, reading as we go.
     let mut w = File::from(received);

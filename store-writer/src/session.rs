@@ -12,21 +12,22 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stockade_common::ipc::msg::{
-    BrokerToStoreWriter as Req, ClientIdentity, ReqKind, StoreWriterToBroker as Reply,
-    BROKER_SPILL_MAX, QUERY_CHUNK, VERSION,
+use stockade_common::ipc::msg::{ClientIdentity, BROKER_SPILL_MAX};
+use stockade_common::ipc::writer::{
+    BrokerToStoreWriter as Req, Notice, ReqKind, StoreRequest, StoreWriterToBroker as Reply,
 };
-use stockade_common::ipc::{self, Channel};
-use stockade_policy::ops::{op_allowed, Op};
+use stockade_common::ipc::{self, Channel, Message};
 
-use crate::add::{self, Batch, Ctx, MAX_BATCHES};
+use crate::add::{Batch, Ctx};
 use crate::audit::Severity;
 use crate::db::{DbError, StoreDb};
-use crate::error::{hl, ReqError};
+use crate::error::ReqError;
 use crate::phase::{permitted, Phase, Verdict};
-use crate::roots::{self, TempRoots};
+use crate::roots::TempRoots;
 use crate::store::Store;
-use crate::{buildlog, upload, verify};
+use crate::upload;
+
+mod handlers;
 
 /// How long a reply may wait for a broker that does not read its channel.
 const SEND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -105,23 +106,39 @@ impl Session {
                 Err(e) => return self.violation(&format!("bad message: {e}")),
             };
             // Decided again on what was decoded (a spilled payload is read twice).
-            let reply = match permitted(phase, req.kind(), trusted) {
+            let sent = match permitted(phase, req.kind(), trusted) {
                 Verdict::Violation(why) => return self.violation(why),
-                Verdict::Refuse(denied) => Err(self.refuse(req.kind(), denied.0)),
+                Verdict::Refuse(denied) => {
+                    let message = self.refuse(req.kind(), denied.0).to_string();
+                    self.send(&Notice::Error { message })
+                }
                 Verdict::Handle => self.dispatch(req),
             };
-            let reply = match reply {
-                Ok(r) => r,
-                Err(ReqError::Failed(message)) => Reply::Error { message },
-                Err(ReqError::Violation(why)) => return self.violation(&why),
-            };
-            if self.send(&reply).is_err() {
+            if sent.is_err() {
                 return;
             }
         }
     }
 
-    fn send(&mut self, reply: &Reply) -> Result<(), ()> {
+    /// Runs `handle` on `req` and sends its reply, whose type is the one `R` names. `Err`
+    /// ends the session (the broker is gone or broke the protocol).
+    fn answer<R: StoreRequest>(
+        &mut self,
+        req: R,
+        handle: impl FnOnce(&mut Self, R) -> Result<R::Reply, ReqError>,
+    ) -> Result<(), ()> {
+        let reply = match handle(self, req) {
+            Ok(v) => Reply::Done(v),
+            Err(ReqError::Failed(message)) => Reply::Error { message },
+            Err(ReqError::Violation(why)) => {
+                self.violation(&why);
+                return Err(());
+            }
+        };
+        self.send(&reply)
+    }
+
+    fn send<M: Message>(&mut self, reply: &M) -> Result<(), ()> {
         self.chan.send(reply, &[]).map_err(|e| {
             log::warn!(
                 "conn {}: cannot reply to the broker: {e}",
@@ -188,219 +205,8 @@ impl Session {
     fn open_upload(&mut self) -> Result<OwnedFd, ReqError> {
         let (rx, tx) = upload::pipe()?;
         self.chan
-            .send(&Reply::Upload, &[tx.as_fd()])
+            .send(&Notice::Upload, &[tx.as_fd()])
             .map_err(|e| ReqError::Violation(format!("cannot hand out an upload pipe: {e}")))?;
         Ok(rx)
-    }
-
-    fn dispatch(&mut self, req: Req) -> Result<Reply, ReqError> {
-        match req {
-            Req::Hello { version } if version == VERSION => {
-                self.hello = true;
-                Ok(Reply::Hello { version: VERSION })
-            }
-            Req::Hello { version } => Err(ReqError::Violation(format!(
-                "unsupported message version {version}"
-            ))),
-            Req::IsValidPath { path } => Ok(Reply::Bool(self.q(|db| db.is_valid(&path))?)),
-            Req::QueryValidPaths { paths } => {
-                if paths.len() > QUERY_CHUNK {
-                    return Err(ReqError::Violation(format!(
-                        "{} paths in one query (at most {QUERY_CHUNK})",
-                        paths.len()
-                    )));
-                }
-                let valid = self.q(|db| db.query_valid_paths(&paths))?;
-                Ok(Reply::Paths(valid))
-            }
-            Req::QueryPathInfo { path } => Ok(Reply::PathInfo(
-                self.q(|db| db.query_path_info(&path))?.map(Box::new),
-            )),
-            Req::QueryReferrers { path } => Ok(Reply::Paths(
-                self.q(|db| db.query_referrers(&path))?.into_iter().collect(),
-            )),
-            Req::QueryValidDerivers { path } => Ok(Reply::Paths(
-                self.q(|db| db.query_valid_derivers(&path))?
-                    .into_iter()
-                    .collect(),
-            )),
-            Req::QueryDerivationOutputs { drv } => Ok(Reply::OutputMap(
-                self.q(|db| db.query_derivation_outputs(&drv))?,
-            )),
-            Req::QueryPathFromHashPart { hash_part } => Ok(Reply::OptPath(
-                self.q(|db| db.query_path_from_hash_part(&hash_part))?,
-            )),
-            Req::QueryAllValidPaths => Ok(Reply::Paths(
-                self.q(|db| db.query_all_valid_paths())?.into_iter().collect(),
-            )),
-            Req::AddToStore {
-                name,
-                method,
-                algo,
-                references,
-                repair,
-            } => {
-                let fd = self.open_upload()?;
-                let info = add::add_to_store(&self.ctx(), &name, method, algo, references, repair, fd)?;
-                Ok(Reply::PathInfo(Some(Box::new(info))))
-            }
-            Req::AddNar {
-                info,
-                repair,
-                dont_check_sigs,
-                batch,
-            } => {
-                match batch {
-                    None => {
-                        let fd = self.open_upload()?;
-                        add::add_nar(&self.ctx(), *info, repair, dont_check_sigs, None, fd)?
-                    }
-                    Some(id) => {
-                        if !self.batches.contains_key(&id) {
-                            if self.batches.len() >= MAX_BATCHES {
-                                return Err(ReqError::failed(format!(
-                                    "too many open batches (at most {MAX_BATCHES})"
-                                )));
-                            }
-                            self.batches.insert(id, Batch::new());
-                        }
-                        let mut batch = self
-                            .batches
-                            .remove(&id)
-                            .ok_or_else(|| ReqError::Violation("batch vanished".into()))?;
-                        if batch.failed() {
-                            self.batches.insert(id, batch);
-                            return Err(ReqError::failed(
-                                "an earlier path of this batch failed to import",
-                            ));
-                        }
-                        let res = self.open_upload().and_then(|fd| {
-                            add::add_nar(
-                                &self.ctx(),
-                                *info,
-                                repair,
-                                dont_check_sigs,
-                                Some(&mut batch),
-                                fd,
-                            )
-                        });
-                        if res.is_err() {
-                            batch.fail();
-                        }
-                        self.batches.insert(id, batch);
-                        res?;
-                    }
-                }
-                Ok(Reply::Ok)
-            }
-            Req::CommitBatch { batch } => {
-                let b = self
-                    .batches
-                    .remove(&batch)
-                    .ok_or_else(|| ReqError::Violation(format!("commit of unknown batch {batch}")))?;
-                b.commit(&self.ctx())?;
-                Ok(Reply::Ok)
-            }
-            Req::AbortBatch { batch } => {
-                self.batches
-                    .remove(&batch)
-                    .ok_or_else(|| ReqError::Violation(format!("abort of unknown batch {batch}")))?;
-                Ok(Reply::Ok)
-            }
-            Req::AddTempRoot { path } => {
-                let mut roots = self.roots.lock().unwrap_or_else(|e| e.into_inner());
-                roots::add_temp_root(&self.store, &mut roots, &path)?;
-                Ok(Reply::Ok)
-            }
-            Req::AddIndirectRoot { link } => {
-                let link = roots::add_indirect_root(&self.store, &link)?;
-                self.store.audit.client_event(
-                    Severity::Info,
-                    &self.client,
-                    &[("op", "addIndirectRoot"), ("link", &link)],
-                );
-                Ok(Reply::Ok)
-            }
-            Req::AddPermRoot { path, link } => {
-                let link = {
-                    let mut roots = self.roots.lock().unwrap_or_else(|e| e.into_inner());
-                    roots::add_perm_root(&self.store, &mut roots, &path, &link)?
-                };
-                self.store.audit.client_event(
-                    Severity::Info,
-                    &self.client,
-                    &[
-                        ("op", "addPermRoot"),
-                        ("path", &self.store.full(&path)),
-                        ("link", &link),
-                    ],
-                );
-                Ok(Reply::Text(link))
-            }
-            Req::FindRoots => {
-                let censor = !self.client.trusted;
-                let found = {
-                    let mut is_valid = |p: &stockade_common::store_path::StorePath| {
-                        self.q(|db| db.is_valid(p)).unwrap_or(false)
-                    };
-                    roots::find_roots(&self.store, &mut is_valid, censor)
-                };
-                let mut out = Vec::new();
-                for (path, links) in found {
-                    for link in links {
-                        out.push((link, path.clone()));
-                    }
-                }
-                Ok(Reply::Roots(out))
-            }
-            Req::AddSignatures { path, sigs } => {
-                for s in &sigs {
-                    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                        return Err(ReqError::failed(format!("invalid signature '{}'", hl(s))));
-                    }
-                }
-                let set = sigs.iter().cloned().collect();
-                self.store
-                    .write("adding signatures", |db| db.add_signatures(&path, &set))?;
-                let full = self.store.full(&path);
-                self.store.audit.client_event(
-                    Severity::Notice,
-                    &self.client,
-                    &[("op", "addSignatures"), ("path", &full), ("sigs", &sigs.join(" "))],
-                );
-                Ok(Reply::Ok)
-            }
-            Req::AddBuildLog { drv } => {
-                let fd = self.open_upload()?;
-                buildlog::add_build_log(&self.ctx(), &drv, fd)?;
-                Ok(Reply::Ok)
-            }
-            Req::RegisterDrvOutput { .. } => Err(ReqError::failed(
-                "experimental Nix feature 'ca-derivations' is disabled; use '--extra-experimental-features ca-derivations' to override",
-            )),
-            Req::QueryRealisation { .. } => Ok(Reply::OptText(None)),
-            Req::VerifyStore {
-                check_contents,
-                repair,
-            } => {
-                if repair {
-                    let op = Op::VerifyStore { repair };
-                    if let Err(denied) = op_allowed(op, self.client.trusted) {
-                        return Err(self.refuse(ReqKind::VerifyStore, denied.0));
-                    }
-                    return Err(self.refuse(ReqKind::VerifyStore, "repairing is not supported yet"));
-                }
-                let store = self.store.clone();
-                let chan = &mut self.chan;
-                let mut log = |level: u32, text: String| {
-                    let _ = chan.send(&Reply::Log { level, text }, &[]);
-                };
-                let errors = verify::verify_store(&store, &self.client, check_contents, &mut log)?;
-                Ok(Reply::Bool(errors))
-            }
-            // The enum is non_exhaustive across crates; every kind went through `permitted`.
-            #[allow(unreachable_patterns)]
-            _ => Err(ReqError::Violation("unsupported request".into())),
-        }
     }
 }

@@ -6,14 +6,15 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 
-use common::config;
+use common::{config, Req};
 use stockade_common::content_address::ContentAddressMethod;
 use stockade_common::hash::HashAlgo;
 use stockade_common::ipc::msg::{
-    BrokerToStoreWriter as Req, ClientIdentity, MasterToStoreWriter as M,
-    StoreWriterToBroker as Reply, StoreWriterToMaster as Out, BROKER_SPILL_MAX, VERSION,
+    ClientIdentity, MasterToStoreWriter as M, StoreWriterToMaster as Out, BROKER_SPILL_MAX, VERSION,
 };
+use stockade_common::ipc::writer::{BrokerToStoreWriter, Notice, StoreWriterToBroker as Reply};
 use stockade_common::ipc::{self, Channel};
+use stockade_common::narinfo::PathInfo;
 
 /// Starts the binary with `child` as its control channel.
 fn spawn(child: Channel) -> std::process::Child {
@@ -81,31 +82,33 @@ fn control_channel_lifecycle() {
         )
         .unwrap();
     drop(writer_end);
-    broker.send(&Req::Hello { version: VERSION }, &[]).unwrap();
-    assert_eq!(
-        broker.recv::<Reply>().unwrap().0,
-        Reply::Hello { version: VERSION }
-    );
     broker
         .send(
-            &Req::AddToStore {
+            &BrokerToStoreWriter::from(Req::Hello { version: VERSION }),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(broker.recv::<Reply<u32>>().unwrap().0, Reply::Done(VERSION));
+    broker
+        .send(
+            &BrokerToStoreWriter::from(Req::AddToStore {
                 name: "hi".into(),
                 method: ContentAddressMethod::Text,
                 algo: HashAlgo::Sha256,
                 references: vec![],
                 repair: false,
-            },
+            }),
             &[],
         )
         .unwrap();
     // The store-writer hands out the pipe the data goes into (A70).
-    let (up, mut fds) = broker.recv::<Reply>().unwrap();
-    assert_eq!(up, Reply::Upload);
+    let (up, mut fds) = broker.recv::<Notice>().unwrap();
+    assert_eq!(up, Notice::Upload);
     let w = fds.pop().expect("upload pipe");
     std::fs::write(format!("/proc/self/fd/{}", w.as_raw_fd()), b"hi").unwrap();
     drop(w);
-    let info = match broker.recv::<Reply>().unwrap().0 {
-        Reply::PathInfo(Some(i)) => i,
+    let info = match broker.recv::<Reply<PathInfo>>().unwrap().0 {
+        Reply::Done(i) => i,
         other => panic!("{other:?}"),
     };
     assert!(dir
@@ -141,7 +144,7 @@ fn control_channel_lifecycle() {
 
     // ClientGone ends the broker's channel.
     master.send(&M::ClientGone { conn_id: 17 }, &[]).unwrap();
-    match broker.recv::<Reply>() {
+    match broker.recv::<Notice>() {
         Err(ipc::Error::Closed) => {}
         other => panic!("{other:?}"),
     }

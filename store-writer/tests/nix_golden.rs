@@ -13,7 +13,6 @@ use std::process::Command;
 use common::*;
 use stockade_common::content_address::ContentAddressMethod;
 use stockade_common::hash::{Encoding, HashAlgo};
-use stockade_common::ipc::msg::{BrokerToStoreWriter as Req, StoreWriterToBroker as Reply};
 use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::{FileIngestion, StorePath};
 
@@ -148,7 +147,7 @@ fn same_paths_rows_and_nix_reads_our_store() {
             },
             Some(data),
         ) {
-            Reply::PathInfo(Some(i)) => *i,
+            Ok(i) => i,
             other => panic!("{other:?}"),
         }
     };
@@ -212,7 +211,7 @@ fn same_paths_rows_and_nix_reads_our_store() {
             },
             Some(nar_a)
         ),
-        Reply::Ok
+        Ok(())
     );
     let nar_c = tree_nar("batched");
     let c = info_for(
@@ -230,8 +229,8 @@ fn same_paths_rows_and_nix_reads_our_store() {
         },
         Some(nar_c),
     );
-    assert_eq!(r, Reply::Ok);
-    assert_eq!(t.call(Req::CommitBatch { batch: 5 }, None), Reply::Ok);
+    assert_eq!(r, Ok(()));
+    assert_eq!(t.call(Req::CommitBatch { batch: 5 }, None), Ok(()));
 
     // Now real Nix, without a daemon, on the store the store-writer wrote.
     let mut all: Vec<PathInfo> = ours.to_vec();
@@ -291,14 +290,11 @@ fn same_paths_rows_and_nix_reads_our_store() {
     );
     let p: StorePath = sd.parse(out.trim()).unwrap();
     match b.call(Req::QueryPathInfo { path: p.clone() }, None) {
-        Reply::PathInfo(Some(i)) => {
+        Ok(Some(i)) => {
             assert_eq!(i.nar_hash, sha256(&file_nar(b"added by nix", false)));
             assert!(i.ca.is_some());
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        b.call(Req::IsValidPath { path: p }, None),
-        Reply::Bool(true)
-    );
+    assert_eq!(b.call(Req::IsValidPath { path: p }, None), Ok(true));
 }

@@ -9,7 +9,7 @@ use common::*;
 use serde::ser::{SerializeSeq, SerializeStructVariant};
 use serde::{Serialize, Serializer};
 use stockade_common::ipc;
-use stockade_common::ipc::msg::{BrokerToStoreWriter as Req, StoreWriterToBroker as Reply};
+use stockade_common::ipc::writer::{BrokerToStoreWriter, Notice};
 use stockade_common::store_path::StorePath;
 
 const EMPTY_SIGS: usize = 64 << 20;
@@ -57,10 +57,10 @@ fn a_flood_of_tiny_elements_is_refused_before_decoding() {
     let path: StorePath = "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-x".parse().unwrap();
     // The variant's tag, as the real encoder writes it.
     let real = ipc::encode(
-        &Req::AddSignatures {
+        &BrokerToStoreWriter::from(Req::AddSignatures {
             path: path.clone(),
             sigs: vec![],
-        },
+        }),
         1 << 20,
     )
     .unwrap();
@@ -73,7 +73,7 @@ fn a_flood_of_tiny_elements_is_refused_before_decoding() {
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let before = peak_rss_kib();
     b.chan.send_value(&flood, &[]).unwrap();
-    match b.chan.recv::<Reply>() {
+    match b.chan.recv::<Notice>() {
         Err(ipc::Error::Closed) => {}
         other => panic!("the store-writer answered a flood instead of closing: {other:?}"),
     }
@@ -85,8 +85,5 @@ fn a_flood_of_tiny_elements_is_refused_before_decoding() {
     );
     let mut other = env.connect(false);
     let p: StorePath = "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-y".parse().unwrap();
-    assert_eq!(
-        other.call(Req::IsValidPath { path: p }, None),
-        Reply::Bool(false)
-    );
+    assert_eq!(other.call(Req::IsValidPath { path: p }, None), Ok(false));
 }

@@ -9,9 +9,8 @@ use std::os::fd::AsFd;
 use common::*;
 use stockade_common::content_address::ContentAddressMethod;
 use stockade_common::hash::HashAlgo;
-use stockade_common::ipc::msg::{
-    BrokerToStoreWriter as Req, StoreWriterToBroker as Reply, QUERY_CHUNK, VERSION,
-};
+use stockade_common::ipc::msg::{QUERY_CHUNK, VERSION};
+use stockade_common::ipc::writer::{BrokerToStoreWriter, Notice};
 use stockade_common::ipc::{self};
 use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::{FileIngestion, StorePath};
@@ -27,7 +26,7 @@ fn add_text(b: &mut Broker, name: &str, data: &[u8], refs: Vec<StorePath>) -> Pa
         },
         Some(data.to_vec()),
     ) {
-        Reply::PathInfo(Some(i)) => *i,
+        Ok(i) => i,
         other => panic!("{other:?}"),
     }
 }
@@ -48,7 +47,7 @@ fn raw_channel(env: &mut Env) -> (ipc::Channel, std::thread::JoinHandle<()>) {
 }
 
 fn expect_closed(mut chan: ipc::Channel, t: std::thread::JoinHandle<()>) {
-    match chan.recv::<Reply>() {
+    match chan.recv::<Notice>() {
         Err(ipc::Error::Closed) => {}
         other => panic!("expected close, got {other:?}"),
     }
@@ -60,14 +59,15 @@ fn state_machine_closes_on_violations() {
     let mut env = Env::new();
     // A request before Hello.
     let (mut c, t) = raw_channel(&mut env);
-    c.send(&Req::QueryAllValidPaths, &[]).unwrap();
+    c.send(&BrokerToStoreWriter::from(Req::QueryAllValidPaths {}), &[])
+        .unwrap();
     expect_closed(c, t);
     // A Hello with another version.
     let (mut c, t) = raw_channel(&mut env);
     c.send(
-        &Req::Hello {
+        &BrokerToStoreWriter::from(Req::Hello {
             version: VERSION + 1,
-        },
+        }),
         &[],
     )
     .unwrap();
@@ -75,7 +75,7 @@ fn state_machine_closes_on_violations() {
     // A second Hello.
     let b = env.connect(false);
     let mut b = b;
-    b.chan.send(&Req::Hello { version: VERSION }, &[]).unwrap();
+    b.send(Req::Hello { version: VERSION });
     b.expect_closed();
     // Garbage bytes.
     let mut b = env.connect(false);
@@ -86,13 +86,13 @@ fn state_machine_closes_on_violations() {
     let (sock, _other) = ipc::socketpair().unwrap();
     b.chan
         .send_value(
-            &Req::AddToStore {
+            &BrokerToStoreWriter::from(Req::AddToStore {
                 name: "x".into(),
                 method: ContentAddressMethod::Text,
                 algo: HashAlgo::Sha256,
                 references: vec![],
                 repair: false,
-            },
+            }),
             &[sock.as_fd()],
         )
         .unwrap();
@@ -101,14 +101,9 @@ fn state_machine_closes_on_violations() {
     // A query over the chunk size.
     let mut b = env.connect(false);
     let p: StorePath = "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-t".parse().unwrap();
-    b.chan
-        .send(
-            &Req::QueryValidPaths {
-                paths: vec![p; QUERY_CHUNK + 1],
-            },
-            &[],
-        )
-        .unwrap();
+    b.send(Req::QueryValidPaths {
+        paths: vec![p; QUERY_CHUNK + 1],
+    });
     b.expect_closed();
 }
 
@@ -127,7 +122,7 @@ fn queries() {
             },
             None
         ),
-        Reply::Bool(true)
+        Ok(true)
     );
     assert_eq!(
         b.call(
@@ -136,7 +131,7 @@ fn queries() {
             },
             None
         ),
-        Reply::Bool(false)
+        Ok(false)
     );
     assert_eq!(
         b.call(
@@ -145,7 +140,7 @@ fn queries() {
             },
             None
         ),
-        Reply::Paths(vec![a.path.clone(), c.path.clone()])
+        Ok(vec![a.path.clone(), c.path.clone()])
     );
     match b.call(
         Req::QueryPathInfo {
@@ -153,7 +148,7 @@ fn queries() {
         },
         None,
     ) {
-        Reply::PathInfo(Some(i)) => {
+        Ok(Some(i)) => {
             assert_eq!(i.references, [a.path.clone()].into());
             assert_eq!(i.nar_hash, c.nar_hash);
             assert_eq!(i.ca, c.ca);
@@ -167,7 +162,7 @@ fn queries() {
             },
             None
         ),
-        Reply::PathInfo(None)
+        Ok(None)
     );
     assert_eq!(
         b.call(
@@ -176,7 +171,7 @@ fn queries() {
             },
             None
         ),
-        Reply::Paths(vec![c.path.clone()])
+        Ok(vec![c.path.clone()])
     );
     assert_eq!(
         b.call(
@@ -185,7 +180,7 @@ fn queries() {
             },
             None
         ),
-        Reply::Paths(vec![])
+        Ok(vec![])
     );
     assert_eq!(
         b.call(
@@ -194,7 +189,7 @@ fn queries() {
             },
             None
         ),
-        Reply::OptPath(Some(a.path.clone()))
+        Ok(Some(a.path.clone()))
     );
     assert_eq!(
         b.call(
@@ -203,7 +198,7 @@ fn queries() {
             },
             None
         ),
-        Reply::OptPath(None)
+        Ok(None)
     );
     // Nix checks only the length: 32 characters that are not Nix base32 name no path.
     assert_eq!(
@@ -213,7 +208,7 @@ fn queries() {
             },
             None
         ),
-        Reply::OptPath(None)
+        Ok(None)
     );
     for bad in ["short", "hv2lxdwpbmd9zfj87n6n7z5wxhnswizxx", ""] {
         assert_eq!(
@@ -233,10 +228,10 @@ fn queries() {
     );
     let mut all = vec![a.path.clone(), c.path.clone()];
     all.sort();
-    assert_eq!(b.call(Req::QueryAllValidPaths, None), Reply::Paths(all));
+    assert_eq!(b.call(Req::QueryAllValidPaths {}, None), Ok(all));
     assert_eq!(
         b.call(Req::QueryRealisation { id: "x".into() }, None),
-        Reply::OptText(None)
+        Ok(None)
     );
     assert!(error_of(b.call(
         Req::RegisterDrvOutput {
@@ -269,7 +264,7 @@ fn temp_roots_are_locked_files_that_live_with_the_connection() {
             },
             None
         ),
-        Reply::Ok
+        Ok(())
     );
     assert_eq!(
         b.call(
@@ -278,7 +273,7 @@ fn temp_roots_are_locked_files_that_live_with_the_connection() {
             },
             None
         ),
-        Reply::Ok
+        Ok(())
     );
     let contents = String::from_utf8(std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(
@@ -297,8 +292,8 @@ fn temp_roots_are_locked_files_that_live_with_the_connection() {
         Ok(_) => panic!("temporary roots file is not locked"),
     }
     // Roots: censored for the untrusted client, `{temp:<pid>}` for a trusted one.
-    match b.call(Req::FindRoots, None) {
-        Reply::Roots(r) => {
+    match b.call(Req::FindRoots {}, None) {
+        Ok(r) => {
             assert!(
                 r.contains(&("{censored}".to_string(), a.path.clone())),
                 "{r:?}"
@@ -311,8 +306,8 @@ fn temp_roots_are_locked_files_that_live_with_the_connection() {
         other => panic!("{other:?}"),
     }
     let mut t = env.connect(true);
-    match t.call(Req::FindRoots, None) {
-        Reply::Roots(r) => {
+    match t.call(Req::FindRoots {}, None) {
+        Ok(r) => {
             let label = format!("{{temp:{}}}", std::process::id());
             assert!(r.contains(&(label, a.path.clone())), "{r:?}");
         }
@@ -333,10 +328,7 @@ fn indirect_roots_and_find_roots() {
     let link_s = link.display().to_string();
     // Given with redundant components: canonicalised like Nix's absPath.
     let messy = format!("{}/./sub/../result", home.path().display());
-    assert_eq!(
-        b.call(Req::AddIndirectRoot { link: messy }, None),
-        Reply::Ok
-    );
+    assert_eq!(b.call(Req::AddIndirectRoot { link: messy }, None), Ok(()));
     let hash = stockade_common::base32::encode(
         stockade_common::hash::Hash::of(HashAlgo::Sha1, link_s.as_bytes()).digest(),
     );
@@ -369,8 +361,8 @@ fn indirect_roots_and_find_roots() {
     .unwrap();
 
     let mut t = env.connect(true);
-    let roots = match t.call(Req::FindRoots, None) {
-        Reply::Roots(r) => r,
+    let roots = match t.call(Req::FindRoots {}, None) {
+        Ok(r) => r,
         other => panic!("{other:?}"),
     };
     let links: BTreeSet<&str> = roots
@@ -444,7 +436,7 @@ fn privileged_requests_check_trust() {
             },
             None
         ),
-        Reply::Ok
+        Ok(())
     );
     assert_eq!(
         env.store
@@ -468,7 +460,7 @@ fn privileged_requests_check_trust() {
     let log = b"line 1\nline 2\n".repeat(1000);
     assert_eq!(
         t.call(Req::AddBuildLog { drv: drv.clone() }, Some(log.clone())),
-        Reply::Ok
+        Ok(())
     );
     let base = drv.base_name();
     let file = env
@@ -487,7 +479,7 @@ fn privileged_requests_check_trust() {
             Req::AddBuildLog { drv: drv.clone() },
             Some(b"other".to_vec())
         ),
-        Reply::Ok
+        Ok(())
     );
     let mut again = Vec::new();
     bzip2::read::BzDecoder::new(std::fs::File::open(&file).unwrap())
@@ -518,7 +510,7 @@ fn verify_store() {
         },
         Some(tree_nar("t")),
     ) {
-        Reply::PathInfo(Some(i)) => *i,
+        Ok(i) => i,
         other => panic!("{other:?}"),
     };
     assert_eq!(
@@ -529,7 +521,7 @@ fn verify_store() {
             },
             None
         ),
-        Reply::Bool(false)
+        Ok(false)
     );
     let texts: Vec<&str> = b.logs.iter().map(|(_, t)| t.as_str()).collect();
     assert_eq!(
@@ -554,7 +546,7 @@ fn verify_store() {
             },
             None
         ),
-        Reply::Bool(true)
+        Ok(true)
     );
     let full = |p: &StorePath| format!("/nix/store/{}", p.base_name());
     assert!(
@@ -597,7 +589,7 @@ fn verify_store() {
             },
             None
         ),
-        Reply::Bool(true)
+        Ok(true)
     );
     assert!(
         b.logs.iter().any(|(l, t)| *l == 0

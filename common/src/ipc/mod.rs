@@ -30,6 +30,7 @@
 //! declares, or any control data that is not `SCM_RIGHTS`, is an error.
 
 pub mod msg;
+pub mod writer;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use stockade_common::hash::Hash;
-use stockade_common::ipc::msg::{
-    BrokerToStoreWriter as Req, ClientIdentity, StoreWriterConfig, StoreWriterToBroker as Reply,
-    BROKER_SPILL_MAX, VERSION,
+pub use stockade_common::ipc::msg::{ClientIdentity, StoreWriterConfig, BROKER_SPILL_MAX, VERSION};
+/// Requests are written `Req::IsValidPath { path }`, as the wire enum's variants read.
+pub use stockade_common::ipc::writer as Req;
+use stockade_common::ipc::writer::{
+    BrokerToStoreWriter, Notice, StoreRequest, StoreWriterToBroker,
 };
 use stockade_common::ipc::{self, Channel};
 use stockade_common::nar::NarWriter;
@@ -99,7 +101,7 @@ impl Env {
             logs: Vec::new(),
         };
         let r = b.call(Req::Hello { version: VERSION }, None);
-        assert_eq!(r, Reply::Hello { version: VERSION });
+        assert_eq!(r, Ok(VERSION));
         b
     }
 
@@ -141,25 +143,31 @@ pub fn write_in_thread(w: OwnedFd, data: Vec<u8>) -> JoinHandle<()> {
 }
 
 impl Broker {
-    /// Sends a request and returns the final reply. For an upload (`data` given) the
-    /// store-writer first answers with the pipe to write `data` into (A70).
-    pub fn call(&mut self, req: Req, data: Option<Vec<u8>>) -> Reply {
+    /// Sends a request and returns the final reply (`Err`: the store-writer's error message).
+    /// For an upload (`data` given) the store-writer first answers with the pipe to write
+    /// `data` into (A70).
+    pub fn call<R: StoreRequest>(
+        &mut self,
+        req: R,
+        data: Option<Vec<u8>>,
+    ) -> Result<R::Reply, String> {
         self.logs.clear();
-        self.chan.send(&req, &[]).unwrap();
+        self.send(req);
         let mut data = data;
         let mut writer = None;
         let reply = loop {
-            let (m, mut fds) = self.chan.recv::<Reply>().unwrap();
+            let (m, mut fds) = self.chan.recv::<StoreWriterToBroker<R::Reply>>().unwrap();
             match m {
-                Reply::Log { level, text } => self.logs.push((level, text)),
-                Reply::Upload => {
+                StoreWriterToBroker::Log { level, text } => self.logs.push((level, text)),
+                StoreWriterToBroker::Upload => {
                     let d = data
                         .take()
                         .expect("an upload pipe for a request without data");
                     let w = fds.pop().expect("the upload pipe");
                     writer = Some(write_in_thread(w, d));
                 }
-                other => break other,
+                StoreWriterToBroker::Error { message } => break Err(message),
+                StoreWriterToBroker::Done(v) => break Ok(v),
             }
         };
         if let Some(t) = writer {
@@ -168,9 +176,14 @@ impl Broker {
         reply
     }
 
+    /// Sends a request without waiting for anything.
+    pub fn send(&mut self, req: impl Into<BrokerToStoreWriter>) {
+        self.chan.send(&req.into(), &[]).unwrap();
+    }
+
     /// Waits for the store-writer to close the channel; panics on any other message.
     pub fn expect_closed(mut self) {
-        match self.chan.recv::<Reply>() {
+        match self.chan.recv::<Notice>() {
             Err(ipc::Error::Closed) => {}
             other => panic!("expected the channel to be closed, got {other:?}"),
         }
@@ -188,9 +201,9 @@ impl Broker {
     }
 }
 
-pub fn error_of(r: Reply) -> String {
+pub fn error_of<T: std::fmt::Debug>(r: Result<T, String>) -> String {
     match r {
-        Reply::Error { message } => message,
+        Err(message) => message,
         other => panic!("expected an error, got {other:?}"),
     }
 }

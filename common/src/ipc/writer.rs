@@ -1,0 +1,333 @@
+//! The broker ↔ store-writer channel: one struct per request, each naming the type of its
+//! reply, so a reply of the wrong kind cannot be sent or received (it does not type-check).
+//!
+//! On the wire a request is [`BrokerToStoreWriter`] (bincode numbers its variants by
+//! position: append new requests at the end). The store-writer answers each with any number
+//! of `Log`s, possibly one `Upload`, then exactly one `Error` or `Done(reply)`, all of type
+//! [`StoreWriterToBroker<R::Reply>`]; `Log`, `Error` and `Upload` encode the same whatever the
+//! reply type, so they are sent before the request is known (`StoreWriterToBroker<()>`).
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::Message;
+use crate::content_address::ContentAddressMethod;
+use crate::hash::HashAlgo;
+use crate::narinfo::PathInfo;
+use crate::store_path::StorePath;
+
+/// A request to the store-writer and the type of its successful reply.
+pub trait StoreRequest: Into<BrokerToStoreWriter> {
+    type Reply: Serialize + DeserializeOwned + std::fmt::Debug;
+    const KIND: ReqKind;
+}
+
+/// A request whose data comes through a pipe the store-writer makes (A70): its first answer is
+/// `Upload` with the pipe's write end, its reply comes once the data has been written.
+pub trait Upload: StoreRequest {}
+
+/// Declares each request struct with its reply type, the wire enum with one variant per
+/// request (in this order), and [`ReqKind`].
+macro_rules! requests {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident { $($field:ident : $ty:ty),* $(,)? } -> $reply:ty $(, $marker:ident)?;
+    )*) => {
+        $(
+            $(#[$doc])*
+            #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+            pub struct $name { $(pub $field: $ty),* }
+
+            impl StoreRequest for $name {
+                type Reply = $reply;
+                const KIND: ReqKind = ReqKind::$name;
+            }
+
+            impl From<$name> for BrokerToStoreWriter {
+                fn from(r: $name) -> Self {
+                    BrokerToStoreWriter::$name(r)
+                }
+            }
+
+            $(impl $marker for $name {})?
+        )*
+
+        /// broker → store-writer, on the per-client channel. Paths are typed, so a path that
+        /// fails validation never reaches the store-writer's logic.
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        #[non_exhaustive]
+        pub enum BrokerToStoreWriter {
+            $($name($name)),*
+        }
+
+        /// The kind of a [`BrokerToStoreWriter`] request, readable from its first bytes
+        /// (bincode's variant index) before the rest is decoded, so a receiver can check it
+        /// against what the session permits and bound its size first (A68).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ReqKind {
+            $($name),*
+        }
+
+        impl ReqKind {
+            /// Every kind, in wire order.
+            pub const ALL: &'static [ReqKind] = &[$(ReqKind::$name),*];
+        }
+
+        impl BrokerToStoreWriter {
+            pub fn kind(&self) -> ReqKind {
+                match self {
+                    $(BrokerToStoreWriter::$name(_) => ReqKind::$name),*
+                }
+            }
+        }
+    };
+}
+
+requests! {
+    /// Opens the channel with the message-set version; the reply is the store-writer's.
+    Hello { version: u32 } -> u32;
+    IsValidPath { path: StorePath } -> bool;
+    /// The reply is the valid subset.
+    QueryValidPaths { paths: Vec<StorePath> } -> Vec<StorePath>;
+    QueryPathInfo { path: StorePath } -> Option<PathInfo>;
+    QueryReferrers { path: StorePath } -> Vec<StorePath>;
+    QueryValidDerivers { path: StorePath } -> Vec<StorePath>;
+    /// The outputs registered for a valid derivation.
+    QueryDerivationOutputs { drv: StorePath } -> BTreeMap<String, StorePath>;
+    QueryPathFromHashPart { hash_part: String } -> Option<StorePath>;
+    QueryAllValidPaths {} -> Vec<StorePath>;
+    /// Add data the store-writer addresses itself: the raw contents (text, flat) or a NAR
+    /// (recursive) go into the upload pipe.
+    AddToStore {
+        name: String,
+        method: ContentAddressMethod,
+        algo: HashAlgo,
+        references: Vec<StorePath>,
+        repair: bool,
+    } -> PathInfo, Upload;
+    /// Add a NAR with the metadata the client claims; the store-writer checks all of it
+    /// against the client's trust. With `batch`, the path is staged and registered by
+    /// `CommitBatch`.
+    AddNar {
+        info: Box<PathInfo>,
+        repair: bool,
+        dont_check_sigs: bool,
+        batch: Option<u64>,
+    } -> (), Upload;
+    /// Register every path staged under `batch` in one transaction.
+    CommitBatch { batch: u64 } -> ();
+    /// Forget the staged paths of `batch`.
+    AbortBatch { batch: u64 } -> ();
+    AddTempRoot { path: StorePath } -> ();
+    AddIndirectRoot { link: String } -> ();
+    /// The reply is the root's path.
+    AddPermRoot { path: StorePath, link: String } -> String;
+    /// (link, target) pairs; links censored for untrusted clients.
+    FindRoots {} -> Vec<(String, StorePath)>;
+    AddSignatures { path: StorePath, sigs: Vec<String> } -> ();
+    /// The log goes into the upload pipe.
+    AddBuildLog { drv: StorePath } -> (), Upload;
+    /// A realisation in Nix's JSON form.
+    RegisterDrvOutput { realisation: String } -> ();
+    /// The reply is the realisation's JSON.
+    QueryRealisation { id: String } -> Option<String>;
+    /// Check that every valid path exists (and, with `check_contents`, hashes to its NAR
+    /// hash); progress goes out as `Log`. The reply says whether errors were found.
+    VerifyStore { check_contents: bool, repair: bool } -> bool;
+}
+
+/// store-writer → broker, in answer to a request whose reply type is `T`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreWriterToBroker<T> {
+    /// A message for the client's log, sent before the final reply.
+    Log {
+        level: u32,
+        text: String,
+    },
+    /// The request failed; `message` is client-visible (nix-daemon's wording where one exists).
+    Error {
+        message: String,
+    },
+    /// The first answer to an [`Upload`] request. Carries one descriptor: the write end of a
+    /// pipe the store-writer made and reads (A70); the broker writes the data into it, closes
+    /// it, and then gets the final reply.
+    Upload,
+    Done(T),
+}
+
+/// The answers that do not depend on the request (encoded identically for every `T`).
+pub type Notice = StoreWriterToBroker<()>;
+
+/// Largest request with a path info (AddNar, AddToStore): a path with tens of thousands of
+/// references and signatures fits.
+const PATH_INFO_REQUEST_MAX: usize = 8 << 20;
+
+impl ReqKind {
+    /// The kind named by the first bytes of an encoded request (`None`: no such request).
+    pub fn from_head(head: &[u8]) -> Option<ReqKind> {
+        // bincode's varint: a variant index below 251 is that one byte.
+        let tag = *head.first()?;
+        if tag >= 251 {
+            return None;
+        }
+        ReqKind::ALL.get(usize::from(tag)).copied()
+    }
+
+    /// The most bytes an encoded request of this kind may have: enough for any honest one,
+    /// small enough that its decoded form stays small whatever it holds.
+    pub fn max_bytes(self) -> usize {
+        match self {
+            ReqKind::Hello
+            | ReqKind::IsValidPath
+            | ReqKind::QueryPathInfo
+            | ReqKind::QueryReferrers
+            | ReqKind::QueryValidDerivers
+            | ReqKind::QueryDerivationOutputs
+            | ReqKind::QueryPathFromHashPart
+            | ReqKind::QueryAllValidPaths
+            | ReqKind::CommitBatch
+            | ReqKind::AbortBatch
+            | ReqKind::AddTempRoot
+            | ReqKind::FindRoots
+            | ReqKind::AddBuildLog
+            | ReqKind::QueryRealisation
+            | ReqKind::VerifyStore => 4 << 10,
+            // QUERY_CHUNK paths of at most ~250 bytes each.
+            ReqKind::QueryValidPaths => 256 << 10,
+            ReqKind::AddIndirectRoot | ReqKind::AddPermRoot => 16 << 10,
+            ReqKind::AddSignatures => 256 << 10,
+            ReqKind::RegisterDrvOutput => 1 << 20,
+            ReqKind::AddToStore | ReqKind::AddNar => PATH_INFO_REQUEST_MAX,
+        }
+    }
+}
+
+/// Brokers hand the store-writer no descriptors: upload pipes come from the store-writer (A70).
+impl Message for BrokerToStoreWriter {
+    const MAX_FDS: usize = 0;
+    fn fd_count(&self) -> usize {
+        0
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Message for StoreWriterToBroker<T> {
+    const MAX_FDS: usize = 1;
+    fn fd_count(&self) -> usize {
+        match self {
+            StoreWriterToBroker::Upload => 1,
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::Hash;
+    use crate::ipc::msg::{BROKER_SPILL_MAX, QUERY_CHUNK};
+    use crate::store_path::FileIngestion;
+
+    /// One request of every kind, encoded: its first byte names its kind, and the kind's size
+    /// limit lets it through.
+    #[test]
+    fn request_kinds_follow_the_variant_order() {
+        let p: StorePath = "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-x".parse().unwrap();
+        let info = PathInfo::new(p.clone(), Hash::sha256(b""), 0);
+        let all: Vec<BrokerToStoreWriter> = vec![
+            Hello { version: 1 }.into(),
+            IsValidPath { path: p.clone() }.into(),
+            QueryValidPaths {
+                paths: vec![p.clone(); QUERY_CHUNK],
+            }
+            .into(),
+            QueryPathInfo { path: p.clone() }.into(),
+            QueryReferrers { path: p.clone() }.into(),
+            QueryValidDerivers { path: p.clone() }.into(),
+            QueryDerivationOutputs { drv: p.clone() }.into(),
+            QueryPathFromHashPart {
+                hash_part: "x".repeat(32),
+            }
+            .into(),
+            QueryAllValidPaths {}.into(),
+            AddToStore {
+                name: "x".into(),
+                method: ContentAddressMethod::Fixed(FileIngestion::Recursive),
+                algo: HashAlgo::Sha256,
+                references: vec![p.clone()],
+                repair: false,
+            }
+            .into(),
+            AddNar {
+                info: Box::new(info),
+                repair: false,
+                dont_check_sigs: false,
+                batch: Some(7),
+            }
+            .into(),
+            CommitBatch { batch: 7 }.into(),
+            AbortBatch { batch: 7 }.into(),
+            AddTempRoot { path: p.clone() }.into(),
+            AddIndirectRoot {
+                link: "/a".repeat(100),
+            }
+            .into(),
+            AddPermRoot {
+                path: p.clone(),
+                link: "/a".into(),
+            }
+            .into(),
+            FindRoots {}.into(),
+            AddSignatures {
+                path: p.clone(),
+                sigs: vec!["k:s".into(); 100],
+            }
+            .into(),
+            AddBuildLog { drv: p.clone() }.into(),
+            RegisterDrvOutput {
+                realisation: "{}".into(),
+            }
+            .into(),
+            QueryRealisation { id: "x".into() }.into(),
+            VerifyStore {
+                check_contents: true,
+                repair: false,
+            }
+            .into(),
+        ];
+        assert_eq!(all.len(), ReqKind::ALL.len());
+        for (req, &kind) in all.iter().zip(ReqKind::ALL) {
+            assert_eq!(req.kind(), kind);
+            let bytes = crate::ipc::encode(req, BROKER_SPILL_MAX).unwrap();
+            assert_eq!(ReqKind::from_head(&bytes), Some(kind), "{req:?}");
+            assert!(
+                bytes.len() <= kind.max_bytes(),
+                "{kind:?}: {} bytes",
+                bytes.len()
+            );
+        }
+        assert_eq!(ReqKind::from_head(&[ReqKind::ALL.len() as u8]), None);
+        assert_eq!(ReqKind::from_head(&[]), None);
+    }
+
+    /// The answers sent before the request is known decode as the answer to any request.
+    #[test]
+    fn notices_decode_for_every_reply_type() {
+        for n in [
+            Notice::Log {
+                level: 3,
+                text: "x".into(),
+            },
+            Notice::Error {
+                message: "no".into(),
+            },
+            Notice::Upload,
+        ] {
+            let bytes = crate::ipc::encode(&n, 1 << 10).unwrap();
+            let back: StoreWriterToBroker<Vec<(String, StorePath)>> =
+                crate::ipc::decode(&bytes, 1 << 10).unwrap();
+            assert_eq!(format!("{n:?}"), format!("{back:?}"));
+        }
+    }
+}
