@@ -317,7 +317,7 @@ fn run_all(kind: DaemonKind) -> Vec<(&'static str, Hangup)> {
 
 fn describe(h: &Hangup) -> String {
     let greeting = raw::greeting_bytes();
-    let greeted = h.bytes.starts_with(&greeting);
+    let greeted = h.bytes.starts_with(&greeting[..8]);
     format!(
         "{} bytes{}{}, messages {:?}, then {} bytes",
         h.bytes.len(),
@@ -338,14 +338,26 @@ fn describe(h: &Hangup) -> String {
     )
 }
 
+/// `bytes` with the protocol version of the server's greeting blanked: nix-daemon 2.8 offers
+/// 1.34, Stockade 1.38, and everything after it is compared as it is.
+fn versionless(bytes: &[u8]) -> Vec<u8> {
+    let mut v = bytes.to_vec();
+    if v.starts_with(&raw::greeting_bytes()[..8]) && v.len() >= 16 {
+        v[8..16].fill(0);
+    }
+    v
+}
+
 /// Why `stockade`'s answer to `case` is wrong (given nix-daemon's), if it is.
 fn check(case: &Case, nix: &Hangup, stockade: &Hangup) -> Option<String> {
     match case.expect {
-        Expect::SameAsNix if nix.bytes != stockade.bytes => Some(format!(
-            "expected nix-daemon's answer\n  nix-daemon: {}\n  stockade:   {}",
-            describe(nix),
-            describe(stockade)
-        )),
+        Expect::SameAsNix if versionless(&nix.bytes) != versionless(&stockade.bytes) => {
+            Some(format!(
+                "expected nix-daemon's answer\n  nix-daemon: {}\n  stockade:   {}",
+                describe(nix),
+                describe(stockade)
+            ))
+        }
         Expect::Refused => {
             let only_errors = !stockade.messages.is_empty()
                 && stockade

@@ -225,6 +225,14 @@ mod tests {
         v.to_le_bytes().to_vec()
     }
 
+    /// A string as the wire writes it: length, bytes, zero padding to 8.
+    fn string(s: &str) -> Vec<u8> {
+        let mut v = u(s.len() as u64);
+        v.extend(s.as_bytes());
+        v.resize(v.len() + (8 - s.len() % 8) % 8, 0);
+        v
+    }
+
     /// Runs the server against scripted client bytes; returns the result, the bytes the server
     /// sent, and how many input bytes it consumed.
     fn serve(
@@ -256,11 +264,10 @@ mod tests {
         assert_eq!(info.minor(), 34);
         assert!(info.features.is_empty());
         assert_eq!(used, input.len() as u64);
-        // oixd, 0x122, "2.8.0"; no trust word below 35.
+        // oixd, our version, the version string; no trust word below 35.
         let mut expect = b"oixd\0\0\0\0".to_vec();
-        expect.extend([0x22, 0x01, 0, 0, 0, 0, 0, 0]);
-        expect.extend([5, 0, 0, 0, 0, 0, 0, 0]);
-        expect.extend(b"2.8.0\0\0\0");
+        expect.extend(u(PROTOCOL_VERSION));
+        expect.extend(string(DAEMON_VERSION));
         assert_eq!(out, expect);
     }
 
@@ -326,11 +333,11 @@ mod tests {
         // 1.35: trust word after the version string.
         let (res, out, _) = serve(&client_2_8(), 0x123, Some(TrustFlag::NotTrusted));
         assert_eq!(res.unwrap().version, 0x122, "client is still 1.34");
-        assert_eq!(out.len(), 32);
+        assert_eq!(out.len(), 16 + string(DAEMON_VERSION).len());
         let input = [u(WORKER_MAGIC_1), u(0x123), u(0), u(0)].concat();
         let (res, out, _) = serve(&input, 0x123, Some(TrustFlag::NotTrusted));
         assert_eq!(res.unwrap().version, 0x123);
-        assert_eq!(&out[32..], u(2));
+        assert_eq!(&out[16 + string(DAEMON_VERSION).len()..], u(2));
         // 1.38: client feature set after its version, then ours (empty) before affinity.
         let mut input = [u(WORKER_MAGIC_1), u(0x126), u(2)].concat();
         for f in ["fancy", "other"] {
@@ -347,8 +354,7 @@ mod tests {
         let mut expect = b"oixd\0\0\0\0".to_vec();
         expect.extend(u(0x126));
         expect.extend(u(0)); // our empty feature set
-        expect.extend(u(5));
-        expect.extend(b"2.8.0\0\0\0");
+        expect.extend(string(DAEMON_VERSION));
         expect.extend(u(0)); // trust unknown
         assert_eq!(out, expect);
         // A hostile feature set is bounded.

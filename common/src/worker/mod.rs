@@ -7,9 +7,9 @@
 //! input (see `fuzz/fuzz_targets/worker_wire.rs`).
 //!
 //! Version gating: everything compares against the *negotiated* minor
-//! (`min(client, PROTOCOL_VERSION)`), so advertising 1.35–1.38 later means raising
-//! [`PROTOCOL_VERSION`] and implementing the op-level fields of those versions; the handshake
-//! steps (trust flag at 35, feature sets at 38) are already gated here.
+//! (`min(client, PROTOCOL_VERSION)`): the trust flag at 35 and the feature sets at 38 are
+//! handshake steps, `BuildResult`'s CPU times at 37 are written by the broker; 36 changed
+//! nothing on the wire that a daemon sends or reads.
 
 /// Nix's highlighting of the arguments in error messages (`ANSI_WARNING` … `ANSI_NORMAL`, its
 /// `hintfmt`); clients strip the escapes when their stderr is not a terminal, and tests compare
@@ -40,14 +40,17 @@ pub const WORKER_MAGIC_1: u64 = 0x6e69_7863;
 /// The server's answer to [`WORKER_MAGIC_1`] (bytes `oixd`).
 pub const WORKER_MAGIC_2: u64 = 0x6478_696f;
 
-/// The protocol version we advertise: 1.34, what Nix 2.8.0 speaks.
-pub const PROTOCOL_VERSION: u64 = protocol_version(1, 34);
+/// The protocol version we advertise: 1.38, what Nix 2.24 to 2.26 speak.
+pub const PROTOCOL_VERSION: u64 = protocol_version(1, 38);
 
 /// Oldest client version a 2.8 daemon accepts (1.10).
 pub const MIN_CLIENT_VERSION: u64 = 0x10a;
 
-/// Nix version string sent to clients in handshake step 6 (minor ≥ 33).
-pub const DAEMON_VERSION: &str = "2.8.0";
+/// Version string sent to clients in handshake step 6 (minor ≥ 33); `nix store info` prints
+/// it. The first Nix release that speaks our protocol version, then Stockade's own version as
+/// semver build metadata: tools that compare Nix versions (split on dots, or semver) see
+/// 2.24.0 and keep working, and a person reading it sees Stockade.
+pub const DAEMON_VERSION: &str = concat!("2.24.0+stockade.", env!("CARGO_PKG_VERSION"));
 
 /// Builds a wire version number from its parts.
 pub const fn protocol_version(major: u8, minor: u8) -> u64 {
@@ -191,13 +194,13 @@ mod tests {
 
     #[test]
     fn version_helpers() {
-        assert_eq!(PROTOCOL_VERSION, 0x122);
+        assert_eq!(PROTOCOL_VERSION, 0x126);
         assert_eq!(get_major(PROTOCOL_VERSION), 0x100);
-        assert_eq!(get_minor(PROTOCOL_VERSION), 34);
+        assert_eq!(get_minor(PROTOCOL_VERSION), 38);
         assert_eq!(get_minor(0x1ff), 255);
         assert_eq!(get_major(0xffff), 0xff00);
         assert_eq!(protocol_version(1, 10), MIN_CLIENT_VERSION);
-        assert_eq!(DAEMON_VERSION, "2.8.0");
+        assert!(DAEMON_VERSION.starts_with("2.24.0+stockade."));
     }
 
     #[test]
