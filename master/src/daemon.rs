@@ -553,6 +553,11 @@ impl Daemon {
                     log::warn!("cannot answer the store-writer's gc-socket request: {e}");
                 }
             }
+            Ok(StoreWriterToMaster::DatabaseHeld { holders }) => {
+                for h in holders {
+                    self.database_held_by(h.pid);
+                }
+            }
             Ok(other) => log::warn!("unexpected message from the store-writer: {other:?}"),
             Err(ipc::Error::Closed) => {
                 // Its exit status arrives with SIGCHLD; stop polling the dead channel.
@@ -560,6 +565,38 @@ impl Daemon {
             }
             Err(e) => log::error!("store-writer channel: {e}"),
         }
+    }
+
+    /// A69: `pid` holds the database's locks while writes wait. A broker of ours (or anything
+    /// running under a broker uid) has no business doing that: it is killed, which drops its
+    /// locks. Anyone else is left to the store-writer's deadline and error message.
+    fn database_held_by(&mut self, pid: i32) {
+        let conn = self.conns.get(&pid);
+        let uid = proc_uid(pid);
+        let broker_uid = uid.is_some_and(|u| self.uids.as_ref().is_some_and(|p| p.owns(u)));
+        let (conn_id, client_uid) = conn.map_or((0, 0), |c| (c.conn_id, c.client_uid));
+        let uid_text = uid.map_or_else(|| "?".to_string(), |u| u.to_string());
+        let outcome = if conn.is_some() || broker_uid {
+            match kill(Pid::from_raw(pid), Signal::SIGKILL) {
+                Ok(()) => "killed",
+                Err(_) => "kill-failed",
+            }
+        } else {
+            "not-a-broker"
+        };
+        log::warn!("pid {pid} (uid {uid_text}) holds the database's locks: {outcome}");
+        self.ctx.audit.event_at(
+            Facility::Daemon,
+            Severity::Warning,
+            conn_id,
+            client_uid,
+            "database-held",
+            &[
+                ("holder-pid", &pid.to_string()),
+                ("holder-uid", &uid_text),
+                ("outcome", outcome),
+            ],
+        );
     }
 
     fn accept_batch(&mut self, source: Source) {
@@ -834,4 +871,11 @@ pub fn store_writer_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
 /// store-writer's uid, it is taken from just below the broker range, which must be free.
 pub fn db_reader_gid(brokers: &stockade_common::conf::UidRange) -> u32 {
     brokers.first.saturating_sub(2).max(1)
+}
+
+/// The real uid of `pid`, from `/proc/<pid>/status`.
+fn proc_uid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -81,6 +81,11 @@ impl UidPool {
         }
     }
 
+    /// Whether `uid` is one of this pool's (only brokers and their children run under one).
+    pub fn owns(&self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
+    }
+
     /// Uids currently handed out.
     #[cfg(test)]
     pub fn in_use(&self) -> usize {

@@ -2,7 +2,8 @@
 //! and reads new temp roots from its `gc-socket`; a root written only to our temproots file
 //! then would be missed and the path collected. After its lockdown the store-writer may not
 //! make sockets, so it asks the master over the control channel for a connected one. Session
-//! threads share the sending side; the control loop routes each answer to its asker.
+//! threads share the sending side; the control loop routes each answer to its asker. The same
+//! sending side carries notices that need no answer (a database held by a broker, A69).
 
 use std::collections::HashMap;
 use std::io;
@@ -63,6 +64,18 @@ impl GcLink {
         match answer? {
             Ok(fd) => Ok(UnixStream::from(fd)),
             Err(why) => Err(io::Error::new(io::ErrorKind::ConnectionRefused, why)),
+        }
+    }
+
+    /// Tells the master something that needs no answer.
+    pub fn notify(&self, msg: &StoreWriterToMaster) {
+        let sent = self
+            .send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(msg, &[]);
+        if let Err(e) = sent {
+            log::warn!("cannot tell the master {msg:?}: {e}");
         }
     }
 

@@ -276,11 +276,22 @@ impl Store {
         what: &str,
         mut f: impl FnMut(&mut Db) -> Result<T, DbError>,
     ) -> Result<T, crate::error::ReqError> {
-        match dbbusy::retry(|| f(&mut self.db())) {
+        let stalled = || {
+            let holders = dbbusy::steady_holders(&self.db_dir);
+            if holders.is_empty() || cfg!(feature = "without-a69") {
+                return;
+            }
+            if let Some(link) = self.gc_link.get() {
+                link.notify(
+                    &stockade_common::ipc::msg::StoreWriterToMaster::DatabaseHeld { holders },
+                );
+            }
+        };
+        match dbbusy::retry(|| f(&mut self.db()), stalled) {
             Ok(v) => Ok(v),
             Err(dbbusy::Busy::Other(e)) => Err(e.into()),
             Err(dbbusy::Busy::TimedOut(e)) => {
-                let holders = dbbusy::lock_holders(&self.db_dir).join(",");
+                let holders = dbbusy::describe(&dbbusy::lock_holders(&self.db_dir));
                 let secs = dbbusy::BUSY_DEADLINE.as_secs().to_string();
                 self.audit.event(
                     crate::audit::Severity::Warning,

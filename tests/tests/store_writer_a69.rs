@@ -92,3 +92,91 @@ fn a_locked_database_gives_a_clear_error_and_an_audit_line() {
     d.run_ok(["nix-store", "-q", "--hash", &p]);
     d.run_ok(["nix-store", "--add", f.to_str().unwrap()]);
 }
+
+/// Python run as root: a child takes the brokers' uid and group, as a compromised broker runs,
+/// opens the WAL index and holds a shared lock on its write-lock byte; the parent then adds
+/// `$2` through the daemon and reports how the holder ended (it never lets go by itself).
+const BROKER_HOLDS_LOCK: &str = r#"
+import fcntl, os, signal, subprocess, sys
+db, f, uid, gid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    os.setgroups([gid]); os.setgid(gid); os.setuid(uid)
+    fd = os.open(db + "/db.sqlite-shm", os.O_RDONLY)
+    fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 120)
+    os.write(w, b"x")
+    while True:
+        signal.pause()
+os.close(w)
+if os.read(r, 1) != b"x":
+    print("no-lock", flush=True)
+    sys.exit(0)
+print("holder", pid, flush=True)
+res = subprocess.run(["nix-store", "--add", f], capture_output=True, text=True)
+print("add-status", res.returncode, flush=True)
+if res.returncode != 0:
+    os.kill(pid, signal.SIGKILL)
+_, status = os.waitpid(pid, 0)
+print("holder-signal", os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1)
+print(res.stdout, end="")
+print(res.stderr, end="", file=sys.stderr)
+"#;
+
+/// A compromised broker may open the database (brokers read it directly) and so may hold
+/// SQLite's write lock. The store-writer reports the holder to the master, which ends it
+/// because it runs under a broker uid: the add waiting for the lock completes, and the
+/// master's audit line names the process it killed.
+#[test]
+fn a_broker_holding_the_lock_is_ended() {
+    skip_unless_root!();
+    let audit = AuditCollector::new();
+    let range = stockade_tests::sec::private_broker_uids();
+    let first: u32 = range
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|r| r.split('-').next())
+        .and_then(|f| f.parse().ok())
+        .expect("broker-uid-range line");
+    let d = Daemon::builder(stockade_tests::DaemonKind::Stockade)
+        .stockade_conf(&format!(
+            "{range}audit-socket = {}\n",
+            audit.path().display()
+        ))
+        .start()
+        .expect("stockade");
+    let first_file = d.write_work_file("first.txt", b"first\n");
+    d.run_ok(["nix-store", "--add", first_file.to_str().unwrap()]);
+    let f = d.write_work_file("second.txt", b"second\n");
+    // A broker uid that no connection holds now, and the brokers' database group.
+    let (uid, gid) = (first + 200, first - 2);
+    let out = d
+        .cmd("python3")
+        .args([
+            "-c",
+            BROKER_HOLDS_LOCK,
+            "/nix/var/nix/db",
+            f.to_str().unwrap(),
+            &uid.to_string(),
+            &gid.to_string(),
+        ])
+        .output();
+    let text = out.stdout_str();
+    let holder = text
+        .lines()
+        .find_map(|l| l.strip_prefix("holder "))
+        .unwrap_or_else(|| panic!("the stand-in broker could not take the lock: {out}"))
+        .to_string();
+    assert!(
+        text.contains("add-status 0"),
+        "the add failed while a broker held the lock: {out}"
+    );
+    assert!(text.contains("holder-signal 9"), "{out}");
+    let line = audit
+        .wait_for(Duration::from_secs(10), |l| l.contains(" database-held "))
+        .expect("no audit line for the held database");
+    assert!(line.contains(&format!("holder-pid={holder}")), "{line}");
+    assert!(line.contains("outcome=killed"), "{line}");
+}

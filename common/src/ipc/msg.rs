@@ -108,6 +108,19 @@ pub enum StoreWriterToMaster {
     ConnectGcSocket {
         id: u64,
     },
+    /// Writes have found the database locked for a while; these processes hold SQLite's
+    /// locks (from `/proc/locks`). The master ends any of them that is one of its brokers
+    /// (A69: a compromised broker must not stall every write).
+    DatabaseHeld {
+        holders: Vec<LockHolder>,
+    },
+}
+
+/// A process holding a lock, as `/proc/locks` and `/proc/<pid>/status` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    pub pid: i32,
+    pub uid: Option<u32>,
 }
 
 /// master → builder-helper, on the helper's control channel.

@@ -416,7 +416,9 @@ fn common(r: &mut Rules, pid: u32) -> Result<(), LockdownError> {
     r.allow_if(libc::SYS_mmap, no_exec)?;
     r.allow_if(libc::SYS_mprotect, no_exec)?;
     // fcntl: descriptor flags, locks, seals, pipe sizes. Not F_SETOWN / F_SETSIG (signals to
-    // other processes) or leases.
+    // other processes) or leases. Not open-file-description locks either: /proc/locks names no
+    // process for them, so a broker holding SQLite's lock that way could not be found and
+    // ended (A69); SQLite takes process-associated locks.
     let fcntl_cmds = [
         libc::F_DUPFD,
         libc::F_DUPFD_CLOEXEC,
@@ -428,8 +430,6 @@ fn common(r: &mut Rules, pid: u32) -> Result<(), LockdownError> {
         libc::F_SETLK,
         libc::F_SETLKW,
         libc::F_OFD_GETLK,
-        libc::F_OFD_SETLK,
-        libc::F_OFD_SETLKW,
         libc::F_ADD_SEALS,
         libc::F_GET_SEALS,
         libc::F_GETPIPE_SZ,
