@@ -67,7 +67,17 @@ fn process_privileges_with_clients_connected() {
         assert!(c.set_options(&[]).unwrap().is_ok());
         clients.push(c);
     }
-    let procs = instance_processes(&d, "stockade");
+    // The broker of the harness's readiness probe may still be on its way out: wait (bounded)
+    // until only the two clients' brokers are left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let procs = loop {
+        let procs = instance_processes(&d, "stockade");
+        let brokers = procs.iter().filter(|p| p.exe == "stockade-broker").count();
+        if brokers <= 2 || std::time::Instant::now() > deadline {
+            break procs;
+        }
+        std::thread::yield_now();
+    };
     let of = |exe: &str| -> Vec<&ProcStatus> { procs.iter().filter(|p| p.exe == exe).collect() };
     let masters = of("stockade");
     let writers = of("stockade-store-writer");
