@@ -3,9 +3,9 @@
 //!
 //! The primitives know nothing about stores, hashes or store-path syntax: paths are plain
 //! strings there. [`request`] builds on them: each operation read whole, its store paths
-//! validated. Every reader is bounded by [`Limits`] and never
-//! allocates from a length it has not checked against a bound, so it is safe to feed hostile
-//! input (see `fuzz/fuzz_targets/worker_wire.rs`).
+//! validated. Every reader is bounded by [`Limits`] and never allocates from a length it has
+//! not checked against a bound, so it is safe to feed hostile input (see
+//! `fuzz/fuzz_targets/worker_wire.rs` and `worker_request.rs`).
 //!
 //! Version gating: everything compares against the *negotiated* minor
 //! (`min(client, PROTOCOL_VERSION)`), so advertising 1.35–1.38 later means raising

@@ -24,12 +24,15 @@ pub(super) fn invalid(what: &'static str, offset: u64, message: impl Into<String
 }
 
 /// nix-daemon's wording for a path that is not a store path.
-pub(super) fn path_error(e: StorePathError, what: &'static str, offset: u64) -> WireError {
-    let message = match e {
+fn path_message(e: StorePathError) -> String {
+    match e {
         StorePathError::NotInStore(p) => format!("path '{}' is not in the Nix store", hl(p)),
         other => other.to_string(),
-    };
-    invalid(what, offset, message)
+    }
+}
+
+pub(super) fn path_error(e: StorePathError, what: &'static str, offset: u64) -> WireError {
+    invalid(what, offset, path_message(e))
 }
 
 pub(crate) fn read_path<R: Read>(
@@ -187,13 +190,6 @@ impl DerivedPath {
                 format!("{}!{}", sd.display(drv), outs)
             }
         }
-    }
-}
-
-fn path_message(e: StorePathError) -> String {
-    match path_error(e, "", 0) {
-        WireError::Invalid { message, .. } => message,
-        other => other.to_string(),
     }
 }
 
