@@ -1,62 +1,43 @@
-//! One client connection: handshake, the stderr/logger state machine, the op loop.
-//!
-//! Each op reads its arguments, then starts "work" (from then on log messages and one error
-//! may be sent), then stops work (`STDERR_LAST`) and writes its reply. As in nix-daemon, an
-//! error while reading arguments is reported twice and ends the connection; an error during
-//! work is reported once and the connection carries on.
+//! The client's side of one connection: the handshake, reading requests, the stderr/logger
+//! state machine (Nix's TunnelLogger) and the handles for data that streams after a request.
+//! What operations do, and in which order a session drives them, is elsewhere (`session`).
 
-use std::io::{BufReader, Read, Write};
+use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 
-use stockade_common::audit::{Audit, Facility, Severity};
 use stockade_common::ipc::msg::BrokerConfig;
 use stockade_common::store_path::StoreDir;
+use stockade_common::worker::request::{
+    Framed, NarStream, RawNar, Request, RequestLimits, TunnelReader, Tunnelled,
+};
 use stockade_common::worker::{
-    self, ActivityType, ClientOptions, ErrorInfo, Field, Op, StderrMsg, TrustFlag, Verbosity,
-    WireReader, WireWriter,
+    self, ActivityType, ErrorInfo, Field, FramedReader, Limits, Op, StderrMsg, TrustFlag,
+    Verbosity, WireError, WireReader, WireWriter,
 };
 
-use crate::error::{hl, OpError, OpResult};
-use crate::store::Store;
+use crate::ctx::{Client, ClientIn, ClientOut};
+use crate::error::OpResult;
 
-pub type ClientReader = WireReader<BufReader<UnixStream>>;
-pub type ClientWriter = WireWriter<UnixStream>;
+pub type ClientReader = WireReader<ClientIn>;
+pub type ClientWriter = WireWriter<ClientOut>;
 
 pub struct Conn {
-    pub r: ClientReader,
+    r: ClientReader,
     pub w: ClientWriter,
     /// Negotiated protocol minor.
     pub minor: u8,
-    pub cfg: BrokerConfig,
-    pub sd: StoreDir,
-    pub store: Store,
-    pub opts: ClientOptions,
-    /// Where denials and setting overrides are recorded (syslog and `audit-socket`).
-    pub audit: Audit,
+    cfg: BrokerConfig,
     /// The client's socket, for timeouts (reads and writes go through `r` and `w`).
     client: UnixStream,
     /// Between start_work and stop_work (Nix's `canSendStderr`).
     working: bool,
     next_activity: u64,
-}
-
-/// How the op loop ended.
-pub enum End {
-    /// The client closed the connection between operations.
-    Eof,
-    /// An error ended the connection (already reported to the client where possible).
-    Error(String),
+    /// The verbosity the client asked for (SetOptions).
+    verbosity: Verbosity,
 }
 
 impl Conn {
-    pub fn new(
-        client: UnixStream,
-        store: Store,
-        cfg: BrokerConfig,
-        audit: Audit,
-    ) -> std::io::Result<Conn> {
-        let sd = StoreDir::new(&cfg.store_dir)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    pub fn new(client: UnixStream, cfg: BrokerConfig) -> std::io::Result<Conn> {
         let reader = BufReader::with_capacity(64 * 1024, client.try_clone()?);
         let out = client.try_clone()?;
         Ok(Conn {
@@ -65,12 +46,9 @@ impl Conn {
             client,
             minor: 0,
             cfg,
-            sd,
-            store,
-            opts: ClientOptions::default(),
-            audit,
             working: false,
             next_activity: 0,
+            verbosity: Verbosity::Info,
         })
     }
 
@@ -78,46 +56,9 @@ impl Conn {
         self.cfg.client.trusted
     }
 
-    /// Records a refused operation and turns it into the client's error.
-    pub fn deny(&self, op: &str, reason: &str) -> OpError {
-        let client = &self.cfg.client;
-        // `op=addSignatures`, in the store-writer's lowerCamel style.
-        let mut chars = op.chars();
-        let op: String = chars
-            .next()
-            .map(|c| c.to_ascii_lowercase())
-            .into_iter()
-            .chain(chars)
-            .collect();
-        let op = op.as_str();
-        self.audit.event_at(
-            Facility::Daemon,
-            Severity::Warning,
-            client.conn_id,
-            client.uid,
-            "denied",
-            &[("op", op), ("reason", reason)],
-        );
-        OpError::client(reason)
-    }
-
-    /// Records a client's attempt to override a setting.
-    pub fn audit_override(&self, name: &str, allowed: bool) {
-        let client = &self.cfg.client;
-        self.audit.event(
-            client.conn_id,
-            client.uid,
-            "override",
-            &[
-                ("name", name),
-                ("allowed", if allowed { "yes" } else { "no" }),
-                ("trusted", if client.trusted { "yes" } else { "no" }),
-            ],
-        );
-    }
-
-    /// Runs the whole session.
-    pub fn serve(&mut self) -> End {
+    /// The handshake, then the (empty) setup messages and `STDERR_LAST`. An error ends the
+    /// connection.
+    pub fn handshake(&mut self) -> Result<(), String> {
         let trust = Some(if self.trusted() {
             TrustFlag::Trusted
         } else {
@@ -138,7 +79,7 @@ impl Conn {
             Ok(info) => info,
             Err(e) => {
                 // nix-daemon closes without a word when the greeting is wrong.
-                return End::Error(format!("handshake failed: {e}"));
+                return Err(format!("handshake failed: {e}"));
             }
         };
         self.minor = worker::get_minor(info.version);
@@ -146,54 +87,28 @@ impl Conn {
         // Step 7: setup messages (none), then LAST.
         self.start_work();
         if let Err(e) = self.stop_work().and_then(|_| Ok(self.w.flush()?)) {
-            return End::Error(e.message);
+            return Err(e.message);
         }
-        loop {
-            let op = match self.r.read_u64("operation") {
-                Ok(op) => op,
-                Err(worker::WireError::Eof { .. }) => return End::Eof,
-                Err(e) => return End::Error(e.to_string()),
-            };
-            // nix-daemon reads the op as a 32-bit number: a larger one is a serialisation
-            // error outside any operation, reported once before it closes.
-            if op > u64::from(u32::MAX) {
-                let msg = format!(
-                    "serialised integer {} is too large for type '{}'",
-                    hl(op),
-                    hl("j")
-                );
-                let _ = self.send_error(&msg);
-                return End::Error(msg);
-            }
-            log::debug!("received daemon op {op}");
-            match self.perform(op) {
-                Ok(()) => {}
-                Err(e) => {
-                    let during_work = self.working;
-                    let msg = e.message.clone();
-                    if self.send_error(&e.message).is_err() {
-                        return End::Error(msg);
-                    }
-                    if !during_work {
-                        // Reported a second time by nix-daemon's outer handler, then closed.
-                        let _ = self.send_error(&e.message);
-                        return End::Error(msg);
-                    }
-                    if e.fatal {
-                        return End::Error(msg);
-                    }
-                }
-            }
-            if let Err(e) = self.w.flush() {
-                return End::Error(e.to_string());
-            }
-        }
+        Ok(())
     }
 
-    fn perform(&mut self, op: u64) -> OpResult<()> {
-        let op = Op::try_from(op)
-            .map_err(|_| OpError::client(format!("invalid operation {}", hl(op))))?;
-        crate::ops::perform(self, op)
+    /// The next operation's number (EOF here is the client hanging up between operations).
+    pub fn read_op(&mut self) -> Result<u64, WireError> {
+        self.r.read_u64("operation")
+    }
+
+    /// The arguments of `op`, read whole.
+    pub fn read_request(
+        &mut self,
+        op: Op,
+        sd: &StoreDir,
+        limits: &RequestLimits,
+    ) -> Result<Request, WireError> {
+        Request::read_args(op, &mut self.r, self.minor, sd, limits)
+    }
+
+    pub fn working(&self) -> bool {
+        self.working
     }
 
     pub fn start_work(&mut self) {
@@ -207,7 +122,7 @@ impl Conn {
         Ok(())
     }
 
-    fn send_error(&mut self, message: &str) -> OpResult<()> {
+    pub fn send_error(&mut self, message: &str) -> OpResult<()> {
         self.working = false;
         // Before 1.26 the error travels as nix-daemon's `what()`: the message rendered with
         // its red "error:" prefix, continuation lines indented under it.
@@ -223,25 +138,22 @@ impl Conn {
         self.w.flush()?;
         Ok(())
     }
+}
 
-    /// A log line for the client, dropped above its verbosity (as nix-daemon's TunnelLogger).
-    pub fn log(&mut self, level: Verbosity, text: &str) -> OpResult<()> {
-        if !self.working || level > self.opts.verbosity {
+impl Client for Conn {
+    fn minor(&self) -> u8 {
+        self.minor
+    }
+
+    fn log(&mut self, level: Verbosity, text: &str) -> OpResult<()> {
+        if !self.working || level > self.verbosity {
             return Ok(());
         }
         StderrMsg::log_line(text.as_bytes().to_vec()).write(&mut self.w, self.minor)?;
         Ok(())
     }
 
-    pub fn warn(&mut self, text: &str) -> OpResult<()> {
-        self.log(
-            Verbosity::Warn,
-            &format!("\x1b[35;1mwarning:\x1b[0m {text}"),
-        )
-    }
-
-    /// Starts an activity; activities are forwarded whatever the verbosity.
-    pub fn start_activity(
+    fn start_activity(
         &mut self,
         level: Verbosity,
         ty: ActivityType,
@@ -250,7 +162,7 @@ impl Conn {
     ) -> OpResult<u64> {
         let id = (u64::from(std::process::id()) << 32) + self.next_activity;
         self.next_activity += 1;
-        if self.minor < 20 && level > self.opts.verbosity {
+        if self.minor < 20 && level > self.verbosity {
             return Ok(id);
         }
         StderrMsg::StartActivity {
@@ -265,33 +177,33 @@ impl Conn {
         Ok(id)
     }
 
-    pub fn stop_activity(&mut self, id: u64) -> OpResult<()> {
+    fn stop_activity(&mut self, id: u64) -> OpResult<()> {
         StderrMsg::StopActivity(id).write(&mut self.w, self.minor)?;
         Ok(())
     }
 
-    /// The client's socket for raw reads (framed streams, bare NARs).
-    pub fn raw_reader(&mut self) -> &mut BufReader<UnixStream> {
-        self.r.get_mut()
+    fn write_data(&mut self, chunk: Vec<u8>) -> OpResult<()> {
+        StderrMsg::Write(chunk).write(&mut self.w, self.minor)?;
+        Ok(())
     }
-}
 
-/// Copies everything read through it into a sink that may go away (the store-writer's pipe):
-/// after the first write error the data is still read, so the client stream stays in sync.
-pub struct Tee<'a, R, W> {
-    pub inner: R,
-    pub out: &'a mut W,
-    pub failed: Option<std::io::Error>,
-}
+    fn set_verbosity(&mut self, level: Verbosity) {
+        self.verbosity = level;
+    }
 
-impl<R: Read, W: Write> Read for Tee<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if self.failed.is_none() {
-            if let Err(e) = self.out.write_all(buf.get(..n).unwrap_or_default()) {
-                self.failed = Some(e);
-            }
-        }
-        Ok(n)
+    fn limits(&self) -> Limits {
+        *self.r.limits()
+    }
+
+    fn framed(&mut self, payload: Framed) -> FramedReader<&mut ClientIn> {
+        payload.open(self.r.get_mut())
+    }
+
+    fn nar(&mut self, payload: RawNar) -> NarStream<&mut ClientIn> {
+        payload.open(self.r.get_mut())
+    }
+
+    fn tunnel(&mut self, payload: Tunnelled) -> TunnelReader<'_, ClientIn, ClientOut> {
+        payload.open(&mut self.r, &mut self.w, self.minor)
     }
 }

@@ -3,6 +3,7 @@
 use stockade_common::ipc;
 use stockade_common::nar::NarError;
 use stockade_common::store_path::StorePathError;
+use stockade_common::worker::request::StreamError;
 use stockade_common::worker::WireError;
 
 pub use stockade_common::worker::hl;
@@ -15,6 +16,10 @@ pub struct OpError {
     /// The connection can no longer be trusted to be in sync (I/O failure, broken framing,
     /// store-writer gone): after reporting, close it.
     pub fatal: bool,
+    /// Raised where nix-daemon has not started work yet (a check it makes on the arguments, a
+    /// bare NAR it reads before `startWork`): reported as an error in the arguments, twice,
+    /// and the connection closes.
+    pub before_work: bool,
 }
 
 impl OpError {
@@ -22,6 +27,7 @@ impl OpError {
         OpError {
             message: message.into(),
             fatal: false,
+            before_work: false,
         }
     }
 
@@ -29,6 +35,15 @@ impl OpError {
         OpError {
             message: message.into(),
             fatal: true,
+            before_work: false,
+        }
+    }
+
+    /// This error as one nix-daemon raises before work starts.
+    pub fn before_work(self) -> OpError {
+        OpError {
+            before_work: true,
+            ..self
         }
     }
 }
@@ -45,6 +60,7 @@ impl From<WireError> for OpError {
         OpError {
             message: e.to_string(),
             fatal,
+            before_work: false,
         }
     }
 }
@@ -55,6 +71,18 @@ impl From<StorePathError> for OpError {
             StorePathError::NotInStore(p) => format!("path '{}' is not in the Nix store", hl(p)),
             other => other.to_string(),
         })
+    }
+}
+
+impl From<StreamError> for OpError {
+    fn from(e: StreamError) -> OpError {
+        match e {
+            StreamError::Wire(e) => e.into(),
+            StreamError::Nar(e) => e.into(),
+            // The stream's place is lost: report, then close.
+            e @ StreamError::WrongFormat => OpError::fatal(e.to_string()),
+            e @ StreamError::NotRegular => OpError::client(e.to_string()),
+        }
     }
 }
 

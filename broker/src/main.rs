@@ -6,10 +6,12 @@
 //! client, then serves the session and exits.
 
 mod conn;
+mod ctx;
 mod error;
+mod handlers;
 mod lockdown;
-mod ops;
-mod proto;
+mod reply;
+mod session;
 mod store;
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -87,11 +89,11 @@ fn run(args: &Args) -> Result<(), String> {
     store
         .hello()
         .map_err(|e| format!("greeting the store-writer: {}", e.message))?;
-    let mut conn = conn::Conn::new(client, store, *cfg, audit)
+    let mut session = session::Session::new(client, store, *cfg, audit)
         .map_err(|e| format!("setting up the connection: {e}"))?;
-    match conn.serve() {
-        conn::End::Eof => Ok(()),
-        conn::End::Error(e) => {
+    match session.serve() {
+        session::End::Eof => Ok(()),
+        session::End::Error(e) => {
             log::info!("conn={conn_id} ended: {e}");
             Ok(())
         }

@@ -1,10 +1,11 @@
 //! Nix worker protocol primitives (PROTOCOL.md §1–§4): constants, the hardened wire reader and
 //! buffered writer, framed streams, the stderr/logger channel, the handshake and SetOptions.
 //!
-//! This layer knows nothing about stores, hashes or store-path syntax: paths are plain strings
-//! here and are validated by the caller. Every reader is bounded by [`Limits`] and never
-//! allocates from a length it has not checked against a bound, so it is safe to feed hostile
-//! input (see `fuzz/fuzz_targets/worker_wire.rs`).
+//! The primitives know nothing about stores, hashes or store-path syntax: paths are plain
+//! strings there. [`request`] builds on them: each operation read whole, its store paths
+//! validated. Every reader is bounded by [`Limits`] and never allocates from a length it has
+//! not checked against a bound, so it is safe to feed hostile input (see
+//! `fuzz/fuzz_targets/worker_wire.rs` and `worker_request.rs`).
 //!
 //! Version gating: everything compares against the *negotiated* minor
 //! (`min(client, PROTOCOL_VERSION)`): the trust flag at 35 and the feature sets at 38 are
@@ -21,6 +22,7 @@ pub fn hl(s: impl std::fmt::Display) -> String {
 mod framed;
 mod handshake;
 mod options;
+pub mod request;
 mod stderr;
 mod wire;
 
@@ -32,6 +34,7 @@ pub use handshake::{
     client_handshake, server_handshake, ClientInfo, DaemonInfo, TrustFlag, SUPPORTED_FEATURES,
 };
 pub use options::ClientOptions;
+pub use request::{Request, RequestLimits};
 pub use stderr::{ActivityType, ErrorInfo, Field, ResultType, StderrMsg, Verbosity};
 pub use wire::{Limits, WireError, WireReader, WireWriter};
 

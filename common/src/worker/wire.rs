@@ -125,6 +125,14 @@ pub enum WireError {
         offset: u64,
         expected: &'static str,
     },
+    /// A value read whole that does not parse (a store path outside the store, a bad hash, an
+    /// unknown operation): `message` is what the client is told, in nix-daemon's words.
+    #[error("{message}")]
+    Invalid {
+        what: &'static str,
+        offset: u64,
+        message: String,
+    },
     /// A framed stream hit an error it cannot recover from; the connection is out of sync.
     #[error("framed stream already failed; the connection cannot be resynchronised")]
     FramedFailed,

@@ -1,0 +1,83 @@
+//! Roots, garbage collection and store maintenance: what the store-writer does on the
+//! client's behalf, where policy allows.
+
+use std::collections::BTreeSet;
+
+use stockade_common::ipc::writer as w;
+use stockade_common::store_path::StorePath;
+use stockade_common::worker::request::GcRequest;
+use stockade_policy::ops as pops;
+
+use super::call_relaying_logs;
+use crate::ctx::Ctx;
+use crate::error::OpResult;
+use crate::reply::Reply;
+
+pub fn add_temp_root(ctx: &mut Ctx<'_>, path: StorePath) -> OpResult<Reply> {
+    ctx.store.call(w::AddTempRoot { path })?;
+    Ok(Reply::Int(1))
+}
+
+pub fn add_indirect_root(ctx: &mut Ctx<'_>, link: String) -> OpResult<Reply> {
+    ctx.store.call(w::AddIndirectRoot { link })?;
+    Ok(Reply::Int(1))
+}
+
+/// Not in 2.8; later Nix accepts it at any protocol version (its mounted ssh-ng store sends it
+/// without looking at the version), so do we.
+pub fn add_perm_root(ctx: &mut Ctx<'_>, path: StorePath, link: String) -> OpResult<Reply> {
+    pops::op_allowed(pops::Op::AddPermRoot, ctx.trusted())
+        .map_err(|d| ctx.deny("AddPermRoot", d.0))?;
+    let link = ctx.store.call(w::AddPermRoot { path, link })?;
+    Ok(Reply::Str(link))
+}
+
+pub fn find_roots(ctx: &mut Ctx<'_>) -> OpResult<Reply> {
+    Ok(Reply::Pairs(ctx.store.call(w::FindRoots {})?))
+}
+
+pub fn collect_garbage(ctx: &mut Ctx<'_>, gc: &GcRequest) -> OpResult<Reply> {
+    let op = "CollectGarbage";
+    pops::op_allowed(
+        pops::Op::CollectGarbage {
+            ignore_liveness: gc.ignore_liveness,
+        },
+        ctx.trusted(),
+    )
+    .map_err(|d| ctx.deny(op, d.0))?;
+    Err(ctx.deny(
+        op,
+        "garbage collection through this daemon is not supported yet",
+    ))
+}
+
+pub fn optimise_store(ctx: &mut Ctx<'_>) -> OpResult<Reply> {
+    Err(ctx.deny(
+        "OptimiseStore",
+        "store optimisation through this daemon is not supported yet",
+    ))
+}
+
+pub fn verify_store(ctx: &mut Ctx<'_>, check_contents: bool, repair: bool) -> OpResult<Reply> {
+    pops::op_allowed(pops::Op::VerifyStore { repair }, ctx.trusted())
+        .map_err(|d| ctx.deny("VerifyStore", d.0))?;
+    let req = w::VerifyStore {
+        check_contents,
+        repair,
+    };
+    Ok(Reply::Bool(call_relaying_logs(ctx, req)?))
+}
+
+pub fn add_signatures(
+    ctx: &mut Ctx<'_>,
+    path: StorePath,
+    sigs: BTreeSet<String>,
+) -> OpResult<Reply> {
+    pops::op_allowed(pops::Op::AddSignatures, ctx.trusted())
+        .map_err(|d| ctx.deny("AddSignatures", d.0))?;
+    ctx.store.call(w::AddSignatures {
+        path,
+        sigs: sigs.into_iter().collect(),
+    })?;
+    Ok(Reply::Int(1))
+}
