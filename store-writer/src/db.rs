@@ -79,12 +79,13 @@ pub fn init(db_dir: &Path, store_dir: &StoreDir, opts: &DbOptions) -> Result<Db,
 /// A row is written in the transaction that registers its path and deleted only after a
 /// `syncfs` that began after that commit, so a row that survives a power cut names a path
 /// whose contents may not have reached the disk. `seq` only grows (AUTOINCREMENT), so "every
-/// row committed before the sync began" is `seq <= ` the largest seen then, even when a path
-/// is registered again (repair) in the meantime.
+/// row committed before the sync began" is `seq <= ` the largest seen then. A path registered
+/// again (repair) gets a second row; no index on `path`, which would cost every registration
+/// one more page written.
 pub const UNSYNCED_SCHEMA: &str = "
 create table if not exists StockadeUnsynced (
     seq  integer primary key autoincrement not null,
-    path text unique not null
+    path text not null
 );
 ";
 

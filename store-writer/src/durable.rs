@@ -322,7 +322,9 @@ pub fn recover(store: &Store) -> Result<Recovery, RecoverError> {
     let mut listed: BTreeSet<StorePath> = BTreeSet::new();
     // Damaged path -> why.
     let mut damaged: BTreeMap<StorePath, String> = BTreeMap::new();
-    for (_, text) in &rows {
+    // A path registered again (repair) has a row per registration.
+    let texts: BTreeSet<&str> = rows.iter().map(|(_, t)| t.as_str()).collect();
+    for text in texts {
         let Ok(p) = store.store_dir.parse(text) else {
             log::warn!("StockadeUnsynced names {text:?}, not a store path; ignored");
             continue;

@@ -111,6 +111,13 @@ pub fn commit(
     if unsynced {
         store.syncer.note();
     }
+    // Every staged node was new and moved out (none was valid meanwhile, none replaced an
+    // old copy that now sits in the staging directory): nothing is left to delete there.
+    let all_moved =
+        outcomes.is_empty() && done.iter().all(|(_, how)| matches!(how, Installed::New));
+    if all_moved {
+        staging.set_emptied();
+    }
     for it in &todo {
         ctx.added(op, &it.info, &it.evidence);
     }
