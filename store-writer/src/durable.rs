@@ -150,13 +150,15 @@ impl Syncer {
     pub fn note(&self) {
         let now = Instant::now();
         let mut st = self.state();
-        if !st.pending {
-            st.pending = true;
-            st.first = Some(now);
-        }
         st.last = Some(now);
+        if st.pending {
+            // The thread already waits for a due time; it reads `last` again when it wakes.
+            return;
+        }
+        st.pending = true;
+        st.first = Some(now);
         drop(st);
-        self.wake.notify_one();
+        self.wake.notify_all();
     }
 
     /// Whether registrations wait for a round.
