@@ -224,8 +224,11 @@ impl Audit {
             logged = d.send(msg.as_bytes()).is_ok();
         }
         if !logged {
-            // Nothing useful can be done if standard error is gone too.
-            let _ = writeln!(io::stderr(), "{}[{}]: audit: {line}", self.ident, self.pid);
+            // One write (stderr is unbuffered: `writeln!` would make one per piece), so lines
+            // of concurrent writers never interleave. Nothing useful can be done if standard
+            // error is gone too.
+            let text = format!("{}[{}]: audit: {line}\n", self.ident, self.pid);
+            let _ = io::stderr().write_all(text.as_bytes());
         }
         if let Some(d) = &self.extra {
             let _ = d.send(msg.as_bytes());

@@ -14,8 +14,8 @@ use stockade_common::ipc::{self, Channel};
 
 use crate::audit::{Audit, Severity};
 use crate::roots::{self, TempRoots};
-use crate::session;
 use crate::store::{StartError, Store};
+use crate::{durable, session};
 
 /// A live broker connection, as the control loop sees it.
 struct Conn {
@@ -27,10 +27,14 @@ struct Conn {
 
 type Conns = Arc<Mutex<HashMap<u64, Conn>>>;
 
-/// Opens the store from `cfg` (what `Start` does).
+/// Opens the store from `cfg` (what `Start` does) and checks what an unclean stop may have
+/// left (durable.rs). The syncer is started separately ([`durable::start`]), after the
+/// lockdown.
 pub fn start(cfg: StoreWriterConfig) -> Result<Arc<Store>, StartError> {
     let audit = Audit::open(cfg.audit_socket.as_deref());
-    Ok(Arc::new(Store::open(cfg, audit)?))
+    let store = Arc::new(Store::open(cfg, audit)?);
+    durable::recover(&store)?;
+    Ok(store)
 }
 
 /// Serves the control channel; returns the process exit status.
@@ -105,6 +109,13 @@ pub fn serve(mut control: Channel) -> i32 {
         }
         Err(e) => log::warn!("no way to reach a running garbage collector: {e}"),
     }
+    if store.cfg.fsync_metadata && !durable::held_by_test() {
+        if let Err(e) = durable::start(&store) {
+            let reason = format!("cannot start the syncer: {e}");
+            let _ = control.send(&Out::Failed { reason }, &[]);
+            return 1;
+        }
+    }
     if let Err(e) = control.send(&Out::Ready, &[]) {
         log::error!("control channel: {e}");
         return 1;
@@ -153,6 +164,11 @@ pub fn serve(mut control: Channel) -> i32 {
         }
     };
     shutdown_all(&conns);
+    // Every add has finished: one last sync, so the next start has nothing to check.
+    store.syncer.stop();
+    if let Err(e) = store.syncer.round(&*store) {
+        log::warn!("syncing added paths at shutdown: {e}; the next start checks them");
+    }
     status
 }
 

@@ -70,8 +70,24 @@ pub fn init(db_dir: &Path, store_dir: &StoreDir, opts: &DbOptions) -> Result<Db,
         fs::write(&schema_path, SCHEMA_VERSION.to_string())
             .map_err(io_err("writing the schema version"))?;
     }
+    db.inner.conn().execute_batch(UNSYNCED_SCHEMA)?;
     Ok(db)
 }
+
+/// Stockade's own table (Nix never reads it, and ignores tables it does not know): the paths
+/// registered since the last `syncfs` of the store that reached the database (durable.rs).
+/// A row is written in the transaction that registers its path and deleted only after a
+/// `syncfs` that began after that commit, so a row that survives a power cut names a path
+/// whose contents may not have reached the disk. `seq` only grows (AUTOINCREMENT), so "every
+/// row committed before the sync began" is `seq <= ` the largest seen then. A path registered
+/// again (repair) gets a second row; no index on `path`, which would cost every registration
+/// one more page written.
+pub const UNSYNCED_SCHEMA: &str = "
+create table if not exists StockadeUnsynced (
+    seq  integer primary key autoincrement not null,
+    path text not null
+);
+";
 
 impl Db {
     /// Opens an existing database with Nix's pragmas.
@@ -155,11 +171,13 @@ impl Db {
 
     /// Registers `infos` (and, for derivations, their `outputs`) in one transaction: either
     /// every path becomes valid with its references, or none does. Paths already valid are
-    /// updated in place (repair). References must be valid or part of the same batch.
+    /// updated in place (repair). References must be valid or part of the same batch. With
+    /// `unsynced`, the same transaction records each path in `StockadeUnsynced`.
     pub fn register(
         &mut self,
         infos: &[(PathInfo, BTreeMap<String, StorePath>)],
         now: u64,
+        unsynced: bool,
     ) -> Result<(), DbError> {
         let store_dir = self.store_dir().clone();
         for (info, _) in infos {
@@ -190,9 +208,110 @@ impl Db {
             }
         }
         check_acyclic(infos, &store_dir)?;
+        if unsynced {
+            let mut mark =
+                tx.prepare_cached("insert or replace into StockadeUnsynced (path) values (?)")?;
+            for (info, _) in infos {
+                mark.execute([store_dir.display(&info.path)])?;
+            }
+        }
         tx.commit()?;
         Ok(())
     }
+
+    /// The newest row of `StockadeUnsynced`, if any.
+    pub fn last_unsynced(&self) -> Result<Option<i64>, DbError> {
+        Ok(self
+            .inner
+            .conn()
+            .prepare_cached("select max(seq) from StockadeUnsynced")?
+            .query_row([], |r| r.get(0))?)
+    }
+
+    /// Every row of `StockadeUnsynced`, oldest first: sequence number and path as written.
+    pub fn unsynced(&self) -> Result<Vec<(i64, String)>, DbError> {
+        let mut st = self
+            .inner
+            .conn()
+            .prepare_cached("select seq, path from StockadeUnsynced order by seq")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes the rows of `StockadeUnsynced` up to `upto`; returns how many went.
+    pub fn clear_unsynced(&mut self, upto: i64) -> Result<usize, DbError> {
+        Ok(self
+            .inner
+            .conn_mut()
+            .prepare_cached("delete from StockadeUnsynced where seq <= ?")?
+            .execute([upto])?)
+    }
+
+    /// Removes the registrations of `paths` in one transaction, each path's referrers among
+    /// them first (a reference may not outlive its referrer's row). Every referrer of a path
+    /// in `paths` must be in `paths` too (self-references aside). Paths not registered are
+    /// skipped. Returns the paths that were registered and are not any more.
+    pub fn invalidate_all(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<StorePath>, DbError> {
+        let store_dir = self.store_dir().clone();
+        let tx = self.inner.conn_mut().transaction()?;
+        let mut left: BTreeSet<StorePath> = BTreeSet::new();
+        for p in paths {
+            let valid: Option<i64> = tx
+                .prepare_cached("select id from ValidPaths where path = ?")?
+                .query_row([store_dir.display(p)], |r| r.get(0))
+                .optional()?;
+            if valid.is_some() {
+                left.insert(p.clone());
+            }
+        }
+        let mut gone = Vec::with_capacity(left.len());
+        while !left.is_empty() {
+            // Paths none of whose referrers is still to go (references inside `paths` are
+            // acyclic apart from self-references, so there is always one).
+            let mut ready = Vec::new();
+            for p in &left {
+                let referrers = referrers_in(&tx, &store_dir, p)?;
+                if !referrers.iter().any(|r| r != p && left.contains(r)) {
+                    ready.push(p.clone());
+                }
+            }
+            if ready.is_empty() {
+                let stuck = left.iter().next().map(|p| store_dir.display(p));
+                return Err(DbError::Cycle(stuck.unwrap_or_default()));
+            }
+            for p in ready {
+                tx.prepare_cached("delete from ValidPaths where path = ?")?
+                    .execute([store_dir.display(&p)])?;
+                left.remove(&p);
+                gone.push(p);
+            }
+        }
+        tx.commit()?;
+        Ok(gone)
+    }
+}
+
+/// The registered referrers of `p`, inside a transaction.
+fn referrers_in(
+    tx: &Transaction<'_>,
+    sd: &StoreDir,
+    p: &StorePath,
+) -> Result<Vec<StorePath>, DbError> {
+    let mut st = tx.prepare_cached(
+        "select v.path from Refs r join ValidPaths v on r.referrer = v.id \
+         where r.reference = (select id from ValidPaths where path = ?)",
+    )?;
+    let rows = st.query_map([sd.display(p)], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for r in rows {
+        if let Ok(sp) = sd.parse(&r?) {
+            out.push(sp);
+        }
+    }
+    Ok(out)
 }
 
 fn id_of(tx: &Transaction<'_>, sd: &StoreDir, p: &StorePath) -> Result<i64, DbError> {

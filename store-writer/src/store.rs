@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -46,6 +46,8 @@ pub enum StartError {
     Db(#[from] DbError),
     #[error("another Stockade store-writer serves this store (it holds {0}); two must never write one store at once")]
     SecondWriter(String),
+    #[error("checking the paths added before an unclean stop: {0}")]
+    Recover(#[from] crate::durable::RecoverError),
 }
 
 fn ctx<E: Into<std::io::Error>>(context: impl Into<String>) -> impl FnOnce(E) -> StartError {
@@ -81,8 +83,11 @@ pub struct Store {
     /// The way to a running Nix collector's socket through the master; without it (tests,
     /// tools without a master) the socket is connected directly.
     pub gc_link: std::sync::OnceLock<crate::gclink::GcLink>,
-    /// Shared fsyncs of the store directory for concurrent installs.
-    pub dir_sync: crate::groupsync::GroupSync,
+    /// Which registrations wait for a sync of the store (durable.rs).
+    pub syncer: Arc<crate::durable::Syncer>,
+    /// The database directory, when it is on another file system than the store (synced
+    /// with it).
+    pub db_fs: Option<OwnedFd>,
     /// Empty staging directories, locked, waiting to be used again.
     pub staging_pool: Mutex<Vec<crate::add::stage::StagingDir>>,
 }
@@ -177,6 +182,8 @@ impl Store {
             },
         )?;
 
+        let db_fs = other_file_system(store_fd.as_fd(), &db_dir)?;
+
         let mut keys = TrustedKeys::new();
         for k in &cfg.trusted_public_keys {
             keys.insert(PublicKey::parse(k).map_err(|e| StartError::Key(e.to_string()))?);
@@ -197,7 +204,8 @@ impl Store {
             staging_counter: AtomicU64::new(0),
             shared_reads: false,
             gc_link: std::sync::OnceLock::new(),
-            dir_sync: crate::groupsync::GroupSync::default(),
+            syncer: Arc::default(),
+            db_fs,
             staging_pool: Mutex::new(Vec::new()),
             cfg,
         };
@@ -357,6 +365,27 @@ impl Store {
         let f = self.open_gc_lock()?;
         Flock::lock(f, FlockArg::LockShared).map_err(|(_, e)| e.into())
     }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.syncer.stop();
+    }
+}
+
+/// `dir`, opened, when it is on another file system than `store` (None when on the same).
+fn other_file_system(store: BorrowedFd<'_>, dir: &Path) -> Result<Option<OwnedFd>, StartError> {
+    let fd = sys::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(ctx(format!("opening {}", dir.display())))?;
+    let (a, b) = (
+        sys::fstat(store).map_err(ctx("inspecting the store"))?,
+        sys::fstat(fd.as_fd()).map_err(ctx(format!("inspecting {}", dir.display())))?,
+    );
+    Ok((a.st_dev != b.st_dev).then_some(fd))
 }
 
 /// `db/stockade-writer.lock` (0600, so no other user can open it to hold it), exclusively.

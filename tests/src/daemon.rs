@@ -245,6 +245,8 @@ pub struct Daemon {
     command_timeout: Duration,
     counter: AtomicU64,
     busybox: OnceLock<String>,
+    /// How it was started, for [`Daemon::start_again`].
+    builder: DaemonBuilder,
 }
 
 impl Daemon {
@@ -289,6 +291,7 @@ impl Daemon {
             command_timeout: b.command_timeout,
             counter: AtomicU64::new(0),
             busybox: OnceLock::new(),
+            builder: b.clone(),
         };
         // From here on, `d`'s Drop cleans up whatever was made if a step fails.
         d.make_dirs(&b)?;
@@ -482,7 +485,12 @@ impl Daemon {
     ) -> Result<(), HarnessError> {
         let home = self.home_for(b.user.as_ref(), ".daemon")?;
         let log = self.log_path();
-        let out = File::create(&log).map_err(HarnessError::io("creating daemon.log"))?;
+        // Appended to: a daemon started again (`start_again`) keeps its predecessor's lines.
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(HarnessError::io("creating daemon.log"))?;
         let err = out
             .try_clone()
             .map_err(HarnessError::io("dup of daemon.log"))?;
@@ -658,6 +666,24 @@ impl Daemon {
     /// output path(s).
     pub fn build_ok(&self, expr: &str) -> String {
         self.run_ok(["nix-build", "--no-out-link", "-E", expr])
+    }
+
+    /// Starts the daemon again over the same instance (store, state, configuration, namespace)
+    /// once its main process has exited, as a supervisor restarts a daemon that died. Fails
+    /// while it still runs.
+    pub fn start_again(&mut self) -> Result<(), HarnessError> {
+        if let Some(c) = self.child.as_mut() {
+            match c.try_wait() {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(HarnessError::Other("the daemon still runs".into())),
+                Err(e) => return Err(HarnessError::io("waiting for the daemon")(e)),
+            }
+        }
+        let b = self.builder.clone();
+        let (program, mut args) = b.kind.command()?;
+        args.extend(b.args.iter().cloned());
+        self.spawn_daemon(&program, &args, &b)?;
+        self.wait_for_socket(b.start_timeout)
     }
 
     /// The PID of the daemon's main process.

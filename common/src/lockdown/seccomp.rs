@@ -502,6 +502,7 @@ fn store_writer(r: &mut Rules) -> Result<(), LockdownError> {
         libc::SYS_utimensat,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
+        libc::SYS_syncfs,
         libc::SYS_ftruncate,
         libc::SYS_truncate,
         libc::SYS_flock,

@@ -17,6 +17,8 @@ use crate::store::Store;
 
 /// Most bytes held in memory before the data goes to disk (Nix's `narBufferSize`).
 pub const IN_MEMORY: usize = 32 << 20;
+/// The first read of an upload into memory.
+const FIRST_READ: usize = 64 << 10;
 /// Most bytes of a text added with AddToStore.
 pub const MAX_TEXT: u64 = 64 << 20;
 
@@ -39,7 +41,9 @@ pub struct Received {
 /// Reads everything from `input` (at most `max` bytes kept), returning the bytes and whether
 /// the input ended within `max`.
 fn read_upto(input: &mut impl Read, max: usize) -> Result<(Vec<u8>, bool), ReqError> {
-    let mut data = Vec::new();
+    // Room for a small upload from the start: an empty Vec makes `read_to_end` read 32 bytes,
+    // then 64, ... (a poll and a read on the pipe each).
+    let mut data = Vec::with_capacity(FIRST_READ.min(max.saturating_add(1)));
     let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
     input.take(limit).read_to_end(&mut data)?;
     let complete = data.len() <= max;

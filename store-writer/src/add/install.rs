@@ -1,6 +1,8 @@
 //! Installing staged paths: under the store path locks, skip what became valid meanwhile,
 //! check references, make sure the tree on disk is still what was hashed (A75), rename each
 //! into place and register all of them in one transaction; a failure undoes every rename.
+//! Nothing is synced here: durable.rs says how a power cut cannot leave a registration whose
+//! contents never reached the disk.
 
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
@@ -94,19 +96,27 @@ pub fn commit(
             }
         }
     }
-    // The renames are on disk before the registration is (groupsync.rs).
-    if store.cfg.fsync_metadata {
-        if let Err(e) = store.dir_sync.sync(store.store_fd()) {
-            undo(store, staging, done);
-            return Err(ReqError::failed(format!(
-                "syncing the store directory: {e}"
-            )));
-        }
-    }
+    // No fsync here (durable.rs): with `fsync-metadata` on, the registration's transaction
+    // also records each path as unsynced, and the store-writer's syncer clears that record
+    // only after a `syncfs` of the store that began after this commit. A power cut can then
+    // lose the registration, or keep it with its record, in which case the next start checks
+    // the contents against the registered hash and de-registers a path that did not reach
+    // the disk whole; a registration without its record always has its contents on disk.
     let time = now();
-    if let Err(e) = store.write("registering paths", |db| db.register(&regs, time)) {
+    let unsynced = store.cfg.fsync_metadata;
+    if let Err(e) = store.write("registering paths", |db| db.register(&regs, time, unsynced)) {
         undo(store, staging, done);
         return Err(e);
+    }
+    if unsynced {
+        store.syncer.note();
+    }
+    // Every staged node was new and moved out (none was valid meanwhile, none replaced an
+    // old copy that now sits in the staging directory): nothing is left to delete there.
+    let all_moved =
+        outcomes.is_empty() && done.iter().all(|(_, how)| matches!(how, Installed::New));
+    if all_moved {
+        staging.set_emptied();
     }
     for it in &todo {
         ctx.added(op, &it.info, &it.evidence);

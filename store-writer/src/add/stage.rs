@@ -64,6 +64,9 @@ impl StagingDir {
 pub struct Staging {
     store: Arc<Store>,
     inner: Option<StagingDir>,
+    /// Every node staged here has been moved into the store: the directory is empty, so it
+    /// goes back to the pool without being listed.
+    emptied: std::cell::Cell<bool>,
 }
 
 impl Staging {
@@ -80,7 +83,14 @@ impl Staging {
         Ok(Staging {
             store: store.clone(),
             inner: Some(inner),
+            emptied: std::cell::Cell::new(false),
         })
+    }
+
+    /// Says that every node staged here has been renamed into the store (and nothing else was
+    /// ever created in it).
+    pub fn set_emptied(&self) {
+        self.emptied.set(true);
     }
     /// The directory's descriptor (gone only once `drop` has begun).
     pub fn fd(&self) -> Result<BorrowedFd<'_>, ReqError> {
@@ -254,13 +264,17 @@ impl Drop for Staging {
         let Some(d) = self.inner.take() else { return };
         let at = self.store.store_fd();
         // Still locked while its contents go, so no cleanup elsewhere races with this one.
-        let emptied = sys::read_dir(d.dir.as_fd())
-            .map_err(std::io::Error::from)
-            .and_then(|entries| {
-                entries
-                    .iter()
-                    .try_for_each(|(entry, _)| sys::remove_tree(d.dir.as_fd(), entry))
-            });
+        let emptied = if self.emptied.get() {
+            Ok(())
+        } else {
+            sys::read_dir(d.dir.as_fd())
+                .map_err(std::io::Error::from)
+                .and_then(|entries| {
+                    entries
+                        .iter()
+                        .try_for_each(|(entry, _)| sys::remove_tree(d.dir.as_fd(), entry))
+                })
+        };
         if emptied.is_ok() {
             let mut pool = self
                 .store
