@@ -180,7 +180,9 @@ define_settings! {
         max_free: u64 = "max-free" => u64::MAX;
         /// Seconds between free-space checks.
         min_free_check_interval: u64 = "min-free-check-interval" => 5;
-        /// `fsync` files before registering paths.
+        /// Sync what is written to the store: SQLite's commits, and Stockade's syncer (a
+        /// `syncfs` of the store within a second of each registration, see store-writer's
+        /// durable.rs). `false`: nothing is synced.
         fsync_metadata: bool = "fsync-metadata" => true;
         /// `sync()` before registering paths.
         sync_before_registering: bool = "sync-before-registering" => false;
