@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, every test, a short fuzz run of every target,
-# and a check that nothing touched the host's real /nix. Runs as root on Debian 12 with nix-bin,
-# busybox-static and cargo-fuzz installed (.ci/run installs them, then calls this).
+# and a check that nothing touched the host's real /nix. Runs as root on Debian 12; first
+# installs whatever is missing (scripts/deps.sh: nix-bin, busybox-static, cargo-fuzz, Nix 2.26
+# under /opt/stockade-newer-nix, ...).
 # Environment: SKIP_FUZZ=1 skips the fuzz run (local use; CI never sets it),
-#              FUZZ_SECS=N seconds per fuzz target (default 20).
+#              FUZZ_SECS=N seconds per fuzz target (default 20),
+#              STOCKADE_NEWER_NIX=DIR where Nix 2.26 is (installed if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d "$HOME/.cargo/bin" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 start=${STOCKADE_CI_START:-$(date +%s)}
+
+step() { printf '\n==> [%ss] %s\n' "$(($(date +%s) - start))" "$*"; }
+
+# Before the listing of /nix below: installing nix-bin may create it.
+step "scripts/deps.sh (install what is missing)"
+scripts/deps.sh
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -21,8 +29,6 @@ nix_listing() {
   fi
 }
 nix_listing >"$work/nix-before"
-
-step() { printf '\n==> [%ss] %s\n' "$(($(date +%s) - start))" "$*"; }
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

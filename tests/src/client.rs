@@ -26,6 +26,7 @@ pub struct Client<'d> {
     stdin: Option<Vec<u8>>,
     cwd: Option<PathBuf>,
     timeout: Duration,
+    newer: Option<bool>,
 }
 
 /// What a client command did.
@@ -81,6 +82,7 @@ impl<'d> Client<'d> {
             stdin: None,
             cwd: None,
             timeout: daemon.command_timeout(),
+            newer: None,
         }
     }
 
@@ -120,6 +122,14 @@ impl<'d> Client<'d> {
     /// Working directory (default: the user's home in this instance).
     pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
+        self
+    }
+
+    /// `true`: run the newer Nix's programs (2.26, see [`crate::newer`]), whose `bin` comes
+    /// first in PATH, also for `sh -c` scripts; `false`: the system's (2.8). Default: as the
+    /// instance was built ([`crate::DaemonBuilder::newer_clients`]).
+    pub fn newer_nix(mut self, newer: bool) -> Self {
+        self.newer = Some(newer);
         self
     }
 
@@ -168,7 +178,7 @@ impl<'d> Client<'d> {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
             .env_clear()
-            .envs(d.client_env(&user, &home))
+            .envs(d.client_env(&user, &home, self.newer)?)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(stdin)
             .stdout(stdout)

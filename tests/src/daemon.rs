@@ -25,6 +25,9 @@ mod wait;
 pub enum DaemonKind {
     /// The real nix-daemon (`$NIX_DAEMON_BIN`, else `nix-daemon` from the system PATH).
     Nix,
+    /// The newer nix-daemon (2.26) that `scripts/newer-nix.sh` installs (see [`crate::newer`]):
+    /// the reference for newer clients.
+    NixNewer,
     /// `stockade daemon` (`$STOCKADE_BIN`, else `stockade` in the cargo target directory that
     /// holds the running executable, e.g. `target/debug/stockade`).
     Stockade,
@@ -40,6 +43,7 @@ impl DaemonKind {
     pub fn name(&self) -> String {
         match self {
             DaemonKind::Nix => "nix-daemon".into(),
+            DaemonKind::NixNewer => "nix-daemon-2.26".into(),
             DaemonKind::Stockade => "stockade".into(),
             DaemonKind::Custom { name, .. } => name.clone(),
         }
@@ -61,6 +65,10 @@ impl DaemonKind {
                 };
                 Ok((p, Vec::new()))
             }
+            DaemonKind::NixNewer => Ok((
+                crate::newer::newer_nix_program("nix-daemon").map_err(missing)?,
+                Vec::new(),
+            )),
             DaemonKind::Stockade => Ok((stockade_bin().map_err(missing)?, vec!["daemon".into()])),
             DaemonKind::Custom { program, args, .. } => Ok((program.clone(), args.clone())),
         }
@@ -120,6 +128,7 @@ pub struct DaemonBuilder {
     parent_dir: Option<PathBuf>,
     start_timeout: Duration,
     command_timeout: Duration,
+    newer_clients: bool,
 }
 
 /// The nix.conf every instance starts from: no sandbox (needs no privileges the test host may
@@ -146,7 +155,16 @@ impl DaemonBuilder {
             parent_dir: None,
             start_timeout: DEFAULT_START_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            newer_clients: false,
         }
+    }
+
+    /// Client commands of this instance run the newer Nix's programs (2.26, see
+    /// [`crate::newer`]) by default: its `bin` comes first in their PATH, also for `sh -c`
+    /// scripts. [`Client::newer_nix`] chooses per command.
+    pub fn newer_clients(mut self) -> Self {
+        self.newer_clients = true;
+        self
     }
 
     pub fn layout(mut self, layout: Layout) -> Self {
@@ -247,6 +265,7 @@ pub struct Daemon {
     busybox: OnceLock<String>,
     /// How it was started, for [`Daemon::start_again`].
     builder: DaemonBuilder,
+    newer_clients: bool,
 }
 
 impl Daemon {
@@ -261,6 +280,9 @@ impl Daemon {
 
     fn start_with(b: DaemonBuilder) -> Result<Daemon, HarnessError> {
         let (program, mut args) = b.kind.command()?;
+        if b.newer_clients {
+            crate::newer::newer_nix_bin().map_err(HarnessError::Other)?;
+        }
         args.extend(b.args.iter().cloned());
 
         let parent = b.parent_dir.clone().unwrap_or_else(|| {
@@ -291,6 +313,7 @@ impl Daemon {
             command_timeout: b.command_timeout,
             counter: AtomicU64::new(0),
             busybox: OnceLock::new(),
+            newer_clients: b.newer_clients,
             builder: b.clone(),
         };
         // From here on, `d`'s Drop cleans up whatever was made if a step fails.
@@ -547,15 +570,30 @@ impl Daemon {
         Ok(home)
     }
 
-    /// Environment of a client command run as `user` with home `home`.
-    pub(crate) fn client_env(&self, user: &User, home: &Path) -> Vec<(String, String)> {
+    /// Environment of a client command run as `user` with home `home`; `newer`: with the
+    /// newer Nix's programs first in PATH (None: as the instance was built, see
+    /// [`DaemonBuilder::newer_clients`]).
+    pub(crate) fn client_env(
+        &self,
+        user: &User,
+        home: &Path,
+        newer: Option<bool>,
+    ) -> Result<Vec<(String, String)>, HarnessError> {
         let mut env = self.common_env(home);
+        if newer.unwrap_or(self.newer_clients) {
+            let path = crate::newer::newer_nix_path().map_err(HarnessError::Other)?;
+            for (k, v) in env.iter_mut() {
+                if k == "PATH" {
+                    *v = path.clone();
+                }
+            }
+        }
         env.extend([
             ("USER".into(), user.name.clone()),
             ("LOGNAME".into(), user.name.clone()),
             ("NIX_REMOTE".into(), "daemon".into()),
         ]);
-        env
+        Ok(env)
     }
 
     pub(crate) fn client_setup(

@@ -30,9 +30,11 @@ pub mod bench;
 mod client;
 mod daemon;
 pub mod fsutil;
+pub mod newer;
 mod proc;
 pub mod raw;
 pub mod sec;
+pub mod session;
 mod users;
 
 pub use client::{Client, RunOutput};
@@ -41,6 +43,7 @@ pub use daemon::{
     DEFAULT_NIX_CONF,
 };
 pub use fsutil::host_nix_fingerprint;
+pub use newer::{newer_nix_bin, newer_nix_or_skip, newer_nix_prefix};
 pub use proc::process_alive;
 pub use users::{ensure_user, User};
 

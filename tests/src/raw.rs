@@ -142,6 +142,8 @@ pub struct RawConn {
     child: Option<Child>,
     /// Negotiated protocol minor (0 before the handshake).
     pub minor: u8,
+    /// What the daemon said in the handshake (None before it).
+    pub daemon: Option<stockade_common::worker::DaemonInfo>,
     timeout: Duration,
 }
 
@@ -267,6 +269,7 @@ impl RawConn {
             socket,
             child,
             minor: 0,
+            daemon: None,
             timeout: DEFAULT_READ_TIMEOUT,
         }
     }
@@ -338,7 +341,10 @@ impl RawConn {
         let mut cmd = Command::new(program);
         cmd.args(args.iter().map(OsStr::new))
             .env_clear()
-            .envs(d.client_env(&user_or_me, &home))
+            .envs(
+                d.client_env(&user_or_me, &home, None)
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(err);
@@ -443,6 +449,7 @@ impl RawConn {
         };
         let info = client_handshake(&mut self.r, w, version).map_err(wire)?;
         self.minor = info.minor();
+        self.daemon = Some(info);
         match self.response()?.outcome {
             Outcome::Last => Ok(self.minor),
             Outcome::Error(e) => Err(io::Error::other(format!("handshake refused: {e}"))),

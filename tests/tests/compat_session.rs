@@ -3,71 +3,8 @@
 //!
 //! Needs root (namespaces, bind mounts); fails loudly in CI without it.
 
-use std::collections::BTreeMap;
-
-use stockade_tests::{skip_unless_root, Daemon, DaemonKind, RunOutput};
-
-/// One step: a shell command line (run with `sh -c` inside the namespace, so pipes work), and
-/// whether it is expected to succeed.
-struct Step {
-    cmd: String,
-    ok: bool,
-    /// Why Stockade is known to answer differently (still run, so it must not fail).
-    known_difference: Option<&'static str>,
-}
-
-fn step(cmd: impl Into<String>) -> Step {
-    Step {
-        cmd: cmd.into(),
-        ok: true,
-        known_difference: None,
-    }
-}
-
-fn known(cmd: impl Into<String>, why: &'static str) -> Step {
-    Step {
-        cmd: cmd.into(),
-        ok: true,
-        known_difference: Some(why),
-    }
-}
-
-fn failing(cmd: impl Into<String>) -> Step {
-    Step {
-        cmd: cmd.into(),
-        ok: false,
-        known_difference: None,
-    }
-}
-
-/// Files every session adds: symlinks, executables, empty files and dirs, unicode names.
-fn prepare(d: &Daemon) {
-    d.write_work_file("tree/a.txt", b"hello\n");
-    d.write_work_file("tree/sub/b.txt", b"");
-    d.write_work_file("tree/sub/deeper/ä-unicode", "✓\n".as_bytes());
-    d.write_work_file("tree/big", &vec![7u8; 300_000]);
-    let exe = d.write_work_file("tree/run.sh", b"#!/bin/sh\necho hi\n");
-    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::os::unix::fs::symlink("a.txt", d.work_dir().join("tree/link")).unwrap();
-    std::os::unix::fs::symlink("/nonexistent/target", d.work_dir().join("tree/dangling")).unwrap();
-    std::fs::create_dir_all(d.work_dir().join("tree/empty-dir")).unwrap();
-    d.write_work_file("flat.txt", b"flat contents\n");
-    d.write_work_file(
-        "expr.nix",
-        br#"
-let
-  src = builtins.storePath (builtins.getEnv "TREE");
-  text = builtins.toFile "note.txt" "a note";
-in derivation {
-  name = "compat";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  args = [ "-c" "echo ${src} ${text} > $out" ];
-  outputs = [ "out" "doc" ];
-}
-"#,
-    );
-}
+use stockade_tests::session::{compare, failing, known, prepare_files, run_steps, step, Step};
+use stockade_tests::{skip_unless_root, Daemon, DaemonKind};
 
 fn session() -> Vec<Step> {
     let w = "$WORK";
@@ -120,9 +57,9 @@ fn session() -> Vec<Step> {
     ]
 }
 
-/// Runs the session; returns each step's (stdout, stderr, exit code).
-fn run_session(d: &Daemon) -> Vec<(String, bool, RunOutput)> {
-    prepare(d);
+/// Runs the session.
+fn run_session(d: &Daemon) -> Vec<stockade_tests::session::StepRun> {
+    prepare_files(d);
     let tree = d.run_ok([
         "nix-store",
         "--add",
@@ -133,19 +70,15 @@ fn run_session(d: &Daemon) -> Vec<(String, bool, RunOutput)> {
         .arg(d.work_dir().join("expr.nix"))
         .env("TREE", &tree)
         .ok();
-    let mut out = Vec::new();
-    for s in session() {
-        let o = d
-            .cmd("sh")
-            .arg("-c")
-            .arg(&s.cmd)
-            .env("WORK", d.work_dir())
-            .env("DRV", &drv)
-            .env("NIX_CONFIG", "experimental-features = nix-command")
-            .output();
-        out.push((s.cmd, s.ok && s.known_difference.is_none(), o));
-    }
-    out
+    let env = [
+        ("WORK", d.work_dir().display().to_string()),
+        ("DRV", drv),
+        (
+            "NIX_CONFIG",
+            "experimental-features = nix-command".to_string(),
+        ),
+    ];
+    run_steps(d, &session(), &env)
 }
 
 #[test]
@@ -159,38 +92,8 @@ fn same_session_same_output() {
         .expect("stockade");
     let a = run_session(&nix);
     let b = run_session(&stockade);
-    let mut diffs = BTreeMap::new();
-    for ((cmd, ok, x), (_, _, y)) in a.iter().zip(b.iter()) {
-        if session()
-            .iter()
-            .any(|s| &s.cmd == cmd && s.known_difference.is_some())
-        {
-            assert!(y.success(), "{cmd} failed on Stockade:\n{y}");
-            continue;
-        }
-        if x.success() != *ok {
-            diffs.insert(
-                cmd.clone(),
-                format!("the script expects success={ok} but nix-daemon says:\n{x}\n"),
-            );
-            continue;
-        }
-        if x.stdout != y.stdout || x.stderr != y.stderr || x.status.code() != y.status.code() {
-            diffs.insert(
-                cmd.clone(),
-                format!("nix-daemon:\n{x}\n\nstockade:\n{y}\n",),
-            );
-        }
+    let same = |s: &str| s.to_string();
+    if let Err(report) = compare(&a, &b, &same, &same) {
+        panic!("{report}");
     }
-    assert!(
-        diffs.is_empty(),
-        "{} of {} steps differ:\n\n{}",
-        diffs.len(),
-        a.len(),
-        diffs
-            .iter()
-            .map(|(k, v)| format!("=== {k}\n{v}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
 }

@@ -468,3 +468,47 @@ fn harness_run_by_an_ordinary_user() {
         "{text}"
     );
 }
+
+/// nix-daemon 2.26 and its clients: the instance's clients run 2.26 by default, 2.8 on request,
+/// and both talk to it; a build goes through it as well.
+#[test]
+fn newer_nix_daemon_and_clients() {
+    stockade_tests::skip_unless_newer_nix!();
+    let d = Daemon::builder(DaemonKind::NixNewer)
+        .newer_clients()
+        .start()
+        .expect("start nix-daemon 2.26");
+    let version = |newer: bool| d.cmd("nix-store").arg("--version").newer_nix(newer).ok();
+    let new = version(true);
+    assert!(new.starts_with("nix-store (Nix) 2.26."), "{new}");
+    assert!(version(false).starts_with("nix-store (Nix) 2.8."));
+    let info = d
+        .cmd("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "store",
+            "info",
+        ])
+        .output();
+    assert!(info.success(), "{info}");
+    assert!(
+        info.stderr_str().contains("Version: 2.26."),
+        "the daemon is 2.26: {info}"
+    );
+    let file = d.write_work_file("hello.txt", b"hello, newer\n");
+    let path = d.run_ok(["nix-store", "--add", file.to_str().unwrap()]);
+    assert!(is_store_path(&path, "/nix/store"), "{path}");
+    let old = d
+        .cmd("nix-store")
+        .args(["-q", "--hash", &path])
+        .newer_nix(false)
+        .ok();
+    assert!(
+        old.starts_with("sha256:"),
+        "a 2.8 client reads it too: {old}"
+    );
+    let bb = d.add_busybox();
+    let out = d.build_ok(&busybox_derivation(&bb, "newer", "echo built > $out"));
+    assert_eq!(fs::read(d.host_path(&out)).unwrap(), b"built\n");
+}
