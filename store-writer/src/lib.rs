@@ -7,6 +7,7 @@ pub mod audit;
 pub mod buildlog;
 pub mod canon;
 pub mod control;
+pub mod cxx_order;
 pub mod db;
 pub mod dbbusy;
 pub mod durable;

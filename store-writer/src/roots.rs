@@ -9,9 +9,11 @@
 //!   files lock independently inside one process;
 //! - indirect roots: `gcroots/auto/<b32(sha1(link))>` → `link`;
 //! - FindRoots: the symlinks under `gcroots/` and `profiles/` as Nix's `findRoots` reads them,
-//!   plus the temporary roots.
+//!   plus the runtime and temporary roots, collected in nix-daemon's order into a map that
+//!   iterates as its `std::unordered_map` does (see [`crate::cxx_order`]): clients print the
+//!   roots in an order that depends on the order they receive them in.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -29,6 +31,7 @@ use stockade_common::base32;
 use stockade_common::hash::{Hash, HashAlgo};
 use stockade_common::store_path::{StoreDir, StorePath};
 
+use crate::cxx_order::{store_path_hash, string_hash, CxxMap, CxxSet};
 use crate::store::Store;
 use crate::sys;
 
@@ -363,24 +366,41 @@ pub fn canon_path(p: &str) -> Option<String> {
     Some(format!("/{}", parts.join("/")))
 }
 
-/// The roots Nix's `findRoots(censor)` reports, without the runtime (`/proc`) roots:
-/// store path → link names.
+/// Store path → link names, as nix-daemon's `Roots` (`std::unordered_map<StorePath,
+/// std::unordered_set<std::string>>`) holds them, iterating in the same order.
+pub type Roots = CxxMap<StorePath, CxxSet<String>>;
+
+fn new_roots() -> Roots {
+    CxxMap::new(|p: &StorePath| store_path_hash(p.base_name()))
+}
+
+fn new_links() -> CxxSet<String> {
+    CxxSet::new(|s: &String| string_hash(s.as_bytes()))
+}
+
+/// `roots[path].emplace(link)`.
+fn add_root(roots: &mut Roots, path: StorePath, link: String) {
+    roots.entry_or_insert_with(path, new_links).insert(link);
+}
+
+/// The roots Nix's `findRoots(censor)` reports, found in its order (`gcroots/`, `profiles/`,
+/// runtime roots, temporary roots), so that [`Roots::iter`] gives nix-daemon's order.
 pub fn find_roots(
     store: &Store,
     is_valid: &mut dyn FnMut(&StorePath) -> bool,
     censor: bool,
-) -> BTreeMap<StorePath, BTreeSet<String>> {
-    let mut roots: BTreeMap<StorePath, BTreeSet<String>> = BTreeMap::new();
-    find_runtime_roots(&store.store_dir, is_valid, censor, &mut roots);
+) -> Roots {
+    let mut roots = new_roots();
     let mut walker = Walker {
         store_dir: &store.store_dir,
         auto_dir: store.state_dir.join("gcroots/auto"),
         roots: &mut roots,
-        is_valid,
+        is_valid: &mut *is_valid,
         entries: 0,
     };
     walker.walk(&store.state_dir.join("gcroots"));
     walker.walk(&store.state_dir.join("profiles"));
+    find_runtime_roots(&store.store_dir, is_valid, censor, &mut roots);
     find_temp_roots(store, &mut roots, censor);
     roots
 }
@@ -388,23 +408,34 @@ pub fn find_roots(
 /// Bytes read from one `/proc` file (maps and environ of a process can be large).
 const MAX_PROC_FILE: u64 = 16 << 20;
 
-/// Store paths that running processes use, as Nix's findRuntimeRoots finds them: the targets
-/// of `/proc/<pid>/{exe,cwd,fd/*}`, paths named in `/proc/<pid>/{maps,environ}`, and a few
-/// kernel settings. What the process may not read (other users' processes, without
-/// CAP_SYS_PTRACE) is skipped, as Nix skips EACCES.
+/// Store paths that running processes use, as Nix's findRuntimeRoots finds them and in its
+/// order: the absolute targets of `/proc/<pid>/{exe,cwd,fd/*}`, the files of
+/// `/proc/<pid>/maps` lines (six fields, the last a path), store paths named in
+/// `/proc/<pid>/environ`, and a few kernel settings. What the process may not read (other
+/// users' processes, without CAP_SYS_PTRACE) is skipped, as Nix skips EACCES: a process whose
+/// `fd` directory or `maps` cannot be read is left there, as in Nix.
 fn find_runtime_roots(
     store_dir: &StoreDir,
     is_valid: &mut dyn FnMut(&StorePath) -> bool,
     censor: bool,
-    roots: &mut BTreeMap<StorePath, BTreeSet<String>>,
+    roots: &mut Roots,
 ) {
-    let mut unchecked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // Nix's UncheckedRoots: target → links, an unordered_map of unordered_sets.
+    let mut unchecked: CxxMap<String, CxxSet<String>> =
+        CxxMap::new(|s: &String| string_hash(s.as_bytes()));
     let prefix = format!("{}/", store_dir.as_str());
-    let mut note = |target: &str, link: String| {
+    let mut note = |target: String, link: String| {
         unchecked
-            .entry(target.to_string())
-            .or_default()
+            .entry_or_insert_with(target, new_links)
             .insert(link);
+    };
+    // readProcLink: only absolute targets count (not `socket:[…]`, `pipe:[…]`).
+    let proc_link = |link: String, note: &mut dyn FnMut(String, String)| {
+        if let Ok(t) = std::fs::read_link(&link) {
+            if t.as_os_str().as_bytes().first() == Some(&b'/') {
+                note(t.to_string_lossy().into_owned(), link);
+            }
+        }
     };
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for ent in dir.flatten() {
@@ -416,37 +447,39 @@ fn find_runtime_roots(
                 continue;
             };
             let base = format!("/proc/{pid}");
-            for l in ["exe", "cwd"] {
-                let link = format!("{base}/{l}");
-                if let Ok(t) = std::fs::read_link(&link) {
-                    note(&t.to_string_lossy(), link);
-                }
-            }
-            if let Ok(fds) = std::fs::read_dir(format!("{base}/fd")) {
-                for fd in fds.flatten() {
-                    let link = format!("{base}/fd/{}", fd.file_name().to_string_lossy());
-                    if let Ok(t) = std::fs::read_link(&link) {
-                        note(&t.to_string_lossy(), link);
-                    }
+            proc_link(format!("{base}/exe"), &mut note);
+            proc_link(format!("{base}/cwd"), &mut note);
+            let Ok(fds) = std::fs::read_dir(format!("{base}/fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let fd_name = fd.file_name();
+                if fd_name.as_bytes().first() != Some(&b'.') {
+                    let link = format!("{base}/fd/{}", fd_name.to_string_lossy());
+                    proc_link(link, &mut note);
                 }
             }
             let maps = format!("{base}/maps");
-            if let Some(text) = read_proc(&maps) {
-                for line in text.split(|b| *b == b'\n') {
-                    // The sixth field of a mapping line is its file, when it has one.
-                    let line = String::from_utf8_lossy(line);
-                    if let Some(file) = line.split_whitespace().nth(5) {
-                        if file.starts_with('/') {
-                            note(file, maps.clone());
-                        }
+            let Some(text) = read_proc(&maps) else {
+                continue;
+            };
+            for line in text.split(|b| *b == b'\n') {
+                // Nix's `^\s*\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)\s*$`: exactly six fields, the
+                // last a path (so not "… (deleted)").
+                let line = String::from_utf8_lossy(line);
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if let [_, _, _, _, _, file] = fields[..] {
+                    if file.starts_with('/') {
+                        note(file.to_string(), maps.clone());
                     }
                 }
             }
             let environ = format!("{base}/environ");
-            if let Some(text) = read_proc(&environ) {
-                for p in store_paths_in(&text, prefix.as_bytes()) {
-                    note(&p, environ.clone());
-                }
+            let Some(text) = read_proc(&environ) else {
+                continue;
+            };
+            for p in store_paths_in(&text, prefix.as_bytes()) {
+                note(p, environ.clone());
             }
         }
     }
@@ -456,21 +489,23 @@ fn find_runtime_roots(
         "/proc/sys/kernel/poweroff_cmd",
     ] {
         if let Some(text) = read_proc(f) {
-            note(&String::from_utf8_lossy(&text), f.to_string());
+            note(String::from_utf8_lossy(&text).into_owned(), f.to_string());
         }
     }
-    for (target, links) in unchecked {
-        let Ok((path, _)) = store_dir.parse_prefix(&target) else {
+    for (target, links) in unchecked.iter() {
+        let Ok((path, _)) = store_dir.parse_prefix(target) else {
             continue;
         };
         if !is_valid(&path) {
             continue;
         }
-        let entry = roots.entry(path).or_default();
+        let entry = roots.entry_or_insert_with(path, new_links);
         if censor {
             entry.insert(CENSORED.to_string());
         } else {
-            entry.extend(links);
+            for l in links.keys() {
+                entry.insert(l.clone());
+            }
         }
     }
 }
@@ -513,14 +548,16 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 struct Walker<'a> {
     store_dir: &'a StoreDir,
     auto_dir: PathBuf,
-    roots: &'a mut BTreeMap<StorePath, BTreeSet<String>>,
+    roots: &'a mut Roots,
     is_valid: &'a mut dyn FnMut(&StorePath) -> bool,
     entries: usize,
 }
 
 impl Walker<'_> {
-    /// Depth-first over `top`, never following a symlink to a directory; unreadable parts
-    /// are skipped as Nix skips EACCES/ENOENT/ENOTDIR.
+    /// Depth-first over `top` as Nix's `findRoots` goes (each directory read whole, then its
+    /// entries in that order, a subdirectory walked where it comes), never following a
+    /// symlink to a directory; unreadable parts are skipped as Nix skips
+    /// EACCES/ENOENT/ENOTDIR.
     fn walk(&mut self, top: &Path) {
         let Ok(fd) = sys::open(
             top,
@@ -529,43 +566,48 @@ impl Walker<'_> {
         ) else {
             return;
         };
-        let mut stack: Vec<(OwnedFd, PathBuf, usize)> = vec![(fd, top.to_path_buf(), 0)];
-        while let Some((dir, path, depth)) = stack.pop() {
-            let Ok(entries) = sys::read_dir(dir.as_fd()) else {
-                continue;
+        self.walk_dir(fd, top, 0);
+    }
+
+    /// One directory of [`Walker::walk`]; false when the walk must stop (too many entries).
+    fn walk_dir(&mut self, dir: OwnedFd, path: &Path, depth: usize) -> bool {
+        let Ok(entries) = sys::read_dir(dir.as_fd()) else {
+            return true;
+        };
+        for (name, ty) in entries {
+            self.entries += 1;
+            if self.entries > MAX_ROOT_ENTRIES {
+                log::warn!("FindRoots: more than {MAX_ROOT_ENTRIES} entries, stopping");
+                return false;
+            }
+            let child = path.join(&name);
+            let ty = match ty {
+                Some(t) => Some(t),
+                None => sys::lstat_at(dir.as_fd(), name.as_os_str())
+                    .ok()
+                    .map(|st| type_of(&st)),
             };
-            for (name, ty) in entries {
-                self.entries += 1;
-                if self.entries > MAX_ROOT_ENTRIES {
-                    log::warn!("FindRoots: more than {MAX_ROOT_ENTRIES} entries, stopping");
-                    return;
-                }
-                let child = path.join(&name);
-                let ty = match ty {
-                    Some(t) => Some(t),
-                    None => sys::lstat_at(dir.as_fd(), name.as_os_str())
-                        .ok()
-                        .map(|st| type_of(&st)),
-                };
-                match ty {
-                    Some(Type::Directory) if depth < MAX_ROOT_DEPTH => {
-                        if let Ok(sub) = sys::open_dir_at(dir.as_fd(), name.as_os_str()) {
-                            stack.push((sub, child, depth + 1));
+            match ty {
+                Some(Type::Directory) if depth < MAX_ROOT_DEPTH => {
+                    if let Ok(sub) = sys::open_dir_at(dir.as_fd(), name.as_os_str()) {
+                        if !self.walk_dir(sub, &child, depth + 1) {
+                            return false;
                         }
                     }
-                    Some(Type::Symlink) => self.link(dir.as_fd(), &name, &child),
-                    Some(Type::File) => {
-                        let base = name.to_string_lossy();
-                        if let Ok(sp) = StorePath::from_base_name(&base) {
-                            if (self.is_valid)(&sp) {
-                                self.add(sp, &child);
-                            }
+                }
+                Some(Type::Symlink) => self.link(dir.as_fd(), &name, &child),
+                Some(Type::File) => {
+                    let base = name.to_string_lossy();
+                    if let Ok(sp) = StorePath::from_base_name(&base) {
+                        if (self.is_valid)(&sp) {
+                            self.add(sp, &child);
                         }
                     }
-                    _ => {}
                 }
+                _ => {}
             }
         }
+        true
     }
 
     fn link(&mut self, dir: BorrowedFd<'_>, name: &OsString, path: &Path) {
@@ -632,10 +674,7 @@ impl Walker<'_> {
     }
 
     fn add(&mut self, sp: StorePath, link: &Path) {
-        self.roots
-            .entry(sp)
-            .or_default()
-            .insert(link.to_string_lossy().into_owned());
+        add_root(self.roots, sp, link.to_string_lossy().into_owned());
     }
 }
 
@@ -653,7 +692,7 @@ fn type_of(st: &nix::sys::stat::FileStat) -> Type {
 
 /// Reads every temporary roots file as Nix's GC does: a file whose lock can be taken belongs
 /// to a dead process and is removed (with the `d` marker Nix writes).
-fn find_temp_roots(store: &Store, roots: &mut BTreeMap<StorePath, BTreeSet<String>>, censor: bool) {
+fn find_temp_roots(store: &Store, roots: &mut Roots, censor: bool) {
     let dir_path = store.state_dir.join("temproots");
     let Ok(dir) = sys::open(
         dir_path.as_path(),
@@ -720,7 +759,7 @@ fn find_temp_roots(store: &Store, roots: &mut BTreeMap<StorePath, BTreeSet<Strin
                 continue;
             };
             if let Ok(sp) = store.store_dir.parse(s) {
-                roots.entry(sp).or_default().insert(label.clone());
+                add_root(roots, sp, label.clone());
             }
         }
     }

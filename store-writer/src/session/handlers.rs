@@ -1,8 +1,6 @@
 //! One handler per request, each returning the reply type its request names
 //! (`StoreRequest::Reply`), so a request cannot be answered with another's reply.
 
-use std::collections::BTreeMap;
-
 use stockade_common::ipc::msg::{QUERY_CHUNK, VERSION};
 use stockade_common::ipc::writer::{self as w, BrokerToStoreWriter as Req, Notice, ReqKind};
 use stockade_common::narinfo::PathInfo;
@@ -192,14 +190,15 @@ impl Session {
 
     fn find_roots(&mut self, _: w::FindRoots) -> Res<Vec<(String, StorePath)>> {
         let censor = !self.client.trusted;
-        let found: BTreeMap<StorePath, _> = {
+        let found = {
             let mut is_valid = |p: &StorePath| self.q(|db| db.is_valid(p)).unwrap_or(false);
             roots::find_roots(&self.store, &mut is_valid, censor)
         };
+        // In nix-daemon's order: clients print them in an order that depends on it.
         let mut out = Vec::new();
-        for (path, links) in found {
-            for link in links {
-                out.push((link, path.clone()));
+        for (path, links) in found.iter() {
+            for link in links.keys() {
+                out.push((link.clone(), path.clone()));
             }
         }
         Ok(out)
