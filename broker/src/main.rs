@@ -20,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use stockade_common::db::StoreDb;
-use stockade_common::ipc::msg::{BrokerConfig, MasterToBroker};
+use stockade_common::ipc::msg::{BrokerConfig, BrokerFds, MasterToBroker};
 use stockade_common::ipc::Channel;
 use stockade_common::store_path::StoreDir;
 
@@ -55,14 +55,16 @@ fn run(args: &Args) -> Result<(), String> {
     // owns it; a wrong number fails below when it is not a seqpacket socket.
     let fd = unsafe { OwnedFd::from_raw_fd(args.control_fd) };
     let mut control = Channel::from_fd(fd).map_err(|e| format!("control channel: {e}"))?;
-    let (msg, mut fds) = control
+    let (msg, fds) = control
         .recv::<MasterToBroker>()
         .map_err(|e| format!("reading the start message: {e}"))?;
     let MasterToBroker::Start(cfg) = msg else {
         return Err("unexpected start message".into());
     };
-    let writer_fd = fds.pop().ok_or("no store-writer channel")?;
-    let client_fd = fds.pop().ok_or("no client socket")?;
+    let BrokerFds {
+        client: client_fd,
+        store_writer: writer_fd,
+    } = BrokerFds::from_received(fds).ok_or("the start message lacks its descriptors")?;
     drop(control);
     let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
     init_logging(level);

@@ -17,7 +17,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use stockade_common::ipc::msg::{BrokerConfig, ClientIdentity, MasterToBroker};
+use stockade_common::ipc::msg::{BrokerConfig, BrokerFds, ClientIdentity, MasterToBroker};
 use stockade_common::ipc::{self};
 
 use crate::config::Config;
@@ -159,11 +159,12 @@ impl Launcher {
         let broker_end = to_writer_broker_end.into_fd();
         // Queue the start message before the broker exists: the fresh socket has room, so this
         // cannot block on a broker that never reads.
+        let fds = BrokerFds {
+            client: client.as_fd(),
+            store_writer: broker_end.as_fd(),
+        };
         start_ours
-            .send(
-                &MasterToBroker::Start(Box::new(config)),
-                &[client.as_fd(), broker_end.as_fd()],
-            )
+            .send(&MasterToBroker::Start(Box::new(config)), &fds.into_array())
             .map_err(Error::ipc("preparing the broker's start message"))?;
         drop(start_ours);
         drop(client);

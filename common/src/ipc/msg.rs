@@ -150,9 +150,38 @@ pub const BROKER_SPILL_MAX: usize = 256 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum MasterToBroker {
-    /// Everything a broker needs. Carries two descriptors: the client's socket, then the
-    /// broker's end of its store-writer channel.
+    /// Everything a broker needs. Carries the descriptors of [`BrokerFds`].
     Start(Box<BrokerConfig>),
+}
+
+/// The descriptors that travel with [`MasterToBroker::Start`], by name: this type alone fixes
+/// their order on the wire, for the master that sends them and the broker that receives them.
+#[derive(Debug)]
+pub struct BrokerFds<F> {
+    /// The client's connection.
+    pub client: F,
+    /// The broker's end of its channel to the store-writer.
+    pub store_writer: F,
+}
+
+impl<F> BrokerFds<F> {
+    /// How many descriptors a start message carries.
+    pub const COUNT: usize = 2;
+
+    /// In wire order.
+    pub fn into_array(self) -> [F; 2] {
+        [self.client, self.store_writer]
+    }
+
+    /// From the descriptors received with a start message, in wire order; `None` unless
+    /// there are exactly [`Self::COUNT`].
+    pub fn from_received(fds: Vec<F>) -> Option<Self> {
+        let [client, store_writer]: [F; 2] = fds.try_into().ok()?;
+        Some(BrokerFds {
+            client,
+            store_writer,
+        })
+    }
 }
 
 /// What the master tells a broker at start; only what the broker needs, never secrets.
@@ -183,10 +212,10 @@ pub struct BrokerConfig {
 }
 
 impl Message for MasterToBroker {
-    const MAX_FDS: usize = 2;
+    const MAX_FDS: usize = BrokerFds::<()>::COUNT;
     fn fd_count(&self) -> usize {
         match self {
-            MasterToBroker::Start(_) => 2,
+            MasterToBroker::Start(_) => BrokerFds::<()>::COUNT,
         }
     }
 }
