@@ -3,169 +3,22 @@
 //! test-only feature that switches it off (scripts/defences.txt lists which test must then
 //! fail). Need root; skipped otherwise (failing when `CI` is set).
 
+#[path = "sandbox/fixture.rs"]
+mod fixture;
+
 use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{chown, symlink, PermissionsExt};
 use std::os::unix::net::{SocketAddr, UnixListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use fixture::*;
 use stockade_builder_helper::sandbox::{
-    spawn, BuildExit, IdMap, Network, SandboxError, SandboxPath, SandboxSpec, Stdio,
+    spawn, BuildExit, Network, SandboxError, SandboxPath, SandboxSpec, Stdio,
 };
-
-macro_rules! skip_unless_root {
-    () => {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "the sandbox probes need root"
-            );
-            eprintln!("skipped: the sandbox probes need root");
-            return;
-        }
-    };
-}
-
-const BUSYBOX: &str = "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-busybox";
-const PROBE: &str = "1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-probe";
-const WRITABLE: &str = "2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-writable-input";
-const SECRET: &str = "3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d-not-an-input";
-const OUT: &str = "4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e-out";
-const APPLETS: &[&str] = &[
-    "sh", "cat", "echo", "ls", "test", "touch", "chmod", "mkdir", "mkfifo", "mknod", "hostname",
-    "sleep", "setsid", "id", "true", "grep", "env", "pwd", "unshare", "kill", "wc", "readlink",
-];
-
-fn probe_binary() -> &'static Path {
-    static PROBE_BIN: OnceLock<PathBuf> = OnceLock::new();
-    PROBE_BIN.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let out = dir.join("stockade-sandbox-probe");
-        let tmp = dir.join(format!("stockade-sandbox-probe.{}", std::process::id()));
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe/probe.c");
-        let st = Command::new("cc")
-            .args(["-static", "-O2", "-o"])
-            .arg(&tmp)
-            .arg(&src)
-            .status()
-            .expect("running cc");
-        assert!(st.success(), "cc -static failed for {}", src.display());
-        fs::rename(&tmp, &out).unwrap();
-        out
-    })
-}
-
-/// A throw-away host store (`store/`, mode 1777 like a store build users can write), a
-/// staging directory and a build directory owned by a build uid of the fixture's own, all in
-/// a 0700 directory only root can search.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    uid: u32,
-}
-
-fn next_uid() -> u32 {
-    static N: AtomicU32 = AtomicU32::new(0);
-    3_000_000 + (std::process::id() % 5000) * 64 + N.fetch_add(1, Ordering::Relaxed)
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::Builder::new()
-            .prefix("stockade-sandbox-")
-            .tempdir()
-            .unwrap();
-        let root = dir.path().to_path_buf();
-        let uid = next_uid();
-        let store = root.join("store");
-        fs::create_dir(&store).unwrap();
-        fs::set_permissions(&store, fs::Permissions::from_mode(0o1777)).unwrap();
-        let bb = store.join(BUSYBOX).join("bin");
-        fs::create_dir_all(&bb).unwrap();
-        fs::copy("/bin/busybox", bb.join("busybox")).unwrap();
-        for a in APPLETS {
-            symlink("busybox", bb.join(a)).unwrap();
-        }
-        let pb = store.join(PROBE).join("bin");
-        fs::create_dir_all(&pb).unwrap();
-        fs::copy(probe_binary(), pb.join("probe")).unwrap();
-        let w = store.join(WRITABLE);
-        fs::create_dir(&w).unwrap();
-        fs::write(w.join("file"), "original\n").unwrap();
-        fs::set_permissions(&w, fs::Permissions::from_mode(0o777)).unwrap();
-        fs::set_permissions(w.join("file"), fs::Permissions::from_mode(0o666)).unwrap();
-        fs::create_dir(store.join(SECRET)).unwrap();
-        fs::write(store.join(SECRET).join("secret"), "secret\n").unwrap();
-        fs::create_dir(root.join("build")).unwrap();
-        chown(root.join("build"), Some(uid), Some(uid)).unwrap();
-        fs::set_permissions(root.join("build"), fs::Permissions::from_mode(0o700)).unwrap();
-        Fixture {
-            _dir: dir,
-            root,
-            uid,
-        }
-    }
-
-    fn store(&self) -> PathBuf {
-        self.root.join("store")
-    }
-
-    /// A fresh staging directory, as each build gets.
-    fn staging(&self) -> PathBuf {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = self
-            .root
-            .join(format!("staging-{}", N.fetch_add(1, Ordering::Relaxed)));
-        fs::create_dir(&dir).unwrap();
-        chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
-        dir
-    }
-
-    fn spec(&self, script: &str) -> SandboxSpec {
-        let bin = format!("/nix/store/{BUSYBOX}/bin");
-        let mut s = SandboxSpec::new(
-            IdMap::nix(self.uid, self.uid),
-            "/nix/store",
-            self.staging(),
-            self.root.join("build"),
-            format!("{bin}/busybox"),
-        );
-        s.host_store_dir = self.store();
-        s.inputs = vec![BUSYBOX.into(), PROBE.into(), WRITABLE.into()];
-        s.outputs = vec![format!("/nix/store/{OUT}").into()];
-        s.args = ["sh", "-c", script].map(OsString::from).to_vec();
-        s.env = [
-            ("PATH", bin.as_str()),
-            ("HOME", "/homeless-shelter"),
-            ("NIX_BUILD_TOP", "/build"),
-            ("TMPDIR", "/build"),
-            ("PROBE", &format!("/nix/store/{PROBE}/bin/probe")),
-            ("out", &format!("/nix/store/{OUT}")),
-        ]
-        .map(|(k, v)| (k.into(), v.into()))
-        .to_vec();
-        s
-    }
-
-    /// Runs `spec`'s builder; its output (stdout and stderr) and how it ended.
-    fn run(&self, spec: &SandboxSpec) -> (BuildExit, String) {
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        let mut sandbox = spawn(spec, Stdio::log_to(write).unwrap()).unwrap();
-        let mut out = String::new();
-        fs::File::from(read).read_to_string(&mut out).unwrap();
-        (sandbox.wait().unwrap(), out)
-    }
-
-    fn sh(&self, script: &str) -> (BuildExit, String) {
-        self.run(&self.spec(script))
-    }
-}
 
 /// The builder's `/proc/self/status` field `name`.
 fn status_field(f: &Fixture, name: &str) -> String {
@@ -455,6 +308,50 @@ fn the_builder_sees_a_nix_like_sandbox() {
     assert!(out.contains("\n0\n1\n2\n"), "only 0-2 open: {out}");
 }
 
+/// Inputs that are a regular file or a symlink appear as such.
+#[test]
+fn file_and_symlink_inputs_appear_as_they_are() {
+    skip_unless_root!();
+    let f = Fixture::new();
+    let mut spec = f.spec(&format!(
+        "cat /nix/store/{FILE_INPUT}; readlink /nix/store/{LINK_INPUT}; cat /nix/store/{LINK_INPUT}"
+    ));
+    spec.inputs
+        .extend([FILE_INPUT.to_string(), LINK_INPUT.to_string()]);
+    let (exit, out) = f.run(&spec);
+    assert!(exit.success(), "{out}");
+    assert_eq!(
+        out,
+        format!("a file input\n/nix/store/{FILE_INPUT}\na file input\n")
+    );
+}
+
+/// The cgroup hook: the builder joins the given cgroup (here a v1 `pids` one limited to 4
+/// tasks) and sees it as the root of its cgroup namespace.
+#[test]
+fn the_build_joins_its_cgroup() {
+    skip_unless_root!();
+    let controller = PathBuf::from("/sys/fs/cgroup/pids");
+    if !controller.join("cgroup.procs").exists() {
+        eprintln!("skipped: no cgroup v1 pids controller here");
+        return;
+    }
+    let f = Fixture::new();
+    let cgroup = controller.join(format!("stockade-probe-{}", f.uid));
+    fs::create_dir(&cgroup).unwrap();
+    fs::write(cgroup.join("pids.max"), "4\n").unwrap();
+    let mut spec =
+        f.spec("grep pids /proc/self/cgroup; for i in 1 2 3 4 5 6; do sleep 2 & done; wait");
+    spec.cgroup = Some(cgroup.clone());
+    let (_, out) = f.run(&spec);
+    let _ = fs::remove_dir(&cgroup);
+    assert!(out.lines().any(|l| l.ends_with(":pids:/")), "{out}");
+    assert!(
+        out.contains("can't fork") || out.contains("Resource temporarily"),
+        "{out}"
+    );
+}
+
 #[test]
 fn sandbox_paths_take_a_target_and_may_be_optional() {
     skip_unless_root!();
@@ -478,44 +375,6 @@ fn sandbox_paths_take_a_target_and_may_be_optional() {
             assert!(item.contains("/does/not/exist"), "{item}");
         }
         other => panic!("a missing sandbox path must fail the build: {other:?}"),
-    }
-}
-
-/// Pids of the host processes running as `uid`.
-fn processes_of(uid: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(status) = fs::read_to_string(e.path().join("status")) else {
-            continue;
-        };
-        let real = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next().map(str::to_string));
-        if real.as_deref() == Some(&uid.to_string()) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn wait_for(mut cond: impl FnMut() -> bool, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
-}
-
-fn kill_all(uid: u32) {
-    for pid in processes_of(uid) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
     }
 }
 
@@ -589,35 +448,111 @@ fn the_build_dies_with_its_helper() {
     assert!(gone, "left running after the helper died: {left:?}");
 }
 
+/// Unprivileged mode for `an_unprivileged_user_can_run_the_sandbox`: runs one build as
+/// whoever started it. A plain pass when run without the variable.
+#[test]
+fn unprivileged_entry() {
+    let Some(root) = std::env::var_os("STOCKADE_PROBE_UNPRIVILEGED_ROOT") else {
+        return;
+    };
+    let uid = nix::unistd::getuid().as_raw();
+    let f = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        root: PathBuf::from(root),
+        uid,
+    };
+    let (exit, out) = f.sh("cat /proc/self/status; hostname; id -u; cat /proc/net/dev");
+    println!("{exit:?}\n{out}");
+}
+
+/// With unprivileged user namespaces, an ordinary user gets the same sandbox for builds
+/// under its own uid: no capability on the host is needed.
+#[test]
+fn an_unprivileged_user_can_run_the_sandbox() {
+    skip_unless_root!();
+    let f = Fixture::new();
+    let st = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{0}:{0}", f.uid))
+        .arg(&f.root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    std::os::unix::process::CommandExt::uid(&mut cmd, f.uid);
+    std::os::unix::process::CommandExt::gid(&mut cmd, f.uid);
+    let out = cmd
+        .args([
+            "--exact",
+            "unprivileged_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("STOCKADE_PROBE_UNPRIVILEGED_ROOT", &f.root)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("Exited(0)"), "{out}");
+    for want in [
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+        "NoNewPrivs:\t1",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    assert!(
+        out.contains("Seccomp:\t2") && out.contains("\nlocalhost\n1000\n"),
+        "{out}"
+    );
+}
+
 /// The per-build cost of the sandbox: set up, run `true`, tear down (the wait returns once the
-/// namespace is empty). Printed in milliseconds; run with `--nocapture` to see it.
+/// namespace is empty), against the same `busybox true` started without a sandbox. Printed in
+/// milliseconds; run with `--nocapture` to see it.
 #[test]
 fn sandbox_cost() {
     skip_unless_root!();
     let f = Fixture::new();
     let mut spec = f.spec("");
     spec.args = vec!["true".into()];
+    let busybox = f.store().join(BUSYBOX).join("bin/busybox");
     let runs = 40;
-    let mut times = Vec::with_capacity(runs);
+    let (mut sandboxed, mut setup, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs + 5 {
         spec.store_staging = f.staging();
         let start = Instant::now();
-        let (exit, out) = f.run(&spec);
-        let t = start.elapsed();
-        assert!(exit.success(), "{out}");
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let mut sandbox = spawn(&spec, Stdio::log_to(write).unwrap()).unwrap();
+        let mut out = String::new();
+        fs::File::from(read).read_to_string(&mut out).unwrap();
+        assert!(sandbox.wait().unwrap().success(), "{out}");
+        let total = start.elapsed();
+        let start = Instant::now();
+        assert!(Command::new(&busybox)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success());
+        let bare = start.elapsed();
         if i >= 5 {
-            times.push(t);
+            sandboxed.push(total);
+            setup.push(sandbox.setup_time);
+            plain.push(bare);
         }
     }
-    times.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let mean = times.iter().map(|d| ms(*d)).sum::<f64>() / runs as f64;
-    println!(
-        "sandbox cost per build (set up + `true` + tear down), {runs} runs: median {:.2} ms, \
-         mean {mean:.2} ms, min {:.2} ms, max {:.2} ms",
-        ms(times[runs / 2]),
-        ms(times[0]),
-        ms(times[runs - 1])
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1000.0
+    };
+    let (total, setup, bare) = (
+        median(&mut sandboxed),
+        median(&mut setup),
+        median(&mut plain),
     );
-    assert!(ms(times[runs / 2]) < 100.0, "far too slow");
+    println!(
+        "sandbox cost per build, median of {runs}: {:.2} ms (set up + `true` + tear down {total:.2} ms, \
+         of which set up until exec {setup:.2} ms; `true` without a sandbox {bare:.2} ms)",
+        total - bare
+    );
+    assert!(total < 100.0, "far too slow");
 }

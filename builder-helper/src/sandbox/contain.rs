@@ -50,7 +50,6 @@ pub enum Step {
     Skeleton,
     BindStore,
     BindInput,
-    InputReadOnly,
     BindBuild,
     DevNode,
     DevPts,
@@ -77,7 +76,7 @@ pub enum Step {
 impl Step {
     pub fn from_u32(n: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 33] = [
+        const ALL: [Step; 32] = [
             Stdio,
             ParentGone,
             CgroupNs,
@@ -89,7 +88,6 @@ impl Step {
             Skeleton,
             BindStore,
             BindInput,
-            InputReadOnly,
             BindBuild,
             DevNode,
             DevPts,
@@ -216,8 +214,8 @@ fn run(plan: &Plan) -> Result<Never, Failure> {
         }
     }
     bind(&plan.store, Step::BindStore, 0)?;
-    for (i, input) in plan.inputs.iter().enumerate() {
-        bind(input, Step::BindInput, i)?;
+    for (input, item) in plan.inputs.iter().zip(&plan.input_items) {
+        bind(input, Step::BindInput, *item)?;
     }
     bind(&plan.build, Step::BindBuild, 0)?;
     for (i, node) in plan.dev_nodes.iter().enumerate() {

@@ -303,7 +303,7 @@ fn describe(spec: &SandboxSpec, step: Step, item: u32) -> String {
                 .get(n - 5)
                 .map(|p| p.source.display().to_string()),
         },
-        Step::BindInput | Step::InputReadOnly => spec.inputs.get(i).cloned(),
+        Step::BindInput => spec.inputs.get(i).cloned(),
         Step::DevNode => plan::DEV_NODES.get(i).map(|n| format!("/dev/{n}")),
         Step::SandboxPath => spec
             .sandbox_paths

@@ -74,6 +74,8 @@ pub struct Plan {
     /// The store directory: the staging directory bound read-write.
     pub store: Bind,
     pub inputs: Vec<Bind>,
+    /// For each of `inputs`, its index in the spec's inputs (symlinks have no mount).
+    pub input_items: Vec<usize>,
     pub build: Bind,
     pub dev_nodes: Vec<Bind>,
     pub dev_links: Vec<(CString, CString)>,
@@ -242,12 +244,14 @@ pub fn make(
         recursive: false,
     };
     let mut inputs = Vec::new();
+    let mut input_items = Vec::new();
     if private_store {
         let symlinks = make_mount_points(spec)?;
-        for name in &spec.inputs {
+        for (item, name) in spec.inputs.iter().enumerate() {
             if symlinks.contains(name) {
                 continue;
             }
+            input_items.push(item);
             inputs.push(Bind {
                 source: magic(store_fd, Some(OsStr::new(name)))?,
                 target: relative(&spec.store_dir.join(name))?,
@@ -364,6 +368,7 @@ pub fn make(
         skeleton,
         store,
         inputs,
+        input_items,
         build,
         dev_nodes,
         dev_links,
