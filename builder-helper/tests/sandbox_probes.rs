@@ -506,6 +506,77 @@ fn an_unprivileged_user_can_run_the_sandbox() {
     );
 }
 
+/// Mode for `a_helper_with_three_capabilities_can_run_the_sandbox`: runs one build for
+/// the given build uid and staging directory. A plain pass when run without the variables.
+#[test]
+fn three_caps_entry() {
+    let Some(root) = std::env::var_os("STOCKADE_PROBE_CAPS_ROOT") else {
+        return;
+    };
+    let uid: u32 = std::env::var("STOCKADE_PROBE_CAPS_UID")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let f = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        root: PathBuf::from(root),
+        uid,
+    };
+    let own = fs::read_to_string("/proc/self/status").unwrap();
+    let own_caps = own
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .unwrap()
+        .to_string();
+    let staging = std::env::var_os("STOCKADE_PROBE_CAPS_STAGING").unwrap();
+    let spec = f.spec_in("cat /proc/self/status; hostname; id -u", staging.into());
+    let (exit, out) = f.run(&spec);
+    println!("helper {own_caps}\n{exit:?}\n{out}");
+}
+
+/// A helper that is not root and holds only `CAP_SETUID`, `CAP_SETGID` and
+/// `CAP_DAC_OVERRIDE` (no `CAP_SYS_ADMIN`) builds the same sandbox for another uid.
+#[test]
+fn a_helper_with_three_capabilities_can_run_the_sandbox() {
+    skip_unless_root!();
+    let f = Fixture::new();
+    let helper_uid = f.uid + 100_000;
+    std::os::unix::fs::chown(&f.root, Some(helper_uid), Some(helper_uid)).unwrap();
+    let staging = f.staging();
+    let caps = "+setuid,+setgid,+dac_override";
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={helper_uid}"))
+        .arg(format!("--regid={helper_uid}"))
+        .arg("--clear-groups")
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "three_caps_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("STOCKADE_PROBE_CAPS_ROOT", &f.root)
+        .env("STOCKADE_PROBE_CAPS_UID", f.uid.to_string())
+        .env("STOCKADE_PROBE_CAPS_STAGING", &staging)
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // CAP_DAC_OVERRIDE (1), CAP_SETGID (6), CAP_SETUID (7).
+    assert!(out.contains("helper CapEff:\t00000000000000c2"), "{out}");
+    assert!(out.contains("Exited(0)"), "{out}");
+    assert!(
+        out.contains("CapBnd:\t0000000000000000") && out.contains("Seccomp:\t2"),
+        "{out}"
+    );
+    assert!(out.contains("\nlocalhost\n1000\n"), "{out}");
+}
+
 /// The per-build cost of the sandbox: set up, run `true`, tear down (the wait returns once the
 /// namespace is empty), against the same `busybox true` started without a sandbox. Printed in
 /// milliseconds; run with `--nocapture` to see it.

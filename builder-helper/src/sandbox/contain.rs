@@ -178,11 +178,16 @@ fn run(plan: &Plan) -> Result<Never, Failure> {
     for (i, src) in plan.sources.iter().enumerate() {
         let fd = match nix::fcntl::open(
             src.path.as_c_str(),
-            OFlag::O_PATH | OFlag::O_CLOEXEC,
+            src.flags | OFlag::O_PATH | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(Errno::ENOENT) if src.optional => continue,
+            Err(Errno::ENOENT) if src.optional => {
+                // Its number may hold a descriptor another thread of the helper had open at
+                // the clone: make sure it is free, so step 6 sees the source as missing.
+                let _ = nix::unistd::close(src.number);
+                continue;
+            }
             Err(e) => return Err((Step::OpenSource, i as u32, e)),
         };
         if fd != src.number {

@@ -13,14 +13,23 @@
 //! The calling process may have threads: between `clone` and `execve` the child only makes
 //! system calls on memory prepared before (no allocation, no locks).
 //!
-//! Privileges: started by root, the routine needs nothing beyond what writing another uid's
-//! map takes (`CAP_SETUID`, `CAP_SETGID` in the caller's user namespace) plus the ability to
-//! open the host sources (the build directory's parent is `0700`: `CAP_DAC_OVERRIDE` /
-//! `CAP_DAC_READ_SEARCH`, or owning it) and to join the cgroup (write access to its
-//! `cgroup.procs`). Everything else (mounts, `pivot_root`, host name, `lo`) is done with the
-//! capabilities a new user namespace gives its first process over its own namespaces, so no
-//! `CAP_SYS_ADMIN` on the host is used. Started by an unprivileged user (with unprivileged
-//! user namespaces), it works with `host_uid`/`host_gid` = that user's own ids.
+//! Privileges (measured by the probes `a_helper_with_three_capabilities_can_run_the_sandbox`
+//! and `an_unprivileged_user_can_run_the_sandbox`): the sandbox's first process has
+//! capabilities only in its new user namespace, which is enough for every mount,
+//! `pivot_root`, the host name and `lo`, so no `CAP_SYS_ADMIN` on the host is ever used.
+//! What the host side needs:
+//! - mapping a build uid other than its own: `CAP_SETUID` and `CAP_SETGID` (which also lets
+//!   the sandbox drop the helper's supplementary groups instead of denying `setgroups`);
+//! - making the inputs' mount points in the staging directory, which the build uid owns:
+//!   `CAP_DAC_OVERRIDE` (or a staging directory the helper may write);
+//! - the host sources (store, staging and build directories) are opened by the sandbox's
+//!   first process with the helper's uid but without any host capability: the helper must
+//!   reach them by ownership or mode (a `0700` builds directory it owns);
+//! - joining the cgroup: write access to its `cgroup.procs` (a delegated subtree it owns);
+//! - killing the builder needs nothing: the helper owns the builder's user namespace.
+//!
+//! Started by an ordinary user (with unprivileged user namespaces) it works with no
+//! capability at all, for `host_uid`/`host_gid` = that user's own ids.
 
 pub mod contain;
 mod landlock;
@@ -145,6 +154,9 @@ pub struct Sandbox {
     exit: Option<BuildExit>,
     /// From the start of [`spawn`] until the builder was exec'd.
     pub setup_time: Duration,
+    /// The kernel's Landlock ABI and whether scoping (ABI 6) applies; `None` when the kernel
+    /// has no Landlock (the build still runs; the caller logs or refuses it).
+    pub landlock: Option<(u32, bool)>,
 }
 
 impl Sandbox {
@@ -204,7 +216,8 @@ impl Drop for Sandbox {
 pub fn spawn(spec: &SandboxSpec, stdio: Stdio) -> Result<Sandbox, SandboxError> {
     let started = Instant::now();
     let landlock = landlock::prepare()?;
-    let seccomp = seccomp::compile()?;
+    let landlock_abi = landlock.as_ref().map(|l| (l.abi, l.scoped));
+    let seccomp = compiled_seccomp()?;
     let (go_read, go_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
     let (report_read, report_write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
@@ -224,6 +237,11 @@ pub fn spawn(spec: &SandboxSpec, stdio: Stdio) -> Result<Sandbox, SandboxError> 
         go: None,
         exit: None,
         setup_time: Duration::ZERO,
+        landlock: if cfg!(feature = "without-landlock") {
+            None
+        } else {
+            landlock_abi
+        },
     };
 
     write_id_maps(pid, &spec.ids)?;
@@ -260,6 +278,16 @@ pub fn spawn(spec: &SandboxSpec, stdio: Stdio) -> Result<Sandbox, SandboxError> 
     }
     sandbox.setup_time = started.elapsed();
     Ok(sandbox)
+}
+
+/// The builder's seccomp programs, compiled once per process.
+fn compiled_seccomp() -> Result<Vec<seccompiler::BpfProgram>, SandboxError> {
+    static PROGRAMS: std::sync::OnceLock<Result<Vec<seccompiler::BpfProgram>, String>> =
+        std::sync::OnceLock::new();
+    PROGRAMS
+        .get_or_init(|| seccomp::compile().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(SandboxError::Seccomp)
 }
 
 /// `uid_map`, `setgroups`, `gid_map` of the child's user namespace: one id each. `setgroups`

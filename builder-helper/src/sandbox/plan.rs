@@ -30,6 +30,8 @@ pub struct Source {
     pub path: CString,
     pub number: RawFd,
     pub optional: bool,
+    /// `O_NOFOLLOW | O_DIRECTORY` for the directories the helper made itself.
+    pub flags: OFlag,
 }
 
 /// A bind mount: `source` (a `/proc/self/fd/...` path) onto `target` (relative to the new
@@ -182,23 +184,26 @@ pub fn make(
         .max()
         .unwrap_or(2);
     let mut sources = Vec::new();
-    let mut add_source = |path: &Path, optional: bool| -> Result<RawFd, SandboxError> {
-        highest += 1;
-        sources.push(Source {
-            path: path_c(path)?,
-            number: highest,
-            optional,
-        });
-        Ok(highest)
-    };
-    let store_fd = add_source(&spec.host_store_dir, false)?;
-    let staging_fd = add_source(&spec.store_staging, false)?;
-    let build_fd = add_source(&spec.build_dir, false)?;
-    let dev_fd = add_source(Path::new("/dev"), false)?;
-    let proc_fd = add_source(Path::new("/proc"), false)?;
+    let mut add_source =
+        |path: &Path, optional: bool, flags: OFlag| -> Result<RawFd, SandboxError> {
+            highest += 1;
+            sources.push(Source {
+                path: path_c(path)?,
+                number: highest,
+                optional,
+                flags,
+            });
+            Ok(highest)
+        };
+    let own_dir = OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY;
+    let store_fd = add_source(&spec.host_store_dir, false, OFlag::O_DIRECTORY)?;
+    let staging_fd = add_source(&spec.store_staging, false, own_dir)?;
+    let build_fd = add_source(&spec.build_dir, false, own_dir)?;
+    let dev_fd = add_source(Path::new("/dev"), false, OFlag::O_DIRECTORY)?;
+    let proc_fd = add_source(Path::new("/proc"), false, OFlag::O_DIRECTORY)?;
     let mut extra_fds = Vec::new();
     for sp in &spec.sandbox_paths {
-        extra_fds.push(add_source(&sp.source, sp.optional)?);
+        extra_fds.push(add_source(&sp.source, sp.optional, OFlag::empty())?);
     }
     let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| soft)

@@ -120,20 +120,26 @@ impl Fixture {
     /// A fresh staging directory, as each build gets.
     pub fn staging(&self) -> PathBuf {
         static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = self
             .root
-            .join(format!("staging-{}", N.fetch_add(1, Ordering::Relaxed)));
+            .join(format!("staging-{}-{n}", std::process::id()));
         fs::create_dir(&dir).unwrap();
         chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
         dir
     }
 
     pub fn spec(&self, script: &str) -> SandboxSpec {
+        self.spec_in(script, self.staging())
+    }
+
+    /// [`Fixture::spec`] with the given staging directory.
+    pub fn spec_in(&self, script: &str, staging: PathBuf) -> SandboxSpec {
         let bin = format!("/nix/store/{BUSYBOX}/bin");
         let mut s = SandboxSpec::new(
             IdMap::nix(self.uid, self.uid),
             "/nix/store",
-            self.staging(),
+            staging,
             self.root.join("build"),
             format!("{bin}/busybox"),
         );
