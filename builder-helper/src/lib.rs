@@ -1,0 +1,25 @@
+//! The builder-helper: runs builds in a sandbox of their own. [`sandbox`] describes and makes
+//! that sandbox; the session with the master and the brokers comes later.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod sandbox;
+
+// Test-only switches that turn one defence of the sandbox off, so its probe can be shown to
+// fail (scripts/defences-off.sh). Never in a release build.
+#[cfg(all(
+    not(debug_assertions),
+    any(
+        feature = "without-caps",
+        feature = "without-nnp",
+        feature = "without-seccomp",
+        feature = "without-landlock",
+        feature = "without-netns",
+        feature = "without-pidns",
+        feature = "without-utsns",
+        feature = "without-private-store",
+        feature = "without-ro-inputs",
+        feature = "without-pdeathsig"
+    )
+))]
+compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -1,0 +1,100 @@
+/* A static probe run as a builder (or by one) inside the build sandbox. Each mode tries one
+ * thing the sandbox must refuse and says what happened on stdout:
+ *   "done"          the attempt succeeded (the defence did not hold),
+ *   "refused <n>"   it failed with errno n.
+ * Exit status: 0 when done, 1 when refused, 2 on a usage error. Built by
+ * tests/sandbox_probes.rs with `cc -static`. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <stddef.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+static int report(int rc) {
+    if (rc == 0) {
+        printf("done\n");
+        return 0;
+    }
+    printf("refused %d\n", errno);
+    return 1;
+}
+
+static int child_exit(void *arg) {
+    (void) arg;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    const char *mode = argv[1];
+    const char *arg = argc > 2 ? argv[2] : "";
+
+    if (!strcmp(mode, "io_uring")) {
+        /* io_uring_setup(1, params): a descriptor means io_uring is reachable. */
+        char params[120];
+        memset(params, 0, sizeof params);
+        long fd = syscall(__NR_io_uring_setup, 1, params);
+        return report(fd >= 0 ? 0 : -1);
+    }
+    if (!strcmp(mode, "setxattr")) {
+        return report(setxattr(arg, "user.stockade", "x", 1, 0));
+    }
+    if (!strcmp(mode, "acl")) {
+        /* A minimal POSIX ACL (version 2, user::rw-, group::r--, other::r--). */
+        unsigned char acl[4 + 3 * 8] = {2, 0, 0, 0};
+        unsigned short tags[3] = {0x01, 0x04, 0x20};
+        unsigned short perms[3] = {6, 4, 4};
+        for (int i = 0; i < 3; i++) {
+            unsigned char *e = acl + 4 + i * 8;
+            memcpy(e, &tags[i], 2);
+            memcpy(e + 2, &perms[i], 2);
+            memset(e + 4, 0xff, 4);
+        }
+        return report(setxattr(arg, "system.posix_acl_access", acl, sizeof acl, 0));
+    }
+    if (!strcmp(mode, "unshare-user")) {
+        return report(unshare(CLONE_NEWUSER));
+    }
+    if (!strcmp(mode, "clone-user")) {
+        static char stack[64 * 1024];
+        pid_t pid = clone(child_exit, stack + sizeof stack, CLONE_NEWUSER | SIGCHLD, NULL);
+        if (pid < 0) return report(-1);
+        waitpid(pid, NULL, 0);
+        return report(0);
+    }
+    if (!strcmp(mode, "mknod")) {
+        return report(mknod(arg, S_IFCHR | 0666, makedev(1, 3)));
+    }
+    if (!strcmp(mode, "setuid")) {
+        return report(chmod(arg, 04755));
+    }
+    if (!strcmp(mode, "setgid")) {
+        return report(chmod(arg, 02755));
+    }
+    if (!strcmp(mode, "connect-abstract")) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (s < 0) return report(-1);
+        struct sockaddr_un a;
+        memset(&a, 0, sizeof a);
+        a.sun_family = AF_UNIX;
+        size_t n = strlen(arg);
+        if (n > sizeof a.sun_path - 1) return 2;
+        memcpy(a.sun_path + 1, arg, n);
+        return report(connect(s, (struct sockaddr *) &a, offsetof(struct sockaddr_un, sun_path) + 1 + n));
+    }
+    if (!strcmp(mode, "kill")) {
+        return report(kill((pid_t) atoi(arg), SIGUSR1));
+    }
+    return 2;
+}
