@@ -2,7 +2,7 @@
 # Installs what scripts/test.sh needs, and only what is missing (a second run changes nothing):
 #   apt packages  nix-bin (Nix 2.8: the reference nix-daemon and clients), busybox-static
 #                 (builders of test derivations), util-linux (unshare, setpriv), passwd
-#                 (useradd), python3;
+#                 (useradd), python3, libc6-dev (static libc for the sandbox probe, built with cc -static);
 #   cargo-fuzz    (cargo install cargo-fuzz --locked) for fuzz/smoke.sh, which runs on the
 #                 stable toolchain (RUSTC_BOOTSTRAP=1), so no other toolchain is needed;
 #   Nix 2.26      under $STOCKADE_NEWER_NIX (default /opt/stockade-newer-nix) by
@@ -18,7 +18,7 @@ root=false
 [ "$(id -u)" = 0 ] && root=true
 
 missing_apt=()
-for p in nix-bin busybox-static util-linux passwd python3; do
+for p in nix-bin busybox-static util-linux passwd python3 libc6-dev; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed'; then
     missing_apt+=("$p")
   fi
