@@ -180,6 +180,23 @@ impl Sandbox {
         }
     }
 
+    /// The builder's exit if it has ended (reaping it), `None` while it runs. Like
+    /// [`Sandbox::wait`], an exit means the pid namespace is empty.
+    pub fn try_wait(&mut self) -> Result<Option<BuildExit>, SandboxError> {
+        if let Some(e) = self.exit {
+            return Ok(Some(e));
+        }
+        let exit = match waitpid(self.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => BuildExit::Exited(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => BuildExit::Signaled(sig),
+            Ok(_) | Err(Errno::EINTR) => return Ok(None),
+            Err(e) => return Err(sys_err("waiting for the builder")(e)),
+        };
+        self.exit = Some(exit);
+        self.go = None;
+        Ok(Some(exit))
+    }
+
     /// Waits for the builder. When it returns, the builder's pid namespace is empty: an init
     /// is reaped only after every other process of its namespace is gone.
     pub fn wait(&mut self) -> Result<BuildExit, SandboxError> {

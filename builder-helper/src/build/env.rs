@@ -1,0 +1,234 @@
+//! The builder's environment, as Nix's `initEnv` / `initTmpDir` compute it (2.8.0
+//! `src/libstore/build/local-derivation-goal.cc`, 2.26.3
+//! `src/libstore/unix/build/local-derivation-goal.cc`), in the same order, so that later
+//! assignments override earlier ones exactly as they do there:
+//!
+//! 1. `PATH=/path-not-set`, `HOME=/homeless-shelter`, `NIX_STORE`, `NIX_BUILD_CORES`;
+//! 2. the derivation's `env` (these may override step 1), except the names listed in
+//!    `passAsFile`: each of those is written to `.attr-<nix32 sha256(name)>` in the build
+//!    directory and `<name>Path` points to it;
+//! 3. `NIX_BUILD_TOP`, `TMPDIR`, `TEMPDIR`, `TMP`, `TEMP`, `PWD` = the build directory as the
+//!    builder sees it (`/build`);
+//! 4. fixed-output only: `NIX_OUTPUT_CHECKED=1`, and each name of the `impureEnvVars`
+//!    attribute with its value in the daemon's environment (empty when unset);
+//! 5. `NIX_LOG_FD=2`, `TERM=xterm-256color`.
+//!
+//! Each output's variable (`out=/nix/store/…`) comes from the derivation's `env` (step 2),
+//! where the registration check ("has incorrect output") guarantees it holds the output path.
+//!
+//! Where 2.8.0 and 2.26.3 differ: the list and order are the same. 2.26 adds the
+//! `impure-env` setting (experimental feature `configurable-impure-env`): a value given
+//! there for a name in `impureEnvVars` wins over the daemon's environment
+//! ([`EnvParams::impure_env`]); 2.8 reads only the daemon's environment. 2.26 also puts the
+//! build directory one level deeper on the host (`nix-build-<drv>-<n>/build`, the top `0700`
+//! and root's), which the builder cannot see: `/build` inside either way.
+
+use std::collections::BTreeMap;
+
+use stockade_common::derivation::Derivation;
+use stockade_common::hash::Hash;
+
+/// What the environment depends on besides the derivation.
+pub struct EnvParams<'a> {
+    /// The store directory (`NIX_STORE`), e.g. `/nix/store`.
+    pub store_dir: &'a str,
+    pub build_cores: u32,
+    /// The build directory as the builder sees it, normally `/build`.
+    pub build_dir: &'a str,
+    /// Fixed-output (not sandboxed): `NIX_OUTPUT_CHECKED` and `impureEnvVars` apply.
+    pub fixed_output: bool,
+    /// Nix 2.26's `impure-env` setting: values for `impureEnvVars` names that override the
+    /// daemon's environment.
+    pub impure_env: &'a BTreeMap<String, String>,
+    /// The daemon's environment (`getEnv`), for `impureEnvVars`.
+    pub host_env: &'a dyn Fn(&str) -> Option<Vec<u8>>,
+}
+
+/// The environment and the files that go with it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BuilderEnv {
+    pub vars: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// `passAsFile` files: name in the build directory, contents.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Why no environment could be made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvError {
+    /// `.attrs.json` / `.attrs.sh` are not written yet.
+    #[error("derivations with __structuredAttrs are not supported by this daemon yet")]
+    StructuredAttrs,
+}
+
+/// Nix's whitespace tokenizer (`tokenizeString` with " \t\n\r").
+fn tokens(s: &[u8]) -> impl Iterator<Item = &[u8]> {
+    s.split(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        .filter(|t| !t.is_empty())
+}
+
+/// The file a `passAsFile` attribute is written to: `.attr-` + nix32 of sha256(name).
+pub fn pass_as_file_name(name: &[u8]) -> String {
+    format!(".attr-{}", Hash::sha256(name).to_base32())
+}
+
+/// Computes the builder's environment for `drv`.
+pub fn builder_env(drv: &Derivation, p: &EnvParams) -> Result<BuilderEnv, EnvError> {
+    if drv.env.contains_key(b"__json".as_slice()) {
+        // TODO(structured attrs): write .attrs.json / .attrs.sh (outputs, exportReferencesGraph)
+        // and set NIX_ATTRS_JSON_FILE / NIX_ATTRS_SH_FILE, as writeStructuredAttrs does.
+        return Err(EnvError::StructuredAttrs);
+    }
+    let mut out = BuilderEnv::default();
+    let set = |out: &mut BuilderEnv, k: &str, v: &[u8]| {
+        out.vars.insert(k.as_bytes().to_vec(), v.to_vec());
+    };
+    set(&mut out, "PATH", b"/path-not-set");
+    set(&mut out, "HOME", b"/homeless-shelter");
+    set(&mut out, "NIX_STORE", p.store_dir.as_bytes());
+    set(
+        &mut out,
+        "NIX_BUILD_CORES",
+        p.build_cores.to_string().as_bytes(),
+    );
+
+    let pass_as_file: std::collections::BTreeSet<&[u8]> = drv
+        .env
+        .get(b"passAsFile".as_slice())
+        .map(|v| tokens(v).collect())
+        .unwrap_or_default();
+    for (k, v) in &drv.env {
+        if pass_as_file.contains(k.as_slice()) {
+            let file = pass_as_file_name(k);
+            let mut key = k.clone();
+            key.extend_from_slice(b"Path");
+            out.vars
+                .insert(key, format!("{}/{file}", p.build_dir).into_bytes());
+            out.files.push((file, v.clone()));
+        } else {
+            out.vars.insert(k.clone(), v.clone());
+        }
+    }
+
+    for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        set(&mut out, k, p.build_dir.as_bytes());
+    }
+    if p.fixed_output {
+        set(&mut out, "NIX_OUTPUT_CHECKED", b"1");
+        let names: Vec<Vec<u8>> = drv
+            .env
+            .get(b"impureEnvVars".as_slice())
+            .map(|v| tokens(v).map(<[u8]>::to_vec).collect())
+            .unwrap_or_default();
+        for name in names {
+            let name_str = String::from_utf8_lossy(&name).into_owned();
+            let value = match p.impure_env.get(&name_str) {
+                Some(v) => v.clone().into_bytes(),
+                None => (p.host_env)(&name_str).unwrap_or_default(),
+            };
+            out.vars.insert(name, value);
+        }
+    }
+    set(&mut out, "NIX_LOG_FD", b"2");
+    set(&mut out, "TERM", b"xterm-256color");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn drv(env: &[(&str, &str)]) -> Derivation {
+        Derivation {
+            name: "t".into(),
+            outputs: BTreeMap::new(),
+            input_drvs: BTreeMap::new(),
+            input_srcs: BTreeSet::new(),
+            system: b"x86_64-linux".to_vec(),
+            builder: b"/bin/sh".to_vec(),
+            args: vec![],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    fn params<'a>(
+        fixed: bool,
+        impure: &'a BTreeMap<String, String>,
+        host: &'a dyn Fn(&str) -> Option<Vec<u8>>,
+    ) -> EnvParams<'a> {
+        EnvParams {
+            store_dir: "/nix/store",
+            build_cores: 4,
+            build_dir: "/build",
+            fixed_output: fixed,
+            impure_env: impure,
+            host_env: host,
+        }
+    }
+
+    fn get<'a>(e: &'a BuilderEnv, k: &str) -> Option<&'a str> {
+        e.vars
+            .get(k.as_bytes())
+            .map(|v| std::str::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn order_of_overrides_is_nixs() {
+        let none = BTreeMap::new();
+        let host = |_: &str| Some(b"host".to_vec());
+        let d = drv(&[
+            ("PATH", "/mine"),
+            ("TMPDIR", "/elsewhere"),
+            ("TERM", "dumb"),
+            ("http_proxy", "x"),
+            ("impureEnvVars", "http_proxy"),
+        ]);
+        let e = builder_env(&d, &params(false, &none, &host)).unwrap();
+        assert_eq!(get(&e, "PATH"), Some("/mine"));
+        assert_eq!(get(&e, "TMPDIR"), Some("/build"));
+        assert_eq!(get(&e, "TERM"), Some("xterm-256color"));
+        assert_eq!(get(&e, "http_proxy"), Some("x"));
+        assert_eq!(get(&e, "NIX_OUTPUT_CHECKED"), None);
+        assert_eq!(get(&e, "NIX_BUILD_CORES"), Some("4"));
+
+        let impure = BTreeMap::from([("FOO".to_string(), "set".to_string())]);
+        let d = drv(&[("impureEnvVars", "http_proxy FOO\tBAR")]);
+        let host = |k: &str| (k == "http_proxy").then(|| b"proxy".to_vec());
+        let e = builder_env(&d, &params(true, &impure, &host)).unwrap();
+        assert_eq!(get(&e, "http_proxy"), Some("proxy"));
+        assert_eq!(get(&e, "FOO"), Some("set"));
+        assert_eq!(get(&e, "BAR"), Some(""));
+        assert_eq!(get(&e, "NIX_OUTPUT_CHECKED"), Some("1"));
+    }
+
+    #[test]
+    fn pass_as_file_becomes_a_path() {
+        let none = BTreeMap::new();
+        let host = |_: &str| None;
+        let d = drv(&[("big", "contents"), ("passAsFile", " big missing ")]);
+        let e = builder_env(&d, &params(false, &none, &host)).unwrap();
+        assert_eq!(get(&e, "big"), None);
+        let file = pass_as_file_name(b"big");
+        assert_eq!(
+            get(&e, "bigPath").map(str::to_string),
+            Some(format!("/build/{file}"))
+        );
+        assert_eq!(get(&e, "missingPath"), None);
+        assert_eq!(e.files, vec![(file, b"contents".to_vec())]);
+        assert_eq!(get(&e, "passAsFile"), Some(" big missing "));
+    }
+
+    #[test]
+    fn structured_attrs_are_refused_for_now() {
+        let none = BTreeMap::new();
+        let host = |_: &str| None;
+        let d = drv(&[("__json", "{}")]);
+        assert_eq!(
+            builder_env(&d, &params(false, &none, &host)),
+            Err(EnvError::StructuredAttrs)
+        );
+    }
+}

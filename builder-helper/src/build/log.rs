@@ -1,0 +1,236 @@
+//! Supervision of a running builder: its merged stdout and stderr copied to the log sink
+//! line by line, `timeout`, `max-silent-time` and `max-build-log-size` enforced as Nix's
+//! worker loop and `handleChildOutput` do (silence is checked before the total time; the log
+//! limit is exceeded when more than the limit has been written).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::sandbox::{BuildExit, Sandbox, SandboxError};
+
+/// The limits of one build; `None` / 0: none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub max_silent_time: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub max_log_size: u64,
+}
+
+/// How supervision ended. In every case the builder and all its processes are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Exited(BuildExit),
+    /// `max-silent-time` (`silence`) or `timeout` fired.
+    TimedOut {
+        silence: bool,
+    },
+    LogLimit,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("reading the build log: {0}")]
+    Read(io::Error),
+    #[error("writing the build log: {0}")]
+    Sink(io::Error),
+}
+
+/// The last lines of the log, as Nix keeps them for its error message (`log-lines`): a
+/// carriage return restarts the current line.
+#[derive(Debug, Default)]
+pub struct LogTail {
+    lines: VecDeque<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+    max: usize,
+}
+
+impl LogTail {
+    pub fn new(max: usize) -> Self {
+        LogTail {
+            max,
+            ..Default::default()
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        for &c in data {
+            match c {
+                b'\r' => self.pos = 0,
+                b'\n' => self.flush(),
+                _ => {
+                    if self.pos >= self.current.len() {
+                        self.current.resize(self.pos + 1, 0);
+                    }
+                    self.current[self.pos] = c;
+                    self.pos += 1;
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let line = std::mem::take(&mut self.current);
+        self.pos = 0;
+        if self.max == 0 {
+            return;
+        }
+        self.lines.push_back(line);
+        if self.lines.len() > self.max {
+            self.lines.pop_front();
+        }
+    }
+
+    /// The lines, oldest first (the unfinished one too, as Nix flushes it at the end).
+    pub fn into_lines(mut self) -> Vec<String> {
+        if !self.current.is_empty() {
+            self.flush();
+        }
+        self.lines
+            .into_iter()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .collect()
+    }
+}
+
+/// Copies the log until the builder is gone, or kills it when a limit fires.
+pub fn supervise(
+    sandbox: &mut Sandbox,
+    log: OwnedFd,
+    limits: Limits,
+    sink: &mut dyn Write,
+    tail: &mut LogTail,
+) -> Result<Ended, SuperviseError> {
+    let started = Instant::now();
+    let mut last_output = started;
+    let mut log_size: u64 = 0;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut log = Some(File::from(log));
+    let mut buf = vec![0u8; 64 * 1024];
+    let kill = |sandbox: &mut Sandbox, e: Ended| -> Result<Ended, SuperviseError> {
+        sandbox.kill()?;
+        sandbox.wait()?;
+        Ok(e)
+    };
+    let mut idle = Duration::from_millis(1);
+    loop {
+        let now = Instant::now();
+        if let Some(m) = limits.max_silent_time {
+            if now >= last_output + m {
+                return kill(sandbox, Ended::TimedOut { silence: true });
+            }
+        }
+        if let Some(t) = limits.timeout {
+            if now >= started + t {
+                return kill(sandbox, Ended::TimedOut { silence: false });
+            }
+        }
+        let deadline = [
+            limits.max_silent_time.map(|m| last_output + m),
+            limits.timeout.map(|t| started + t),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let wait = deadline.map(|d| d.saturating_duration_since(now));
+
+        let Some(file) = log.as_mut() else {
+            // EOF: every process that held the log is gone or closed it; the builder may
+            // still run (it closed its output), and the limits still apply.
+            if let Some(exit) = sandbox.try_wait()? {
+                return Ok(Ended::Exited(exit));
+            }
+            let nap = wait.map_or(idle, |w| w.min(idle));
+            std::thread::sleep(nap);
+            idle = (idle * 2).min(Duration::from_millis(50));
+            continue;
+        };
+        let timeout = match wait {
+            None => PollTimeout::NONE,
+            // Rounded up, so the loop does not spin just before a deadline.
+            Some(w) => {
+                PollTimeout::try_from(w + Duration::from_millis(1)).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(SuperviseError::Read(e.into())),
+        }
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = kill(sandbox, Ended::LogLimit);
+                return Err(SuperviseError::Read(e));
+            }
+        };
+        if n == 0 {
+            log = None;
+            if !pending.is_empty() {
+                sink.write_all(&pending).map_err(SuperviseError::Sink)?;
+                pending.clear();
+            }
+            continue;
+        }
+        let data = &buf[..n];
+        log_size += n as u64;
+        if limits.max_log_size != 0 && log_size > limits.max_log_size {
+            return kill(sandbox, Ended::LogLimit);
+        }
+        last_output = Instant::now();
+        tail.feed(data);
+        if let Err(e) = write_lines(sink, &mut pending, data) {
+            let _ = kill(sandbox, Ended::LogLimit);
+            return Err(SuperviseError::Sink(e));
+        }
+    }
+}
+
+/// Writes every completed line (with its `\n`) and keeps the unfinished rest in `pending`.
+fn write_lines(sink: &mut dyn Write, pending: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
+    let mut rest = data;
+    while let Some(i) = rest.iter().position(|&c| c == b'\n') {
+        if pending.is_empty() {
+            sink.write_all(&rest[..=i])?;
+        } else {
+            pending.extend_from_slice(&rest[..=i]);
+            sink.write_all(pending)?;
+            pending.clear();
+        }
+        rest = &rest[i + 1..];
+    }
+    pending.extend_from_slice(rest);
+    sink.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_written_whole() {
+        let mut sink = Vec::new();
+        let mut pending = Vec::new();
+        write_lines(&mut sink, &mut pending, b"one\ntw").unwrap();
+        assert_eq!(sink, b"one\n");
+        write_lines(&mut sink, &mut pending, b"o\nthree").unwrap();
+        assert_eq!(sink, b"one\ntwo\n");
+        assert_eq!(pending, b"three");
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines_and_honours_carriage_returns() {
+        let mut t = LogTail::new(2);
+        t.feed(b"a\nb\n10%\r100%\nlast");
+        assert_eq!(t.into_lines(), ["100%", "last"]);
+    }
+}
