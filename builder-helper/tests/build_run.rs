@@ -69,10 +69,22 @@ impl Store {
 
     /// Writes a derivation named `name` with `outputs` running `sh -c script` into the store.
     fn drv(&self, name: &str, outputs: &[&str], script: &str, env: &[(&str, &str)]) -> StorePath {
+        self.drv_with(name, outputs, script, env, BTreeMap::new())
+    }
+
+    /// [`Store::drv`] with input derivations.
+    fn drv_with(
+        &self,
+        name: &str,
+        outputs: &[&str],
+        script: &str,
+        env: &[(&str, &str)],
+        input_drvs: BTreeMap<StorePath, BTreeSet<String>>,
+    ) -> StorePath {
         let mut drv = Derivation {
             name: name.to_string(),
             outputs: BTreeMap::new(),
-            input_drvs: BTreeMap::new(),
+            input_drvs,
             input_srcs: BTreeSet::from([StorePath::from_base_name(BUSYBOX).unwrap()]),
             system: b"x86_64-linux".to_vec(),
             builder: BB.as_bytes().to_vec(),
@@ -419,4 +431,30 @@ fn inputs_outside_the_closure_are_refused() {
         matches!(*e.kind, BuildErrorKind::NotInClosure { .. }),
         "{e}"
     );
+}
+
+#[test]
+fn outputs_of_input_derivations_are_inputs() {
+    skip_unless_root!();
+    let s = Store::new();
+    let dep = s.drv("dep", &["out"], "exit 1", &[]);
+    let dep_out = StorePath::from_base_name(&format!("{}-dep", "11".repeat(16))).unwrap();
+    fs::write(s.root.join("store").join(dep_out.base_name()), "from dep\n").unwrap();
+    let shown = s.sd.display(&dep_out);
+    let drv = s.drv_with(
+        "user",
+        &["out"],
+        &format!("{BB} cat {shown} > $out"),
+        &[],
+        BTreeMap::from([(dep.clone(), BTreeSet::from(["out".to_string()]))]),
+    );
+    let mut job = s.job(&drv);
+    let e = run_derivation(&s.config(), &job, &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(*e.kind, BuildErrorKind::NotInClosure { .. }),
+        "{e}"
+    );
+    job.input_closure.insert(dep_out);
+    let o = run_derivation(&s.config(), &job, &mut Vec::new()).unwrap();
+    assert_eq!(contents(&o, "out"), "from dep\n");
 }
