@@ -50,7 +50,14 @@ impl Store {
         let root = dir.path().to_path_buf();
         let bin = root.join("store").join(BUSYBOX).join("bin");
         fs::create_dir_all(&bin).unwrap();
-        fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+        // Copied by a child process: a descriptor open for writing on the binary would be
+        // inherited by sandboxes other tests clone meanwhile and make exec fail (ETXTBSY).
+        let copied = std::process::Command::new("cp")
+            .arg("/bin/busybox")
+            .arg(bin.join("busybox"))
+            .status()
+            .unwrap();
+        assert!(copied.success(), "cp /bin/busybox: {copied}");
         symlink("busybox", bin.join("sh")).unwrap();
         Store {
             _dir: dir,

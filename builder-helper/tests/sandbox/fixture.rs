@@ -87,13 +87,25 @@ impl Fixture {
         fs::set_permissions(&store, fs::Permissions::from_mode(0o1777)).unwrap();
         let bb = store.join(BUSYBOX).join("bin");
         fs::create_dir_all(&bb).unwrap();
-        fs::copy("/bin/busybox", bb.join("busybox")).unwrap();
+        // Copied by a child process: a descriptor open for writing on the binary would be
+        // inherited by sandboxes other tests clone meanwhile and make exec fail (ETXTBSY).
+        let copied = std::process::Command::new("cp")
+            .arg("/bin/busybox")
+            .arg(bb.join("busybox"))
+            .status()
+            .unwrap();
+        assert!(copied.success(), "cp /bin/busybox: {copied}");
         for a in APPLETS {
             symlink("busybox", bb.join(a)).unwrap();
         }
         let pb = store.join(PROBE).join("bin");
         fs::create_dir_all(&pb).unwrap();
-        fs::copy(probe_binary(), pb.join("probe")).unwrap();
+        let copied = std::process::Command::new("cp")
+            .arg(probe_binary())
+            .arg(pb.join("probe"))
+            .status()
+            .unwrap();
+        assert!(copied.success(), "cp probe: {copied}");
         let w = store.join(WRITABLE);
         fs::create_dir(&w).unwrap();
         fs::write(w.join("file"), "original\n").unwrap();
