@@ -10,7 +10,6 @@ use std::os::unix::fs::PermissionsExt;
 use common::*;
 use stockade_common::content_address::ContentAddressMethod;
 use stockade_common::hash::HashAlgo;
-use stockade_common::ipc::msg::{BrokerToStoreWriter as Req, StoreWriterToBroker as Reply};
 use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::StorePath;
 use stockade_store_writer::audit::Audit;
@@ -33,7 +32,7 @@ fn add_text(b: &mut Broker, name: &str, data: &[u8], refs: Vec<StorePath>) -> Pa
         Some(data.to_vec()),
     );
     match r {
-        Reply::PathInfo(Some(i)) => *i,
+        Ok(i) => i,
         other => panic!("expected path info, got {other:?}"),
     }
 }
@@ -48,7 +47,7 @@ fn add_nar(b: &mut Broker, info: &PathInfo, nar: &[u8], repair: bool) {
         },
         Some(nar.to_vec()),
     );
-    assert_eq!(r, Reply::Ok);
+    assert_eq!(r, Ok(()));
 }
 
 fn unsynced(store: &Store) -> Vec<String> {
