@@ -20,7 +20,14 @@ use crate::sys;
 /// Held locks on a set of store paths; released (and their lock files deleted) on drop.
 pub struct PathGuard<'a> {
     store_fd: BorrowedFd<'a>,
-    held: Vec<(String, Flock<OwnedFd>)>,
+    held: Vec<Held>,
+}
+
+/// One held lock: its file's name, the locked descriptor, and the file's device and inode.
+struct Held {
+    name: String,
+    lock: Flock<OwnedFd>,
+    id: (u64, u64),
 }
 
 /// Locks `paths` (sorted, each once), waiting for other holders.
@@ -37,13 +44,13 @@ pub fn lock<'a>(
         held: Vec::with_capacity(names.len()),
     };
     for name in names {
-        let lock = lock_one(store_fd, &name)?;
-        guard.held.push((name, lock));
+        let (lock, id) = lock_one(store_fd, &name)?;
+        guard.held.push(Held { name, lock, id });
     }
     Ok(guard)
 }
 
-fn lock_one(store_fd: BorrowedFd<'_>, name: &str) -> nix::Result<Flock<OwnedFd>> {
+fn lock_one(store_fd: BorrowedFd<'_>, name: &str) -> nix::Result<(Flock<OwnedFd>, (u64, u64))> {
     loop {
         let fd = sys::openat(
             store_fd,
@@ -53,23 +60,19 @@ fn lock_one(store_fd: BorrowedFd<'_>, name: &str) -> nix::Result<Flock<OwnedFd>>
         )?;
         let lock = Flock::lock(fd, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
         // A released lock file has one byte in it and no name any more: try a fresh one.
-        if sys::fstat(lock.as_fd())?.st_size == 0 {
-            return Ok(lock);
+        let st = sys::fstat(lock.as_fd())?;
+        if st.st_size == 0 {
+            return Ok((lock, (st.st_dev, st.st_ino)));
         }
     }
 }
 
 impl Drop for PathGuard<'_> {
     fn drop(&mut self) {
-        for (name, lock) in self.held.drain(..) {
+        for Held { name, lock, id } in self.held.drain(..) {
             // Unlink only the file we hold (its name could have been replaced meanwhile).
-            let ours = match (
-                sys::lstat_at(self.store_fd, name.as_str()),
-                sys::fstat(lock.as_fd()),
-            ) {
-                (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
-                _ => false,
-            };
+            let ours = sys::lstat_at(self.store_fd, name.as_str())
+                .is_ok_and(|named| (named.st_dev, named.st_ino) == id);
             if ours {
                 match nix::unistd::unlinkat(
                     Some(self.store_fd.as_raw_fd()),

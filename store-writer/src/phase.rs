@@ -53,6 +53,7 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::QueryPathFromHashPart
             | K::QueryAllValidPaths
             | K::AddToStore
+            | K::AddToStoreInline
             | K::AddNar
             | K::CommitBatch
             | K::AbortBatch
@@ -77,6 +78,7 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::QueryPathFromHashPart
             | K::QueryAllValidPaths
             | K::AddToStore
+            | K::AddToStoreInline
             | K::AddNar
             | K::AddTempRoot
             | K::AddIndirectRoot
@@ -105,6 +107,7 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::AddTempRoot => Verdict::Handle,
             K::Hello => Verdict::Violation("second Hello"),
             K::AddToStore
+            | K::AddToStoreInline
             | K::AddIndirectRoot
             | K::AddPermRoot
             | K::FindRoots
@@ -127,6 +130,7 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::AddTempRoot
             | K::AddBuildLog => Verdict::Handle,
             K::AddToStore
+            | K::AddToStoreInline
             | K::AddNar
             | K::CommitBatch
             | K::AbortBatch
@@ -167,5 +171,28 @@ mod tests {
             permitted(Phase::Ready, ReqKind::CommitBatch, true),
             Verdict::Violation(_)
         ));
+    }
+
+    /// An add with its data inline is judged as AddToStore in every phase.
+    #[test]
+    fn inline_adds_are_judged_as_adds() {
+        for phase in [
+            Phase::BeforeHello,
+            Phase::Ready,
+            Phase::InBatch,
+            Phase::Building,
+        ] {
+            for trusted in [false, true] {
+                assert_eq!(
+                    permitted(phase, ReqKind::AddToStoreInline, trusted),
+                    permitted(phase, ReqKind::AddToStore, trusted),
+                    "{phase:?}"
+                );
+            }
+        }
+        assert_eq!(
+            permitted(Phase::BeforeHello, ReqKind::AddToStoreInline, true),
+            Verdict::Violation("request before Hello")
+        );
     }
 }

@@ -74,8 +74,19 @@ pub struct TempRoots {
     dir: PathBuf,
     name: String,
     file: Option<Flock<File>>,
+    /// `gc.lock`, opened at the first root and kept open (as Nix keeps its `fdGCLock`); each
+    /// root takes and drops a shared lock on it. Its own open file: `flock` locks belong to
+    /// the open file, so another connection's unlock cannot drop this one's lock.
+    gc_lock: Option<File>,
     roots: HashSet<StorePath>,
     closed: bool,
+}
+
+/// `gc.lock` while a root is added: share-locked (no collector runs), or only open (a running
+/// collector was told about the root).
+enum GcHold {
+    Shared(Flock<File>),
+    Open(File),
 }
 
 impl TempRoots {
@@ -84,6 +95,7 @@ impl TempRoots {
             dir: state_dir.join("temproots"),
             name: format!("{}-{conn_id}", std::process::id()),
             file: None,
+            gc_lock: None,
             roots: HashSet::new(),
             closed: false,
         }
@@ -166,6 +178,7 @@ impl TempRoots {
             let _ = std::fs::remove_file(self.dir.join(&self.name));
             self.file = None;
         }
+        self.gc_lock = None;
         self.roots.clear();
     }
 }
@@ -192,21 +205,26 @@ pub fn add_temp_root(
     }
     roots.open()?;
     let full = store.full(path);
-    let lock = store.open_gc_lock()?;
+    let mut unlocked = match roots.gc_lock.take() {
+        Some(f) => f,
+        None => store.open_gc_lock()?,
+    };
     let mut pause = Duration::from_millis(5);
     let deadline = std::time::Instant::now() + GC_REACH_DEADLINE;
-    let _shared = loop {
-        match Flock::lock(lock.try_clone()?, FlockArg::LockSharedNonblock) {
-            Ok(l) => break Some(l),
-            // Before A70 the root then went to the file only, which the collector has read.
-            Err((_, Errno::EWOULDBLOCK)) if cfg!(feature = "without-a70") => break None,
-            Err((_, Errno::EWOULDBLOCK)) => {}
+    let hold = loop {
+        match Flock::lock(unlocked, FlockArg::LockSharedNonblock) {
+            Ok(l) => break GcHold::Shared(l),
+            Err((f, Errno::EWOULDBLOCK)) => unlocked = f,
             Err((_, e)) => return Err(e.into()),
+        }
+        // Before A70 the root then went to the file only, which the collector has read.
+        if cfg!(feature = "without-a70") {
+            break GcHold::Open(unlocked);
         }
         // A collector holds the lock: tell it. If it is just starting (no socket yet) or just
         // ending (its socket refuses), look at the lock again.
         match tell_running_gc(store, &full) {
-            Ok(()) => break None,
+            Ok(()) => break GcHold::Open(unlocked),
             Err(e) if std::time::Instant::now() >= deadline => {
                 return Err(RootError::GcUnreachable(e.to_string()))
             }
@@ -216,7 +234,14 @@ pub fn add_temp_root(
             }
         }
     };
-    roots.append(&format!("{full}\0"))?;
+    // Written while the shared lock is held, as in Nix: a collector starting now waits for it
+    // and then reads the file.
+    let written = roots.append(&format!("{full}\0"));
+    roots.gc_lock = match hold {
+        GcHold::Shared(l) => l.unlock().ok(),
+        GcHold::Open(f) => Some(f),
+    };
+    written?;
     roots.roots.insert(path.clone());
     Ok(())
 }

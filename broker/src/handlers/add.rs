@@ -1,5 +1,6 @@
 //! Adding paths: AddToStore (both forms), AddTextToStore, AddToStoreNar, AddMultipleToStore.
-//! The data goes to the store-writer through an upload pipe as it arrives.
+//! The data goes to the store-writer through an upload pipe as it arrives, or, for an
+//! AddToStore whose data is small, inside the request.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
@@ -10,6 +11,7 @@ use stockade_common::ipc::writer as w;
 use stockade_common::narinfo::PathInfo;
 use stockade_common::store_path::{FileIngestion, StorePath};
 use stockade_common::worker::request::{AddToStore, Framed, MultipleReader, NarPayload, NarStream};
+use stockade_common::worker::{FramedReader, WireError};
 use stockade_policy::ops as pops;
 
 use super::copy_framed;
@@ -41,9 +43,7 @@ pub fn add_to_store(ctx: &mut Ctx<'_>, req: AddToStore) -> OpResult<Reply> {
                 references: references.into_iter().collect(),
                 repair,
             };
-            let mut up = ctx.store.start_upload(req)?;
-            copy_framed(ctx.client.framed(payload), &mut up.tx)?;
-            let info = ctx.store.finish_upload(up)?;
+            let info = add_framed(ctx.store, req, ctx.client.framed(payload))?;
             Ok(Reply::Added(Box::new(info)))
         }
         // nix-daemon reads the whole NAR before it starts work: until then, errors count as
@@ -80,6 +80,56 @@ pub fn add_to_store(ctx: &mut Ctx<'_>, req: AddToStore) -> OpResult<Reply> {
     }
 }
 
+/// Sends an AddToStore whose data is the client's framed stream `fr`: inside the request when
+/// the stream ends within [`w::INLINE_REQUEST_MAX`] bytes of request (one message, no pipe),
+/// otherwise through an upload pipe, starting with the bytes already read.
+fn add_framed(
+    store: &mut Store,
+    req: w::AddToStore,
+    mut fr: FramedReader<impl Read>,
+) -> OpResult<PathInfo> {
+    let (ended, head) = read_head(&mut fr, w::INLINE_REQUEST_MAX)?;
+    add_with_head(store, req, head, (!ended).then_some(fr))
+}
+
+/// AddToStore of `head`, followed by `rest` (the unread part of the client's stream) if any:
+/// inline when it is all here and fits, through the pipe otherwise.
+fn add_with_head(
+    store: &mut Store,
+    req: w::AddToStore,
+    head: Vec<u8>,
+    rest: Option<FramedReader<impl Read>>,
+) -> OpResult<PathInfo> {
+    let (req, head) = match rest {
+        None => match req.with_data(head) {
+            Ok(inline) => return store.call(inline),
+            Err(back) => back,
+        },
+        Some(_) => (req, head),
+    };
+    let mut up = store.start_upload(req)?;
+    // A write the store-writer refuses fails here and in `copy_framed`, which still drains
+    // the client's stream; the reply says why.
+    let _ = up.tx.write_all(&head);
+    if let Some(fr) = rest {
+        copy_framed(fr, &mut up.tx)?;
+    }
+    store.finish_upload(up)
+}
+
+/// Reads the client's framed stream up to `max` bytes: whether it ended within them, and what
+/// was read (at most `max + 1` bytes).
+fn read_head(fr: &mut FramedReader<impl Read>, max: usize) -> OpResult<(bool, Vec<u8>)> {
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    // Room for a small add from the start, so it is read in one call.
+    let mut head = Vec::with_capacity(max.min(16 << 10));
+    // A broken frame leaves the client's stream out of step, as in `copy_framed`.
+    fr.take(limit)
+        .read_to_end(&mut head)
+        .map_err(|e| OpError::fatal(WireError::from_io(e, "framed data", 0).to_string()))?;
+    Ok((head.len() <= max, head))
+}
+
 pub fn add_text(
     ctx: &mut Ctx<'_>,
     name: String,
@@ -93,9 +143,12 @@ pub fn add_text(
         references: references.into_iter().collect(),
         repair: false,
     };
-    let mut up = ctx.store.start_upload(req)?;
-    let _ = up.tx.write_all(text);
-    let info = ctx.store.finish_upload(up)?;
+    let info = add_with_head(
+        ctx.store,
+        req,
+        text.to_vec(),
+        None::<FramedReader<io::Empty>>,
+    )?;
     Ok(Reply::Str(ctx.sd.display(&info.path)))
 }
 

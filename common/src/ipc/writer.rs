@@ -136,6 +136,120 @@ requests! {
     /// Check that every valid path exists (and, with `check_contents`, hashes to its NAR
     /// hash); progress goes out as `Log`. The reply says whether errors were found.
     VerifyStore { check_contents: bool, repair: bool } -> bool;
+    /// AddToStore with its data inside the request instead of an upload pipe: the broker
+    /// sends it when the client's whole stream ended within [`INLINE_REQUEST_MAX`] bytes of
+    /// request, which saves a round trip and a pipe per small add. The store-writer adds it
+    /// exactly as AddToStore (same checks, same path); its kind's size limit bounds the data
+    /// before anything is decoded (A68), and brokers still hand over no descriptors (A70).
+    AddToStoreInline {
+        name: String,
+        method: ContentAddressMethod,
+        algo: HashAlgo,
+        references: Vec<StorePath>,
+        repair: bool,
+        data: InlineData,
+    } -> PathInfo;
+}
+
+/// The bytes of an [`AddToStoreInline`], encoded as bincode encodes a `Vec<u8>` (a length, then
+/// the bytes) but written and read as one block rather than byte by byte.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct InlineData(pub Vec<u8>);
+
+impl std::fmt::Debug for InlineData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InlineData({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for InlineData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for InlineData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = InlineData;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<InlineData, E> {
+                Ok(InlineData(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<InlineData, E> {
+                Ok(InlineData(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<InlineData, A::Error> {
+                let mut v = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    v.push(b);
+                }
+                Ok(InlineData(v))
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
+}
+
+/// Largest encoded [`AddToStoreInline`]: the largest request a channel sends as one message,
+/// without spilling it into a memfd (the spill header byte and the payload stay within
+/// [`super::DEFAULT_LIMIT`]).
+pub const INLINE_REQUEST_MAX: usize = super::DEFAULT_LIMIT - 1;
+
+impl AddToStore {
+    /// This request with `data` inside it, when the whole encodes within
+    /// [`INLINE_REQUEST_MAX`] bytes; otherwise both back, for an upload through a pipe.
+    pub fn with_data(self, data: Vec<u8>) -> Result<AddToStoreInline, (AddToStore, Vec<u8>)> {
+        let AddToStore {
+            name,
+            method,
+            algo,
+            references,
+            repair,
+        } = self;
+        let inline = AddToStoreInline {
+            name,
+            method,
+            algo,
+            references,
+            repair,
+            data: InlineData(data),
+        };
+        if inline_fits(&inline) {
+            return Ok(inline);
+        }
+        let AddToStoreInline {
+            name,
+            method,
+            algo,
+            references,
+            repair,
+            data,
+        } = inline;
+        let req = AddToStore {
+            name,
+            method,
+            algo,
+            references,
+            repair,
+        };
+        Err((req, data.0))
+    }
+}
+
+/// Whether `req` encodes (with its one-byte variant tag) within [`INLINE_REQUEST_MAX`].
+fn inline_fits(req: &AddToStoreInline) -> bool {
+    use bincode::Options;
+    // The variant index of every request is below 251: one byte (`ReqKind::from_head`).
+    bincode::DefaultOptions::new()
+        .serialized_size(req)
+        .is_ok_and(|n| n < INLINE_REQUEST_MAX as u64)
 }
 
 /// store-writer → broker, in answer to a request whose reply type is `T`.
@@ -200,6 +314,7 @@ impl ReqKind {
             ReqKind::AddSignatures => 256 << 10,
             ReqKind::RegisterDrvOutput => 1 << 20,
             ReqKind::AddToStore | ReqKind::AddNar => PATH_INFO_REQUEST_MAX,
+            ReqKind::AddToStoreInline => INLINE_REQUEST_MAX,
         }
     }
 }
@@ -295,6 +410,15 @@ mod tests {
                 repair: false,
             }
             .into(),
+            AddToStoreInline {
+                name: "x".into(),
+                method: ContentAddressMethod::Text,
+                algo: HashAlgo::Sha256,
+                references: vec![p.clone()],
+                repair: false,
+                data: InlineData(b"hello".to_vec()),
+            }
+            .into(),
         ];
         assert_eq!(all.len(), ReqKind::ALL.len());
         for (req, &kind) in all.iter().zip(ReqKind::ALL) {
@@ -309,6 +433,90 @@ mod tests {
         }
         assert_eq!(ReqKind::from_head(&[ReqKind::ALL.len() as u8]), None);
         assert_eq!(ReqKind::from_head(&[]), None);
+    }
+
+    fn small_add() -> AddToStore {
+        AddToStore {
+            name: "f".into(),
+            method: ContentAddressMethod::Fixed(FileIngestion::Flat),
+            algo: HashAlgo::Sha256,
+            references: vec![],
+            repair: false,
+        }
+    }
+
+    /// The encoded size of an inline add of `n` bytes.
+    fn inline_size(n: usize) -> usize {
+        let a = small_add();
+        let req = AddToStoreInline {
+            name: a.name,
+            method: a.method,
+            algo: a.algo,
+            references: a.references,
+            repair: a.repair,
+            data: InlineData(vec![7; n]),
+        };
+        crate::ipc::encode(&BrokerToStoreWriter::from(req), 1 << 20)
+            .unwrap()
+            .len()
+    }
+
+    /// Data goes inline exactly while the whole request stays within its kind's limit, and
+    /// such a request goes out as one message (no memfd) and decodes within that limit.
+    #[test]
+    fn inline_adds_fit_their_limit_and_one_message() {
+        let limit = ReqKind::AddToStoreInline.max_bytes();
+        // The largest data that fits: the request is then exactly at the limit.
+        let n = (0..INLINE_REQUEST_MAX)
+            .rev()
+            .find(|&n| inline_size(n) <= limit)
+            .unwrap();
+        assert_eq!(inline_size(n), limit);
+        let req = match small_add().with_data(vec![1; n]) {
+            Ok(r) => r,
+            Err(_) => panic!("{n} bytes should go inline"),
+        };
+        assert_eq!(req.data.0.len(), n);
+        let bytes = crate::ipc::encode(&BrokerToStoreWriter::from(req.clone()), limit).unwrap();
+        assert_eq!(bytes.len(), limit);
+        let back: BrokerToStoreWriter = crate::ipc::decode(&bytes, limit).unwrap();
+        assert_eq!(back, BrokerToStoreWriter::from(req.clone()));
+        // Sent over a spilling channel it is one message of at most the channel limit.
+        let (mut a, mut b) = crate::ipc::socketpair().unwrap();
+        a.enable_spill(BROKER_SPILL_MAX);
+        b.enable_spill(BROKER_SPILL_MAX);
+        a.send(&BrokerToStoreWriter::from(req.clone()), &[])
+            .unwrap();
+        let (got, fds) = b.recv::<BrokerToStoreWriter>().unwrap();
+        assert!(fds.is_empty(), "an inline add was spilled into a memfd");
+        assert_eq!(got, BrokerToStoreWriter::from(req));
+        // One byte more goes back to the caller for the pipe, data intact.
+        match small_add().with_data(vec![2; n + 1]) {
+            Ok(_) => panic!("{} bytes went inline", n + 1),
+            Err((req, data)) => {
+                assert_eq!(req, small_add());
+                assert_eq!(data, vec![2; n + 1]);
+            }
+        }
+        // The bytes of the fuzz seed `fuzz/seeds/ipc_request/add_inline`.
+        let seed = b"\x16\x01f\x01\x00\x02\x00\x00\x05hello";
+        let want = BrokerToStoreWriter::from(AddToStoreInline {
+            data: InlineData(b"hello".to_vec()),
+            ..match small_add().with_data(vec![]) {
+                Ok(r) => r,
+                Err(_) => panic!("an empty add fits"),
+            }
+        });
+        assert_eq!(
+            crate::ipc::decode::<BrokerToStoreWriter>(seed, limit).unwrap(),
+            want
+        );
+        // Its encoding is that of a byte vector.
+        let v = crate::ipc::encode(&vec![9u8; 300], 1 << 10).unwrap();
+        let d = crate::ipc::encode(&InlineData(vec![9u8; 300]), 1 << 10).unwrap();
+        assert_eq!(v, d);
+        let back: InlineData = crate::ipc::decode(&v, 1 << 10).unwrap();
+        assert_eq!(back.0, vec![9u8; 300]);
     }
 
     /// The answers sent before the request is known decode as the answer to any request.

@@ -729,3 +729,14 @@ fn planted_symlink_is_not_followed() {
         assert!(listing(&canary).is_empty());
     }
 }
+
+/// An empty regular file has a NAR too (`nix-store --add-fixed sha256` of an empty file).
+#[test]
+fn flat_nar_of_an_empty_file() {
+    let nar = super::write_flat_nar(Vec::new(), false, b"").unwrap();
+    let mut w = super::NarWriter::new(Vec::new()).unwrap();
+    w.regular(false, 0).unwrap();
+    assert_eq!(nar, w.finish().unwrap());
+    let exe = super::write_flat_nar(Vec::new(), true, b"").unwrap();
+    assert!(exe.len() > nar.len());
+}

@@ -212,7 +212,10 @@ impl<W: Write> NarWriter<W> {
 pub fn write_flat_nar<W: Write>(w: W, executable: bool, data: &[u8]) -> io::Result<W> {
     let mut nar = NarWriter::new(w)?;
     nar.regular(executable, data.len() as u64)?;
-    nar.contents(data)?;
+    // An empty file's contents end with its declaration.
+    if !data.is_empty() {
+        nar.contents(data)?;
+    }
     nar.finish()
 }
 

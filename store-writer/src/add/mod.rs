@@ -19,6 +19,7 @@ mod install;
 pub mod stage;
 
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -93,6 +94,7 @@ pub fn now() -> u64 {
 }
 
 /// AddToStore: the store-writer hashes the data and computes the path. → the registered info.
+/// The data comes from `input`: an upload pipe, or the bytes of an inline request.
 pub fn add_to_store(
     ctx: &Ctx<'_>,
     name: &str,
@@ -100,9 +102,9 @@ pub fn add_to_store(
     algo: HashAlgo,
     references: Vec<StorePath>,
     repair: bool,
-    fd: OwnedFd,
+    input: impl Read,
 ) -> Result<PathInfo, ReqError> {
-    let res = add_to_store_inner(ctx, name, method, algo, references, repair, fd);
+    let res = add_to_store_inner(ctx, name, method, algo, references, repair, input);
     if let Err(ReqError::Failed(msg)) = &res {
         ctx.refuse("addToStore", name, msg);
     }
@@ -116,12 +118,11 @@ fn add_to_store_inner(
     algo: HashAlgo,
     references: Vec<StorePath>,
     repair: bool,
-    fd: OwnedFd,
+    input: impl Read,
 ) -> Result<PathInfo, ReqError> {
     let store = ctx.store;
     let refs: BTreeSet<StorePath> = references.into_iter().collect();
     decide::ca_request(ctx, name, method, algo, &refs)?;
-    let input = Upload::new(fd);
     let got = ingest::receive(store, input, method, algo, name, NODE)?;
     let ca = ContentAddress {
         method,

@@ -44,18 +44,24 @@ const POOL_MAX: usize = 16;
 pub struct StagingDir {
     name: String,
     dir: Flock<OwnedFd>,
+    /// Device and inode of `dir` (those of an open descriptor never change).
+    id: (u64, u64),
 }
 
 impl StagingDir {
+    fn new(name: String, dir: Flock<OwnedFd>) -> nix::Result<StagingDir> {
+        let held = sys::fstat(dir.as_fd())?;
+        Ok(StagingDir {
+            name,
+            dir,
+            id: (held.st_dev, held.st_ino),
+        })
+    }
+
     /// Whether the name in the store still leads to the directory we hold.
     fn still_ours(&self, store_fd: BorrowedFd<'_>) -> bool {
-        match (
-            sys::lstat_at(store_fd, self.name.as_str()),
-            sys::fstat(self.dir.as_fd()),
-        ) {
-            (Ok(named), Ok(held)) => named.st_dev == held.st_dev && named.st_ino == held.st_ino,
-            _ => false,
-        }
+        sys::lstat_at(store_fd, self.name.as_str())
+            .is_ok_and(|named| (named.st_dev, named.st_ino) == self.id)
     }
 }
 
@@ -250,7 +256,7 @@ fn create(at: BorrowedFd<'_>, store: &Store) -> Result<StagingDir, ReqError> {
             Err((_, Errno::EWOULDBLOCK)) => continue,
             Err((_, e)) => return Err(e.into()),
         };
-        let made = StagingDir { name, dir };
+        let made = StagingDir::new(name, dir)?;
         if !made.still_ours(at) {
             continue;
         }
