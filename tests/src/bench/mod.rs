@@ -149,6 +149,8 @@ pub struct BenchOptions {
     /// What Stockade is compared with: [`DaemonKind::Nix`], or another Stockade build to
     /// measure a change (before/after, same load, interleaved runs).
     pub baseline: DaemonKind,
+    /// Start Stockade's instance before the baseline's (by default the baseline goes first).
+    pub stockade_first: bool,
 }
 
 impl Default for BenchOptions {
@@ -162,6 +164,7 @@ impl Default for BenchOptions {
             stockade: true,
             against: DaemonKind::Stockade,
             baseline: DaemonKind::Nix,
+            stockade_first: false,
         }
     }
 }
@@ -203,12 +206,26 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
                 None => b,
             }
         };
+        // Which instance is made (and prepared) first matters on ext4 without a journal: the
+        // second can land in its slow inode-allocation mode after the first's setup freed
+        // thousands of inodes. `stockade_first` swaps the order, so both can be measured.
+        let start_stockade = || {
+            if opts.stockade {
+                builder(&opts.against).start().map_err(|e| e.to_string())
+            } else {
+                Err("not requested".to_string())
+            }
+        };
+        let early = if opts.stockade_first {
+            Some(start_stockade())
+        } else {
+            None
+        };
         let nix = builder(&opts.baseline).start()?;
         let mut nix_iters = w.prepare(&nix, total)?.into_iter();
-        let stockade = if opts.stockade {
-            builder(&opts.against).start().map_err(|e| e.to_string())
-        } else {
-            Err("not requested".to_string())
+        let stockade = match early {
+            Some(s) => s,
+            None => start_stockade(),
         };
         let (mut st_iters, mut st_err) = match &stockade {
             Ok(d) => match w.prepare(d, total) {

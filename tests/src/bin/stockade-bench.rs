@@ -38,6 +38,10 @@ struct Args {
     /// the old version into another directory with its broker and store-writer beside it).
     #[arg(long, value_name = "PATH")]
     baseline_stockade: Option<std::path::PathBuf>,
+    /// Start Stockade's instance of each workload before the baseline's (on a disk the
+    /// second one made can be slower: run both orders).
+    #[arg(long)]
+    stockade_first: bool,
     /// List the workloads and exit.
     #[arg(long)]
     list: bool,
@@ -70,6 +74,7 @@ fn main() {
             },
             None => DaemonKind::Nix,
         },
+        stockade_first: args.stockade_first,
         ..BenchOptions::default()
     };
     if opts.baseline != DaemonKind::Nix {
