@@ -35,11 +35,29 @@ use nix::sys::stat::{Mode, SFlag};
 use super::plan::{Bind, Plan, SRC_PROC};
 use super::sys;
 
-/// Where the routine stopped. The numbers travel over the report pipe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Step {
-    Stdio = 1,
+/// Declares [`Step`] (numbered from 1, in order) and the table that reads a number back.
+macro_rules! steps {
+    ($first:ident, $($name:ident),* $(,)?) => {
+        /// Where the routine stopped. The numbers travel over the report pipe.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum Step {
+            $first = 1,
+            $($name),*
+        }
+
+        impl Step {
+            pub fn from_u32(n: u32) -> Option<Step> {
+                [Step::$first, $(Step::$name),*]
+                    .into_iter()
+                    .find(|s| *s as u32 == n)
+            }
+        }
+    };
+}
+
+steps!(
+    Stdio,
     ParentGone,
     CgroupNs,
     MakePrivate,
@@ -71,48 +89,7 @@ pub enum Step {
     Seccomp,
     Capabilities,
     Exec,
-}
-
-impl Step {
-    pub fn from_u32(n: u32) -> Option<Step> {
-        use Step::*;
-        const ALL: [Step; 32] = [
-            Stdio,
-            ParentGone,
-            CgroupNs,
-            MakePrivate,
-            OpenSource,
-            RootTmpfs,
-            EnterRoot,
-            Identity,
-            Skeleton,
-            BindStore,
-            BindInput,
-            BindBuild,
-            DevNode,
-            DevPts,
-            DevShm,
-            DevLink,
-            Proc,
-            SandboxPath,
-            EtcFile,
-            HostName,
-            DomainName,
-            Loopback,
-            PivotRoot,
-            RootReadOnly,
-            BuildDir,
-            Limits,
-            CloseFds,
-            NoNewPrivs,
-            Landlock,
-            Seccomp,
-            Capabilities,
-            Exec,
-        ];
-        ALL.into_iter().find(|s| *s as u32 == n)
-    }
-}
+);
 
 /// Exit status of the sandbox's first process when setup failed (the report says why).
 pub const SETUP_FAILED: i32 = 127;
@@ -415,4 +392,20 @@ fn write_file(path: &CStr, contents: &[u8]) -> nix::Result<()> {
         rest = &rest[n..];
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    #[test]
+    fn step_numbers_read_back() {
+        assert_eq!(Step::from_u32(0), None);
+        assert_eq!(Step::from_u32(1), Some(Step::Stdio));
+        assert_eq!(Step::from_u32(Step::Exec as u32), Some(Step::Exec));
+        assert_eq!(Step::from_u32(Step::Exec as u32 + 1), None);
+        for n in 1..=Step::Exec as u32 {
+            assert_eq!(Step::from_u32(n).map(|s| s as u32), Some(n));
+        }
+    }
 }
