@@ -64,6 +64,7 @@ fn run(args: &Args) -> Result<(), String> {
     let BrokerFds {
         client: client_fd,
         store_writer: writer_fd,
+        builder: builder_fd,
     } = BrokerFds::from_received(fds).ok_or("the start message lacks its descriptors")?;
     drop(control);
     let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
@@ -85,6 +86,9 @@ fn run(args: &Args) -> Result<(), String> {
     );
 
     let writer = Channel::from_fd(writer_fd).map_err(|e| format!("store-writer channel: {e}"))?;
+    // The build channel: not used yet (builds are refused), kept so the helper sees the
+    // broker's end close when the broker exits.
+    let _builder = Channel::from_fd(builder_fd).map_err(|e| format!("builder channel: {e}"))?;
     let client = UnixStream::from(client_fd);
     let conn_id = cfg.client.conn_id;
     let mut store = store::Store::new(writer, db);

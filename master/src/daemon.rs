@@ -90,6 +90,7 @@ impl Ctx {
                 .audit_socket()
                 .map(|p| p.to_string_lossy().into_owned()),
             db_group: self.broker_db_group(),
+            secret_key_files: s.secret_key_files.clone(),
         }
     }
 

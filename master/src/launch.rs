@@ -157,11 +157,17 @@ impl Launcher {
         let mut config = self.template.clone();
         config.client = identity.clone();
         let broker_end = to_writer_broker_end.into_fd();
+        // The broker's end of its builder-helper channel. Until the helper runs, the other end
+        // is closed at once: the broker sees a closed channel and refuses builds.
+        let (to_builder_broker_end, _to_builder_helper_end) =
+            ipc::socketpair().map_err(Error::ipc("socketpair"))?;
+        let builder_end = to_builder_broker_end.into_fd();
         // Queue the start message before the broker exists: the fresh socket has room, so this
         // cannot block on a broker that never reads.
         let fds = BrokerFds {
             client: client.as_fd(),
             store_writer: broker_end.as_fd(),
+            builder: builder_end.as_fd(),
         };
         start_ours
             .send(&MasterToBroker::Start(Box::new(config)), &fds.into_array())
@@ -169,6 +175,7 @@ impl Launcher {
         drop(start_ours);
         drop(client);
         drop(broker_end);
+        drop(builder_end);
         writer.new_client(identity, to_writer_writer_end)?;
         let confinement = match broker_uid {
             Some(uid) => Confinement::OwnUid {

@@ -29,6 +29,7 @@
 //! flag appear anyway the message is refused. A message with more descriptors than its type
 //! declares, or any control data that is not `SCM_RIGHTS`, is an error.
 
+pub mod builder;
 pub mod msg;
 pub mod writer;
 

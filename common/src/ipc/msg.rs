@@ -10,6 +10,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::builder::{
+    BrokerToBuilder, BuilderConfig, BuilderToBroker, BuilderToMaster, BuilderToStoreWriter,
+    MasterToBuilder,
+};
 pub use super::writer::{BrokerToStoreWriter, ReqKind, StoreWriterToBroker};
 use super::Message;
 
@@ -57,6 +61,9 @@ pub enum MasterToStoreWriter {
         id: u64,
         error: Option<String>,
     },
+    /// The builder-helper is up. Carries one descriptor: the store-writer's end of the
+    /// helper's channel (`BuilderToStoreWriter`), the only way build outputs come in.
+    BuilderHelper,
 }
 
 /// The store-writer's configuration, decided by the master from nix.conf and the environment.
@@ -83,6 +90,8 @@ pub struct StoreWriterConfig {
     /// The group that may enter the database directory (brokers that read the database
     /// hold it); nobody else may, so no other user can take SQLite's locks (A69).
     pub db_group: Option<u32>,
+    /// `secret-key-files`: the store-writer alone reads them, to sign built paths.
+    pub secret_key_files: Vec<String>,
 }
 
 /// store-writer → master.
@@ -123,22 +132,6 @@ pub struct LockHolder {
     pub uid: Option<u32>,
 }
 
-/// master → builder-helper, on the helper's control channel.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum MasterToBuilder {
-    Hello {
-        version: u32,
-    },
-    /// A new broker. Carries one descriptor: the helper's end of that broker's channel.
-    NewClient {
-        client: ClientIdentity,
-    },
-    ClientGone {
-        conn_id: u64,
-    },
-}
-
 /// Most paths one query message names; the broker splits larger client requests.
 pub const QUERY_CHUNK: usize = 512;
 
@@ -162,24 +155,27 @@ pub struct BrokerFds<F> {
     pub client: F,
     /// The broker's end of its channel to the store-writer.
     pub store_writer: F,
+    /// The broker's end of its channel to the builder-helper.
+    pub builder: F,
 }
 
 impl<F> BrokerFds<F> {
     /// How many descriptors a start message carries.
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 3;
 
     /// In wire order.
-    pub fn into_array(self) -> [F; 2] {
-        [self.client, self.store_writer]
+    pub fn into_array(self) -> [F; 3] {
+        [self.client, self.store_writer, self.builder]
     }
 
     /// From the descriptors received with a start message, in wire order; `None` unless
     /// there are exactly [`Self::COUNT`].
     pub fn from_received(fds: Vec<F>) -> Option<Self> {
-        let [client, store_writer]: [F; 2] = fds.try_into().ok()?;
+        let [client, store_writer, builder]: [F; 3] = fds.try_into().ok()?;
         Some(BrokerFds {
             client,
             store_writer,
+            builder,
         })
     }
 }
@@ -220,44 +216,14 @@ impl Message for MasterToBroker {
     }
 }
 
-/// broker → builder-helper, on the per-client channel.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum BrokerToBuilder {
-    Hello {
-        version: u32,
-    },
-    /// Build this store derivation; the helper reads the `.drv` from the store itself.
-    Build {
-        drv_path: String,
-    },
-}
-
-/// builder-helper → broker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum BuilderToBroker {
-    Hello { version: u32 },
-    Error { message: String },
-}
-
 impl Message for MasterToStoreWriter {
     const MAX_FDS: usize = 1;
     fn fd_count(&self) -> usize {
         match self {
             MasterToStoreWriter::NewClient { .. } => 1,
             MasterToStoreWriter::GcSocket { error: None, .. } => 1,
+            MasterToStoreWriter::BuilderHelper => 1,
             _ => 0,
-        }
-    }
-}
-
-impl Message for MasterToBuilder {
-    const MAX_FDS: usize = 1;
-    fn fd_count(&self) -> usize {
-        match self {
-            MasterToBuilder::NewClient { .. } => 1,
-            MasterToBuilder::Hello { .. } | MasterToBuilder::ClientGone { .. } => 0,
         }
     }
 }
@@ -274,4 +240,4 @@ macro_rules! no_fds {
     )*};
 }
 
-no_fds!(StoreWriterToMaster, BrokerToBuilder, BuilderToBroker,);
+no_fds!(StoreWriterToMaster);

@@ -44,6 +44,7 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         as_root: false,
         audit_socket: None,
         db_group: None,
+        secret_key_files: Vec::new(),
     }
 }
 
