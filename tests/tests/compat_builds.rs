@@ -1,0 +1,161 @@
+//! The same scripted `nix-build` session against the real nix-daemon and against Stockade,
+//! each in its own namespace over a fresh /nix: every command must print the same thing.
+//! Dependent derivations, several outputs, a failing builder and its dependents,
+//! `--keep-going`, fixed-output derivations with the right and a wrong hash, reference
+//! checks, `passAsFile`, placeholders, logs (`nix-store -l`, `nix log`), `--check` of a
+//! deterministic and a non-deterministic build, and nothing rebuilt once valid.
+//!
+//! Two set-ups: the daemon as root with the sandbox on and build users from `nixbld`, and
+//! the harness's default (`sandbox = false`, no build users). Needs root (namespaces, bind
+//! mounts); fails loudly in CI without it.
+
+use stockade_tests::session::{compare, failing, known, run_steps, step, Step};
+use stockade_tests::{skip_unless_root, Daemon, DaemonKind};
+
+/// The derivations the session builds; `BB` names static busybox in the store.
+const BUILDS_NIX: &str = r#"
+let
+  bb = builtins.storePath (builtins.getEnv "BB");
+  mk = name: script: attrs: derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "${bb}/bin/sh";
+    PATH = "${bb}/bin";
+    args = [ "-c" script ];
+  } // attrs);
+in rec {
+  hello = mk "hello" "echo building hello; echo hello > $out" {};
+  dep = mk "dep" ''
+    echo using ${hello}
+    busybox mkdir $out
+    busybox cp ${hello} $out/copy
+    echo ${hello} > $out/ref
+  '' {};
+  multi = mk "multi" "echo out > $out; echo dev > $dev; echo doc > $doc" {
+    outputs = [ "out" "dev" "doc" ];
+  };
+  usesDev = mk "uses-dev" "busybox cat ${multi.dev} > $out" {};
+  failing = mk "failing" "echo line one; echo line two >&2; exit 3" {};
+  afterFailing = mk "after-failing" "echo ${failing} > $out" {};
+  fodGood = mk "fod-good" "echo -n fixed > $out" {
+    outputHashMode = "flat";
+    outputHashAlgo = "sha256";
+    outputHash = "992a93455c71fedd36ac9bbc439952c041cf61445958472af479269b8d873513";
+  };
+  fodBad = mk "fod-bad" "echo -n not fixed > $out" {
+    outputHashMode = "flat";
+    outputHashAlgo = "sha256";
+    outputHash = "992a93455c71fedd36ac9bbc439952c041cf61445958472af479269b8d873513";
+  };
+  disallowed = mk "disallowed" "echo ${hello} > $out" { disallowedReferences = [ hello ]; };
+  allowedNone = mk "allowed-none" "echo ${hello} > $out" { allowedReferences = []; };
+  allowedSome = mk "allowed-some" "echo ${hello} > $out" { allowedReferences = [ hello ]; };
+  passAsFile = mk "pass-as-file" "busybox cat $fooPath > $out" {
+    foo = "passed as a file";
+    passAsFile = [ "foo" ];
+  };
+  placeholders = mk "placeholders" "echo $where > $out" {
+    where = "${builtins.placeholder "out"}/sub";
+  };
+  selfRef = mk "self-ref" "busybox mkdir $out; echo $out > $out/me" {};
+  nondet = mk "nondet" "busybox cat /proc/sys/kernel/random/uuid > $out" {};
+  structured = derivation {
+    name = "structured";
+    system = builtins.currentSystem;
+    builder = "${bb}/bin/sh";
+    args = [ "-c" "o=$(${bb}/bin/busybox sed -n 's/.*\"out\":\"\\([^\"]*\\)\".*/\\1/p' .attrs.json); ${bb}/bin/busybox cp .attrs.json $o" ];
+    __structuredAttrs = true;
+    list = [ 1 2 3 ];
+  };
+}
+"#;
+
+fn session() -> Vec<Step> {
+    let nb = "nix-build $WORK/builds.nix --no-out-link -A";
+    vec![
+        step(format!("{nb} hello")),
+        step(format!("{nb} hello")),
+        step(format!("{nb} dep && cat $({nb} dep)/ref")),
+        step(format!("nix-store -q --references $({nb} dep)")),
+        step(format!("{nb} multi")),
+        step(format!("{nb} usesDev && cat $({nb} usesDev)")),
+        step(format!(
+            "nix-store -q --deriver $({nb} usesDev) | sed -e 's,/nix/store/[a-z0-9]*-,HASH-,'"
+        )),
+        failing(format!("{nb} failing")),
+        failing(format!("{nb} afterFailing")),
+        failing(format!("{nb} failing -A passAsFile --keep-going")),
+        step(format!("{nb} fodGood && cat $({nb} fodGood)")),
+        failing(format!("{nb} fodBad")),
+        failing(format!("{nb} disallowed")),
+        failing(format!("{nb} allowedNone")),
+        step(format!("{nb} allowedSome")),
+        step(format!("cat $({nb} passAsFile)")),
+        step(format!("cat $({nb} placeholders)")),
+        step(format!(
+            "cat $({nb} selfRef)/me; nix-store -q --references $({nb} selfRef)"
+        )),
+        step("nix-store -l $(nix-instantiate $WORK/builds.nix -A hello)"),
+        step("nix log $(nix-instantiate $WORK/builds.nix -A hello)"),
+        failing("nix-store -l $(nix-instantiate $WORK/builds.nix -A failing)"),
+        step(format!("{nb} hello --check")),
+        step(format!("{nb} nondet")),
+        failing(format!("{nb} nondet --check")),
+        known(
+            format!("{nb} structured && cat $({nb} structured)"),
+            "__structuredAttrs is not supported by Stockade's builder yet",
+        ),
+        step(format!("nix-store --verify-path $({nb} dep) $({nb} multi)")),
+        step("nix-store --verify --check-contents"),
+    ]
+}
+
+fn run_session(d: &Daemon) -> Vec<stockade_tests::session::StepRun> {
+    let bb = d.add_busybox();
+    d.write_work_file("builds.nix", BUILDS_NIX.as_bytes());
+    let env = [
+        ("WORK", d.work_dir().display().to_string()),
+        ("BB", bb),
+        (
+            "NIX_CONFIG",
+            "experimental-features = nix-command".to_string(),
+        ),
+    ];
+    run_steps(d, &session(), &env)
+}
+
+/// What legitimately differs between two instances: their directories.
+fn normalizer(d: &Daemon) -> impl Fn(&str) -> String {
+    let base = d.base_dir().display().to_string();
+    move |s: &str| s.replace(&base, "<base>")
+}
+
+fn same_session(nix_conf_lines: &[&str]) {
+    let mut nix = Daemon::builder(DaemonKind::Nix);
+    let mut stockade = Daemon::builder(DaemonKind::Stockade);
+    for line in nix_conf_lines {
+        nix = nix.conf_line(line);
+        stockade = stockade.conf_line(line);
+    }
+    let nix = nix.start().expect("nix-daemon");
+    let stockade = stockade.start().expect("stockade");
+    let a = run_session(&nix);
+    let b = run_session(&stockade);
+    if let Err(report) = compare(&a, &b, &normalizer(&nix), &normalizer(&stockade)) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+#[ignore = "enabled once the builder-helper, the broker goal graph and output registration are merged"]
+fn builds_print_the_same_unsandboxed() {
+    skip_unless_root!();
+    same_session(&[]);
+}
+
+#[test]
+#[ignore = "enabled once the builder-helper, the broker goal graph and output registration are merged"]
+fn builds_print_the_same_sandboxed_as_root() {
+    skip_unless_root!();
+    same_session(&["sandbox = true", "build-users-group = nixbld"]);
+}
