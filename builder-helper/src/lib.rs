@@ -4,6 +4,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod build;
+pub mod cgroup;
 pub mod sandbox;
 
 // Test-only switches that turn one defence of the sandbox off, so its probe can be shown to

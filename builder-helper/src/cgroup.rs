@@ -1,0 +1,530 @@
+//! A cgroup per build, on whatever the machine has: the unified (v2) hierarchy, the v1
+//! controllers, or both side by side (v1 controllers beside an empty v2 hierarchy, as on
+//! this project's CI machine; most machines today are v2 only).
+//!
+//! [`Hierarchies::detect`] reads `/proc/self/mountinfo` and `/proc/self/cgroup` once at start
+//! and decides where build cgroups go: below the helper's own cgroup in each hierarchy that
+//! has a controller we use (memory, pids, cpu accounting, freezer), under `stockade-builds/`.
+//! A controller that is missing is reported once ([`Hierarchies::missing`]) and never fails a
+//! build: the pid namespace alone then ends every process of a build.
+//!
+//! A build's cgroup ([`BuildCgroup`]) is joined by the sandbox's first process before it
+//! runs anything (the helper writes its pid into `cgroup.procs` of each directory), can
+//! carry memory and pids limits, reports peak memory and CPU time, and is emptied (every
+//! process killed) and removed when the build ends.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The controllers builds use, by their v1 names.
+const WANTED: [&str; 4] = ["memory", "pids", "cpuacct", "freezer"];
+
+/// Where build cgroups are made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hierarchies {
+    /// On the unified hierarchy: the parent directory of build cgroups.
+    v2: Option<PathBuf>,
+    /// On v1: controller → parent directory of build cgroups in that controller's hierarchy
+    /// (several controllers may share one, e.g. `cpu,cpuacct`).
+    v1: BTreeMap<&'static str, PathBuf>,
+    /// Controllers neither hierarchy offers.
+    missing: Vec<&'static str>,
+}
+
+/// Why a cgroup could not be made or used.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} '{}': {source}", path.display())]
+pub struct CgroupError {
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+fn err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One cgroup mount from `mountinfo`.
+#[derive(Debug)]
+struct Mount {
+    point: PathBuf,
+    /// The path inside the hierarchy the mount shows (usually `/`).
+    root: String,
+    v2: bool,
+    /// v1: its controllers (from the super options).
+    controllers: Vec<String>,
+}
+
+fn parse_mounts(mountinfo: &str) -> Vec<Mount> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        // id parent major:minor root point options [optional…] - fstype source super-options
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let left: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        let (Some(root), Some(point), Some(fstype)) = (left.get(3), left.get(4), right.first())
+        else {
+            continue;
+        };
+        let v2 = match *fstype {
+            "cgroup2" => true,
+            "cgroup" => false,
+            _ => continue,
+        };
+        let controllers = right
+            .get(2)
+            .map(|o| {
+                o.split(',')
+                    .filter(|c| WANTED.contains(c) || *c == "cpu")
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Mount {
+            point: PathBuf::from(unescape(point)),
+            root: unescape(root),
+            v2,
+            controllers,
+        });
+    }
+    out
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `/proc/self/cgroup`: hierarchy (controllers, or empty for v2) → our path in it.
+fn parse_own(cgroup: &str) -> Vec<(Vec<String>, String)> {
+    cgroup
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _id = parts.next()?;
+            let ctrls = parts.next()?;
+            let path = parts.next()?;
+            let ctrls = if ctrls.is_empty() {
+                Vec::new()
+            } else {
+                ctrls.split(',').map(str::to_string).collect()
+            };
+            Some((ctrls, path.to_string()))
+        })
+        .collect()
+}
+
+/// Our cgroup's directory on `m`, given our path in that hierarchy.
+fn own_dir(m: &Mount, path: &str) -> Option<PathBuf> {
+    let rel = path.strip_prefix(m.root.trim_end_matches('/'))?;
+    Some(m.point.join(rel.trim_start_matches('/')))
+}
+
+impl Hierarchies {
+    /// Reads this process's view of the machine.
+    pub fn detect() -> Hierarchies {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        Hierarchies::from_texts(&mountinfo, &own, |p| fs::read_to_string(p).ok())
+    }
+
+    /// The decision, from the two files' texts; `read` reads `cgroup.controllers` of the v2
+    /// hierarchy.
+    pub fn from_texts(
+        mountinfo: &str,
+        own: &str,
+        read: impl Fn(&Path) -> Option<String>,
+    ) -> Hierarchies {
+        let mounts = parse_mounts(mountinfo);
+        let own = parse_own(own);
+        let mut h = Hierarchies::default();
+        let v2_path = own.iter().find(|(c, _)| c.is_empty()).map(|(_, p)| p);
+        if let Some(path) = v2_path {
+            for m in mounts.iter().filter(|m| m.v2) {
+                let Some(dir) = own_dir(m, path) else {
+                    continue;
+                };
+                let ctrls = read(&dir.join("cgroup.controllers")).unwrap_or_default();
+                let ctrls: Vec<&str> = ctrls.split_whitespace().collect();
+                // A v2 hierarchy whose controllers all went to v1 still tracks and kills
+                // processes, but v1 gives the limits; use v2 only when it has them.
+                if ctrls.contains(&"memory")
+                    || ctrls.contains(&"pids")
+                    || mounts.iter().all(|m| m.v2)
+                {
+                    h.v2 = Some(dir.join("stockade-builds"));
+                    break;
+                }
+            }
+        }
+        if h.v2.is_none() {
+            for (ctrls, path) in &own {
+                for want in WANTED {
+                    if !ctrls.iter().any(|c| c == want) || h.v1.contains_key(want) {
+                        continue;
+                    }
+                    let m = mounts
+                        .iter()
+                        .find(|m| !m.v2 && m.controllers.iter().any(|c| c == want));
+                    if let Some(dir) = m.and_then(|m| own_dir(m, path)) {
+                        h.v1.insert(want, dir.join("stockade-builds"));
+                    }
+                }
+            }
+        }
+        h.missing = WANTED
+            .into_iter()
+            .filter(|w| h.v2.is_none() && !h.v1.contains_key(w))
+            .collect();
+        h
+    }
+
+    /// Whether build cgroups are made at all.
+    pub fn any(&self) -> bool {
+        self.v2.is_some() || !self.v1.is_empty()
+    }
+
+    /// Whether the unified hierarchy is used.
+    pub fn is_v2(&self) -> bool {
+        self.v2.is_some()
+    }
+
+    /// Controllers this machine does not offer the helper (said once in the log and audit).
+    pub fn missing(&self) -> &[&'static str] {
+        &self.missing
+    }
+
+    /// A one-line description for the start-up log.
+    pub fn describe(&self) -> String {
+        match (&self.v2, self.v1.is_empty()) {
+            (Some(d), _) => format!("cgroup v2 at {}", d.display()),
+            (None, false) => format!(
+                "cgroup v1 ({})",
+                self.v1.keys().copied().collect::<Vec<_>>().join(", ")
+            ),
+            (None, true) => "no cgroups".to_string(),
+        }
+    }
+
+    /// Makes the cgroup of a build named `name` (unique among running builds), with the
+    /// given limits where the controller exists.
+    pub fn create(&self, name: &str, limits: Limits) -> Result<BuildCgroup, CgroupError> {
+        let mut dirs = Vec::new();
+        let mut by_ctrl = BTreeMap::new();
+        let mut parents: Vec<&PathBuf> = self.v2.iter().collect();
+        parents.extend(self.v1.values());
+        for parent in parents {
+            let dir = parent.join(name);
+            if dirs.contains(&dir) {
+                continue;
+            }
+            fs::create_dir_all(parent).map_err(err("making", parent))?;
+            if self.v2.as_ref() == Some(parent) {
+                enable_v2_controllers(parent);
+            }
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                // A leftover of a helper that died: empty it and use it.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    kill_dir(&dir, self.v2.is_some());
+                }
+                Err(e) => return Err(err("making", &dir)(e)),
+            }
+            dirs.push(dir);
+        }
+        for (ctrl, parent) in &self.v1 {
+            by_ctrl.insert(*ctrl, parent.join(name));
+        }
+        let cg = BuildCgroup {
+            dirs,
+            v2: self.v2.as_ref().map(|p| p.join(name)),
+            v1: by_ctrl,
+        };
+        cg.set_limits(limits);
+        Ok(cg)
+    }
+}
+
+/// Lets build cgroups under `parent` have memory and pids limits: the controllers must be
+/// enabled in each ancestor's `subtree_control`, which v2 allows only where no process sits
+/// (the "no internal processes" rule). Best effort: without it builds still get a cgroup that
+/// tracks and kills their processes.
+fn enable_v2_controllers(parent: &Path) {
+    let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory +pids +cpu");
+}
+
+/// Limits a build's cgroup enforces (none: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+/// What a build used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub peak_memory: Option<u64>,
+    pub cpu_user_us: Option<u64>,
+    pub cpu_system_us: Option<u64>,
+}
+
+/// One build's cgroup: a directory in each hierarchy used. Dropping it kills what is left in
+/// it and removes it.
+#[derive(Debug)]
+pub struct BuildCgroup {
+    /// Every directory to join, one per hierarchy.
+    dirs: Vec<PathBuf>,
+    v2: Option<PathBuf>,
+    v1: BTreeMap<&'static str, PathBuf>,
+}
+
+impl BuildCgroup {
+    /// The directories the sandbox's first process joins.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    fn set_limits(&self, limits: Limits) {
+        let write = |path: PathBuf, value: u64| {
+            if let Err(e) = fs::write(&path, value.to_string()) {
+                log::debug!("{}: {e}", path.display());
+            }
+        };
+        if let Some(v2) = &self.v2 {
+            if let Some(m) = limits.memory_bytes {
+                write(v2.join("memory.max"), m);
+                write(v2.join("memory.swap.max"), 0);
+            }
+            if let Some(p) = limits.pids {
+                write(v2.join("pids.max"), p);
+            }
+        }
+        if let (Some(m), Some(d)) = (limits.memory_bytes, self.v1.get("memory")) {
+            write(d.join("memory.limit_in_bytes"), m);
+        }
+        if let (Some(p), Some(d)) = (limits.pids, self.v1.get("pids")) {
+            write(d.join("pids.max"), p);
+        }
+    }
+
+    /// Puts `pid` (and the threads it will have) into every directory.
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+        for d in &self.dirs {
+            let procs = d.join("cgroup.procs");
+            fs::write(&procs, format!("{pid}\n")).map_err(err("joining", &procs))?;
+        }
+        Ok(())
+    }
+
+    /// Peak memory and CPU time, where the hierarchy knows them.
+    pub fn usage(&self) -> Usage {
+        let read = |p: PathBuf| fs::read_to_string(p).ok();
+        let num = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok());
+        let mut u = Usage::default();
+        if let Some(v2) = &self.v2 {
+            u.peak_memory = num(read(v2.join("memory.peak")));
+            if let Some(stat) = read(v2.join("cpu.stat")) {
+                for line in stat.lines() {
+                    let mut it = line.split_whitespace();
+                    let (Some(k), Some(v)) = (it.next(), it.next()) else {
+                        continue;
+                    };
+                    match k {
+                        "user_usec" => u.cpu_user_us = v.parse().ok(),
+                        "system_usec" => u.cpu_system_us = v.parse().ok(),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if let Some(d) = self.v1.get("memory") {
+            u.peak_memory = num(read(d.join("memory.max_usage_in_bytes")));
+        }
+        if let Some(d) = self.v1.get("cpuacct") {
+            u.cpu_user_us = num(read(d.join("cpuacct.usage_user"))).map(|ns| ns / 1000);
+            u.cpu_system_us = num(read(d.join("cpuacct.usage_sys"))).map(|ns| ns / 1000);
+        }
+        u
+    }
+
+    /// Kills every process in the cgroup and waits (bounded) until it is empty.
+    pub fn kill_all(&self) {
+        if let Some(v2) = &self.v2 {
+            kill_dir(v2, true);
+        }
+        // v1: freeze first where the freezer exists, so nothing forks while being killed.
+        let freezer = self.v1.get("freezer");
+        if let Some(f) = freezer {
+            let _ = fs::write(f.join("freezer.state"), "FROZEN");
+        }
+        for d in self.v1.values() {
+            kill_dir(d, false);
+        }
+        if let Some(f) = freezer {
+            // Killed processes die only once thawed.
+            let _ = fs::write(f.join("freezer.state"), "THAWED");
+            kill_dir(f, false);
+        }
+    }
+}
+
+impl Drop for BuildCgroup {
+    fn drop(&mut self) {
+        self.kill_all();
+        for d in &self.dirs {
+            if let Err(e) = fs::remove_dir(d) {
+                log::warn!("removing the build cgroup {}: {e}", d.display());
+            }
+        }
+    }
+}
+
+/// Kills what `dir` holds until it is empty (at most about two seconds: a process stuck in
+/// uninterruptible sleep is reported, not waited for forever).
+fn kill_dir(dir: &Path, v2: bool) {
+    if v2 && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        // Linux 5.14+: the kernel kills everything, forks included.
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let pids: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            log::warn!(
+                "{} still holds {} processes after SIGKILL",
+                dir.display(),
+                pids.len()
+            );
+            return;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID_MOUNTS: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const HYBRID_OWN: &str = "\
+9:name=systemd:/
+8:pids:/
+6:freezer:/
+4:memory:/process_api/abc
+2:cpuacct:/
+1:cpu:/
+0::/
+";
+
+    #[test]
+    fn hybrid_uses_v1_controllers() {
+        let h = Hierarchies::from_texts(HYBRID_MOUNTS, HYBRID_OWN, |_| Some(String::new()));
+        assert!(!h.is_v2());
+        assert_eq!(
+            h.v1.get("memory"),
+            Some(&PathBuf::from(
+                "/sys/fs/cgroup/memory/process_api/abc/stockade-builds"
+            ))
+        );
+        assert_eq!(
+            h.v1.get("pids"),
+            Some(&PathBuf::from("/sys/fs/cgroup/pids/stockade-builds"))
+        );
+        assert!(h.v1.contains_key("cpuacct") && h.v1.contains_key("freezer"));
+        assert!(h.missing().is_empty());
+    }
+
+    #[test]
+    fn unified_only() {
+        let mounts = "25 20 0:22 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        let own = "0::/system.slice/stockade.service\n";
+        let h = Hierarchies::from_texts(mounts, own, |p| {
+            assert_eq!(
+                p,
+                Path::new("/sys/fs/cgroup/system.slice/stockade.service/cgroup.controllers")
+            );
+            Some("cpu io memory pids\n".into())
+        });
+        assert_eq!(
+            h.v2,
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/system.slice/stockade.service/stockade-builds"
+            ))
+        );
+        assert!(h.missing().is_empty());
+        assert_eq!(
+            h.describe(),
+            "cgroup v2 at /sys/fs/cgroup/system.slice/stockade.service/stockade-builds"
+        );
+    }
+
+    /// Inside a container whose cgroup mount shows only its own subtree.
+    #[test]
+    fn mount_root_below_the_hierarchy_root() {
+        let mounts = "25 20 0:22 /ctr /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let own = "0::/ctr/inner\n";
+        let h = Hierarchies::from_texts(mounts, own, |_| Some("memory pids".into()));
+        assert_eq!(
+            h.v2,
+            Some(PathBuf::from("/sys/fs/cgroup/inner/stockade-builds"))
+        );
+    }
+
+    #[test]
+    fn nothing_mounted() {
+        let h = Hierarchies::from_texts("", "0::/\n", |_| None);
+        assert!(!h.any());
+        assert_eq!(h.missing(), &WANTED);
+        assert_eq!(h.describe(), "no cgroups");
+    }
+
+    #[test]
+    fn escaped_mount_points() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/trailing\\04"), "/trailing\\04");
+    }
+}
