@@ -10,11 +10,13 @@ use crate::daemon::{Daemon, DaemonKind};
 use crate::HarnessError;
 
 mod add;
+mod build;
 mod concurrent;
 mod disk;
 mod query;
 
 pub use add::{AddFile, AddTree, ReAddFile, ReAddTree};
+pub use build::{BuildMany, BuildTree};
 pub use concurrent::Concurrent;
 pub use disk::{disk_dir, AddDisk};
 pub use query::{QueryInfo, QueryValid};
@@ -38,6 +40,10 @@ pub trait Workload {
     fn parent_dir(&self) -> Result<Option<std::path::PathBuf>, HarnessError> {
         Ok(None)
     }
+    /// nix.conf lines this workload needs on both daemons (e.g. `max-jobs`).
+    fn conf_lines(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Every workload, at `scale` (1.0 = the sizes issue 4 names; the smoke test uses less).
@@ -55,6 +61,8 @@ pub fn workloads(scale: f64) -> Vec<Box<dyn Workload>> {
         Box::new(Concurrent {
             clients: n(32).max(2),
         }),
+        Box::new(BuildMany { drvs: n(200) }),
+        Box::new(BuildTree { files: n(10_000) }),
     ]
 }
 
@@ -201,6 +209,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
         let builder = |kind: &DaemonKind| {
             let b = Daemon::builder(kind.clone()).stockade_conf(&bench_stockade_conf());
             let b = opts.conf_lines.iter().fold(b, |b, l| b.conf_line(l));
+            let b = w.conf_lines().iter().fold(b, |b, l| b.conf_line(l));
             match &parent {
                 Some(p) => b.parent_dir(p),
                 None => b,
