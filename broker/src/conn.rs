@@ -3,6 +3,7 @@
 //! What operations do, and in which order a session drives them, is elsewhere (`session`).
 
 use std::io::BufReader;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use stockade_common::ipc::msg::BrokerConfig;
@@ -11,8 +12,8 @@ use stockade_common::worker::request::{
     Framed, NarStream, RawNar, Request, RequestLimits, TunnelReader, Tunnelled,
 };
 use stockade_common::worker::{
-    self, ActivityType, ErrorInfo, Field, FramedReader, Limits, Op, StderrMsg, TrustFlag,
-    Verbosity, WireError, WireReader, WireWriter,
+    self, ActivityType, ErrorInfo, Field, FramedReader, Limits, Op, ResultType, StderrMsg,
+    TrustFlag, Verbosity, WireError, WireReader, WireWriter,
 };
 
 use crate::ctx::{Client, ClientIn, ClientOut};
@@ -180,6 +181,29 @@ impl Client for Conn {
     fn stop_activity(&mut self, id: u64) -> OpResult<()> {
         StderrMsg::StopActivity(id).write(&mut self.w, self.minor)?;
         Ok(())
+    }
+
+    fn result(&mut self, id: u64, ty: ResultType, fields: Vec<Field>) -> OpResult<()> {
+        if self.minor < 20 {
+            return Ok(());
+        }
+        StderrMsg::Result {
+            id,
+            result_type: ty,
+            fields,
+        }
+        .write(&mut self.w, self.minor)?;
+        Ok(())
+    }
+
+    fn log_error(&mut self, message: &str) -> OpResult<()> {
+        let text = crate::goals::text::logged_error(message);
+        StderrMsg::Next(text.into_bytes()).write(&mut self.w, self.minor)?;
+        Ok(())
+    }
+
+    fn hangup_fd(&self) -> BorrowedFd<'_> {
+        self.client.as_fd()
     }
 
     fn write_data(&mut self, chunk: Vec<u8>) -> OpResult<()> {

@@ -3,6 +3,7 @@
 //! the configuration and the audit log. Handlers never touch the client's socket themselves.
 
 use std::io::BufReader;
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 
 use stockade_common::audit::{Audit, Facility, Severity};
@@ -10,9 +11,10 @@ use stockade_common::ipc::msg::BrokerConfig;
 use stockade_common::store_path::StoreDir;
 use stockade_common::worker::request::{Framed, NarStream, RawNar, TunnelReader, Tunnelled};
 use stockade_common::worker::{
-    ActivityType, ClientOptions, Field, FramedReader, Limits, Verbosity,
+    ActivityType, ClientOptions, Field, FramedReader, Limits, ResultType, Verbosity,
 };
 
+use crate::builder::Builder;
 use crate::error::{OpError, OpResult};
 use crate::store::Store;
 
@@ -47,6 +49,16 @@ pub trait Client {
 
     fn stop_activity(&mut self, id: u64) -> OpResult<()>;
 
+    /// A result of activity `id` (build log lines, progress).
+    fn result(&mut self, id: u64, ty: ResultType, fields: Vec<Field>) -> OpResult<()>;
+
+    /// An error reported while the operation goes on (Nix's `logError`), whatever the
+    /// verbosity.
+    fn log_error(&mut self, message: &str) -> OpResult<()>;
+
+    /// The client's socket, to notice a hang-up during a long wait (never read here).
+    fn hangup_fd(&self) -> BorrowedFd<'_>;
+
     /// Data for the client's sink (`STDERR_WRITE`, ExportPath).
     fn write_data(&mut self, chunk: Vec<u8>) -> OpResult<()>;
 
@@ -70,6 +82,8 @@ pub trait Client {
 pub struct Ctx<'a> {
     pub client: &'a mut dyn Client,
     pub store: &'a mut Store,
+    /// The build channel to the builder-helper.
+    pub builder: &'a mut Builder,
     pub cfg: &'a BrokerConfig,
     pub sd: &'a StoreDir,
     pub audit: &'a Audit,

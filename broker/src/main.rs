@@ -5,9 +5,11 @@
 //! the store-writer and its configuration. It locks itself down before reading a byte from the
 //! client, then serves the session and exits.
 
+mod builder;
 mod conn;
 mod ctx;
 mod error;
+mod goals;
 mod handlers;
 mod lockdown;
 mod reply;
@@ -86,17 +88,22 @@ fn run(args: &Args) -> Result<(), String> {
     );
 
     let writer = Channel::from_fd(writer_fd).map_err(|e| format!("store-writer channel: {e}"))?;
-    // The build channel: not used yet (builds are refused), kept so the helper sees the
-    // broker's end close when the broker exits.
-    let _builder = Channel::from_fd(builder_fd).map_err(|e| format!("builder channel: {e}"))?;
+    // The helper sees this end close when the broker exits, which stops its builds.
+    let builder = Channel::from_fd(builder_fd).map_err(|e| format!("builder channel: {e}"))?;
     let client = UnixStream::from(client_fd);
     let conn_id = cfg.client.conn_id;
     let mut store = store::Store::new(writer, db);
     store
         .hello()
         .map_err(|e| format!("greeting the store-writer: {}", e.message))?;
-    let mut session = session::Session::new(client, store, *cfg, audit)
-        .map_err(|e| format!("setting up the connection: {e}"))?;
+    let mut session = session::Session::new(
+        client,
+        store,
+        builder::Builder::new(Some(builder)),
+        *cfg,
+        audit,
+    )
+    .map_err(|e| format!("setting up the connection: {e}"))?;
     match session.serve() {
         session::End::Eof => Ok(()),
         session::End::Error(e) => {

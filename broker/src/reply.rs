@@ -41,14 +41,26 @@ pub enum Reply {
     },
     /// BuildPathsWithResults.
     BuildResults(Vec<BuildResult>),
+    /// BuildDerivation (no target in the result).
+    BuildResult(Box<BuildResult>),
     /// NarFromPath: the path's NAR, dumped from the store.
     Nar(StorePath),
 }
 
-/// A build result with status AlreadyValid (§4.4): nothing had to be built.
-#[derive(Debug)]
+/// Nix's BuildResult (§4.4).
+#[derive(Debug, Default)]
 pub struct BuildResult {
-    pub target: DerivedPath,
+    /// Written first in BuildPathsWithResults' form; BuildDerivation's has none.
+    pub target: Option<DerivedPath>,
+    pub status: u64,
+    pub error: String,
+    pub times_built: u64,
+    pub non_deterministic: bool,
+    pub start_time: u64,
+    pub stop_time: u64,
+    /// Microseconds.
+    pub cpu_user: Option<u64>,
+    pub cpu_system: Option<u64>,
     /// The outputs' realisations: id, and the realisation in JSON.
     pub realisations: Vec<(String, String)>,
 }
@@ -114,9 +126,10 @@ impl Reply {
             Reply::BuildResults(results) => {
                 w.write_u64(results.len() as u64)?;
                 for r in &results {
-                    write_already_valid(w, sd, minor, r)?;
+                    write_build_result(w, sd, minor, r)?;
                 }
             }
+            Reply::BuildResult(r) => write_build_result(w, sd, minor, &r)?,
             Reply::Nar(path) => {
                 w.flush()?;
                 dump(w.get_mut(), sd, real_store_dir, &path)?;
@@ -185,28 +198,41 @@ fn write_path_info<W: Write>(
     Ok(())
 }
 
-/// A BuildResult with status AlreadyValid, after its target.
-fn write_already_valid<W: Write>(
+/// A BuildResult; BuildDerivation's form (no target) has fewer fields at older minors.
+fn write_build_result<W: Write>(
     w: &mut WireWriter<W>,
     sd: &StoreDir,
     minor: u8,
     r: &BuildResult,
 ) -> OpResult<()> {
-    w.write_string(&r.target.render(sd))?;
-    w.write_u64(2)?;
-    w.write_string("")?;
-    w.write_u64(0)?;
-    w.write_bool(false)?;
-    w.write_u64(0)?;
-    w.write_u64(0)?;
-    if minor >= 37 {
-        w.write_u64(0)?;
-        w.write_u64(0)?;
+    if let Some(t) = &r.target {
+        w.write_string(&t.render(sd))?;
     }
-    w.write_u64(r.realisations.len() as u64)?;
-    for (k, v) in &r.realisations {
-        w.write_string(k)?;
-        w.write_string(v)?;
+    w.write_u64(r.status)?;
+    w.write_string(&r.error)?;
+    if minor >= 29 {
+        w.write_u64(r.times_built)?;
+        w.write_bool(r.non_deterministic)?;
+        w.write_u64(r.start_time)?;
+        w.write_u64(r.stop_time)?;
+    }
+    if minor >= 37 {
+        for t in [r.cpu_user, r.cpu_system] {
+            match t {
+                Some(us) => {
+                    w.write_u64(1)?;
+                    w.write_u64(us)?;
+                }
+                None => w.write_u64(0)?,
+            }
+        }
+    }
+    if minor >= 28 {
+        w.write_u64(r.realisations.len() as u64)?;
+        for (k, v) in &r.realisations {
+            w.write_string(k)?;
+            w.write_string(v)?;
+        }
     }
     Ok(())
 }

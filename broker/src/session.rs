@@ -13,6 +13,7 @@ use stockade_common::store_path::StoreDir;
 use stockade_common::worker::request::{Request, RequestLimits};
 use stockade_common::worker::{ClientOptions, Op, WireError};
 
+use crate::builder::Builder;
 use crate::conn::Conn;
 use crate::ctx::Ctx;
 use crate::error::{hl, OpError, OpResult};
@@ -23,6 +24,7 @@ use crate::store::Store;
 pub struct Session {
     conn: Conn,
     store: Store,
+    builder: Builder,
     cfg: BrokerConfig,
     sd: StoreDir,
     /// Where denials and setting overrides are recorded (syslog and `audit-socket`).
@@ -43,6 +45,7 @@ impl Session {
     pub fn new(
         client: UnixStream,
         store: Store,
+        builder: Builder,
         cfg: BrokerConfig,
         audit: Audit,
     ) -> std::io::Result<Session> {
@@ -51,6 +54,7 @@ impl Session {
         Ok(Session {
             conn: Conn::new(client, cfg.clone())?,
             store,
+            builder,
             cfg,
             sd,
             audit,
@@ -115,6 +119,7 @@ impl Session {
         let mut ctx = Ctx {
             client: &mut self.conn,
             store: &mut self.store,
+            builder: &mut self.builder,
             cfg: &self.cfg,
             sd: &self.sd,
             audit: &self.audit,

@@ -1,20 +1,22 @@
-//! Building, which is not here yet: what is already valid counts as built, everything else is
-//! refused with nix-daemon's words. Also the build log and the ca-derivations operations.
+//! The build operations (the goal graph is in `realise` and `crate::goals`), the build log
+//! and the ca-derivations operations.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
 use stockade_common::derivation::{Derivation, DrvError, DrvHashCache, Realisation};
+use stockade_common::ipc::builder::{BuildKind, BuildStatus};
 use stockade_common::ipc::writer as w;
 use stockade_common::store_path::StorePath;
-use stockade_common::worker::request::{BuildMode, DerivedPath, Framed};
+use stockade_common::worker::request::{BasicDerivation, BuildMode, DerivedPath, Framed};
 use stockade_common::worker::{ActivityType, Verbosity};
 use stockade_policy::ops::{self as pops, BuildMode as PolicyMode};
 
-use super::{copy_framed, read_derivation};
+use super::{copy_framed, read_derivation, realise};
 use crate::ctx::Ctx;
 use crate::error::{hl, OpError, OpResult};
-use crate::reply::{BuildResult, Reply};
+use crate::goals::{text as realise_text, Outcome};
+use crate::reply::Reply;
 
 pub fn ca_derivations_disabled() -> OpError {
     OpError::client(
@@ -32,12 +34,111 @@ pub fn ensure_path(ctx: &mut Ctx<'_>, path: &StorePath) -> OpResult<Reply> {
     Ok(Reply::Int(1))
 }
 
-pub fn build_derivation(ctx: &mut Ctx<'_>, drv_path: &StorePath) -> OpResult<Reply> {
-    let why = format!(
-        "cannot build '{}': building is not supported by this daemon yet",
-        hl(ctx.sd.display(drv_path))
-    );
-    Err(ctx.deny("BuildDerivation", &why))
+/// BuildDerivation. The helper builds only what it reads from the store, so the inline
+/// derivation is accepted when the `.drv` at `drv_path` is valid and is the same derivation
+/// (its input sources may have been widened by the client with its inputs' outputs, as Nix's
+/// remote-building client does).
+pub fn build_derivation(
+    ctx: &mut Ctx<'_>,
+    drv_path: &StorePath,
+    inline: &BasicDerivation,
+    mode: u64,
+) -> OpResult<Reply> {
+    let stored = match ctx.store.is_valid(drv_path)? {
+        true => Some(read_derivation(ctx, drv_path)?),
+        false => None,
+    };
+    let content_addressed = stored
+        .as_ref()
+        .and_then(|d| d.drv_type().ok())
+        .is_some_and(|t| t.is_ca());
+    pops::op_allowed(
+        pops::Op::BuildDerivation { content_addressed },
+        ctx.trusted(),
+    )
+    .map_err(|d| ctx.deny("BuildDerivation", d.0))?;
+    let same = match &stored {
+        Some(d) => same_derivation(ctx, d, inline)?,
+        None => false,
+    };
+    if !same {
+        let why = format!(
+            "cannot build '{}': this daemon builds only derivations in its store, and the one \
+             sent is not there or differs",
+            hl(ctx.sd.display(drv_path))
+        );
+        return Err(ctx.deny("BuildDerivation", &why));
+    }
+    let kind = match BuildMode::from_wire(mode) {
+        Some(BuildMode::Repair) => BuildKind::Repair,
+        Some(BuildMode::Check) => BuildKind::Check,
+        _ => BuildKind::Normal,
+    };
+    let target = DerivedPath::Built {
+        drv: drv_path.clone(),
+        outputs: BTreeSet::new(),
+    };
+    let realised = realise::realise(ctx, std::slice::from_ref(&target), kind)?;
+    let Some(t) = realised.stop(ctx)?.into_iter().next() else {
+        return Err(OpError::fatal("a build request without its result"));
+    };
+    let mut r = realise::result_fields(&t.outcome);
+    if let Outcome::Failed {
+        status: BuildStatus::DependencyFailed,
+        ..
+    } = t.outcome
+    {
+        // Nix builds a BasicDerivation without its inputs: missing ones fail it.
+        r.status = BuildStatus::MiscFailure as u64;
+        r.error = realise_text::dependencies_missing(&ctx.sd.display(drv_path));
+    }
+    r.realisations = realisations(ctx, &t.target, &t.outputs)?;
+    Ok(Reply::BuildResult(Box::new(r)))
+}
+
+/// Whether the client's inline derivation is the stored one.
+fn same_derivation(ctx: &mut Ctx<'_>, d: &Derivation, inline: &BasicDerivation) -> OpResult<bool> {
+    let paths = d
+        .static_output_paths(ctx.sd)
+        .map_err(|e| OpError::client(e.to_string()))?;
+    let shown = |name: &str| {
+        paths
+            .get(name)
+            .map(|p| p.as_ref().map(|p| ctx.sd.display(p)).unwrap_or_default())
+    };
+    let outputs_match = paths.len() == inline.outputs.len()
+        && inline
+            .outputs
+            .iter()
+            .all(|o| shown(&o.name).as_deref() == Some(o.path.as_str()));
+    let env: BTreeMap<&[u8], &[u8]> = inline
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    let stored_env: BTreeMap<&[u8], &[u8]> = d
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    if !outputs_match
+        || inline.platform != d.system
+        || inline.builder != d.builder
+        || inline.args != d.args
+        || env != stored_env
+        || !d.input_srcs.is_subset(&inline.input_srcs)
+    {
+        return Ok(false);
+    }
+    // Extra input sources may only be outputs of the stored derivation's inputs.
+    let mut allowed = BTreeSet::new();
+    for input in d.input_drvs.keys() {
+        allowed.extend(ctx.store.output_map(input)?.into_values());
+    }
+    Ok(inline
+        .input_srcs
+        .iter()
+        .all(|p| d.input_srcs.contains(p) || allowed.contains(p)))
 }
 
 pub fn add_build_log(ctx: &mut Ctx<'_>, drv: StorePath, payload: Framed) -> OpResult<Reply> {
@@ -63,32 +164,67 @@ pub fn build_paths(
     } else {
         "BuildPaths"
     };
-    let mode = match mode {
-        BuildMode::Normal => PolicyMode::Normal,
-        BuildMode::Repair => PolicyMode::Repair,
-        BuildMode::Check => PolicyMode::Check,
+    let (mode, kind) = match mode {
+        BuildMode::Normal => (PolicyMode::Normal, BuildKind::Normal),
+        BuildMode::Repair => (PolicyMode::Repair, BuildKind::Repair),
+        BuildMode::Check => (PolicyMode::Check, BuildKind::Check),
     };
     // Checked before work starts, as nix-daemon does.
     pops::op_allowed(pops::Op::BuildPaths { mode }, ctx.trusted())
         .map_err(|d| ctx.deny(op, d.0).before_work())?;
-    if mode == PolicyMode::Repair {
-        // Repairing means substituting or building every target again; with neither
-        // available here, nix-daemon fails the same way.
-        return Err(repair_impossible(ctx, &targets));
-    }
-    let results = realise_existing(ctx, &targets)?;
+    let realised = realise::realise(ctx, &targets, kind)?;
     if !with_results {
-        return Ok(Reply::Int(1));
+        let err = first_error(ctx, &realised.targets)?;
+        realised.stop(ctx)?;
+        return match err {
+            Some(e) => Err(e),
+            None => Ok(Reply::Int(1)),
+        };
     }
     let mut out = Vec::new();
-    for (target, outputs) in results {
-        let realisations = realisations(ctx, &target, &outputs)?;
-        out.push(BuildResult {
-            target,
-            realisations,
-        });
+    for t in realised.stop(ctx)? {
+        let mut r = realise::result_fields(&t.outcome);
+        r.realisations = realisations(ctx, &t.target, &t.outputs)?;
+        r.target = Some(t.target);
+        out.push(r);
     }
     Ok(Reply::BuildResults(out))
+}
+
+/// BuildPaths' error as nix-daemon's buildPaths raises it: the one failed target's own error,
+/// or (several failed) their errors logged and "build of … failed".
+fn first_error(ctx: &mut Ctx<'_>, targets: &[realise::Target]) -> OpResult<Option<OpError>> {
+    let mut first: Option<String> = None;
+    let mut failed = BTreeSet::new();
+    for t in targets {
+        if t.outcome.success() {
+            continue;
+        }
+        let (DerivedPath::Built { drv: p, .. } | DerivedPath::Opaque(p)) = &t.target;
+        failed.insert(ctx.sd.display(p));
+        if let Outcome::Failed {
+            message,
+            logged: false,
+            ..
+        } = &t.outcome
+        {
+            match first {
+                None => first = Some(message.clone()),
+                Some(_) => ctx.client.log_error(message)?,
+            }
+        }
+    }
+    Ok(match (failed.len(), first) {
+        (0, _) => None,
+        (1, Some(m)) => Some(OpError::client(m)),
+        (_, first) => {
+            if let Some(m) = first {
+                ctx.client.log_error(&m)?;
+            }
+            let failed: Vec<String> = failed.into_iter().collect();
+            Some(OpError::client(realise_text::build_of_failed(&failed)))
+        }
+    })
 }
 
 /// 2.8's queryMissing with no substituters: invalid opaque paths are unknown; derivations
@@ -145,67 +281,6 @@ pub fn query_missing(ctx: &mut Ctx<'_>, targets: &[DerivedPath]) -> OpResult<Rep
         will_build,
         unknown,
     })
-}
-
-type Realised = Vec<(DerivedPath, BTreeMap<String, StorePath>)>;
-
-/// Building is not here yet: succeed when every target is already valid, as nix-daemon does
-/// without building anything; otherwise say what would have to be built.
-fn realise_existing(ctx: &mut Ctx<'_>, targets: &[DerivedPath]) -> OpResult<Realised> {
-    let mut results = Vec::new();
-    for t in targets {
-        match t {
-            DerivedPath::Opaque(p) => {
-                if !ctx.store.is_valid(p)? {
-                    return Err(OpError::client(format!(
-                        "path '{}' does not exist and cannot be created",
-                        hl(ctx.sd.display(p))
-                    )));
-                }
-                results.push((t.clone(), BTreeMap::new()));
-            }
-            DerivedPath::Built { drv, outputs } => {
-                let d = read_derivation(ctx, drv)?;
-                let map = ctx.store.output_map(drv)?;
-                let mut built = BTreeMap::new();
-                for name in d.outputs.keys() {
-                    if !outputs.is_empty() && !outputs.contains(name) {
-                        continue;
-                    }
-                    let valid = match map.get(name) {
-                        Some(p) => ctx.store.is_valid(p)?.then(|| p.clone()),
-                        None => None,
-                    };
-                    match valid {
-                        Some(p) => {
-                            built.insert(name.clone(), p);
-                        }
-                        None => {
-                            return Err(OpError::client(format!(
-                                "cannot build '{}': building is not supported by this daemon yet",
-                                hl(ctx.sd.display(drv))
-                            )))
-                        }
-                    }
-                }
-                results.push((t.clone(), built));
-            }
-        }
-    }
-    Ok(results)
-}
-
-/// nix-daemon's answer when repairs can be neither substituted nor built.
-fn repair_impossible(ctx: &Ctx<'_>, targets: &[DerivedPath]) -> OpError {
-    let paths: Vec<String> = targets
-        .iter()
-        .map(|t| match t {
-            DerivedPath::Opaque(p) | DerivedPath::Built { drv: p, .. } => {
-                format!("'{}'", ctx.sd.display(p))
-            }
-        })
-        .collect();
-    OpError::client(format!("build of {} failed", hl(paths.join(", "))))
 }
 
 /// The realisations of a built target's outputs (id, JSON), for its BuildResult.

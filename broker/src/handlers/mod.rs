@@ -7,6 +7,7 @@ mod build;
 mod export;
 mod options;
 mod query;
+mod realise;
 mod roots;
 
 use std::io::{Read, Write};
@@ -70,7 +71,11 @@ pub fn handle(ctx: &mut Ctx<'_>, req: Request) -> OpResult<Reply> {
         Request::BuildPathsWithResults { targets, mode } => {
             build::build_paths(ctx, targets, mode, true)
         }
-        Request::BuildDerivation { drv_path, .. } => build::build_derivation(ctx, &drv_path),
+        Request::BuildDerivation {
+            drv_path,
+            drv,
+            mode,
+        } => build::build_derivation(ctx, &drv_path, &drv, mode),
         Request::EnsurePath { path } => build::ensure_path(ctx, &path),
         Request::AddTempRoot { path } => roots::add_temp_root(ctx, path),
         Request::AddIndirectRoot { link } => roots::add_indirect_root(ctx, link),
