@@ -470,3 +470,74 @@ fn a_build_never_begun_closes_the_channel() {
     let h = w.env.helper_raw();
     h.expect_closed_after(&H::EndBuild { build: 1 }, None);
 }
+
+/// A build's log replaces an older one for the same derivation.
+#[test]
+fn the_build_log_is_stored_and_replaces_an_older_one() {
+    let mut w = world(false);
+    let b = w.build(12, drv("logged", &["out"], &w.src.clone(), &[]));
+    let mut h = w.env.helper();
+    b.begin(&mut h).unwrap();
+    let base = b.drv.base_name().to_string();
+    let at = w.env.dir.path().join(format!(
+        "var/log/nix/drvs/{}/{}.bz2",
+        &base[..2],
+        &base[2..]
+    ));
+    for text in [&b"first build\n"[..], b"second build\n"] {
+        let memfd =
+            nix::sys::memfd::memfd_create(c"log", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .unwrap();
+        let mut f = File::from(memfd);
+        std::io::Write::write_all(&mut f, text).unwrap();
+        let stored: Result<(), String> = h.call(&H::StoreBuildLog { build: 12 }, Some(f.as_fd()));
+        assert_eq!(stored, Ok(()));
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(
+            &mut bzip2::read::BzDecoder::new(File::open(&at).unwrap()),
+            &mut got,
+        )
+        .unwrap();
+        assert_eq!(got, text);
+    }
+}
+
+/// Outputs are signed with `secret-key-files`; `Repair` replaces the contents of a valid
+/// output.
+#[test]
+fn outputs_are_signed_and_repair_replaces_them() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = stockade_common::signature::SecretKey::generate("build-key-1").unwrap();
+    let key_file = keys.path().join("key");
+    std::fs::write(&key_file, key.to_text().as_bytes()).unwrap();
+    let mut env = Env::with(|c| c.secret_key_files = vec![key_file.display().to_string()]);
+    let mut broker = env.connect(true);
+    let src = add_text(&mut broker, "dep", b"a dependency", vec![]);
+    broker.close();
+    let mut w = World { env, src };
+    let d = drv("signed", &["out"], &w.src.clone(), &[]);
+    let b = w.build(13, d.clone());
+    std::fs::write(b.out("out"), b"good").unwrap();
+    let mut h = w.env.helper();
+    b.begin(&mut h).unwrap();
+    let r = b.register(&mut h, None, BuildKind::Normal);
+    let info = &r.infos["out"];
+    let fp = info.fingerprint(&w.env.sd()).unwrap();
+    let sig = info.sigs.iter().next().expect("a signature");
+    assert!(sig.starts_with("build-key-1:"));
+    let public: stockade_common::signature::TrustedKeys = [key.to_public()].into_iter().collect();
+    assert!(public.verify(fp, sig));
+
+    // Someone damaged the output; a repair build puts it right.
+    let stored = w.real(&b.outputs["out"]);
+    let mut perm = std::fs::metadata(&stored).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    std::fs::set_permissions(&stored, perm).unwrap();
+    std::fs::write(&stored, b"damaged").unwrap();
+    let again = w.build(14, d);
+    std::fs::write(again.out("out"), b"good").unwrap();
+    again.begin(&mut h).unwrap();
+    let r = again.register(&mut h, None, BuildKind::Repair);
+    assert_eq!(r.rejected, None);
+    assert_eq!(std::fs::read(&stored).unwrap(), b"good");
+}

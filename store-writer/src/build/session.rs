@@ -5,7 +5,7 @@
 //! count closes the channel, and every open build with it (their temporary roots go).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +66,9 @@ pub fn serve(store: Arc<Store>, mut chan: Channel) {
         builds: HashMap::new(),
     };
     s.run();
+    // The control loop holds a duplicate of the socket: end it for the helper to see the end.
+    let _ =
+        nix::sys::socket::shutdown(s.chan.as_fd().as_raw_fd(), nix::sys::socket::Shutdown::Both);
     // Dropping the builds drops their temporary roots.
 }
 
