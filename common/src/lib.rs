@@ -15,6 +15,7 @@ pub mod ipc;
 pub mod lockdown;
 pub mod nar;
 pub mod narinfo;
+pub mod refscan;
 pub mod signature;
 pub mod store_path;
 pub mod worker;

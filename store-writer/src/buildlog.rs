@@ -1,6 +1,6 @@
-//! AddBuildLog: `<log dir>/drvs/<first 2 chars>/<rest>[.bz2]`, written to a temporary name and
-//! renamed into place; an existing log is kept (as Nix 2.8 does). Only trusted clients may add
-//! logs (checked by the caller).
+//! Build logs: `<log dir>/drvs/<first 2 chars>/<rest>[.bz2]`, written to a temporary name and
+//! renamed into place. AddBuildLog keeps an existing log (as Nix 2.8 does; only trusted
+//! clients may add logs, checked by the caller); the log of a build Stockade ran replaces it.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -16,6 +16,7 @@ use stockade_common::store_path::StorePath;
 use crate::add::Ctx;
 use crate::audit::Severity;
 use crate::error::{hl, ReqError};
+use crate::store::Store;
 use crate::sys;
 use crate::upload::Upload;
 
@@ -32,7 +33,62 @@ fn subdir(parent: BorrowedFd<'_>, name: &str) -> Result<OwnedFd, ReqError> {
 }
 
 pub fn add_build_log(ctx: &Ctx<'_>, drv: &StorePath, fd: OwnedFd) -> Result<(), ReqError> {
-    let store = ctx.store;
+    let mut input = Upload::new(fd);
+    let Some(size) = write(ctx.store, drv, &mut input, false)? else {
+        return Ok(());
+    };
+    let size = size.to_string();
+    let full = ctx.store.full(drv);
+    ctx.store.audit.client_event(
+        Severity::Info,
+        ctx.client,
+        &[("op", "addBuildLog"), ("drv", &full), ("bytes", &size)],
+    );
+    Ok(())
+}
+
+/// The log of a build the store-writer registered, from the builder-helper: a memfd (or any
+/// regular file) read from its start. It replaces an older log, as a new build's log does in
+/// Nix. Returns the log's size.
+pub fn store_build_log(store: &Store, drv: &StorePath, fd: OwnedFd) -> Result<u64, ReqError> {
+    let st = sys::fstat(fd.as_fd())?;
+    if sys::file_type(&st) != nix::sys::stat::SFlag::S_IFREG {
+        // A pipe or socket could block this thread forever.
+        return Err(ReqError::failed("a build log must come as a memfd"));
+    }
+    let mut input = io::BufReader::new(PositionedFile::new(File::from(fd)));
+    Ok(write(store, drv, &mut input, true)?.unwrap_or(0))
+}
+
+/// Reads a file from its start whatever its descriptor's offset (`pread`).
+struct PositionedFile {
+    file: File,
+    pos: u64,
+}
+
+impl PositionedFile {
+    fn new(file: File) -> PositionedFile {
+        PositionedFile { file, pos: 0 }
+    }
+}
+
+impl io::Read for PositionedFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Writes the log of `drv` from `input` to a temporary name and renames it into place. An
+/// existing log is kept (`None`, the input drained) unless `replace`.
+fn write<R: io::Read>(
+    store: &Store,
+    drv: &StorePath,
+    input: &mut R,
+    replace: bool,
+) -> Result<Option<u64>, ReqError> {
     let full = store.full(drv);
     if !drv.is_derivation() {
         return Err(ReqError::failed(format!(
@@ -40,7 +96,6 @@ pub fn add_build_log(ctx: &Ctx<'_>, drv: &StorePath, fd: OwnedFd) -> Result<(), 
             hl(&full)
         )));
     }
-    let mut input = Upload::new(fd);
     let base = drv.base_name();
     // A validated base name is at least 34 ASCII characters.
     let (Some(head), Some(rest)) = (base.get(..2), base.get(2..)) else {
@@ -55,15 +110,15 @@ pub fn add_build_log(ctx: &Ctx<'_>, drv: &StorePath, fd: OwnedFd) -> Result<(), 
     let drvs = subdir(log_dir.as_fd(), "drvs")?;
     let dir = subdir(drvs.as_fd(), head)?;
     let compressed = format!("{rest}.bz2");
-    let name = if store.cfg.compress_build_log {
-        compressed.as_str()
+    let (name, other) = if store.cfg.compress_build_log {
+        (compressed.as_str(), rest)
     } else {
-        rest
+        (rest, compressed.as_str())
     };
     let exists = |n: &str| sys::lstat_at(dir.as_fd(), n).is_ok();
-    if exists(&compressed) || exists(rest) {
-        sys::drain(&mut input, u64::MAX)?;
-        return Ok(());
+    if !replace && (exists(&compressed) || exists(rest)) {
+        sys::drain(input, u64::MAX)?;
+        return Ok(None);
     }
     let tmp = format!("{name}.tmp.{}", store.unique_suffix());
     let file = File::from(sys::openat(
@@ -72,43 +127,45 @@ pub fn add_build_log(ctx: &Ctx<'_>, drv: &StorePath, fd: OwnedFd) -> Result<(), 
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
         Mode::from_bits_truncate(0o644),
     )?);
-    let remove_tmp = || {
+    let remove = |n: &str| {
         let _ = nix::unistd::unlinkat(
             Some(dir.as_raw_fd()),
-            tmp.as_str(),
+            n,
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
     };
-    let written = write_log(&mut input, file, store.cfg.compress_build_log);
-    let size = match written {
+    let size = match write_log(input, file, store.cfg.compress_build_log) {
         Ok(n) => n,
         Err(e) => {
-            remove_tmp();
+            remove(&tmp);
             return Err(e.into());
         }
+    };
+    let flags = if replace {
+        RenameFlags::empty()
+    } else {
+        RenameFlags::RENAME_NOREPLACE
     };
     match nix::fcntl::renameat2(
         Some(dir.as_raw_fd()),
         tmp.as_str(),
         Some(dir.as_raw_fd()),
         OsStr::new(name),
-        RenameFlags::RENAME_NOREPLACE,
+        flags,
     ) {
         Ok(()) => {}
         // Someone else's log got there first: keep it.
-        Err(Errno::EEXIST) => remove_tmp(),
+        Err(Errno::EEXIST) => remove(&tmp),
         Err(e) => {
-            remove_tmp();
+            remove(&tmp);
             return Err(e.into());
         }
     }
-    let size = size.to_string();
-    store.audit.client_event(
-        Severity::Info,
-        ctx.client,
-        &[("op", "addBuildLog"), ("drv", &full), ("bytes", &size)],
-    );
-    Ok(())
+    if replace {
+        // An older log in the other form would be found instead of this one.
+        remove(other);
+    }
+    Ok(Some(size))
 }
 
 /// Copies the log, compressing it with bzip2 when asked; returns the uncompressed size.

@@ -27,6 +27,12 @@ struct Conn {
 
 type Conns = Arc<Mutex<HashMap<u64, Conn>>>;
 
+/// The builder-helper's channel, served on its own thread.
+struct Helper {
+    sock: OwnedFd,
+    thread: JoinHandle<()>,
+}
+
 /// Opens the store from `cfg` (what `Start` does) and checks what an unclean stop may have
 /// left (durable.rs). The syncer is started separately ([`durable::start`]), after the
 /// lockdown.
@@ -122,6 +128,7 @@ pub fn serve(mut control: Channel) -> i32 {
     }
 
     let conns: Conns = Arc::new(Mutex::new(HashMap::new()));
+    let mut helper: Option<Helper> = None;
     let status = loop {
         let (msg, mut fds) = match control.recv::<In>() {
             Ok(m) => m,
@@ -156,6 +163,18 @@ pub fn serve(mut control: Channel) -> i32 {
                     link.answer(id, answer);
                 }
             }
+            In::BuilderHelper => {
+                let Some(fd) = fds.pop() else { continue };
+                // A new helper (the master restarted it): the old one's channel ends, and
+                // its open builds with it.
+                if let Some(old) = helper.take() {
+                    stop_helper(old);
+                }
+                match start_helper(&store, fd) {
+                    Ok(h) => helper = Some(h),
+                    Err(e) => log::error!("builder-helper channel refused: {e}"),
+                }
+            }
             In::Shutdown => break 0,
             other => {
                 log::error!("control channel: unexpected {other:?}");
@@ -164,6 +183,9 @@ pub fn serve(mut control: Channel) -> i32 {
         }
     };
     shutdown_all(&conns);
+    if let Some(h) = helper.take() {
+        stop_helper(h);
+    }
     // Every add has finished: one last sync, so the next start has nothing to check.
     store.syncer.stop();
     if let Err(e) = store.syncer.round(&*store) {
@@ -268,6 +290,27 @@ fn shutdown_all(conns: &Conns) {
     }
 }
 
+/// Serves the builder-helper's channel on a thread of its own.
+fn start_helper(store: &Arc<Store>, fd: OwnedFd) -> Result<Helper, String> {
+    let chan = Channel::from_fd(fd).map_err(|e| e.to_string())?;
+    let sock = chan
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| e.to_string())?;
+    let store = store.clone();
+    let thread = std::thread::Builder::new()
+        .name("builder-helper".into())
+        .spawn(move || crate::build::session::serve(store, chan))
+        .map_err(|e| e.to_string())?;
+    Ok(Helper { sock, thread })
+}
+
+/// Ends the helper's channel and waits for its current request to finish.
+fn stop_helper(h: Helper) {
+    let _ = nix::sys::socket::shutdown(h.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    let _ = h.thread.join();
+}
+
 /// Serves one broker channel on a new thread without the control channel (tests, tools).
 pub fn spawn_session(store: &Arc<Store>, client: ClientIdentity, chan: Channel) -> JoinHandle<()> {
     let store = store.clone();
@@ -275,4 +318,10 @@ pub fn spawn_session(store: &Arc<Store>, client: ClientIdentity, chan: Channel) 
         let roots = Arc::new(Mutex::new(TempRoots::new(&store.state_dir, client.conn_id)));
         session::serve(store, client, chan, roots);
     })
+}
+
+/// Serves a builder-helper channel on a new thread without the control channel (tests).
+pub fn spawn_helper(store: &Arc<Store>, chan: Channel) -> JoinHandle<()> {
+    let store = store.clone();
+    std::thread::spawn(move || crate::build::session::serve(store, chan))
 }

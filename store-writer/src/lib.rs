@@ -4,6 +4,7 @@
 
 pub mod add;
 pub mod audit;
+pub mod build;
 pub mod buildlog;
 pub mod canon;
 pub mod control;

@@ -101,6 +101,19 @@ impl TempRoots {
         }
     }
 
+    /// The roots of one build of the builder-helper: `<pid>-build-<id>` (Nix's collector
+    /// reads the pid up to the first non-digit, as for connections).
+    pub fn for_build(state_dir: &Path, build: u64) -> TempRoots {
+        let mut roots = TempRoots::new(state_dir, 0);
+        roots.name = format!("{}-build-{build}", std::process::id());
+        roots
+    }
+
+    /// The file's name in `temproots/`.
+    pub fn file_name(&self) -> &str {
+        &self.name
+    }
+
     pub fn contains(&self, p: &StorePath) -> bool {
         self.roots.contains(p)
     }

@@ -16,7 +16,7 @@ use nix::unistd::{Gid, Uid};
 use thiserror::Error;
 
 use stockade_common::ipc::msg::StoreWriterConfig;
-use stockade_common::signature::{PublicKey, TrustedKeys};
+use stockade_common::signature::{PublicKey, SecretKey, TrustedKeys};
 use stockade_common::store_path::{StoreDir, StorePath};
 
 use crate::audit::Audit;
@@ -69,6 +69,8 @@ pub struct Store {
     /// The single write connection.
     db: Mutex<Db>,
     pub keys: TrustedKeys,
+    /// `secret-key-files`, to sign the outputs of builds.
+    pub signing_keys: Vec<SecretKey>,
     pub audit: Audit,
     pub euid: Uid,
     pub egid: Gid,
@@ -188,6 +190,16 @@ impl Store {
         for k in &cfg.trusted_public_keys {
             keys.insert(PublicKey::parse(k).map_err(|e| StartError::Key(e.to_string()))?);
         }
+        // Read now, before the lockdown: nothing else in Stockade ever reads them.
+        let mut signing_keys = Vec::new();
+        for f in &cfg.secret_key_files {
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(f).map_err(ctx(format!("reading secret key '{f}'")))?,
+            );
+            let key = SecretKey::parse(text.trim())
+                .map_err(|e| StartError::Key(format!("secret key '{f}': {e}")))?;
+            signing_keys.push(key);
+        }
 
         let store = Store {
             store_dir,
@@ -196,6 +208,7 @@ impl Store {
             db_dir,
             db: Mutex::new(db),
             keys,
+            signing_keys,
             audit,
             euid,
             egid,

@@ -179,3 +179,50 @@ fn eof_on_the_control_channel_exits() {
     drop(master);
     assert_eq!(proc.wait().unwrap().code(), Some(1), "no Hello: failure");
 }
+
+/// Greets the store-writer on a builder-helper channel; returns the reply.
+fn helper_hello(h: &mut Channel) -> Result<Reply<u32>, ipc::Error> {
+    use stockade_common::ipc::msg::BuilderToStoreWriter as H;
+    h.send(&H::Hello { version: VERSION }, &[])?;
+    h.recv::<Reply<u32>>().map(|(m, _)| m)
+}
+
+/// `BuilderHelper` hands the store-writer the helper's channel, served on its own thread; a
+/// second one replaces the first, whose channel then ends.
+#[test]
+fn the_builder_helper_channel_is_served_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, child) = ipc::socketpair().unwrap();
+    let mut proc = spawn(child);
+    master.send(&M::Hello { version: VERSION }, &[]).unwrap();
+    master.recv::<Out>().unwrap();
+    master
+        .send(&M::Start(Box::new(config(dir.path(), vec![]))), &[])
+        .unwrap();
+    assert_eq!(master.recv::<Out>().unwrap().0, Out::Ready);
+
+    let mut helpers = Vec::new();
+    for _ in 0..2 {
+        let (mut ours, theirs) = ipc::socketpair().unwrap();
+        ours.enable_spill(BROKER_SPILL_MAX);
+        master.send(&M::BuilderHelper, &[theirs.as_fd()]).unwrap();
+        drop(theirs);
+        assert_eq!(helper_hello(&mut ours).unwrap(), Reply::Done(VERSION));
+        helpers.push(ours);
+    }
+    let mut second = helpers.pop().unwrap();
+    let mut first = helpers.pop().unwrap();
+    match first.recv::<Notice>() {
+        Err(ipc::Error::Closed) => {}
+        other => panic!("the replaced helper channel is still open: {other:?}"),
+    }
+    // The new one is served, and a request about a build never begun closes it.
+    use stockade_common::ipc::msg::BuilderToStoreWriter as H;
+    second.send(&H::EndBuild { build: 5 }, &[]).unwrap();
+    match second.recv::<Notice>() {
+        Err(ipc::Error::Closed) => {}
+        other => panic!("{other:?}"),
+    }
+    master.send(&M::Shutdown, &[]).unwrap();
+    assert!(proc.wait().unwrap().success());
+}

@@ -132,7 +132,7 @@ fn read_bounded(mut f: File, what: &str) -> Result<Vec<u8>, ReqError> {
 }
 
 /// Reads a valid `.drv` from the store, beneath the store descriptor.
-fn read_store_drv(store: &Store, p: &StorePath) -> Result<Vec<u8>, ReqError> {
+pub(crate) fn read_store_drv(store: &Store, p: &StorePath) -> Result<Vec<u8>, ReqError> {
     let fd = sys::openat(
         store.store_fd(),
         p.base_name(),

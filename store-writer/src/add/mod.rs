@@ -13,9 +13,9 @@
 //! root (taken as soon as the path is known) protect the work instead.
 
 mod batch;
-mod decide;
+pub(crate) mod decide;
 mod ingest;
-mod install;
+pub(crate) mod install;
 pub mod stage;
 
 use std::collections::BTreeSet;

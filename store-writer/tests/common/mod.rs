@@ -291,3 +291,82 @@ impl Raw {
         self.t(&[")"]).0
     }
 }
+
+/// The builder-helper's end of its channel to an in-process store-writer.
+pub struct Helper {
+    pub chan: Channel,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Env {
+    /// A helper channel served as `MasterToStoreWriter::BuilderHelper` would have it served,
+    /// after `Hello`.
+    pub fn helper(&self) -> Helper {
+        let mut h = self.helper_raw();
+        let r: Result<u32, String> = h.call(
+            &stockade_common::ipc::msg::BuilderToStoreWriter::Hello { version: VERSION },
+            None,
+        );
+        assert_eq!(r, Ok(VERSION));
+        h
+    }
+
+    /// The same before `Hello`.
+    pub fn helper_raw(&self) -> Helper {
+        let (mut ours, theirs) = ipc::socketpair().unwrap();
+        ours.enable_spill(BROKER_SPILL_MAX);
+        let thread = control::spawn_helper(&self.store, theirs);
+        Helper {
+            chan: ours,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Helper {
+    /// Sends a request (with its descriptor) and returns the final reply.
+    pub fn call<T>(
+        &mut self,
+        req: &stockade_common::ipc::msg::BuilderToStoreWriter,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<T, String>
+    where
+        StoreWriterToBroker<T>: ipc::Message + std::fmt::Debug,
+    {
+        let fds: Vec<_> = fd.into_iter().collect();
+        self.chan.send(req, &fds).unwrap();
+        loop {
+            match self.chan.recv::<StoreWriterToBroker<T>>().unwrap().0 {
+                StoreWriterToBroker::Log { .. } => continue,
+                StoreWriterToBroker::Error { message } => return Err(message),
+                StoreWriterToBroker::Done(v) => return Ok(v),
+                StoreWriterToBroker::Upload => panic!("an upload pipe for the helper"),
+            }
+        }
+    }
+
+    /// Sends a request and waits for the store-writer to close the channel.
+    pub fn expect_closed_after(
+        mut self,
+        req: &stockade_common::ipc::msg::BuilderToStoreWriter,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) {
+        let fds: Vec<_> = fd.into_iter().collect();
+        self.chan.send(req, &fds).unwrap();
+        match self.chan.recv::<Notice>() {
+            Err(ipc::Error::Closed) => {}
+            other => panic!("expected the channel to be closed, got {other:?}"),
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+
+    pub fn close(self) {
+        let Helper { chan, thread } = self;
+        drop(chan);
+        if let Some(t) = thread {
+            t.join().unwrap();
+        }
+    }
+}
