@@ -156,6 +156,9 @@ pub fn serve(mut control: Channel) -> i32 {
                     link.answer(id, answer);
                 }
             }
+            // The builder-helper's channel (placeholder until the store-writer serves it: it is
+            // closed, so the helper's builds fail cleanly instead of this process exiting).
+            In::BuilderHelper => drop(fds),
             In::Shutdown => break 0,
             other => {
                 log::error!("control channel: unexpected {other:?}");
