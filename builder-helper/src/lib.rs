@@ -1,11 +1,13 @@
 //! The builder-helper: runs builds in a sandbox of their own. [`sandbox`] describes and makes
-//! that sandbox; the session with the master and the brokers comes later.
+//! that sandbox, [`build`] runs one derivation in it, [`service`] serves the master and the
+//! brokers.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod build;
 pub mod cgroup;
 pub mod sandbox;
+pub mod service;
 
 // Test-only switches that turn one defence of the sandbox off, so its probe can be shown to
 // fail (scripts/defences-off.sh). Never in a release build.

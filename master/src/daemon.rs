@@ -23,6 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -32,10 +33,13 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use stockade_common::audit::{Audit, Facility, Severity};
+use stockade_common::ipc::builder::BuilderToMaster;
 use stockade_common::ipc::msg::{ClientIdentity, StoreWriterConfig, StoreWriterToMaster};
 use stockade_common::ipc::{self};
 use stockade_policy::{admit, referenced_groups, Admission, RefuseCause, TrustOverride};
 
+use crate::builder::BuilderHelper;
+use crate::builders::BuildUids;
 use crate::cli::DaemonArgs;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -119,6 +123,26 @@ impl Ctx {
         )
     }
 
+    /// Start the builder-helper, connected to `writer` by a channel of its own.
+    pub fn start_builder(&self, writer: &mut StoreWriter) -> Result<BuilderHelper> {
+        let (writer_end, helper_end) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
+        writer.builder_helper(writer_end)?;
+        let config = crate::builders::builder_config(self);
+        let confinement = if self.as_root {
+            let id = builder_uid(&self.cfg.broker_uid_range());
+            crate::builders::prepare_builds_dir(Path::new(&config.builds_dir), id)?;
+            Confinement::BuilderCaps { uid: id, gid: id }
+        } else {
+            Confinement::SameUid
+        };
+        BuilderHelper::start(
+            &self.launcher.programs.builder_helper,
+            confinement,
+            config,
+            helper_end.into_fd(),
+        )
+    }
+
     /// The start-up audit line: effective security settings.
     pub fn audit_start(&self, mode: &str, extra: &[(&str, String)]) {
         let mut fields: Vec<(&str, String)> = vec![
@@ -197,6 +221,11 @@ struct Daemon {
     watch: StoreWatch,
     writer_chan_open: bool,
     writer_exited: bool,
+    helper: BuilderHelper,
+    helper_chan_open: bool,
+    /// The helper died while the daemon was not shutting down: exit non-zero.
+    helper_died: bool,
+    build_uids: BuildUids,
     sigfd: SignalFd,
     uids: Option<UidPool>,
     conns: HashMap<i32, Conn>,
@@ -239,7 +268,10 @@ pub fn run(ctx: Ctx) -> Result<i32> {
     let sigfd = signal_fd()?;
     // The store-writer is up and locked down before the socket appears: a client that sees
     // the socket never meets a half-started daemon.
-    let writer = ctx.start_store_writer()?;
+    let mut writer = ctx.start_store_writer()?;
+    // Started before the master drops its capabilities (it needs the helper's uid and caps).
+    let helper = ctx.start_builder(&mut writer)?;
+    let build_uids = BuildUids::new(&ctx)?;
     let watch = StoreWatch::record(&ctx.paths);
     let listeners = socket::open(&ctx.paths, ctx.uid)?;
     let uids = if ctx.as_root {
@@ -276,6 +308,8 @@ pub fn run(ctx: Ctx) -> Result<i32> {
                     .into_owned(),
             ),
             ("store-writer-pid", writer.pid.to_string()),
+            ("builder-helper-pid", helper.pid.to_string()),
+            ("build-uids", build_uids.describe()),
         ],
     );
     log::info!(
@@ -292,6 +326,10 @@ pub fn run(ctx: Ctx) -> Result<i32> {
         watch,
         writer_chan_open: true,
         writer_exited: false,
+        helper,
+        helper_chan_open: true,
+        helper_died: false,
+        build_uids,
         sigfd,
         uids,
         conns: HashMap::new(),
@@ -326,17 +364,24 @@ impl Daemon {
                 None => PollTimeout::NONE,
             };
             // Released broker uids are checked once the burst that released them is over.
-            let unverified = self.uids.as_ref().is_some_and(|p| p.has_unverified());
+            let unverified = self.uids.as_ref().is_some_and(|p| p.has_unverified())
+                || self.build_uids.has_unverified();
             let timeout = if unverified && timeout == PollTimeout::NONE {
                 PollTimeout::from(VERIFY_UIDS_AFTER_MS)
             } else {
                 timeout
             };
-            let (sig, chan, main, untrusted) = {
+            let (sig, chan, helper, main, untrusted) = {
                 let mut fds = vec![PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
                 if self.writer_chan_open {
                     fds.push(PollFd::new(
                         self.writer.channel().as_fd(),
+                        PollFlags::POLLIN,
+                    ));
+                }
+                if self.helper_chan_open {
+                    fds.push(PollFd::new(
+                        self.helper.channel().as_fd(),
                         PollFlags::POLLIN,
                     ));
                 }
@@ -355,25 +400,33 @@ impl Daemon {
                         .is_some_and(|r| !r.is_empty())
                 };
                 let chan_i = if self.writer_chan_open { Some(1) } else { None };
-                let base = 1 + usize::from(self.writer_chan_open);
+                let helper_i = 1 + usize::from(self.writer_chan_open);
+                let helper_i = self.helper_chan_open.then_some(helper_i);
+                let base =
+                    1 + usize::from(self.writer_chan_open) + usize::from(self.helper_chan_open);
                 let listening = self.listeners.is_some();
                 (
                     ready(0),
                     chan_i.is_some_and(ready),
+                    helper_i.is_some_and(ready),
                     listening && ready(base),
                     listening && ready(base + 1),
                 )
             };
-            if !(sig || chan || main || untrusted) {
+            if !(sig || chan || helper || main || untrusted) {
                 if let Some(pool) = self.uids.as_mut() {
                     pool.verify_released();
                 }
+                self.build_uids.verify_released();
             }
             if sig {
                 self.handle_signals();
             }
             if chan {
                 self.handle_writer_message();
+            }
+            if helper {
+                self.handle_helper_message();
             }
             if main {
                 self.accept_batch(Source::Main);
@@ -389,7 +442,8 @@ impl Daemon {
         for pid in self.conns.keys() {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
         }
-        let clean = self.shutdown_deadline.is_some() || self.listeners.is_none();
+        let clean =
+            (self.shutdown_deadline.is_some() || self.listeners.is_none()) && !self.helper_died;
         self.ctx.audit.event_at(
             Facility::Daemon,
             Severity::Notice,
@@ -418,6 +472,12 @@ impl Daemon {
         // own them, and nix-daemon leaves them too).
         self.listeners = None;
         self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+        if self.helper_chan_open {
+            if let Err(e) = self.helper.shutdown() {
+                log::error!("{e}");
+                let _ = kill(Pid::from_raw(self.helper.pid), Signal::SIGTERM);
+            }
+        }
         if let Err(e) = self.writer.shutdown() {
             log::error!("{e}");
             let _ = kill(Pid::from_raw(self.writer.pid), Signal::SIGTERM);
@@ -468,7 +528,9 @@ impl Daemon {
                 WaitStatus::Signaled(pid, sig, _) => (pid, ("signal", sig.as_str().to_string())),
                 _ => continue,
             };
-            if pid.as_raw() == self.writer.pid {
+            if pid.as_raw() == self.helper.pid {
+                self.helper_exited(&how);
+            } else if pid.as_raw() == self.writer.pid {
                 self.writer_exited = true;
                 if self.shutdown_deadline.is_some() {
                     log::info!("the store-writer exited ({} {})", how.0, how.1);
@@ -495,6 +557,11 @@ impl Daemon {
 
     /// `how`: `("exit", code)` or `("signal", name)`.
     fn closed(&mut self, broker_pid: i32, conn: Conn, how: &(&str, String)) {
+        if self.helper_chan_open {
+            if let Err(e) = self.helper.client_gone(conn.conn_id) {
+                log::debug!("{e}");
+            }
+        }
         if !self.writer_exited && self.writer_chan_open {
             if let Err(e) = self.writer.client_gone(conn.conn_id) {
                 // While shutting down the store-writer may already have closed its end.
@@ -528,6 +595,69 @@ impl Daemon {
                 ("seconds", &secs),
             ],
         );
+    }
+
+    fn handle_helper_message(&mut self) {
+        match self.helper.recv() {
+            Ok(BuilderToMaster::NeedUid { id }) => {
+                let answer = self.build_uids.allocate(self.ctx.uid);
+                if let Err(e) = self.helper.answer_uid(id, answer) {
+                    log::warn!("{e}");
+                }
+            }
+            Ok(BuilderToMaster::ReleaseUid { uid }) => self.build_uids.release(uid),
+            Ok(BuilderToMaster::Audit {
+                conn_id,
+                event,
+                fields,
+            }) => {
+                let uid = self
+                    .conns
+                    .values()
+                    .find(|c| c.conn_id == conn_id)
+                    .map_or(0, |c| c.client_uid);
+                let refs: Vec<(&str, &str)> = fields
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                self.ctx.audit.event_at(
+                    Facility::Daemon,
+                    Severity::Info,
+                    conn_id,
+                    uid,
+                    &event,
+                    &refs,
+                );
+            }
+            Ok(other) => log::warn!("unexpected message from the builder-helper: {other:?}"),
+            Err(ipc::Error::Closed) => self.helper_chan_open = false,
+            Err(e) => log::error!("builder-helper channel: {e}"),
+        }
+    }
+
+    /// The builder-helper exited: expected while shutting down; otherwise every broker's
+    /// build channel is gone, and the daemon stops (non-zero) as when the store-writer dies.
+    fn helper_exited(&mut self, how: &(&str, String)) {
+        self.helper_chan_open = false;
+        if self.shutdown_deadline.is_some() {
+            log::info!("the builder-helper exited ({} {})", how.0, how.1);
+            return;
+        }
+        log::error!(
+            "the builder-helper exited unexpectedly ({} {}); stopping",
+            how.0,
+            how.1
+        );
+        self.ctx.audit.event_at(
+            Facility::Daemon,
+            Severity::Err,
+            0,
+            self.ctx.uid,
+            "builder-helper-died",
+            &[(how.0, &how.1)],
+        );
+        self.helper_died = true;
+        self.begin_shutdown(Signal::SIGTERM);
     }
 
     fn handle_writer_message(&mut self) {
@@ -804,11 +934,13 @@ impl Daemon {
             user_name: facts.user_name.clone(),
         };
         let client: OwnedFd = stream.into();
-        let pid = match self
-            .ctx
-            .launcher
-            .launch(&mut self.writer, client, &identity, broker_uid)
-        {
+        let pid = match self.ctx.launcher.launch(
+            &mut self.writer,
+            self.helper_chan_open.then_some(&mut self.helper),
+            client,
+            &identity,
+            broker_uid,
+        ) {
             Ok(pid) => pid,
             Err(e) => {
                 log::error!("error processing connection: {e}");
@@ -866,6 +998,12 @@ impl Daemon {
 /// broker range, so it never collides with a broker and needs no passwd entry.
 pub fn store_writer_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
     brokers.first.saturating_sub(1).max(1)
+}
+
+/// The builder-helper's uid (and gid) when the daemon runs as root: the third just below the
+/// broker range (after the store-writer's uid and the database readers' gid).
+pub fn builder_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
+    brokers.first.saturating_sub(3).max(1)
 }
 
 /// The group that may enter the database directory: only brokers hold it (A69). Like the

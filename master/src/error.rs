@@ -31,6 +31,8 @@ pub enum Error {
     UnsafePath { path: PathBuf, reason: String },
     #[error("the store-writer failed to start: {0}")]
     StoreWriterFailed(String),
+    #[error("the builder-helper failed to start: {0}")]
+    BuilderFailed(String),
     #[error("the store-writer speaks IPC version {got}, this master {want}")]
     VersionMismatch { got: u32, want: u32 },
     #[error("unexpected message from the store-writer: {0}")]

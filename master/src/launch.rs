@@ -7,12 +7,10 @@
 //! the store-writer channel. The master keeps none of these descriptors afterwards (A7), only
 //! the broker's pid.
 //!
-//! Builder-helper hook: the builder-helper (`stockade-builder-helper`, next to the other
-//! programs) is not started yet. When it is, [`crate::daemon::run`] starts it right after the
-//! store-writer (before the master drops its own capabilities), and the master will make
-//! a second socketpair here, send the helper `MasterToBuilder::NewClient` with one end, and add
-//! the other end to the broker's `Start` (a change to `MasterToBroker` in
-//! `common/src/ipc/msg.rs`). Until then brokers have no build channel and refuse builds.
+//! The broker's build channel is made the same way: one end goes to the builder-helper with
+//! `MasterToBuilder::NewClient`, the other travels in the broker's `Start`. Without a helper
+//! (`--stdio`) the helper's end is closed at once: the broker sees a closed channel and
+//! refuses builds.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -20,6 +18,7 @@ use std::path::{Path, PathBuf};
 use stockade_common::ipc::msg::{BrokerConfig, BrokerFds, ClientIdentity, MasterToBroker};
 use stockade_common::ipc::{self};
 
+use crate::builder::BuilderHelper;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::paths::Paths;
@@ -31,6 +30,7 @@ use crate::writer::StoreWriter;
 pub struct Programs {
     pub broker: PathBuf,
     pub store_writer: PathBuf,
+    pub builder_helper: PathBuf,
 }
 
 impl Programs {
@@ -49,8 +49,9 @@ impl Programs {
         let p = Programs {
             broker: dir.join("stockade-broker"),
             store_writer: dir.join("stockade-store-writer"),
+            builder_helper: dir.join("stockade-builder-helper"),
         };
-        for prog in [&p.broker, &p.store_writer] {
+        for prog in [&p.broker, &p.store_writer, &p.builder_helper] {
             check_program(prog)?;
         }
         Ok(p)
@@ -147,6 +148,7 @@ impl Launcher {
     pub fn launch(
         &self,
         writer: &mut StoreWriter,
+        helper: Option<&mut BuilderHelper>,
         client: OwnedFd,
         identity: &ClientIdentity,
         broker_uid: Option<u32>,
@@ -157,9 +159,7 @@ impl Launcher {
         let mut config = self.template.clone();
         config.client = identity.clone();
         let broker_end = to_writer_broker_end.into_fd();
-        // The broker's end of its builder-helper channel. Until the helper runs, the other end
-        // is closed at once: the broker sees a closed channel and refuses builds.
-        let (to_builder_broker_end, _to_builder_helper_end) =
+        let (to_builder_broker_end, to_builder_helper_end) =
             ipc::socketpair().map_err(Error::ipc("socketpair"))?;
         let builder_end = to_builder_broker_end.into_fd();
         // Queue the start message before the broker exists: the fresh socket has room, so this
@@ -177,6 +177,13 @@ impl Launcher {
         drop(broker_end);
         drop(builder_end);
         writer.new_client(identity, to_writer_writer_end)?;
+        let mut helper = helper;
+        if let Some(h) = helper.as_deref_mut() {
+            if let Err(e) = h.new_client(identity, to_builder_helper_end) {
+                // The connection is served without builds rather than refused.
+                log::error!("{e}");
+            }
+        }
         let confinement = match broker_uid {
             Some(uid) => Confinement::OwnUid {
                 uid,
@@ -192,6 +199,11 @@ impl Launcher {
                 // The store-writer already knows the client; tell it the client is gone.
                 if let Err(e2) = writer.client_gone(identity.conn_id) {
                     log::error!("{e2}");
+                }
+                if let Some(h) = helper {
+                    if let Err(e2) = h.client_gone(identity.conn_id) {
+                        log::error!("{e2}");
+                    }
                 }
                 Err(e)
             }

@@ -13,11 +13,13 @@
 //! - [`daemon`]: the accept loop, admission, limits, supervision, shutdown;
 //! - [`peers`], [`uids`]: who the peer is; which uid its broker gets;
 //! - [`launch`], [`spawn`], [`writer`]: channels, exec and confinement of the children, and the
-//!   builder-helper hook (not started yet, see launch.rs);
+//!   builder-helper's control channel ([`builder`]) and its build uids ([`builders`]);
 //! - [`restart`]: a new store-writer when the store directories were replaced under it;
 //! - [`restrict`]: what the master keeps for itself;
 //! - [`stdio`]: the `--stdio` modes.
 
+mod builder;
+mod builders;
 mod cli;
 mod config;
 mod daemon;
@@ -113,6 +115,7 @@ fn context(
     let programs = programs.unwrap_or_else(|| Programs {
         broker: Default::default(),
         store_writer: Default::default(),
+        builder_helper: Default::default(),
     });
     let launcher = Launcher::new(programs, &cfg, &paths, args.verbosity());
     Ok(Ctx {

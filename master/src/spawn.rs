@@ -16,6 +16,9 @@
 //!   and keeps exactly [`STORE_WRITER_CAPS`], carried across exec as ambient capabilities; its
 //!   bounding set holds nothing else (no `CAP_SYS_ADMIN`, no `CAP_SETUID`, …). It makes the
 //!   store's files root-owned with CAP_CHOWN, so the store looks exactly as nix-daemon leaves it;
+//! - the builder-helper runs under a uid of its own too and keeps exactly [`BUILDER_CAPS`]
+//!   the same way (never `CAP_SYS_ADMIN`: the sandbox's mounts happen in the build's own user
+//!   namespace);
 //! - a broker gets an empty bounding set, no supplementary groups, and its own uid and gid
 //!   (`setresgid` then `setresuid`), which clears every capability.
 //!
@@ -48,6 +51,24 @@ pub const STORE_WRITER_CAPS: [Capability; 4] = [
     Capability::CAP_DAC_READ_SEARCH,
 ];
 
+/// Capabilities the builder-helper keeps when the daemon runs as root, each for one thing:
+/// - `CAP_SETUID`, `CAP_SETGID`: writing the uid and gid maps of a build's user namespace
+///   for a build uid that is not the helper's own (and dropping the helper's groups there);
+///   running an unsandboxed builder (`sandbox = false`) as its build uid;
+/// - `CAP_CHOWN`: handing each build's directories to its build uid;
+/// - `CAP_DAC_OVERRIDE`: reaching into those directories (the builder's uid owns them) to
+///   make the inputs' mount points, write `passAsFile` files and clean up after the build;
+/// - `CAP_KILL`: killing an unsandboxed builder, which runs under its build uid in the
+///   helper's own namespaces (a sandboxed one is in a user namespace the helper owns, where
+///   no capability is needed).
+pub const BUILDER_CAPS: [Capability; 5] = [
+    Capability::CAP_SETUID,
+    Capability::CAP_SETGID,
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_KILL,
+];
+
 /// Environment variables a child inherits from the master; everything else is dropped.
 /// Proxy and certificate variables are for substituter access; `STOCKADE_*` for tests.
 pub const PASSED_ENV: &[&str] = &[
@@ -77,6 +98,8 @@ pub const PASSED_ENV: &[&str] = &[
 pub enum Confinement {
     /// Root daemon, store-writer: this uid and gid, no groups, [`STORE_WRITER_CAPS`] only.
     StoreWriterCaps { uid: u32, gid: u32 },
+    /// Root daemon, builder-helper: this uid and gid, no groups, [`BUILDER_CAPS`] only.
+    BuilderCaps { uid: u32, gid: u32 },
     /// Root daemon, broker: this uid and gid, no groups, no capabilities.
     /// Its own uid and gid, and at most one supplementary group.
     OwnUid {
@@ -123,10 +146,15 @@ pub fn spawn(
     confinement: Confinement,
     new_process_group: bool,
 ) -> Result<i32> {
-    let keep: CapsHashSet = STORE_WRITER_CAPS.iter().copied().collect();
+    let kept: &[Capability] = match confinement {
+        Confinement::StoreWriterCaps { .. } => &STORE_WRITER_CAPS,
+        Confinement::BuilderCaps { .. } => &BUILDER_CAPS,
+        Confinement::OwnUid { .. } | Confinement::SameUid => &[],
+    };
+    let keep: CapsHashSet = kept.iter().copied().collect();
     let drop_bounding: Vec<i32> = match confinement {
-        Confinement::StoreWriterCaps { .. } => (0..=last_cap())
-            .filter(|i| !STORE_WRITER_CAPS.iter().any(|c| i32::from(c.index()) == *i))
+        Confinement::StoreWriterCaps { .. } | Confinement::BuilderCaps { .. } => (0..=last_cap())
+            .filter(|i| !kept.iter().any(|c| i32::from(c.index()) == *i))
             .collect(),
         Confinement::OwnUid { .. } => (0..=last_cap()).collect(),
         Confinement::SameUid => Vec::new(),
@@ -216,10 +244,10 @@ fn child_setup(plan: &Plan) -> Result<(), Errno> {
         capbset_drop(cap)?;
     }
     match plan.confinement {
-        Confinement::StoreWriterCaps { uid, gid } => {
+        Confinement::StoreWriterCaps { uid, gid } | Confinement::BuilderCaps { uid, gid } => {
             // Change uid while CAP_SETUID/CAP_SETGID are still effective, keeping the
             // permitted set across the change (it would be cleared), then trim every set to
-            // what the store-writer keeps. Inheritable must hold what the ambient set is to
+            // what the child keeps. Inheritable must hold what the ambient set is to
             // carry across exec.
             // SAFETY: PR_SET_KEEPCAPS takes an integer flag and no pointers.
             Errno::result(unsafe { nix::libc::prctl(nix::libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) })?;

@@ -97,7 +97,7 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
     };
     let broker = ctx
         .launcher
-        .launch(&mut writer, client, &identity, broker_uid)?;
+        .launch(&mut writer, None, client, &identity, broker_uid)?;
     ctx.audit.event_at(
         Facility::AuthPriv,
         Severity::Info,

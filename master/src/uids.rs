@@ -1,4 +1,6 @@
-//! Broker uids: one per connection from `broker-uid-range`, no passwd entries needed.
+//! Broker uids: one per connection from `broker-uid-range`, no passwd entries needed. The
+//! same pool, with its own lock directory ([`BUILD_LOCK_DIR`]), hands out build uids: the
+//! members of `build-users-group`, or `build-uid-range`.
 //!
 //! Rules:
 //! - A uid is handed out only when no process runs under it (real, effective, saved or
@@ -33,14 +35,16 @@ const RELEASED_MAX: usize = 64;
 
 /// Where the per-uid locks live when the daemon runs as root.
 pub const LOCK_DIR: &str = "/run/stockade/broker-uids";
+/// Where the per-uid locks of build uids live.
+pub const BUILD_LOCK_DIR: &str = "/run/stockade/build-uids";
 
 /// The pool.
 #[derive(Debug)]
 pub struct UidPool {
-    first: u32,
-    last: u32,
-    /// Next candidate.
-    next: u32,
+    /// The pool's uids, sorted, without duplicates (never empty).
+    uids: Vec<u32>,
+    /// Index of the next candidate.
+    next: usize,
     /// Handed out, with the lock that reserves it against other masters.
     in_use: HashMap<u32, Option<Flock<File>>>,
     /// Released by their broker but not checked for leftover processes yet (still locked).
@@ -56,25 +60,55 @@ pub struct UidPool {
 impl UidPool {
     /// The pool of a root daemon: locks in [`LOCK_DIR`], leftovers killed.
     pub fn new(range: UidRange) -> Result<UidPool, crate::error::Error> {
-        let dir = Path::new(LOCK_DIR);
-        crate::socket::ensure_private_dir(dir, 0)?;
-        Ok(UidPool::with(range, true, Path::new("/proc"), Some(dir)))
+        UidPool::new_in((range.first..=range.last).collect(), Path::new(LOCK_DIR))
     }
 
+    /// A root daemon's pool of `uids` (not empty, no 0) with its locks in `lock_dir`.
+    pub fn new_in(uids: Vec<u32>, lock_dir: &Path) -> Result<UidPool, crate::error::Error> {
+        crate::socket::ensure_private_dir(lock_dir, 0)?;
+        Ok(UidPool::with_list(
+            uids,
+            true,
+            Path::new("/proc"),
+            Some(lock_dir),
+        ))
+    }
+
+    #[cfg(test)]
     pub fn with(
         range: UidRange,
         can_kill: bool,
         proc_dir: &Path,
         lock_dir: Option<&Path>,
     ) -> UidPool {
+        UidPool::with_list(
+            (range.first..=range.last).collect(),
+            can_kill,
+            proc_dir,
+            lock_dir,
+        )
+    }
+
+    pub fn with_list(
+        mut uids: Vec<u32>,
+        can_kill: bool,
+        proc_dir: &Path,
+        lock_dir: Option<&Path>,
+    ) -> UidPool {
+        uids.sort_unstable();
+        uids.dedup();
+        uids.retain(|&u| u != 0);
         let live = uids_with_processes(proc_dir);
+        let draining = live
+            .into_iter()
+            .filter(|u| uids.binary_search(u).is_ok())
+            .collect();
         UidPool {
-            first: range.first,
-            last: range.last,
-            next: range.first,
+            uids,
+            next: 0,
             in_use: HashMap::new(),
             released: HashMap::new(),
-            draining: live.into_iter().filter(|u| range.contains(*u)).collect(),
+            draining,
             proc_dir: proc_dir.to_path_buf(),
             lock_dir: lock_dir.map(Path::to_path_buf),
             can_kill,
@@ -83,7 +117,7 @@ impl UidPool {
 
     /// Whether `uid` is one of this pool's (only brokers and their children run under one).
     pub fn owns(&self, uid: u32) -> bool {
-        (self.first..=self.last).contains(&uid)
+        self.uids.binary_search(&uid).is_ok()
     }
 
     /// Uids currently handed out.
@@ -131,15 +165,13 @@ impl UidPool {
     }
 
     fn allocate_once(&mut self) -> Option<u32> {
-        let size = u64::from(self.last) - u64::from(self.first) + 1;
         let mut rechecked = false;
-        for _ in 0..size {
-            let uid = self.next;
-            self.next = if uid >= self.last {
-                self.first
-            } else {
-                uid + 1
+        for _ in 0..self.uids.len() {
+            let Some(&uid) = self.uids.get(self.next) else {
+                self.next = 0;
+                continue;
             };
+            self.next = (self.next + 1) % self.uids.len();
             if self.in_use.contains_key(&uid) || self.released.contains_key(&uid) {
                 continue;
             }
@@ -192,9 +224,7 @@ impl UidPool {
             if !live.contains(&uid) {
                 continue;
             }
-            log::warn!(
-                "broker uid {uid} still has processes after its broker exited; killing them"
-            );
+            log::warn!("uid {uid} still has processes after its user exited; killing them");
             self.draining.insert(uid);
             if self.can_kill {
                 if let Err(e) = kill_all_of_uid(uid) {

@@ -102,6 +102,16 @@ impl StoreWriter {
             .map_err(Error::ipc("sending a new client to the store-writer"))
     }
 
+    /// Hands over its end of the builder-helper's channel (the only way build outputs come in).
+    pub fn builder_helper(&mut self, end: Channel) -> Result<()> {
+        let fd = end.into_fd();
+        self.chan
+            .send(&MasterToStoreWriter::BuilderHelper, &[fd.as_fd()])
+            .map_err(Error::ipc(
+                "handing the store-writer its builder-helper channel",
+            ))
+    }
+
     /// The connection ended.
     pub fn client_gone(&mut self, conn_id: u64) -> Result<()> {
         self.chan

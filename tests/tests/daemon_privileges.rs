@@ -82,10 +82,12 @@ fn process_privileges_with_clients_connected() {
     let masters = of("stockade");
     let writers = of("stockade-store-writer");
     let brokers = of("stockade-broker");
+    let helpers = of("stockade-builder-helper");
     assert_eq!(masters.len(), 1, "one master: {procs:#?}");
     assert_eq!(writers.len(), 1, "one store-writer: {procs:#?}");
+    assert_eq!(helpers.len(), 1, "one builder-helper: {procs:#?}");
     assert_eq!(brokers.len(), 2, "one broker per client: {procs:#?}");
-    assert_eq!(procs.len(), 4, "no other Stockade process: {procs:#?}");
+    assert_eq!(procs.len(), 5, "no other Stockade process: {procs:#?}");
 
     // Root: the master only. The store-writer runs under a uid of its own with four
     // capabilities (checked below).
@@ -149,6 +151,36 @@ fn process_privileges_with_clients_connected() {
         "store-writer inheritable/ambient: {w:?}"
     );
     assert_eq!(w.no_new_privs, Some(1), "store-writer NoNewPrivs: {w:?}");
+
+    // The builder-helper: a uid of its own, the capabilities uid mapping and build
+    // directories need, never CAP_SYS_ADMIN.
+    let h = helpers[0];
+    assert!(
+        h.uids
+            .iter()
+            .all(|u| *u == h.uids[0] && *u != 0 && *u != w.uids[0]),
+        "builder-helper ids: {h:?}"
+    );
+    let allowed = mask(&[
+        CAP_CHOWN,
+        CAP_DAC_OVERRIDE,
+        CAP_KILL,
+        CAP_SETGID,
+        CAP_SETUID,
+    ]);
+    for (name, set) in [
+        ("CapEff", h.cap_eff),
+        ("CapPrm", h.cap_prm),
+        ("CapBnd", h.cap_bnd),
+    ] {
+        assert_eq!(
+            set & !allowed,
+            0,
+            "the builder-helper's {name} holds more than chown/dac_override/kill/setgid/setuid: {:?}",
+            caps_of(set)
+        );
+    }
+    assert_eq!(h.no_new_privs, Some(1), "builder-helper NoNewPrivs: {h:?}");
 
     // Brokers: own uid from the range, nothing else.
     let mut broker_uids = BTreeSet::new();

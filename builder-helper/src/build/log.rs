@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -30,6 +30,8 @@ pub enum Ended {
         silence: bool,
     },
     LogLimit,
+    /// The cancel descriptor became readable (or hung up): nobody wants the build any more.
+    Cancelled,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,13 +102,15 @@ impl LogTail {
     }
 }
 
-/// Copies the log until the builder is gone, or kills it when a limit fires.
+/// Copies the log until the builder is gone, or kills it when a limit fires or `cancel` (a
+/// pipe's read end, closed or written on the other side to cancel) becomes readable.
 pub fn supervise(
     sandbox: &mut Sandbox,
     log: OwnedFd,
     limits: Limits,
     sink: &mut dyn Write,
     tail: &mut LogTail,
+    cancel: Option<BorrowedFd<'_>>,
 ) -> Result<Ended, SuperviseError> {
     let started = Instant::now();
     let mut last_output = started;
@@ -148,8 +152,17 @@ pub fn supervise(
                 return Ok(Ended::Exited(exit));
             }
             let nap = wait.map_or(idle, |w| w.min(idle));
-            std::thread::sleep(nap);
             idle = (idle * 2).min(Duration::from_millis(50));
+            match cancel {
+                Some(c) => {
+                    let nap = PollTimeout::try_from(nap).unwrap_or(PollTimeout::MAX);
+                    let mut fds = [PollFd::new(c, PollFlags::POLLIN)];
+                    if matches!(poll(&mut fds, nap), Ok(n) if n > 0) {
+                        return kill(sandbox, Ended::Cancelled);
+                    }
+                }
+                None => std::thread::sleep(nap),
+            }
             continue;
         };
         let timeout = match wait {
@@ -159,11 +172,24 @@ pub fn supervise(
                 PollTimeout::try_from(w + Duration::from_millis(1)).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+        if let Some(c) = cancel {
+            fds.push(PollFd::new(c, PollFlags::POLLIN));
+        }
         match poll(&mut fds, timeout) {
             Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
             Ok(_) => {}
             Err(e) => return Err(SuperviseError::Read(e.into())),
+        }
+        if fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty())
+        {
+            return kill(sandbox, Ended::Cancelled);
+        }
+        if fds[0].revents().is_none_or(|r| r.is_empty()) {
+            continue;
         }
         let n = match file.read(&mut buf) {
             Ok(n) => n,

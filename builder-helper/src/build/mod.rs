@@ -194,6 +194,9 @@ pub enum BuildErrorKind {
         output: String,
         path: String,
     },
+    /// Nobody wanted the build any more (every client that asked for it cancelled or left).
+    #[error("build of '{drv}' was cancelled")]
+    Cancelled { drv: String },
 }
 
 /// A failed build: the reason, the build directory when `keep-failed` kept it, and the last
@@ -335,16 +338,23 @@ fn input_paths(
     Ok(inputs)
 }
 
-/// Runs the build of `job.drv_path`; see the module documentation. `log_sink` gets the
-/// builder's stdout and stderr, merged, line by line.
-pub fn run_derivation(
-    cfg: &BuildConfig,
-    job: &BuildJob,
-    log_sink: &mut dyn Write,
-) -> Result<BuildOutcome, BuildError> {
-    let started = Instant::now();
-    let shown = cfg.store_dir.display(&job.drv_path);
-    let drv = parse_drv(cfg, &job.drv_path)?;
+/// What a build of one derivation needs to know before it starts, read from the store.
+#[derive(Debug, Clone)]
+pub struct DrvFacts {
+    pub drv: Derivation,
+    /// Input sources and the wanted outputs of input derivations.
+    pub inputs: BTreeSet<StorePath>,
+    /// Every output's path, by name.
+    pub outputs: BTreeMap<String, StorePath>,
+    /// Fixed-output (network allowed; a failure is transient for Nix).
+    pub fixed: bool,
+}
+
+/// Reads `drv_path` and its input derivations from the store and says what the build takes
+/// in and puts out.
+pub fn derivation_facts(cfg: &BuildConfig, drv_path: &StorePath) -> Result<DrvFacts, BuildError> {
+    let shown = cfg.store_dir.display(drv_path);
+    let drv = parse_drv(cfg, drv_path)?;
     let drv_type = drv.drv_type().map_err(|source| BuildErrorKind::Drv {
         path: shown.clone(),
         source,
@@ -366,8 +376,49 @@ pub fn run_derivation(
             })?;
         outputs.insert(name.clone(), path);
     }
+    let inputs = input_paths(cfg, &drv, &shown)?;
+    Ok(DrvFacts {
+        drv,
+        inputs,
+        outputs,
+        fixed: drv_type.is_fixed(),
+    })
+}
 
-    for input in input_paths(cfg, &drv, &shown)? {
+/// Held while the helper has a descriptor open for writing on a file a builder could run and
+/// while it clones a sandbox: a clone copies every open descriptor into the child until its
+/// exec, and a write descriptor there would make exec of that file fail (`ETXTBSY`).
+static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs the build of `job.drv_path`; see the module documentation. `log_sink` gets the
+/// builder's stdout and stderr, merged, line by line.
+pub fn run_derivation(
+    cfg: &BuildConfig,
+    job: &BuildJob,
+    log_sink: &mut dyn Write,
+) -> Result<BuildOutcome, BuildError> {
+    run_derivation_with(cfg, job, log_sink, None)
+}
+
+/// [`run_derivation`] that stops the build (with [`BuildErrorKind::Cancelled`]) when `cancel`
+/// becomes readable. The calling thread must live until this returns: the sandbox's
+/// parent-death signal is tied to it.
+pub fn run_derivation_with(
+    cfg: &BuildConfig,
+    job: &BuildJob,
+    log_sink: &mut dyn Write,
+    cancel: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<BuildOutcome, BuildError> {
+    let started = Instant::now();
+    let shown = cfg.store_dir.display(&job.drv_path);
+    let DrvFacts {
+        drv,
+        inputs,
+        outputs,
+        fixed,
+    } = derivation_facts(cfg, &job.drv_path)?;
+
+    for input in inputs {
         if !job.input_closure.contains(&input) {
             return Err(BuildErrorKind::NotInClosure {
                 drv: shown,
@@ -386,7 +437,6 @@ pub fn run_derivation(
         }
     }
 
-    let fixed = drv_type.is_fixed();
     let sandbox_build_dir = cfg.sandbox_build_dir.to_string_lossy().into_owned();
     let host_env = |k: &str| std::env::var_os(k).map(OsString::into_vec);
     let env = env::builder_env(
@@ -421,7 +471,7 @@ pub fn run_derivation(
     )?;
     let mut tail = LogTail::new(cfg.log_lines);
     let ran = run_in_sandbox(
-        cfg, job, &drv, &dir, env, builder, &outputs, fixed, log_sink, &mut tail,
+        cfg, job, &drv, &dir, env, builder, &outputs, fixed, log_sink, &mut tail, cancel,
     );
     let fail = |kind: BuildErrorKind, dir: BuildDir, tail: LogTail| {
         let kept_build_dir = cfg.keep_failed.then(|| dir.keep());
@@ -453,6 +503,7 @@ pub fn run_derivation(
             goal: job.goal_name.clone(),
             limit: cfg.max_log_size,
         }),
+        Ended::Cancelled => Some(BuildErrorKind::Cancelled { drv: shown.clone() }),
     };
     if let Some(kind) = kind {
         return Err(fail(kind, dir, tail));
@@ -493,9 +544,13 @@ fn run_in_sandbox(
     fixed: bool,
     log_sink: &mut dyn Write,
     tail: &mut LogTail,
+    cancel: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<(Ended, Duration), BuildErrorKind> {
-    for (name, contents) in &env.files {
-        dir.write_file(name, contents, job.build_uid, job.build_gid)?;
+    {
+        let _no_clone = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, contents) in &env.files {
+            dir.write_file(name, contents, job.build_uid, job.build_gid)?;
+        }
     }
     let mut spec = SandboxSpec::new(
         IdMap::nix(job.build_uid, job.build_gid),
@@ -539,14 +594,17 @@ fn run_in_sandbox(
             what: "making the log pipe",
             errno,
         })?;
-    let mut running = sandbox::spawn(&spec, Stdio::log_to(write)?)?;
+    let mut running = {
+        let _no_writer = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        sandbox::spawn(&spec, Stdio::log_to(write)?)?
+    };
     let limits = Limits {
         max_silent_time: (cfg.max_silent_time > 0)
             .then(|| Duration::from_secs(cfg.max_silent_time)),
         timeout: (cfg.timeout > 0).then(|| Duration::from_secs(cfg.timeout)),
         max_log_size: cfg.max_log_size,
     };
-    let ended = log::supervise(&mut running, read, limits, log_sink, tail);
+    let ended = log::supervise(&mut running, read, limits, log_sink, tail, cancel);
     // Dropping the sandbox kills and reaps it if supervision stopped early.
     let setup_time = running.setup_time;
     drop(running);

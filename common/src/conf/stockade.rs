@@ -15,6 +15,10 @@ define_settings! {
         /// Uids handed to brokers, one per connection, never shared while in use. Must not
         /// overlap the build users or any real account.
         broker_uid_range: UidRange = "broker-uid-range" => UidRange { first: 800_000, last: 865_535 };
+        /// Uids handed to builds, one per running build, when `build-users-group` names no group
+        /// with members: Nix's `auto-allocate-uids` start (`0x34000000`), far from the broker
+        /// range. Must not overlap it or any real account.
+        build_uid_range: UidRange = "build-uid-range" => UidRange { first: 872_415_232, last: 872_480_767 };
         /// Connections served at once; the master closes a connection beyond it at once (and
         /// audits that, rate-limited).
         max_connections: u32 = "max-connections" => 256;

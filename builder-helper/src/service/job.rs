@@ -1,0 +1,388 @@
+//! One build, on a thread of its own that lives until the build has ended (the sandbox's
+//! parent-death signal is tied to the thread that cloned it): `BeginBuild`, a job slot, a
+//! build uid, `Started`, the build with its log sent to the broker and kept in a memfd,
+//! `RegisterOutputs`, `ReleaseUid`, `StoreBuildLog`, `EndBuild`, and `Done` to every broker
+//! that waits for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use stockade_common::ipc::builder::{
+    BuildInputs, BuildKind, BuildReport, BuildStatus, BuilderToBroker, BuilderToMaster,
+    BuilderToStoreWriter, RegisteredOutputs,
+};
+use stockade_common::store_path::StorePath;
+
+use super::links::WriterError;
+use super::phase::Effective;
+use super::sched::Cancel;
+use super::session::failure;
+use super::Service;
+use crate::build::{
+    derivation_facts, goal_name, run_derivation_with, BuildError, BuildErrorKind, BuildJob,
+    DrvFacts,
+};
+
+/// Longest log line sent in one message; longer lines are split.
+const LINE_CHUNK: usize = 16 * 1024;
+/// Longest log-tail line in a report (the report must fit in one message).
+const TAIL_LINE_MAX: usize = 1024;
+
+static NEXT_BUILD: AtomicU64 = AtomicU64::new(1);
+
+/// Starts the build thread; the scheduler has counted it.
+pub fn spawn(
+    svc: Arc<Service>,
+    drv: StorePath,
+    kind: BuildKind,
+    eff: Effective,
+    cancel: Arc<Cancel>,
+    conn_id: u64,
+) {
+    let name = format!("build-{}", drv.name());
+    let (svc2, drv2, cancel2) = (svc.clone(), drv.clone(), cancel.clone());
+    let started = std::thread::Builder::new().name(name).spawn(move || {
+        run(&svc2, &drv2, kind, eff, &cancel2, conn_id);
+    });
+    if let Err(e) = started {
+        let report = failure(
+            BuildStatus::MiscFailure,
+            format!("cannot start a build thread: {e}"),
+        );
+        for w in svc.sched.finish(&drv, &cancel) {
+            w.broker.done(w.id, report.clone());
+        }
+        svc.sched.release(false);
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn run(
+    svc: &Service,
+    drv: &StorePath,
+    kind: BuildKind,
+    eff: Effective,
+    cancel: &Cancel,
+    conn: u64,
+) {
+    let mut slot = false;
+    let mut report = if svc.sched.hold_drv(drv, cancel) {
+        build(svc, drv, kind, eff, cancel, conn, &mut slot)
+    } else {
+        failure(BuildStatus::MiscFailure, "the build was cancelled".into())
+    };
+    report.log_tail.iter_mut().for_each(|l| {
+        if l.len() > TAIL_LINE_MAX {
+            let mut end = TAIL_LINE_MAX;
+            while !l.is_char_boundary(end) {
+                end -= 1;
+            }
+            l.truncate(end);
+        }
+    });
+    for w in svc.sched.finish(drv, cancel) {
+        w.broker.done(w.id, report.clone());
+    }
+    // After the `Done`s: a build waiting for the slot starts only once this one has ended.
+    svc.sched.release(slot);
+}
+
+/// Nix's status for a failed build.
+fn status_of(kind: &BuildErrorKind, fixed: bool) -> BuildStatus {
+    match kind {
+        BuildErrorKind::BuilderFailed { .. } if fixed => BuildStatus::TransientFailure,
+        BuildErrorKind::BuilderFailed { .. } => BuildStatus::PermanentFailure,
+        BuildErrorKind::MissingOutput { .. } => BuildStatus::OutputRejected,
+        BuildErrorKind::Silent { .. } | BuildErrorKind::TimedOut { .. } => BuildStatus::TimedOut,
+        BuildErrorKind::LogLimit { .. } => BuildStatus::LogLimitExceeded,
+        _ => BuildStatus::MiscFailure,
+    }
+}
+
+fn build(
+    svc: &Service,
+    drv: &StorePath,
+    kind: BuildKind,
+    eff: Effective,
+    cancel: &Cancel,
+    conn: u64,
+    slot: &mut bool,
+) -> BuildReport {
+    let cfg = svc.build_config(&eff);
+    let shown = cfg.store_dir.display(drv);
+    let facts = match derivation_facts(&cfg, drv) {
+        Ok(f) => f,
+        Err(e) => return failure(BuildStatus::MiscFailure, e.to_string()),
+    };
+    let build = NEXT_BUILD.fetch_add(1, Ordering::Relaxed);
+    let begin = BuilderToStoreWriter::BeginBuild {
+        build,
+        drv: drv.clone(),
+        inputs: facts.inputs.iter().cloned().collect(),
+        outputs: facts.outputs.values().cloned().collect(),
+    };
+    let inputs: BuildInputs = match svc.writer.request(&begin, &[]) {
+        Ok(i) => i,
+        Err(e) => return failure(BuildStatus::MiscFailure, e.to_string()),
+    };
+    let report = begun(
+        svc, drv, kind, cancel, conn, slot, &cfg, &facts, &inputs, build,
+    );
+    if let Err(e) = svc
+        .writer
+        .request::<()>(&BuilderToStoreWriter::EndBuild { build }, &[])
+    {
+        log::warn!("ending build {build} of {shown}: {e}");
+    }
+    report
+}
+
+/// The build after `BeginBuild` (whose `EndBuild` the caller sends whatever happens here).
+#[allow(clippy::too_many_arguments)]
+fn begun(
+    svc: &Service,
+    drv: &StorePath,
+    kind: BuildKind,
+    cancel: &Cancel,
+    conn: u64,
+    slot: &mut bool,
+    cfg: &crate::build::BuildConfig,
+    facts: &DrvFacts,
+    inputs: &BuildInputs,
+    build: u64,
+) -> BuildReport {
+    let shown = cfg.store_dir.display(drv);
+    let valid: BTreeSet<&StorePath> = inputs.valid_outputs.iter().collect();
+    if kind == BuildKind::Normal && facts.outputs.values().all(|p| valid.contains(p)) {
+        let mut r = failure(BuildStatus::AlreadyValid, String::new());
+        r.outputs = facts.outputs.clone();
+        return r;
+    }
+    if !svc.sched.take_slot(cancel) {
+        let why = if cancel.fired() {
+            "the build was cancelled".to_string()
+        } else {
+            // Nix's words when `max-jobs` is 0 and there are no remote builders.
+            format!(
+                "unable to start any build; either increase '--max-jobs' or enable remote \
+                 builds.\nhttps://nixos.org/manual/nix/stable/advanced-topics/distributed-builds.html \
+                 (while building '{shown}')"
+            )
+        };
+        return failure(BuildStatus::MiscFailure, why);
+    }
+    *slot = true;
+    let (uid, gid) = match svc.master.need_uid() {
+        Ok(ids) => ids,
+        Err(why) => return failure(BuildStatus::MiscFailure, format!("no build user: {why}")),
+    };
+    let start_time = now();
+    let sandboxed = svc.sandboxed(&facts.drv);
+    for w in svc.sched.waiters(drv, cancel).iter().filter(|w| w.follows) {
+        let _ = w.broker.send(&BuilderToBroker::Started {
+            id: w.id,
+            sandboxed,
+        });
+    }
+    svc.audit(
+        conn,
+        "build-start",
+        &[
+            ("drv", shown.clone()),
+            ("build-uid", uid.to_string()),
+            ("sandboxed", sandboxed.to_string()),
+        ],
+    );
+    let job = BuildJob {
+        drv_path: drv.clone(),
+        input_closure: inputs.closure.iter().cloned().collect(),
+        build_uid: uid,
+        build_gid: gid,
+        goal_name: goal_name(&cfg.store_dir, drv, None, '^'),
+    };
+    let mut sink = match LogSink::new(svc, drv, cancel) {
+        Ok(s) => s,
+        Err(e) => {
+            svc.master.notify(&BuilderToMaster::ReleaseUid { uid });
+            return failure(
+                BuildStatus::MiscFailure,
+                format!("cannot keep the log: {e}"),
+            );
+        }
+    };
+    let ran = run_derivation_with(cfg, &job, &mut sink, Some(cancel.fd()));
+    let mut report = match ran {
+        Ok(outcome) => register(
+            svc,
+            build,
+            uid,
+            kind,
+            &outcome.dir.staging(),
+            &facts.outputs,
+        ),
+        Err(e) => failed(e, facts.fixed),
+    };
+    // run_derivation returns only once every process of the build is gone.
+    svc.master.notify(&BuilderToMaster::ReleaseUid { uid });
+    report.start_time = start_time;
+    report.stop_time = now();
+    if let Some(log) = sink.seal() {
+        let req = BuilderToStoreWriter::StoreBuildLog { build };
+        if let Err(e) = svc.writer.request::<()>(&req, &[log.as_fd()]) {
+            log::warn!("storing the log of {shown}: {e}");
+        }
+    }
+    svc.audit(
+        conn,
+        "build-end",
+        &[
+            ("drv", shown),
+            ("build-uid", uid.to_string()),
+            ("status", format!("{:?}", report.status)),
+            (
+                "seconds",
+                report.stop_time.saturating_sub(start_time).to_string(),
+            ),
+        ],
+    );
+    report
+}
+
+fn failed(e: BuildError, fixed: bool) -> BuildReport {
+    let mut r = failure(status_of(&e.kind, fixed), e.kind.to_string());
+    r.log_tail = e.log_tail;
+    r.kept_build_dir = e.kept_build_dir.map(|p| p.display().to_string());
+    r
+}
+
+/// Hands the staged outputs to the store-writer.
+fn register(
+    svc: &Service,
+    build: u64,
+    uid: u32,
+    kind: BuildKind,
+    staging: &std::path::Path,
+    outputs: &BTreeMap<String, StorePath>,
+) -> BuildReport {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(staging)
+    {
+        Ok(f) => OwnedFd::from(f),
+        Err(e) => {
+            let why = format!("opening the staging directory: {e}");
+            return failure(BuildStatus::MiscFailure, why);
+        }
+    };
+    let req = BuilderToStoreWriter::RegisterOutputs {
+        build,
+        build_uid: Some(uid),
+        kind,
+    };
+    match svc
+        .writer
+        .request::<RegisteredOutputs>(&req, &[dir.as_fd()])
+    {
+        Ok(RegisteredOutputs {
+            rejected: Some((status, why)),
+            ..
+        }) => failure(status, why),
+        Ok(RegisteredOutputs { infos, .. }) => {
+            let mut r = failure(BuildStatus::Built, String::new());
+            r.outputs = outputs.clone();
+            r.infos = infos.into_values().collect();
+            r.times_built = 1;
+            r
+        }
+        Err(WriterError::Failed(why)) => failure(BuildStatus::MiscFailure, why),
+        Err(e) => failure(BuildStatus::MiscFailure, e.to_string()),
+    }
+}
+
+/// The builder's log: each line to the brokers that follow the build, everything into a
+/// memfd for `StoreBuildLog`.
+struct LogSink<'a> {
+    svc: &'a Service,
+    drv: &'a StorePath,
+    cancel: &'a Cancel,
+    memfd: std::fs::File,
+    partial: Vec<u8>,
+}
+
+impl<'a> LogSink<'a> {
+    fn new(svc: &'a Service, drv: &'a StorePath, cancel: &'a Cancel) -> io::Result<Self> {
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let fd = memfd_create(
+            c"stockade-build-log",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )?;
+        Ok(LogSink {
+            svc,
+            drv,
+            cancel,
+            memfd: std::fs::File::from(fd),
+            partial: Vec::new(),
+        })
+    }
+
+    fn send_line(&self, line: &[u8]) {
+        let followers: Vec<_> = self
+            .svc
+            .sched
+            .waiters(self.drv, self.cancel)
+            .into_iter()
+            .filter(|w| w.follows)
+            .collect();
+        for chunk in line.chunks(LINE_CHUNK) {
+            for w in &followers {
+                w.broker.log(w.id, chunk);
+            }
+        }
+    }
+
+    /// The whole log, sealed, or `None` when the builder wrote nothing.
+    fn seal(mut self) -> Option<OwnedFd> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use std::os::fd::AsRawFd;
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.send_line(&rest);
+        }
+        if self.memfd.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+            return None;
+        }
+        let seals = SealFlag::F_SEAL_SHRINK
+            | SealFlag::F_SEAL_GROW
+            | SealFlag::F_SEAL_WRITE
+            | SealFlag::F_SEAL_SEAL;
+        fcntl(self.memfd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).ok()?;
+        Some(OwnedFd::from(self.memfd))
+    }
+}
+
+impl Write for LogSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.memfd.write_all(data)?;
+        self.partial.extend_from_slice(data);
+        while let Some(i) = self.partial.iter().position(|&c| c == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            self.send_line(&line[..i]);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,279 @@
+//! The builder-helper as a service, shaped like the store-writer: the master's control
+//! channel (`Hello`, `Start` with the store-writer channel, then `NewClient` / `ClientGone` /
+//! `Uid` answers until `Shutdown` or end of file), one session thread per broker
+//! ([`session`], its phases in [`phase`]), a scheduler shared by all sessions ([`sched`]) and
+//! one thread per build ([`job`]).
+
+pub mod job;
+pub mod links;
+pub mod phase;
+pub mod sched;
+pub mod session;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use stockade_common::derivation::Derivation;
+use stockade_common::ipc::builder::{
+    BuilderConfig, BuilderToMaster as Out, ClientIdentity, MasterToBuilder as In, SandboxSetting,
+};
+use stockade_common::ipc::msg::VERSION;
+use stockade_common::ipc::{self, Channel};
+use stockade_common::store_path::StoreDir;
+
+use crate::build::BuildConfig;
+use crate::sandbox::SandboxPath;
+use links::{MasterLink, WriterLink};
+use phase::Effective;
+use sched::{Broker, Scheduler};
+
+/// Everything the sessions and builds share.
+pub struct Service {
+    pub config: BuilderConfig,
+    base: BuildConfig,
+    pub writer: WriterLink,
+    pub master: MasterLink,
+    pub sched: Scheduler,
+}
+
+/// Why the helper cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("store directory '{0}': {1}")]
+    StoreDir(String, String),
+    #[error("sandbox-paths entry '{0}': {1}")]
+    SandboxPath(String, String),
+    #[error("the store-writer channel: {0}")]
+    Writer(#[from] ipc::Error),
+}
+
+impl Service {
+    /// The service for `config`, talking to the store-writer over `writer` and sending to
+    /// the master over `master`.
+    pub fn new(
+        config: BuilderConfig,
+        writer: OwnedFd,
+        master: Channel,
+    ) -> Result<Service, StartError> {
+        let store_dir = StoreDir::new(&config.store_dir)
+            .map_err(|e| StartError::StoreDir(config.store_dir.clone(), e.to_string()))?;
+        let mut base = BuildConfig::new(store_dir, &config.builds_dir);
+        base.host_store_dir = PathBuf::from(&config.real_store_dir);
+        base.sandbox_build_dir = PathBuf::from(&config.sandbox_build_dir);
+        base.build_cores = config.cores;
+        base.max_silent_time = config.max_silent_time;
+        base.timeout = config.timeout;
+        base.max_log_size = config.max_build_log_size;
+        base.keep_failed = config.keep_failed;
+        base.impure_env = config.impure_env.iter().cloned().collect();
+        for entry in &config.sandbox_paths {
+            let p = SandboxPath::parse(entry)
+                .map_err(|e| StartError::SandboxPath(entry.clone(), e.to_string()))?;
+            base.sandbox_paths.push(p);
+        }
+        Ok(Service {
+            sched: Scheduler::new(config.max_jobs),
+            writer: WriterLink::new(writer)?,
+            master: MasterLink::new(master),
+            base,
+            config,
+        })
+    }
+
+    /// The build settings of one build.
+    pub fn build_config(&self, eff: &Effective) -> BuildConfig {
+        let mut c = self.base.clone();
+        c.build_cores = eff.cores;
+        c.max_silent_time = eff.max_silent_time;
+        c.timeout = eff.timeout;
+        c.max_log_size = eff.max_build_log_size;
+        c.keep_failed = eff.keep_failed;
+        c
+    }
+
+    /// Whether `drv` builds in the sandbox.
+    pub fn sandboxed(&self, drv: &Derivation) -> bool {
+        match self.config.sandbox {
+            SandboxSetting::Enabled => true,
+            SandboxSetting::Disabled => false,
+            SandboxSetting::Relaxed => drv
+                .env
+                .get(b"__noChroot".as_slice())
+                .is_none_or(|v| v.as_slice() != b"1"),
+        }
+    }
+
+    /// An audit line, written by the master.
+    pub fn audit(&self, conn_id: u64, event: &str, fields: &[(&str, String)]) {
+        self.master.notify(&Out::Audit {
+            conn_id,
+            event: event.to_string(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        });
+    }
+}
+
+/// A live broker, as the control loop sees it.
+struct Conn {
+    broker: Arc<Broker>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Serves the control channel; returns the process exit status.
+pub fn serve(mut control: Channel) -> i32 {
+    match control.recv::<In>() {
+        Ok((In::Hello { version }, _)) if version == VERSION => {}
+        Ok((In::Hello { version }, _)) => {
+            log::error!("master speaks message version {version}, we speak {VERSION}");
+            return 1;
+        }
+        Ok(_) => {
+            log::error!("control channel: expected Hello");
+            return 1;
+        }
+        Err(e) => {
+            log::error!("control channel: {e}");
+            return 1;
+        }
+    }
+    if let Err(e) = control.send(&Out::Hello { version: VERSION }, &[]) {
+        log::error!("control channel: {e}");
+        return 1;
+    }
+    let (cfg, writer) = match control.recv::<In>() {
+        Ok((In::Start(cfg), mut fds)) => match fds.pop() {
+            Some(fd) => (*cfg, fd),
+            None => return 1,
+        },
+        Ok(_) => {
+            log::error!("control channel: expected Start");
+            return 1;
+        }
+        Err(e) => {
+            log::error!("control channel: {e}");
+            return 1;
+        }
+    };
+    let started = control
+        .as_fd_clone()
+        .map_err(StartError::Writer)
+        .and_then(|send| Service::new(cfg, writer, send));
+    let svc = match started {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            let reason = e.to_string();
+            log::error!("cannot start: {reason}");
+            let _ = control.send(&Out::Failed { reason }, &[]);
+            return 1;
+        }
+    };
+    if let Err(e) = control.send(&Out::Ready, &[]) {
+        log::error!("control channel: {e}");
+        return 1;
+    }
+    let mut conns: HashMap<u64, Conn> = HashMap::new();
+    let status = loop {
+        let (msg, mut fds) = match control.recv::<In>() {
+            Ok(m) => m,
+            Err(ipc::Error::Closed) => break 0,
+            Err(e) => {
+                log::error!("control channel: {e}");
+                break 1;
+            }
+        };
+        match msg {
+            In::NewClient { client } => {
+                let Some(fd) = fds.pop() else { continue };
+                let conn_id = client.conn_id;
+                match new_client(&svc, client, fd) {
+                    Ok(c) => {
+                        let old = conns.insert(conn_id, c);
+                        if let Some(old) = old {
+                            old.broker.shut_down();
+                        }
+                    }
+                    Err(e) => log::warn!("conn {conn_id}: refused: {e}"),
+                }
+            }
+            In::ClientGone { conn_id } => {
+                let gone = conns.remove(&conn_id);
+                if let Some(c) = gone {
+                    // The session thread sees the end of its channel and withdraws its builds.
+                    c.broker.shut_down();
+                }
+                // Its builds nobody else waits for stop; the broker is gone, no `Done` to send.
+                drop(svc.sched.withdraw(conn_id, None));
+            }
+            In::Uid {
+                id,
+                uid,
+                gid,
+                error,
+            } => {
+                let answer = match uid {
+                    Some(u) => Ok((u, gid)),
+                    None => Err(error.unwrap_or_else(|| "no free build uid".into())),
+                };
+                svc.master.answer(id, answer);
+            }
+            In::Shutdown => break 0,
+            other => {
+                log::error!("control channel: unexpected {other:?}");
+                break 1;
+            }
+        }
+    };
+    // Every build stops; their uids go back before we exit.
+    let all: Vec<Conn> = conns.into_values().collect();
+    for c in &all {
+        c.broker.shut_down();
+    }
+    svc.master.close();
+    svc.sched.stop_all();
+    for mut c in all {
+        if let Some(t) = c.thread.take() {
+            let _ = t.join();
+        }
+    }
+    status
+}
+
+fn new_client(svc: &Arc<Service>, client: ClientIdentity, fd: OwnedFd) -> Result<Conn, String> {
+    let recv = Channel::from_fd(fd).map_err(|e| e.to_string())?;
+    let send = recv.as_fd_clone().map_err(|e| e.to_string())?;
+    session::prepare(&send);
+    let conn_id = client.conn_id;
+    let broker = Arc::new(Broker::new(client, send).map_err(|e| e.to_string())?);
+    let thread = {
+        let svc = svc.clone();
+        let broker = broker.clone();
+        std::thread::Builder::new()
+            .name(format!("conn-{conn_id}"))
+            .spawn(move || session::serve(svc, broker, recv))
+            .map_err(|e| e.to_string())?
+    };
+    Ok(Conn {
+        broker,
+        thread: Some(thread),
+    })
+}
+
+/// A second handle on a channel's socket.
+trait CloneChannel {
+    fn as_fd_clone(&self) -> Result<Channel, ipc::Error>;
+}
+
+impl CloneChannel for Channel {
+    fn as_fd_clone(&self) -> Result<Channel, ipc::Error> {
+        use std::os::fd::AsFd;
+        let fd = self.as_fd().try_clone_to_owned().map_err(|e| {
+            ipc::Error::Sys(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+        })?;
+        Channel::from_fd(fd)
+    }
+}

@@ -1,0 +1,212 @@
+//! What a broker may ask in each phase of its session, and which build settings its client's
+//! trust lets it choose. [`permitted`] is the one place that decides; trust comes from the
+//! master's `NewClient` and is judged by the `policy` crate, never by the broker.
+
+use stockade_common::ipc::builder::{BrokerToBuilder, BuildKind, BuildSettings, BuilderConfig};
+use stockade_policy::{
+    clamp_cores, filter_override, op_allowed, BuildMode, Op, OverrideDecision, SubstituterPolicy,
+};
+
+/// Where a broker's session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    BeforeHello,
+    Ready,
+}
+
+/// A request's kind (`BrokerToBuilder` is open to new variants; an unknown one is `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Hello,
+    Build(BuildKind),
+    Cancel,
+}
+
+pub fn kind_of(req: &BrokerToBuilder) -> Option<Kind> {
+    match req {
+        BrokerToBuilder::Hello { .. } => Some(Kind::Hello),
+        BrokerToBuilder::Build { kind, .. } => Some(Kind::Build(*kind)),
+        BrokerToBuilder::Cancel { .. } => Some(Kind::Cancel),
+        _ => None,
+    }
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Handle,
+    /// Answer the build with this failure (nix-daemon's words), audited.
+    Refuse(&'static str),
+    /// The broker broke the protocol: `Error`, then the channel closes.
+    Violation(&'static str),
+}
+
+/// Whether a request of `kind` is permitted in `phase` for a client of this trust.
+/// Exhaustive on purpose: a new kind does not compile until every phase decides it.
+pub fn permitted(phase: Phase, kind: Kind, trusted: bool) -> Verdict {
+    let trust = |op: Op| match op_allowed(op, trusted) {
+        Ok(()) => Verdict::Handle,
+        Err(d) => Verdict::Refuse(d.0),
+    };
+    match phase {
+        Phase::BeforeHello => match kind {
+            Kind::Hello => Verdict::Handle,
+            Kind::Build(_) | Kind::Cancel => Verdict::Violation("request before Hello"),
+        },
+        Phase::Ready => match kind {
+            Kind::Hello => Verdict::Violation("second Hello"),
+            Kind::Build(BuildKind::Normal) => trust(Op::BuildPaths {
+                mode: BuildMode::Normal,
+            }),
+            Kind::Build(BuildKind::Repair) => trust(Op::BuildPaths {
+                mode: BuildMode::Repair,
+            }),
+            Kind::Build(BuildKind::Check) => trust(Op::BuildPaths {
+                mode: BuildMode::Check,
+            }),
+            Kind::Cancel => Verdict::Handle,
+        },
+    }
+}
+
+/// The settings one build runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effective {
+    pub max_silent_time: u64,
+    pub timeout: u64,
+    pub max_build_log_size: u64,
+    pub keep_failed: bool,
+    pub cores: u32,
+}
+
+/// A limit (0 = none) a client may lower but not raise.
+fn lower(daemon: u64, client: u64) -> u64 {
+    match (daemon, client) {
+        (0, c) => c,
+        (d, 0) => d,
+        (d, c) => d.min(c),
+    }
+}
+
+/// The client's settings as its trust allows. A trusted client's stand (nix-daemon applies
+/// them). An untrusted client may only lower a limit, never raise it or switch it off, its
+/// `cores` are clamped (`policy`), and `keep-failed` (disk space) is the daemon's unless
+/// `policy` lets it override that setting by name.
+pub fn effective(cfg: &BuilderConfig, s: &BuildSettings, trusted: bool) -> Effective {
+    let may = |name: &str| {
+        trusted
+            || matches!(
+                filter_override(name, "", trusted, &SubstituterPolicy::default()),
+                OverrideDecision::Apply { .. }
+            )
+    };
+    // Lowering a limit is harmless whoever asks: an untrusted client gets the lower of the
+    // two (nix-daemon ignores `max-build-log-size` from it, which only ever raises it).
+    let limit = |daemon: u64, client: Option<u64>| match client {
+        Some(c) if trusted => c,
+        Some(c) => lower(daemon, c),
+        None => daemon,
+    };
+    let keep_failed = match s.keep_failed {
+        Some(k) if may("keep-failed") => k,
+        _ => cfg.keep_failed,
+    };
+    let cores = match s.cores {
+        Some(c) if trusted => c,
+        Some(c) => u32::try_from(clamp_cores(u64::from(c), u64::from(cfg.cores))).unwrap_or(1),
+        None => cfg.cores,
+    };
+    Effective {
+        max_silent_time: limit(cfg.max_silent_time, s.max_silent_time),
+        timeout: limit(cfg.timeout, s.timeout),
+        max_build_log_size: limit(cfg.max_build_log_size, s.max_build_log_size),
+        keep_failed,
+        cores,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_and_trust() {
+        assert_eq!(
+            permitted(Phase::BeforeHello, Kind::Build(BuildKind::Normal), true),
+            Verdict::Violation("request before Hello")
+        );
+        assert_eq!(
+            permitted(Phase::Ready, Kind::Hello, true),
+            Verdict::Violation("second Hello")
+        );
+        assert_eq!(
+            permitted(Phase::Ready, Kind::Build(BuildKind::Repair), false),
+            Verdict::Refuse("repairing is not allowed because you are not in 'trusted-users'")
+        );
+        assert_eq!(
+            permitted(Phase::Ready, Kind::Build(BuildKind::Repair), true),
+            Verdict::Handle
+        );
+        assert_eq!(
+            permitted(Phase::Ready, Kind::Build(BuildKind::Check), false),
+            Verdict::Handle
+        );
+    }
+
+    #[test]
+    fn untrusted_clients_only_lower_limits() {
+        let cfg = BuilderConfig {
+            store_dir: "/nix/store".into(),
+            real_store_dir: "/nix/store".into(),
+            state_dir: "/nix/var/nix".into(),
+            builds_dir: "/nix/var/nix/builds".into(),
+            sandbox: stockade_common::ipc::builder::SandboxSetting::Enabled,
+            sandbox_paths: vec![],
+            sandbox_build_dir: "/build".into(),
+            max_jobs: 1,
+            cores: 4,
+            max_silent_time: 100,
+            timeout: 0,
+            max_build_log_size: 1000,
+            keep_failed: false,
+            system: "x86_64-linux".into(),
+            extra_platforms: vec![],
+            system_features: vec![],
+            post_build_hook: None,
+            allow_new_privileges: false,
+            filter_syscalls: true,
+            as_root: true,
+            impure_env: vec![],
+            audit_socket: None,
+        };
+        let asked = BuildSettings {
+            max_silent_time: Some(0),
+            timeout: Some(50),
+            max_build_log_size: Some(5000),
+            keep_failed: Some(true),
+            cores: Some(64),
+            repeat: None,
+        };
+        let u = effective(&cfg, &asked, false);
+        assert_eq!(
+            u,
+            Effective {
+                max_silent_time: 100,
+                timeout: 50,
+                max_build_log_size: 1000,
+                keep_failed: false,
+                cores: 4,
+            }
+        );
+        let t = effective(&cfg, &asked, true);
+        assert_eq!(t.max_silent_time, 0);
+        assert_eq!(t.max_build_log_size, 5000);
+        assert!(t.keep_failed);
+        assert_eq!(t.cores, 64);
+        let lower = BuildSettings {
+            max_build_log_size: Some(10),
+            ..Default::default()
+        };
+        assert_eq!(effective(&cfg, &lower, false).max_build_log_size, 10);
+    }
+}

@@ -1,0 +1,163 @@
+//! What the master decides for builds: the builder-helper's configuration, its builds
+//! directory, and the build uids it hands out on `NeedUid`.
+//!
+//! Build uids, as root: the members of `build-users-group` (each with the group's gid) when
+//! that group exists and has members, as nix-daemon builds; otherwise one uid per build from
+//! `build-uid-range` (gid = uid), like Nix's `auto-allocate-uids`. Either way they come from
+//! a [`UidPool`] with its own lock directory, so two masters never share one and a uid is
+//! reused only once no process runs under it. Started by an ordinary user, the daemon builds
+//! as itself.
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+use stockade_common::conf::SandboxMode;
+use stockade_common::ipc::builder::{BuilderConfig, SandboxSetting};
+
+use crate::daemon::Ctx;
+use crate::error::{Error, Result};
+use crate::uids::{UidPool, BUILD_LOCK_DIR};
+
+/// The helper's configuration from nix.conf and the paths.
+pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
+    let s = &ctx.cfg.settings;
+    let store_dir = ctx.paths.store_dir.to_string_lossy().into_owned();
+    let secs = |v: i64| u64::try_from(v).unwrap_or(0);
+    BuilderConfig {
+        real_store_dir: store_dir.clone(),
+        store_dir,
+        state_dir: ctx.paths.state_dir.to_string_lossy().into_owned(),
+        // Nix 2.30's default: on the store's filesystem, so outputs are moved in.
+        builds_dir: ctx
+            .paths
+            .state_dir
+            .join("builds")
+            .to_string_lossy()
+            .into_owned(),
+        sandbox: match s.sandbox {
+            SandboxMode::Enabled => SandboxSetting::Enabled,
+            SandboxMode::Relaxed => SandboxSetting::Relaxed,
+            SandboxMode::Disabled => SandboxSetting::Disabled,
+        },
+        sandbox_paths: s.sandbox_paths.iter().cloned().collect(),
+        sandbox_build_dir: s.sandbox_build_dir.clone(),
+        max_jobs: ctx.cfg.max_jobs(),
+        cores: s.cores,
+        max_silent_time: secs(s.max_silent_time),
+        timeout: secs(s.timeout),
+        max_build_log_size: s.max_build_log_size,
+        keep_failed: s.keep_failed,
+        system: s.system.clone(),
+        extra_platforms: s.extra_platforms.iter().cloned().collect(),
+        system_features: s.system_features.iter().cloned().collect(),
+        post_build_hook: Some(s.post_build_hook.clone()).filter(|h| !h.is_empty()),
+        allow_new_privileges: s.allow_new_privileges,
+        filter_syscalls: s.filter_syscalls,
+        as_root: ctx.as_root,
+        impure_env: Vec::new(),
+        audit_socket: ctx
+            .cfg
+            .audit_socket()
+            .map(|p| p.to_string_lossy().into_owned()),
+    }
+}
+
+/// Makes the builds directory (if missing) and gives it to the helper's `uid`, `0700`: the
+/// sandbox opens the build directories below it with the helper's uid and no capability.
+pub fn prepare_builds_dir(dir: &Path, uid: u32) -> Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(format!("creating {}", dir.display()))(e)),
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(Error::io(format!("opening {}", dir.display())))?;
+    std::os::unix::fs::fchown(&f, Some(uid), Some(uid)).map_err(Error::io(format!(
+        "handing {} to the builder-helper",
+        dir.display()
+    )))?;
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(format!("setting the mode of {}", dir.display())))
+}
+
+/// Where build uids come from.
+pub enum BuildUids {
+    /// A root daemon: the pool, and the build users' group when it is one.
+    Pool {
+        pool: Box<UidPool>,
+        group: Option<u32>,
+    },
+    /// An ordinary user's daemon: builds run as that user.
+    Own,
+}
+
+impl BuildUids {
+    pub fn new(ctx: &Ctx) -> Result<BuildUids> {
+        if !ctx.as_root {
+            return Ok(BuildUids::Own);
+        }
+        let lock_dir = Path::new(BUILD_LOCK_DIR);
+        if let Some(name) = ctx.cfg.build_users_group() {
+            if let Ok(Some(g)) = nix::unistd::Group::from_name(name) {
+                let members: Vec<u32> = g
+                    .mem
+                    .iter()
+                    .filter_map(|m| nix::unistd::User::from_name(m).ok().flatten())
+                    .map(|u| u.uid.as_raw())
+                    .filter(|&u| u != 0)
+                    .collect();
+                if !members.is_empty() {
+                    return Ok(BuildUids::Pool {
+                        pool: Box::new(UidPool::new_in(members, lock_dir)?),
+                        group: Some(g.gid.as_raw()),
+                    });
+                }
+            }
+        }
+        let r = ctx.cfg.stockade.build_uid_range;
+        Ok(BuildUids::Pool {
+            pool: Box::new(UidPool::new_in((r.first..=r.last).collect(), lock_dir)?),
+            group: None,
+        })
+    }
+
+    /// For the start-up audit line.
+    pub fn describe(&self) -> String {
+        match self {
+            BuildUids::Pool { group: Some(g), .. } => format!("build-users-group (gid {g})"),
+            BuildUids::Pool { group: None, .. } => "build-uid-range".into(),
+            BuildUids::Own => "daemon's own".into(),
+        }
+    }
+
+    /// A uid and gid for one build; `own_uid` is the daemon's.
+    pub fn allocate(&mut self, own_uid: u32) -> std::result::Result<(u32, u32), String> {
+        match self {
+            BuildUids::Pool { pool, group } => match pool.allocate() {
+                Some(uid) => Ok((uid, group.unwrap_or(uid))),
+                None => Err("no free build uid".into()),
+            },
+            BuildUids::Own => Ok((own_uid, nix::unistd::getegid().as_raw())),
+        }
+    }
+
+    pub fn release(&mut self, uid: u32) {
+        if let BuildUids::Pool { pool, .. } = self {
+            pool.release(uid);
+        }
+    }
+
+    pub fn has_unverified(&self) -> bool {
+        matches!(self, BuildUids::Pool { pool, .. } if pool.has_unverified())
+    }
+
+    pub fn verify_released(&mut self) {
+        if let BuildUids::Pool { pool, .. } = self {
+            pool.verify_released();
+        }
+    }
+}
