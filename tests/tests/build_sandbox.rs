@@ -40,7 +40,7 @@ fn report(d: &Daemon) -> String {
 }
 
 #[test]
-#[ignore = "enabled once the builder-helper, the broker goal graph and output registration are merged"]
+
 fn a_builder_is_confined() {
     skip_unless_root!();
     let d = Daemon::builder(DaemonKind::Stockade)

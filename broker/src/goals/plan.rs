@@ -70,14 +70,16 @@ impl Plan {
         outputs: &BTreeSet<String>,
         kind: BuildKind,
     ) -> OpResult<usize> {
-        let mut queue = vec![Want {
+        // Breadth first, inputs in the derivation's (sorted) order: the order in which Nix's
+        // worker creates the goals, which decides what starts first when slots are few.
+        let mut queue = std::collections::VecDeque::from([Want {
             drv: drv.clone(),
             outputs: outputs.clone(),
             kind,
             parent: None,
-        }];
+        }]);
         let mut top = None;
-        while let Some(w) = queue.pop() {
+        while let Some(w) = queue.pop_front() {
             let idx = self.visit(src, sd, &w)?;
             top.get_or_insert(idx);
             if let Some(parent) = w.parent.and_then(|p| self.nodes.get_mut(p)) {
@@ -91,7 +93,7 @@ impl Plan {
             if node.build.is_some() && !node.expanded {
                 node.expanded = true;
                 for (input, outs) in &node.drv_inputs {
-                    queue.push(Want {
+                    queue.push_back(Want {
                         drv: input.clone(),
                         outputs: outs.clone(),
                         kind: BuildKind::Normal,

@@ -148,7 +148,10 @@ impl Runner<'_> {
         let mut changed = true;
         while changed {
             changed = false;
-            for i in (0..self.plan.nodes.len()).rev() {
+            // In discovery order (targets as given, then inputs in the derivations' order),
+            // the order in which Nix's worker creates its goals and, with few job slots,
+            // starts them.
+            for i in 0..self.plan.nodes.len() {
                 if !matches!(self.state.get(i), Some(State::Waiting)) {
                     continue;
                 }

@@ -42,6 +42,51 @@ pub struct EnvParams<'a> {
     pub impure_env: &'a BTreeMap<String, String>,
     /// The daemon's environment (`getEnv`), for `impureEnvVars`.
     pub host_env: &'a dyn Fn(&str) -> Option<Vec<u8>>,
+    /// Strings replaced in every variable and `passAsFile` file ([`rewrite`]): each output's
+    /// placeholder by its path ([`output_rewrites`]).
+    pub rewrites: &'a Rewrites,
+}
+
+/// Replacements applied to what a builder is given, in key order (Nix's `rewriteStrings`
+/// over a `std::map`).
+pub type Rewrites = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Each output's placeholder (`builtins.placeholder "out"`) → its store path, as Nix's
+/// `inputRewrites` has them for outputs whose paths are known before the build.
+pub fn output_rewrites<'a>(outputs: impl IntoIterator<Item = (&'a str, String)>) -> Rewrites {
+    outputs
+        .into_iter()
+        .map(|(name, path)| {
+            (
+                stockade_common::derivation::hash_placeholder(name).into_bytes(),
+                path.into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// Every occurrence of each key of `rewrites` in `s` replaced by its value, one key after
+/// the other.
+pub fn rewrite(s: &[u8], rewrites: &Rewrites) -> Vec<u8> {
+    let mut out = s.to_vec();
+    for (from, to) in rewrites {
+        if from.is_empty() || !out.windows(from.len()).any(|w| w == from.as_slice()) {
+            continue;
+        }
+        let mut next = Vec::with_capacity(out.len());
+        let mut i = 0;
+        while i < out.len() {
+            if out[i..].starts_with(from) {
+                next.extend_from_slice(to);
+                i += from.len();
+            } else {
+                next.push(out[i]);
+                i += 1;
+            }
+        }
+        out = next;
+    }
+    out
 }
 
 /// The environment and the files that go with it.
@@ -103,7 +148,7 @@ pub fn builder_env(drv: &Derivation, p: &EnvParams) -> Result<BuilderEnv, EnvErr
             key.extend_from_slice(b"Path");
             out.vars
                 .insert(key, format!("{}/{file}", p.build_dir).into_bytes());
-            out.files.push((file, v.clone()));
+            out.files.push((file, rewrite(v, p.rewrites)));
         } else {
             out.vars.insert(k.clone(), v.clone());
         }
@@ -130,6 +175,12 @@ pub fn builder_env(drv: &Derivation, p: &EnvParams) -> Result<BuilderEnv, EnvErr
     }
     set(&mut out, "NIX_LOG_FD", b"2");
     set(&mut out, "TERM", b"xterm-256color");
+    // Nix rewrites each `name=value` as the environment is handed to the builder.
+    out.vars = out
+        .vars
+        .into_iter()
+        .map(|(k, v)| (rewrite(&k, p.rewrites), rewrite(&v, p.rewrites)))
+        .collect();
     Ok(out)
 }
 
@@ -166,7 +217,34 @@ mod tests {
             fixed_output: fixed,
             impure_env: impure,
             host_env: host,
+            rewrites: &NO_REWRITES,
         }
+    }
+
+    static NO_REWRITES: Rewrites = BTreeMap::new();
+
+    #[test]
+    fn placeholders_become_output_paths() {
+        let none = BTreeMap::new();
+        let host = |_: &str| None;
+        let ph = stockade_common::derivation::hash_placeholder("out");
+        let d = drv(&[
+            ("where", &format!("{ph}/sub")),
+            ("file", &format!("x {ph} y")),
+            ("passAsFile", "file"),
+        ]);
+        let rw = output_rewrites([("out", "/nix/store/abc-x".to_string())]);
+        let p = EnvParams {
+            rewrites: &rw,
+            ..params(false, &none, &host)
+        };
+        let e = builder_env(&d, &p).unwrap();
+        assert_eq!(get(&e, "where"), Some("/nix/store/abc-x/sub"));
+        assert_eq!(e.files[0].1, b"x /nix/store/abc-x y");
+        assert_eq!(
+            rewrite(b"aXbXc", &[(b"X".to_vec(), b"YY".to_vec())].into()),
+            b"aYYbYYc"
+        );
     }
 
     fn get<'a>(e: &'a BuilderEnv, k: &str) -> Option<&'a str> {

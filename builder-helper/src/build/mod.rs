@@ -439,6 +439,11 @@ pub fn run_derivation_with(
 
     let sandbox_build_dir = cfg.sandbox_build_dir.to_string_lossy().into_owned();
     let host_env = |k: &str| std::env::var_os(k).map(OsString::into_vec);
+    let rewrites = env::output_rewrites(
+        outputs
+            .iter()
+            .map(|(name, path)| (name.as_str(), cfg.store_dir.display(path))),
+    );
     let env = env::builder_env(
         &drv,
         &EnvParams {
@@ -448,6 +453,7 @@ pub fn run_derivation_with(
             fixed_output: fixed,
             impure_env: &cfg.impure_env,
             host_env: &host_env,
+            rewrites: &rewrites,
         },
     )
     .map_err(|source| BuildErrorKind::Env {
@@ -582,10 +588,15 @@ fn run_in_sandbox(
         .into_iter()
         .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v)))
         .collect();
+    let rewrites = env::output_rewrites(
+        outputs
+            .iter()
+            .map(|(name, path)| (name.as_str(), cfg.store_dir.display(path))),
+    );
     spec.args = drv
         .args
         .iter()
-        .map(|a| OsString::from_vec(a.clone()))
+        .map(|a| OsString::from_vec(env::rewrite(a, &rewrites)))
         .collect();
     spec.cgroup = cfg.cgroup.clone();
 

@@ -56,7 +56,7 @@ pub fn spawn(
         for w in svc.sched.finish(&drv, &cancel) {
             w.broker.done(w.id, report.clone());
         }
-        svc.sched.release(false);
+        svc.sched.release(false, &cancel);
     }
 }
 
@@ -93,7 +93,7 @@ fn run(
         w.broker.done(w.id, report.clone());
     }
     // After the `Done`s: a build waiting for the slot starts only once this one has ended.
-    svc.sched.release(slot);
+    svc.sched.release(slot, cancel);
 }
 
 /// Nix's status for a failed build.

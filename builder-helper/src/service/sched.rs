@@ -3,7 +3,7 @@
 //! `Done`) and the global job slots (`max-jobs` across every broker). One lock guards all of
 //! it; nothing slow happens under it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -95,15 +95,22 @@ pub struct Cancel {
     read: OwnedFd,
     write: Mutex<Option<OwnedFd>>,
     flag: AtomicBool,
+    /// The build's place in the queue for job slots (request order).
+    ticket: u64,
 }
 
 impl Cancel {
     pub fn new() -> std::io::Result<Cancel> {
+        Cancel::with_ticket(0)
+    }
+
+    fn with_ticket(ticket: u64) -> std::io::Result<Cancel> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         Ok(Cancel {
             read,
             write: Mutex::new(Some(write)),
             flag: AtomicBool::new(false),
+            ticket,
         })
     }
 
@@ -146,6 +153,10 @@ struct State {
     builds: HashMap<StorePath, Vec<Entry>>,
     threads: usize,
     shutting_down: bool,
+    /// Job slots go to builds in the order they were requested (as Nix's worker starts
+    /// them in the order of its goals), not to whichever thread wakes first.
+    next_ticket: u64,
+    slot_queue: BTreeSet<u64>,
 }
 
 pub struct Scheduler {
@@ -170,6 +181,8 @@ impl Scheduler {
                 builds: HashMap::new(),
                 threads: 0,
                 shutting_down: false,
+                next_ticket: 1,
+                slot_queue: BTreeSet::new(),
             }),
             changed: Condvar::new(),
         }
@@ -198,8 +211,12 @@ impl Scheduler {
             });
             return Ok(Joined::Waiting);
         }
-        let cancel = Arc::new(Cancel::new()?);
         let active = entries.is_empty();
+        let ticket = st.next_ticket;
+        let cancel = Arc::new(Cancel::with_ticket(ticket)?);
+        st.next_ticket += 1;
+        st.slot_queue.insert(ticket);
+        let entries = st.builds.entry(drv.clone()).or_default();
         entries.push(Entry {
             kind,
             waiters: vec![waiter],
@@ -249,10 +266,15 @@ impl Scheduler {
         let mut st = self.lock();
         loop {
             if cancel.fired() || st.max_jobs == 0 {
+                st.slot_queue.remove(&cancel.ticket);
+                self.changed.notify_all();
                 return false;
             }
-            if st.running < st.max_jobs {
+            let first = st.slot_queue.first().copied();
+            if st.running < st.max_jobs && (first.is_none() || first == Some(cancel.ticket)) {
+                st.slot_queue.remove(&cancel.ticket);
                 st.running += 1;
+                self.changed.notify_all();
                 return true;
             }
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -281,8 +303,10 @@ impl Scheduler {
     }
 
     /// After the `Done`s: the slot (if taken) goes back, the thread is counted out.
-    pub fn release(&self, slot: bool) {
+    pub fn release(&self, slot: bool, cancel: &Cancel) {
         let mut st = self.lock();
+        // A build that ended before taking its slot leaves the queue.
+        st.slot_queue.remove(&cancel.ticket);
         if slot {
             st.running = st.running.saturating_sub(1);
         }
