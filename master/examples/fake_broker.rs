@@ -57,9 +57,10 @@ fn main() {
     let MasterToBroker::Start(cfg) = msg else {
         fail("not Start")
     };
-    if fds.len() != 2 {
-        fail("expected two descriptors");
+    if fds.len() != 3 {
+        fail("expected three descriptors");
     }
+    let _builder_end = fds.pop().unwrap_or_else(|| fail("no builder end"));
     let writer_end = fds.pop().unwrap_or_else(|| fail("no writer end"));
     let client = fds.pop().unwrap_or_else(|| fail("no client"));
     let mut client = UnixStream::from(client);

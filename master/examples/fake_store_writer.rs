@@ -145,6 +145,10 @@ fn main() {
                 log("shutdown");
                 return;
             }
+            MasterToStoreWriter::BuilderHelper => {
+                log("builder-helper-channel");
+                None
+            }
             other => {
                 log(&format!("unexpected {other:?}"));
                 None

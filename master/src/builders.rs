@@ -65,6 +65,14 @@ pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
 /// Makes the builds directory (if missing) and gives it to the helper's `uid`, `0700`: the
 /// sandbox opens the build directories below it with the helper's uid and no capability.
 pub fn prepare_builds_dir(dir: &Path, uid: u32) -> Result<()> {
+    // The state directory normally exists (the store-writer made it); its mode is Nix's.
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(Error::io(format!("creating {}", parent.display())))?;
+    }
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

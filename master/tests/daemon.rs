@@ -428,6 +428,7 @@ fn foreign_socket_directory_is_refused() {
     for (name, fake) in [
         ("stockade-store-writer", "fake_store_writer"),
         ("stockade-broker", "fake_broker"),
+        ("stockade-builder-helper", "fake_builder_helper"),
     ] {
         std::os::unix::fs::symlink(common::example(fake), base.path().join(name)).expect("symlink");
     }

@@ -367,6 +367,8 @@ impl<'a> LogSink<'a> {
             | SealFlag::F_SEAL_WRITE
             | SealFlag::F_SEAL_SEAL;
         fcntl(self.memfd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).ok()?;
+        // The reader shares the file offset: it starts at the beginning.
+        io::Seek::seek(&mut self.memfd, io::SeekFrom::Start(0)).ok()?;
         Some(OwnedFd::from(self.memfd))
     }
 }

@@ -296,7 +296,9 @@ pub enum BuilderToBroker {
 /// builder-helper → store-writer, on the one channel the master made between them (the
 /// store-writer's end arrives as `MasterToStoreWriter::BuilderHelper`). The store-writer
 /// answers each with [`StoreWriterToBroker<R>`] (`Log`s, then `Error` or `Done(R)`), exactly as
-/// it answers brokers. Requests about one build carry its `build` id (the helper's), and are
+/// it answers brokers; both ends enable spilling with `BROKER_SPILL_MAX`, as on brokers'
+/// channels (a closure can exceed one message), and the helper sends `Hello` first. The
+/// log memfd of `StoreBuildLog` arrives positioned at its start. Requests about one build carry its `build` id (the helper's), and are
 /// permitted only in that build's phase: `BeginBuild` opens it, `EndBuild` closes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -190,6 +190,11 @@ impl Instance {
         .expect("symlink");
         std::os::unix::fs::symlink(example("fake_broker"), libexec.join("stockade-broker"))
             .expect("symlink");
+        std::os::unix::fs::symlink(
+            example("fake_builder_helper"),
+            libexec.join("stockade-builder-helper"),
+        )
+        .expect("symlink");
         let audit_path = base.join("audit.sock");
         let audit_sock = UnixDatagram::bind(&audit_path).expect("bind audit socket");
         std::fs::set_permissions(&audit_path, std::fs::Permissions::from_mode(0o666))
