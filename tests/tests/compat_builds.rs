@@ -2,14 +2,14 @@
 //! each in its own namespace over a fresh /nix: every command must print the same thing.
 //! Dependent derivations, several outputs, a failing builder and its dependents,
 //! `--keep-going`, fixed-output derivations with the right and a wrong hash, reference
-//! checks, `passAsFile`, placeholders, logs (`nix-store -l`, `nix log`), `--check` of a
+//! checks, structured attributes (`.attrs.json`, `outputChecks`), `passAsFile`, placeholders, logs (`nix-store -l`, `nix log`), `--check` of a
 //! deterministic and a non-deterministic build, and nothing rebuilt once valid.
 //!
 //! Two set-ups: the daemon as root with the sandbox on and build users from `nixbld`, and
 //! the harness's default (`sandbox = false`, no build users). Needs root (namespaces, bind
 //! mounts); fails loudly in CI without it.
 
-use stockade_tests::session::{compare, failing, known, run_steps, step, Step};
+use stockade_tests::session::{compare, failing, run_steps, step, Step};
 use stockade_tests::{skip_unless_newer_nix, skip_unless_root, Daemon, DaemonKind};
 
 /// The derivations the session builds; `BB` names static busybox in the store.
@@ -67,6 +67,22 @@ in rec {
     __structuredAttrs = true;
     list = [ 1 2 3 ];
   };
+  structuredChecked = derivation {
+    name = "structured-checked";
+    system = builtins.currentSystem;
+    builder = "${bb}/bin/sh";
+    args = [ "-c" "o=$(${bb}/bin/busybox sed -n 's/.*\"out\":\"\\([^\"]*\\)\".*/\\1/p' .attrs.json); ${bb}/bin/busybox cp .attrs.json $o" ];
+    __structuredAttrs = true;
+    outputChecks.out.disallowedReferences = [ bb ];
+  };
+  structuredSmall = derivation {
+    name = "structured-small";
+    system = builtins.currentSystem;
+    builder = "${bb}/bin/sh";
+    args = [ "-c" "o=$(${bb}/bin/busybox sed -n 's/.*\"out\":\"\\([^\"]*\\)\".*/\\1/p' .attrs.json); ${bb}/bin/busybox cp .attrs.json $o" ];
+    __structuredAttrs = true;
+    outputChecks.out.maxSize = 10;
+  };
 }
 "#;
 
@@ -101,10 +117,9 @@ fn session() -> Vec<Step> {
         step(format!("{nb} hello --check")),
         step(format!("{nb} nondet")),
         failing(format!("{nb} nondet --check")),
-        known(
-            format!("{nb} structured && cat $({nb} structured)"),
-            "__structuredAttrs is not supported by Stockade's builder yet",
-        ),
+        step(format!("{nb} structured && cat $({nb} structured)")),
+        failing(format!("{nb} structuredChecked")),
+        failing(format!("{nb} structuredSmall")),
         step(format!("nix-store --verify-path $({nb} dep) $({nb} multi)")),
         step("nix-store --verify --check-contents"),
     ]

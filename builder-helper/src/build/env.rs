@@ -45,6 +45,8 @@ pub struct EnvParams<'a> {
     /// Strings replaced in every variable and `passAsFile` file ([`rewrite`]): each output's
     /// placeholder by its path ([`output_rewrites`]).
     pub rewrites: &'a Rewrites,
+    /// Each output's path, by name (`outputs` of structured attributes).
+    pub output_paths: &'a BTreeMap<String, String>,
 }
 
 /// Replacements applied to what a builder is given, in key order (Nix's `rewriteStrings`
@@ -100,9 +102,11 @@ pub struct BuilderEnv {
 /// Why no environment could be made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvError {
-    /// `.attrs.json` / `.attrs.sh` are not written yet.
-    #[error("derivations with __structuredAttrs are not supported by this daemon yet")]
-    StructuredAttrs,
+    #[error("invalid __json attribute (structured attributes): {0}")]
+    BadStructuredAttrs(String),
+    /// The references graph of structured attributes is not written yet.
+    #[error("exportReferencesGraph with __structuredAttrs is not supported by this daemon yet")]
+    ExportReferencesGraph,
 }
 
 /// Nix's whitespace tokenizer (`tokenizeString` with " \t\n\r").
@@ -118,11 +122,11 @@ pub fn pass_as_file_name(name: &[u8]) -> String {
 
 /// Computes the builder's environment for `drv`.
 pub fn builder_env(drv: &Derivation, p: &EnvParams) -> Result<BuilderEnv, EnvError> {
-    if drv.env.contains_key(b"__json".as_slice()) {
-        // TODO(structured attrs): write .attrs.json / .attrs.sh (outputs, exportReferencesGraph)
-        // and set NIX_ATTRS_JSON_FILE / NIX_ATTRS_SH_FILE, as writeStructuredAttrs does.
-        return Err(EnvError::StructuredAttrs);
-    }
+    // Structured attributes reach the builder as files, not variables (nor passAsFile).
+    let structured = match drv.env.get(b"__json".as_slice()) {
+        Some(text) => Some(super::structured::attrs(text, p.output_paths)?),
+        None => None,
+    };
     let mut out = BuilderEnv::default();
     let set = |out: &mut BuilderEnv, k: &str, v: &[u8]| {
         out.vars.insert(k.as_bytes().to_vec(), v.to_vec());
@@ -141,7 +145,7 @@ pub fn builder_env(drv: &Derivation, p: &EnvParams) -> Result<BuilderEnv, EnvErr
         .get(b"passAsFile".as_slice())
         .map(|v| tokens(v).collect())
         .unwrap_or_default();
-    for (k, v) in &drv.env {
+    for (k, v) in drv.env.iter().filter(|_| structured.is_none()) {
         if pass_as_file.contains(k.as_slice()) {
             let file = pass_as_file_name(k);
             let mut key = k.clone();
@@ -159,11 +163,17 @@ pub fn builder_env(drv: &Derivation, p: &EnvParams) -> Result<BuilderEnv, EnvErr
     }
     if p.fixed_output {
         set(&mut out, "NIX_OUTPUT_CHECKED", b"1");
-        let names: Vec<Vec<u8>> = drv
-            .env
-            .get(b"impureEnvVars".as_slice())
-            .map(|v| tokens(v).map(<[u8]>::to_vec).collect())
-            .unwrap_or_default();
+        let names: Vec<Vec<u8>> = match &structured {
+            Some(a) => super::structured::strings(a, "impureEnvVars")
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+            None => drv
+                .env
+                .get(b"impureEnvVars".as_slice())
+                .map(|v| tokens(v).map(<[u8]>::to_vec).collect())
+                .unwrap_or_default(),
+        };
         for name in names {
             let name_str = String::from_utf8_lossy(&name).into_owned();
             let value = match p.impure_env.get(&name_str) {
@@ -175,6 +185,18 @@ pub fn builder_env(drv: &Derivation, p: &EnvParams) -> Result<BuilderEnv, EnvErr
     }
     set(&mut out, "NIX_LOG_FD", b"2");
     set(&mut out, "TERM", b"xterm-256color");
+    if let Some(a) = &structured {
+        // Where the builder finds them (2.8 names the host's path here, which a sandboxed
+        // builder cannot open; later Nix names the sandbox's, as here).
+        let files = super::structured::files(a, p.rewrites);
+        for (name, var, contents) in [
+            (".attrs.json", "NIX_ATTRS_JSON_FILE", files.json),
+            (".attrs.sh", "NIX_ATTRS_SH_FILE", files.sh),
+        ] {
+            set(&mut out, var, format!("{}/{name}", p.build_dir).as_bytes());
+            out.files.push((name.to_string(), contents));
+        }
+    }
     // Nix rewrites each `name=value` as the environment is handed to the builder.
     out.vars = out
         .vars
@@ -218,10 +240,12 @@ mod tests {
             impure_env: impure,
             host_env: host,
             rewrites: &NO_REWRITES,
+            output_paths: &NO_OUTPUTS,
         }
     }
 
     static NO_REWRITES: Rewrites = BTreeMap::new();
+    static NO_OUTPUTS: BTreeMap<String, String> = BTreeMap::new();
 
     #[test]
     fn placeholders_become_output_paths() {
@@ -300,13 +324,25 @@ mod tests {
     }
 
     #[test]
-    fn structured_attrs_are_refused_for_now() {
+    fn structured_attrs_become_files() {
         let none = BTreeMap::new();
         let host = |_: &str| None;
-        let d = drv(&[("__json", "{}")]);
+        let d = drv(&[("__json", r#"{"x":"y"}"#), ("out", "/nix/store/abc-t")]);
+        let outs = [("out".to_string(), "/nix/store/abc-t".to_string())].into();
+        let p = EnvParams {
+            output_paths: &outs,
+            ..params(false, &none, &host)
+        };
+        let e = builder_env(&d, &p).unwrap();
+        assert_eq!(get(&e, "out"), None, "attributes are not variables");
+        assert_eq!(get(&e, "NIX_ATTRS_JSON_FILE"), Some("/build/.attrs.json"));
+        assert_eq!(get(&e, "NIX_ATTRS_SH_FILE"), Some("/build/.attrs.sh"));
         assert_eq!(
-            builder_env(&d, &params(false, &none, &host)),
-            Err(EnvError::StructuredAttrs)
+            e.files[0],
+            (
+                ".attrs.json".to_string(),
+                br#"{"outputs":{"out":"/nix/store/abc-t"},"x":"y"}"#.to_vec()
+            )
         );
     }
 }

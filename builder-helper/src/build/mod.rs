@@ -18,6 +18,7 @@
 pub mod dirs;
 pub mod env;
 pub mod log;
+pub mod structured;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -439,11 +440,11 @@ pub fn run_derivation_with(
 
     let sandbox_build_dir = cfg.sandbox_build_dir.to_string_lossy().into_owned();
     let host_env = |k: &str| std::env::var_os(k).map(OsString::into_vec);
-    let rewrites = env::output_rewrites(
-        outputs
-            .iter()
-            .map(|(name, path)| (name.as_str(), cfg.store_dir.display(path))),
-    );
+    let output_paths: BTreeMap<String, String> = outputs
+        .iter()
+        .map(|(name, path)| (name.clone(), cfg.store_dir.display(path)))
+        .collect();
+    let rewrites = env::output_rewrites(output_paths.iter().map(|(n, p)| (n.as_str(), p.clone())));
     let env = env::builder_env(
         &drv,
         &EnvParams {
@@ -454,6 +455,7 @@ pub fn run_derivation_with(
             impure_env: &cfg.impure_env,
             host_env: &host_env,
             rewrites: &rewrites,
+            output_paths: &output_paths,
         },
     )
     .map_err(|source| BuildErrorKind::Env {

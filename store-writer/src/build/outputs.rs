@@ -225,14 +225,14 @@ fn register_inner(
     if kind == BuildKind::Check {
         return check(store, &drv_full, &outputs, &infos);
     }
-    let mut refs_of = |p: &StorePath| -> Result<BTreeSet<StorePath>, ReqError> {
+    let mut info_of = |p: &StorePath| -> Result<(BTreeSet<StorePath>, u64), ReqError> {
         Ok(store
             .db()
             .query_path_info(p)?
-            .map(|i| i.references)
+            .map(|i| (i.references, i.nar_size))
             .unwrap_or_default())
     };
-    match checks::check_outputs(sd, &drv, &outputs, &infos, &mut refs_of) {
+    match checks::check_outputs(sd, &drv, &build.drv, &outputs, &infos, &mut info_of) {
         Ok(()) => {}
         Err(CheckError::Rejected(m)) => return Ok(rejected(BuildStatus::OutputRejected, m)),
         Err(CheckError::Failed(e)) => return Err(e),
