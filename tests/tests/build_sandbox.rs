@@ -49,6 +49,7 @@ fn a_builder_is_confined() {
         .start()
         .expect("stockade");
     let r = report(&d);
+    eprintln!("the builder reported:\n{r}");
     for line in [
         "CapEff:\t0000000000000000",
         "CapPrm:\t0000000000000000",
