@@ -100,6 +100,14 @@ fn handle(
             };
             match svc.sched.request(&drv, kind, waiter) {
                 Ok(Joined::Waiting) => {
+                    svc.audit(
+                        broker.client.conn_id,
+                        "build-wait",
+                        &[(
+                            "drv",
+                            format!("{}/{}", svc.config.store_dir, drv.base_name()),
+                        )],
+                    );
                     let _ = broker.send(&BuilderToBroker::Waiting { id });
                 }
                 Ok(Joined::New(cancel)) => {
