@@ -1,14 +1,16 @@
 //! Ordinary-user mode: Stockade started by a non-root user over a store named with
 //! NIX_STORE_DIR / NIX_STATE_DIR / NIX_CONF_DIR in a temporary directory (`sandbox = false`).
-//! It starts, says in one line what it cannot do, serves `nix-store --add` and queries for
-//! that user, and still confines its brokers (no_new_privs, seccomp).
+//! It starts, says in one line what it cannot do, serves `nix-store --add`, queries and builds
+//! for that user, and still confines its brokers (no_new_privs, seccomp).
 //!
 //! Needs root to create the user and the namespace; fails loudly in CI without it.
 
 use std::os::unix::fs::MetadataExt;
 
 use stockade_tests::sec::{db_descriptors, instance_processes, private_broker_uids};
-use stockade_tests::{ensure_user, skip_unless_root, Daemon, DaemonKind, Layout};
+use stockade_tests::{
+    busybox_derivation, ensure_user, skip_unless_root, Daemon, DaemonKind, Layout,
+};
 
 #[test]
 fn stockade_as_an_ordinary_user() {
@@ -67,6 +69,27 @@ fn stockade_as_an_ordinary_user() {
         .as_user(&owner)
         .ok();
     assert_eq!(listed, path);
+
+    // A directory added (moved into place although canonical directories are read-only and
+    // the daemon has no CAP_DAC_OVERRIDE), then a build by the owner that uses it.
+    let bb = d.add_busybox();
+    let expr = busybox_derivation(&bb, "owned", "busybox mkdir $out; echo built > $out/f");
+    let built = d
+        .cmd("nix-build")
+        .args(["--no-out-link", "-E", &expr])
+        .as_user(&owner)
+        .ok();
+    assert!(built.starts_with(&format!("{store}/")), "{built}");
+    assert_eq!(
+        std::fs::read_to_string(d.host_path(&built).join("f")).unwrap(),
+        "built\n"
+    );
+    let meta = std::fs::symlink_metadata(d.host_path(&built)).unwrap();
+    assert_eq!(
+        meta.mode() & 0o7777,
+        0o555,
+        "canonical again after the move"
+    );
 
     // Its processes: all of the owner's uid, never root; brokers still locked down.
     let mut client = stockade_tests::raw::RawConn::connect_as(&d, &owner).expect("connect");

@@ -5,7 +5,7 @@
 //! contents never reached the disk.
 
 use std::collections::BTreeSet;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use nix::errno::Errno;
 use nix::fcntl::RenameFlags;
@@ -133,6 +133,46 @@ fn install(
 ) -> Result<Installed, ReqError> {
     let base = path.base_name();
     let (from, to) = (staging.fd()?.as_raw_fd(), store.store_fd().as_raw_fd());
+    // Moving a directory updates its `..`, which needs write permission on it: without
+    // CAP_DAC_OVERRIDE (a daemon run by an ordinary user) a canonical `0555` directory cannot
+    // move. It moves writable and is made `0555` again in place, as Nix canonicalises after
+    // the move.
+    let writable_dir = !store.cfg.as_root
+        && sys::lstat_at(staging.fd()?, node).is_ok_and(|st| {
+            nix::sys::stat::SFlag::from_bits_truncate(
+                st.st_mode & nix::sys::stat::SFlag::S_IFMT.bits(),
+            ) == nix::sys::stat::SFlag::S_IFDIR
+        });
+    let chmod = |dir: RawFd, name: &str, mode: u32| {
+        nix::sys::stat::fchmodat(
+            Some(dir),
+            name,
+            nix::sys::stat::Mode::from_bits_truncate(mode),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+    };
+    if writable_dir {
+        chmod(from, node, 0o755)?;
+    }
+    let moved = install_renamed(store, from, to, node, path);
+    if writable_dir {
+        let (dir, name) = match moved {
+            Ok(_) => (to, base),
+            Err(_) => (from, node),
+        };
+        chmod(dir, name, 0o555)?;
+    }
+    moved
+}
+
+fn install_renamed(
+    store: &Store,
+    from: RawFd,
+    to: RawFd,
+    node: &str,
+    path: &StorePath,
+) -> Result<Installed, ReqError> {
+    let base = path.base_name();
     let rename = |flags| nix::fcntl::renameat2(Some(from), node, Some(to), base, flags);
     match rename(RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => Ok(Installed::New),
