@@ -342,7 +342,7 @@ fn the_build_joins_its_cgroup() {
     fs::write(cgroup.join("pids.max"), "4\n").unwrap();
     let mut spec =
         f.spec("grep pids /proc/self/cgroup; for i in 1 2 3 4 5 6; do sleep 2 & done; wait");
-    spec.cgroup = Some(cgroup.clone());
+    spec.cgroups = vec![cgroup.clone()];
     let (_, out) = f.run(&spec);
     let _ = fs::remove_dir(&cgroup);
     assert!(out.lines().any(|l| l.ends_with(":pids:/")), "{out}");

@@ -65,8 +65,8 @@ pub struct BuildConfig {
     pub keep_failed: bool,
     /// Nix 2.26's `impure-env`.
     pub impure_env: BTreeMap<String, String>,
-    /// A cgroup directory each build joins (per build, made by the caller).
-    pub cgroup: Option<PathBuf>,
+    /// The cgroup directories the build joins (per build, made by the caller).
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl BuildConfig {
@@ -85,7 +85,7 @@ impl BuildConfig {
             sandbox_paths: Vec::new(),
             keep_failed: false,
             impure_env: BTreeMap::new(),
-            cgroup: None,
+            cgroups: Vec::new(),
         }
     }
 }
@@ -600,7 +600,7 @@ fn run_in_sandbox(
         .iter()
         .map(|a| OsString::from_vec(env::rewrite(a, &rewrites)))
         .collect();
-    spec.cgroup = cfg.cgroup.clone();
+    spec.cgroups = cfg.cgroups.clone();
 
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| SandboxError::Sys {

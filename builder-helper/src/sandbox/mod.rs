@@ -262,7 +262,7 @@ pub fn spawn(spec: &SandboxSpec, stdio: Stdio) -> Result<Sandbox, SandboxError> 
     };
 
     write_id_maps(pid, &spec.ids)?;
-    if let Some(cgroup) = &spec.cgroup {
+    for cgroup in &spec.cgroups {
         let procs = cgroup.join("cgroup.procs");
         std::fs::write(&procs, format!("{pid}\n")).map_err(|e| SandboxError::Host {
             what: "joining the build's cgroup",

@@ -133,8 +133,9 @@ pub struct SandboxSpec {
     /// which is the builder path).
     pub builder: PathBuf,
     pub args: Vec<OsString>,
-    /// A cgroup directory (v1 or v2) the build joins before its cgroup namespace is made.
-    pub cgroup: Option<PathBuf>,
+    /// The cgroup directories (one per hierarchy, v1 or v2) the build joins before its cgroup
+    /// namespace is made.
+    pub cgroups: Vec<PathBuf>,
     /// Size limit of `/dev/shm` (a tmpfs of its own), e.g. `50%`, as Nix's `sandbox-dev-shm-size`.
     pub dev_shm_size: String,
 }
@@ -168,7 +169,7 @@ impl SandboxSpec {
             env: Vec::new(),
             builder: builder.into(),
             args: Vec::new(),
-            cgroup: None,
+            cgroups: Vec::new(),
             dev_shm_size: "50%".to_string(),
         }
     }

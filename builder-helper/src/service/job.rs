@@ -219,7 +219,18 @@ fn begun(
             );
         }
     };
+    // A cgroup of its own (kill everything, measure it); a build never fails for want of one.
+    let cgroup = svc.build_cgroup(build);
+    let mut cfg = cfg.clone();
+    cfg.cgroups = cgroup
+        .as_ref()
+        .map(|c| c.dirs().to_vec())
+        .unwrap_or_default();
+    let cfg = &cfg;
     let ran = run_derivation_with(cfg, &job, &mut sink, Some(cancel.fd()));
+    let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
+    // Whatever the build left behind dies with its cgroup, before the uid is given back.
+    drop(cgroup);
     let mut report = match ran {
         Ok(outcome) => register(
             svc,
@@ -235,6 +246,8 @@ fn begun(
     svc.master.notify(&BuilderToMaster::ReleaseUid { uid });
     report.start_time = start_time;
     report.stop_time = now();
+    report.cpu_user_us = usage.cpu_user_us;
+    report.cpu_system_us = usage.cpu_system_us;
     if let Some(log) = sink.seal() {
         let req = BuilderToStoreWriter::StoreBuildLog { build };
         if let Err(e) = svc.writer.request::<()>(&req, &[log.as_fd()]) {
@@ -251,6 +264,12 @@ fn begun(
             (
                 "seconds",
                 report.stop_time.saturating_sub(start_time).to_string(),
+            ),
+            (
+                "peak-memory",
+                usage
+                    .peak_memory
+                    .map_or_else(|| "-".to_string(), |m| m.to_string()),
             ),
         ],
     );

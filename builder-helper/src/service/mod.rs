@@ -36,6 +36,8 @@ pub struct Service {
     pub writer: WriterLink,
     pub master: MasterLink,
     pub sched: Scheduler,
+    /// Where each build's cgroup is made (detected once).
+    pub cgroups: crate::cgroup::Hierarchies,
 }
 
 /// Why the helper cannot start.
@@ -73,7 +75,10 @@ impl Service {
                 .map_err(|e| StartError::SandboxPath(entry.clone(), e.to_string()))?;
             base.sandbox_paths.push(p);
         }
+        let cgroups = crate::cgroup::Hierarchies::detect();
+        log::info!("build cgroups: {}", cgroups.describe());
         Ok(Service {
+            cgroups,
             sched: Scheduler::new(config.max_jobs),
             writer: WriterLink::new(writer)?,
             master: MasterLink::new(master),
@@ -275,5 +280,23 @@ impl CloneChannel for Channel {
             ipc::Error::Sys(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))
         })?;
         Channel::from_fd(fd)
+    }
+}
+
+impl Service {
+    /// The cgroup of build `build`, or none (no hierarchy, or no right to make one there: said
+    /// in the log, and the pid namespace still ends every process of the build).
+    pub fn build_cgroup(&self, build: u64) -> Option<crate::cgroup::BuildCgroup> {
+        if !self.cgroups.any() {
+            return None;
+        }
+        let name = format!("build-{}-{build}", std::process::id());
+        match self.cgroups.create(&name, crate::cgroup::Limits::default()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                log::warn!("build {build}: no cgroup: {e}");
+                None
+            }
+        }
     }
 }
