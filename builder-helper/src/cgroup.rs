@@ -374,18 +374,25 @@ impl BuildCgroup {
         if let Some(v2) = &self.v2 {
             kill_dir(v2, true);
         }
-        // v1: freeze first where the freezer exists, so nothing forks while being killed.
+        // v1: freeze first where the freezer exists, so nothing forks while being killed;
+        // the killed die once thawed, and only then is there something to wait for.
         let freezer = self.v1.get("freezer");
         if let Some(f) = freezer {
             let _ = fs::write(f.join("freezer.state"), "FROZEN");
         }
         for d in self.v1.values() {
-            kill_dir(d, false);
+            for pid in procs(d) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         if let Some(f) = freezer {
-            // Killed processes die only once thawed.
             let _ = fs::write(f.join("freezer.state"), "THAWED");
-            kill_dir(f, false);
+        }
+        for d in self.v1.values() {
+            kill_dir(d, false);
         }
     }
 }
@@ -401,6 +408,15 @@ impl Drop for BuildCgroup {
     }
 }
 
+/// The processes in cgroup `dir`.
+fn procs(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 /// Kills what `dir` holds until it is empty (at most about two seconds: a process stuck in
 /// uninterruptible sleep is reported, not waited for forever).
 fn kill_dir(dir: &Path, v2: bool) {
@@ -409,11 +425,7 @@ fn kill_dir(dir: &Path, v2: bool) {
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let pids: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
+        let pids = procs(dir);
         if pids.is_empty() {
             return;
         }
