@@ -111,6 +111,17 @@ fn plan_and_run(
     for (t, top) in targets.iter().zip(tops) {
         let node = top.and_then(|i| Some((plan.nodes.get(i)?, outcomes.get(i)?)));
         let (outcome, outputs) = match node {
+            // Repairing a path means substituting it again, and there are no substituters:
+            // nix-daemon says only that the build failed.
+            None if kind == BuildKind::Repair => (
+                Outcome::Failed {
+                    status: BuildStatus::NoSubstituters,
+                    message: String::new(),
+                    report: None,
+                    logged: true,
+                },
+                BTreeMap::new(),
+            ),
             None => (Outcome::Valid, BTreeMap::new()),
             Some((n, o @ Outcome::Valid)) => (o.clone(), n.wanted_paths()),
             Some((_, o @ Outcome::Built(r))) => (o.clone(), r.outputs.clone()),
