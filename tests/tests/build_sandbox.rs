@@ -74,3 +74,52 @@ fn a_builder_is_confined() {
     let listed = d.run_ok(["sh", "-c", "ls /nix/store | grep -c planted || true"]);
     assert_eq!(listed, "0");
 }
+
+/// CVE-2026-39860's shape: a fixed-output builder plants a symlink to a host file at its
+/// output path, with the hash of that file's contents. Following the link would copy the
+/// host's file into the store under a valid hash; the daemon must hash the link itself (flat:
+/// not a regular file) and take nothing from outside the sandbox.
+#[test]
+fn a_planted_symlink_output_takes_nothing_from_the_host() {
+    skip_unless_root!();
+    let d = Daemon::builder(DaemonKind::Stockade)
+        .conf_line("sandbox = true")
+        .conf_line("build-users-group = nixbld")
+        .start()
+        .expect("stockade");
+    let bb = d.add_busybox();
+    let secret = d.write_work_file("secret.txt", b"host secret\n");
+    let hash = d.run_ok([
+        "nix-hash",
+        "--type",
+        "sha256",
+        "--flat",
+        secret.to_str().unwrap(),
+    ]);
+    for mode in ["flat", "recursive"] {
+        let expr = format!(
+            "let bb = builtins.storePath \"{bb}\"; in derivation {{ name = \"planted-{mode}\"; \
+             system = builtins.currentSystem; builder = \"${{bb}}/bin/sh\"; \
+             PATH = \"${{bb}}/bin\"; args = [ \"-c\" \"ln -s {secret} $out\" ]; \
+             outputHashMode = \"{mode}\"; outputHashAlgo = \"sha256\"; outputHash = \"{hash}\"; }}",
+            secret = secret.display()
+        );
+        let out = d
+            .cmd("nix-build")
+            .args(["--no-out-link", "-E", &expr])
+            .fails();
+        let err = out.stderr_str();
+        assert!(
+            err.contains("hash mismatch")
+                || err.contains("should be a non-executable regular file"),
+            "{mode}: {err}"
+        );
+    }
+    // Nothing in the store holds the host file's contents.
+    let leaked = d.run_ok([
+        "sh",
+        "-c",
+        "grep -rl 'host secret' /nix/store 2>/dev/null | grep -v secret.txt || true",
+    ]);
+    assert_eq!(leaked, "", "the host's file reached the store");
+}
