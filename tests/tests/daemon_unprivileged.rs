@@ -91,6 +91,27 @@ fn stockade_as_an_ordinary_user() {
         "canonical again after the move"
     );
 
+    // `sandbox = false` (this harness's nix.conf), as Nix's own test suite runs its daemon:
+    // the builder sees the host's files and runs as the daemon's user.
+    let host_file = d.write_work_file("host-only.txt", b"from the host\n");
+    let script = format!(
+        "busybox cat {} > $out; busybox id -u >> $out",
+        host_file.display()
+    );
+    let impure = d
+        .cmd("nix-build")
+        .args([
+            "--no-out-link",
+            "-E",
+            &busybox_derivation(&bb, "impure", &script),
+        ])
+        .as_user(&owner)
+        .ok();
+    assert_eq!(
+        std::fs::read_to_string(d.host_path(&impure)).unwrap(),
+        format!("from the host\n{}\n", owner.uid)
+    );
+
     // Its processes: all of the owner's uid, never root; brokers still locked down.
     let mut client = stockade_tests::raw::RawConn::connect_as(&d, &owner).expect("connect");
     client.handshake().expect("handshake");

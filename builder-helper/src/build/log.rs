@@ -104,8 +104,29 @@ impl LogTail {
 
 /// Copies the log until the builder is gone, or kills it when a limit fires or `cancel` (a
 /// pipe's read end, closed or written on the other side to cancel) becomes readable.
+/// A running builder, sandboxed or not, as supervision sees it.
+pub trait Builder {
+    /// SIGKILL to the builder and everything it started.
+    fn kill(&mut self) -> Result<(), SandboxError>;
+    /// Its exit once it has ended (reaped), `None` while it runs.
+    fn try_wait(&mut self) -> Result<Option<BuildExit>, SandboxError>;
+    fn wait(&mut self) -> Result<BuildExit, SandboxError>;
+}
+
+impl Builder for Sandbox {
+    fn kill(&mut self) -> Result<(), SandboxError> {
+        Sandbox::kill(self)
+    }
+    fn try_wait(&mut self) -> Result<Option<BuildExit>, SandboxError> {
+        Sandbox::try_wait(self)
+    }
+    fn wait(&mut self) -> Result<BuildExit, SandboxError> {
+        Sandbox::wait(self)
+    }
+}
+
 pub fn supervise(
-    sandbox: &mut Sandbox,
+    sandbox: &mut dyn Builder,
     log: OwnedFd,
     limits: Limits,
     sink: &mut dyn Write,
@@ -118,7 +139,7 @@ pub fn supervise(
     let mut pending: Vec<u8> = Vec::new();
     let mut log = Some(File::from(log));
     let mut buf = vec![0u8; 64 * 1024];
-    let kill = |sandbox: &mut Sandbox, e: Ended| -> Result<Ended, SuperviseError> {
+    let kill = |sandbox: &mut dyn Builder, e: Ended| -> Result<Ended, SuperviseError> {
         sandbox.kill()?;
         sandbox.wait()?;
         Ok(e)

@@ -17,6 +17,7 @@
 
 pub mod dirs;
 pub mod env;
+pub mod host;
 pub mod log;
 pub mod structured;
 
@@ -67,6 +68,9 @@ pub struct BuildConfig {
     pub impure_env: BTreeMap<String, String>,
     /// The cgroup directories the build joins (per build, made by the caller).
     pub cgroups: Vec<PathBuf>,
+    /// Whether the build runs in the sandbox; `false` builds on the host ([`host`]) when its
+    /// outputs' paths are free.
+    pub sandboxed: bool,
 }
 
 impl BuildConfig {
@@ -86,6 +90,7 @@ impl BuildConfig {
             keep_failed: false,
             impure_env: BTreeMap::new(),
             cgroups: Vec::new(),
+            sandboxed: true,
         }
     }
 }
@@ -140,6 +145,9 @@ pub struct StagedOutput {
 #[derive(Debug)]
 pub struct BuildOutcome {
     pub outputs: BTreeMap<String, StagedOutput>,
+    /// Where the outputs are, each at its base name: the staging directory, or the store
+    /// itself for a build on the host.
+    pub outputs_dir: PathBuf,
     pub dir: BuildDir,
     /// Sandbox set-up time and the whole run.
     pub setup_time: Duration,
@@ -438,7 +446,22 @@ pub fn run_derivation_with(
         }
     }
 
-    let sandbox_build_dir = cfg.sandbox_build_dir.to_string_lossy().into_owned();
+    // Unsandboxed only where nothing is at the outputs' paths (they are written in place).
+    let on_host = !cfg.sandboxed
+        && outputs
+            .values()
+            .all(|p| fs::symlink_metadata(cfg.host_store_dir.join(p.base_name())).is_err());
+    let dir = BuildDir::create(
+        &cfg.builds_dir,
+        job.drv_path.name(),
+        job.build_uid,
+        job.build_gid,
+    )?;
+    let sandbox_build_dir = if on_host {
+        dir.build().to_string_lossy().into_owned()
+    } else {
+        cfg.sandbox_build_dir.to_string_lossy().into_owned()
+    };
     let host_env = |k: &str| std::env::var_os(k).map(OsString::into_vec);
     let output_paths: BTreeMap<String, String> = outputs
         .iter()
@@ -471,16 +494,21 @@ pub fn run_derivation_with(
         .into());
     }
 
-    let dir = BuildDir::create(
-        &cfg.builds_dir,
-        job.drv_path.name(),
-        job.build_uid,
-        job.build_gid,
-    )?;
     let mut tail = LogTail::new(cfg.log_lines);
-    let ran = run_in_sandbox(
-        cfg, job, &drv, &dir, env, builder, &outputs, fixed, log_sink, &mut tail, cancel,
-    );
+    let ran = if on_host {
+        run_on_host(
+            cfg, job, &drv, &dir, env, &builder, &outputs, log_sink, &mut tail, cancel,
+        )
+    } else {
+        run_in_sandbox(
+            cfg, job, &drv, &dir, env, builder, &outputs, fixed, log_sink, &mut tail, cancel,
+        )
+    };
+    let outputs_dir = if on_host {
+        cfg.host_store_dir.clone()
+    } else {
+        dir.staging()
+    };
     let fail = |kind: BuildErrorKind, dir: BuildDir, tail: LogTail| {
         let kept_build_dir = cfg.keep_failed.then(|| dir.keep());
         BuildError {
@@ -519,7 +547,7 @@ pub fn run_derivation_with(
 
     let mut staged = BTreeMap::new();
     for (name, path) in outputs {
-        let at = dir.staging().join(path.base_name());
+        let at = outputs_dir.join(path.base_name());
         if fs::symlink_metadata(&at).is_err() {
             let kind = BuildErrorKind::MissingOutput {
                 drv: shown,
@@ -533,10 +561,64 @@ pub fn run_derivation_with(
     dir.remove_build();
     Ok(BuildOutcome {
         outputs: staged,
+        outputs_dir,
         dir,
         setup_time,
         duration: started.elapsed(),
     })
+}
+
+/// Writes the `passAsFile` files and runs the builder on the host (see [`host`]).
+#[allow(clippy::too_many_arguments)]
+fn run_on_host(
+    cfg: &BuildConfig,
+    job: &BuildJob,
+    drv: &Derivation,
+    dir: &BuildDir,
+    env: BuilderEnv,
+    builder: &std::path::Path,
+    outputs: &BTreeMap<String, StorePath>,
+    log_sink: &mut dyn Write,
+    tail: &mut LogTail,
+    cancel: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(Ended, Duration), BuildErrorKind> {
+    let rewrites = env::output_rewrites(
+        outputs
+            .iter()
+            .map(|(name, path)| (name.as_str(), cfg.store_dir.display(path))),
+    );
+    let args: Vec<OsString> = drv
+        .args
+        .iter()
+        .map(|a| OsString::from_vec(env::rewrite(a, &rewrites)))
+        .collect();
+    let vars: Vec<(OsString, OsString)> = env
+        .vars
+        .into_iter()
+        .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v)))
+        .collect();
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| SandboxError::Sys {
+            what: "making the log pipe",
+            errno,
+        })?;
+    let mut running = {
+        let _no_clone = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, contents) in &env.files {
+            dir.write_file(name, contents, job.build_uid, job.build_gid)?;
+        }
+        host::spawn(builder, &args, &vars, &dir.build(), write)?
+    };
+    let limits = Limits {
+        max_silent_time: (cfg.max_silent_time > 0)
+            .then(|| Duration::from_secs(cfg.max_silent_time)),
+        timeout: (cfg.timeout > 0).then(|| Duration::from_secs(cfg.timeout)),
+        max_log_size: cfg.max_log_size,
+    };
+    let ended = log::supervise(&mut running, read, limits, log_sink, tail, cancel);
+    let setup_time = running.setup_time;
+    drop(running);
+    Ok((ended?, setup_time))
 }
 
 /// Writes the `passAsFile` files, describes the sandbox and runs the builder in it.

@@ -186,7 +186,9 @@ fn begun(
         Err(why) => return failure(BuildStatus::MiscFailure, format!("no build user: {why}")),
     };
     let start_time = now();
-    let sandboxed = svc.sandboxed(&facts.drv);
+    // Unsandboxed only for a daemon run by an ordinary user, and only a normal build (see
+    // build/host.rs); a root daemon always confines its builds.
+    let sandboxed = svc.sandboxed(&facts.drv) || svc.config.as_root || kind != BuildKind::Normal;
     for w in svc.sched.waiters(drv, cancel).iter().filter(|w| w.follows) {
         let _ = w.broker.send(&BuilderToBroker::Started {
             id: w.id,
@@ -222,6 +224,7 @@ fn begun(
     // A cgroup of its own (kill everything, measure it); a build never fails for want of one.
     let cgroup = svc.build_cgroup(build);
     let mut cfg = cfg.clone();
+    cfg.sandboxed = sandboxed;
     cfg.cgroups = cgroup
         .as_ref()
         .map(|c| c.dirs().to_vec())
@@ -232,14 +235,7 @@ fn begun(
     // Whatever the build left behind dies with its cgroup, before the uid is given back.
     drop(cgroup);
     let mut report = match ran {
-        Ok(outcome) => register(
-            svc,
-            build,
-            uid,
-            kind,
-            &outcome.dir.staging(),
-            &facts.outputs,
-        ),
+        Ok(outcome) => register(svc, build, uid, kind, &outcome.outputs_dir, &facts.outputs),
         Err(e) => failed(e, facts.fixed),
     };
     // run_derivation returns only once every process of the build is gone.
