@@ -62,8 +62,11 @@ pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
     }
 }
 
-/// Makes the builds directory (if missing) and gives it to the helper's `uid`, `0700`: the
-/// sandbox opens the build directories below it with the helper's uid and no capability.
+/// Makes the builds directory (if missing) and gives it to the helper's `uid`, `0711`: the
+/// sandbox opens the build directories below it with the helper's uid and no capability;
+/// others may pass through but not list it, so a directory kept by `keep-failed` (made
+/// `0755`) can be read by whoever knows its printed name, while a running build's own
+/// directory stays `0700`.
 pub fn prepare_builds_dir(dir: &Path, uid: u32) -> Result<()> {
     // The state directory normally exists (the store-writer made it); its mode is Nix's.
     if let Some(parent) = dir.parent() {
@@ -73,7 +76,7 @@ pub fn prepare_builds_dir(dir: &Path, uid: u32) -> Result<()> {
             .create(parent)
             .map_err(Error::io(format!("creating {}", parent.display())))?;
     }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+    match std::fs::DirBuilder::new().mode(0o711).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(format!("creating {}", dir.display()))(e)),
@@ -88,7 +91,7 @@ pub fn prepare_builds_dir(dir: &Path, uid: u32) -> Result<()> {
         dir.display()
     )))?;
     use std::os::unix::fs::PermissionsExt;
-    f.set_permissions(std::fs::Permissions::from_mode(0o700))
+    f.set_permissions(std::fs::Permissions::from_mode(0o711))
         .map_err(Error::io(format!("setting the mode of {}", dir.display())))
 }
 

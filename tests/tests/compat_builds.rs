@@ -100,6 +100,12 @@ fn session() -> Vec<Step> {
         )),
         failing(format!("{nb} failing")),
         failing(format!("{nb} afterFailing")),
+        // Where the kept directory is differs (nix-daemon: $TMPDIR; Stockade: the builds
+        // directory); what is said and that it can be read by the one who asked do not.
+        step(format!(
+            "({nb} failing --keep-failed 2>&1; echo exit=$?) \\
+             | sed -E \"s,'[^']*/(nix-build-failing.drv-[0-9]+)[^']*',KEPT/\\1,\""
+        )),
         failing(format!("{nb} failing -A passAsFile --keep-going")),
         step(format!("{nb} fodGood && cat $({nb} fodGood)")),
         failing(format!("{nb} fodBad")),

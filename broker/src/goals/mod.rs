@@ -26,6 +26,8 @@ pub trait Frames {
     fn result(&mut self, id: u64, ty: ResultType, fields: Vec<Field>) -> OpResult<()>;
     /// Nix's `logError`: an error reported while the operation goes on.
     fn log_error(&mut self, message: &str) -> OpResult<()>;
+    /// A plain message (Nix's `printError` and friends), shown per the client's verbosity.
+    fn log(&mut self, level: Verbosity, text: &str) -> OpResult<()>;
     /// The client's socket, watched for a hang-up while the broker waits.
     fn hangup_fd(&self) -> Option<BorrowedFd<'_>>;
 }
@@ -110,6 +112,9 @@ impl Frames for ClientFrames<'_> {
     }
     fn log_error(&mut self, message: &str) -> OpResult<()> {
         self.0.log_error(message)
+    }
+    fn log(&mut self, level: Verbosity, text: &str) -> OpResult<()> {
+        self.0.log(level, text)
     }
     fn hangup_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.0.hangup_fd())

@@ -276,6 +276,12 @@ impl Runner<'_> {
             }
             BuilderToBroker::Done { report, .. } => {
                 self.open.remove(&id);
+                if let Some(dir) = &report.kept_build_dir {
+                    self.out.log(
+                        Verbosity::Error,
+                        &format!("note: keeping build directory '{dir}'"),
+                    )?;
+                }
                 if let Some(State::Open { act: Some(act), .. }) = self.state.get(i) {
                     let act = *act;
                     self.out.stop(act)?;

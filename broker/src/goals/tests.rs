@@ -124,6 +124,10 @@ impl Frames for Recorder {
         self.frames.push(Frame::Error(message.into()));
         Ok(())
     }
+    fn log(&mut self, _level: Verbosity, text: &str) -> OpResult<()> {
+        self.frames.push(Frame::Error(text.into()));
+        Ok(())
+    }
     fn hangup_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }

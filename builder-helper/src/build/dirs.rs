@@ -105,11 +105,20 @@ impl BuildDir {
     }
 
     /// Keeps the build directory (`keep-failed`) and returns it; the staging directory goes.
-    /// Every process of the build must be gone.
+    /// Every process of the build must be gone. As Nix does, the kept directory becomes
+    /// readable by others (`0755`), so the user who asked can look into it: the build
+    /// directory is taken back from the build user first (its owner alone may change its
+    /// mode), its contents keep their owner and modes.
     pub fn keep(mut self) -> PathBuf {
         self.armed = false;
         let _ = fs::remove_dir_all(self.staging());
-        self.build()
+        let build = self.build();
+        let me = nix::unistd::geteuid().as_raw();
+        let _ = std::os::unix::fs::lchown(&build, Some(me), None);
+        for d in [&self.top, &build] {
+            let _ = fs::set_permissions(d, fs::Permissions::from_mode(0o755));
+        }
+        build
     }
 
     /// Removes the build directory, keeping the staging directory (after a success).
