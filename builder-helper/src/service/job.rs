@@ -234,6 +234,8 @@ fn begun(
     let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
     // Whatever the build left behind dies with its cgroup, before the uid is given back.
     drop(cgroup);
+    // From the start of the sandbox's set-up until the builder was exec'd.
+    let setup = ran.as_ref().ok().map(|o| o.setup_time);
     let mut report = match ran {
         Ok(outcome) => register(svc, build, uid, kind, &outcome.outputs_dir, &facts.outputs),
         Err(e) => failed(e, facts.fixed),
@@ -260,6 +262,13 @@ fn begun(
             (
                 "seconds",
                 report.stop_time.saturating_sub(start_time).to_string(),
+            ),
+            (
+                "sandbox-ms",
+                setup.map_or_else(
+                    || "-".to_string(),
+                    |d| format!("{:.2}", d.as_secs_f64() * 1000.0),
+                ),
             ),
             (
                 "peak-memory",

@@ -1,5 +1,6 @@
 //! Builds: many trivial derivations at `max-jobs = 2`, and one derivation whose output has
-//! many files and refers to its input. Builders are static busybox from the store. Each run
+//! many files and refers to its input, both daemons sandboxed with build users. Stockade's
+//! audit gives each build's sandbox set-up time (`build-end … sandbox-ms=`). Builders are static busybox from the store. Each run
 //! builds derivations no run built before (a per-run salt in their environment).
 
 use super::{expect_store_paths, Iteration, Workload};
@@ -51,7 +52,9 @@ impl Workload for BuildMany {
     }
 
     fn conf_lines(&self) -> Vec<String> {
-        vec!["max-jobs = 2".into()]
+        let mut c = sandboxed();
+        c.push("max-jobs = 2".into());
+        c
     }
 
     fn prepare<'d>(&self, d: &'d Daemon, runs: usize) -> Result<Vec<Iteration<'d>>, HarnessError> {
@@ -69,6 +72,12 @@ impl Workload for BuildMany {
     }
 }
 
+/// Both daemons build in their sandbox with build users, as a root Stockade always does:
+/// the same work on both sides (`nixbld` comes with Debian's nix-bin).
+fn sandboxed() -> Vec<String> {
+    vec!["sandbox = true".into(), "build-users-group = nixbld".into()]
+}
+
 /// One derivation writing `files` files into its output, one of which names its input.
 pub struct BuildTree {
     pub files: usize,
@@ -84,6 +93,10 @@ impl Workload for BuildTree {
             "nix-store --realise of one derivation producing {} files that refer to its input",
             self.files
         )
+    }
+
+    fn conf_lines(&self) -> Vec<String> {
+        sandboxed()
     }
 
     fn prepare<'d>(&self, d: &'d Daemon, runs: usize) -> Result<Vec<Iteration<'d>>, HarnessError> {
