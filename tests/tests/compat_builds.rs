@@ -3,7 +3,8 @@
 //! Dependent derivations, several outputs, a failing builder and its dependents,
 //! `--keep-going`, fixed-output derivations with the right and a wrong hash, reference
 //! checks, structured attributes (`.attrs.json`, `outputChecks`), `passAsFile`, placeholders, logs (`nix-store -l`, `nix log`), `--check` of a
-//! deterministic and a non-deterministic build, and nothing rebuilt once valid.
+//! deterministic and a non-deterministic build, `--keep-failed`, nothing rebuilt once valid,
+//! and `nix-env -i` into a profile (`builtin:buildenv`).
 //!
 //! Two set-ups: the daemon as root with the sandbox on and build users from `nixbld`, and
 //! the harness's default (`sandbox = false`, no build users). Needs root (namespaces, bind
@@ -126,6 +127,11 @@ fn session() -> Vec<Step> {
         step(format!("{nb} structured && cat $({nb} structured)")),
         failing(format!("{nb} structuredChecked")),
         failing(format!("{nb} structuredSmall")),
+        // A profile (builtin:buildenv), in the work directory rather than ~/.nix-profile.
+        step("nix-env -p $WORK/profile -f $WORK/builds.nix -iA dep"),
+        step("nix-env -p $WORK/profile -q && ls $WORK/profile/ && cat $WORK/profile/ref"),
+        step("nix-env -p $WORK/profile -f $WORK/builds.nix -iA hello multi"),
+        step("nix-env -p $WORK/profile -q; ls $WORK/profile/"),
         step(format!("nix-store --verify-path $({nb} dep) $({nb} multi)")),
         step("nix-store --verify --check-contents"),
     ]

@@ -15,6 +15,7 @@
 //! `builtin:` builders, `system` / `requiredSystemFeatures` checks, the host's
 //! `/etc/resolv.conf` and `/etc/services` for fixed-output builds.
 
+pub mod buildenv;
 pub mod dirs;
 pub mod env;
 pub mod host;
@@ -148,6 +149,9 @@ pub struct BuildOutcome {
     /// Where the outputs are, each at its base name: the staging directory, or the store
     /// itself for a build on the host.
     pub outputs_dir: PathBuf,
+    /// Made by the helper itself (a builtin builder), so owned by the helper's uid rather
+    /// than the build user's.
+    pub by_helper: bool,
     pub dir: BuildDir,
     /// Sandbox set-up time and the whole run.
     pub setup_time: Duration,
@@ -176,6 +180,9 @@ pub enum BuildErrorKind {
     UnknownOutputPath { drv: String, output: String },
     #[error("building '{drv}': builtin builders are not supported by this daemon yet")]
     Builtin { drv: String },
+    /// Nix's words from `builtin:buildenv`, after the derivation's name.
+    #[error("{message}")]
+    Buildenv { drv: String, message: String },
     #[error("building '{drv}': {source}")]
     Env { drv: String, source: EnvError },
     #[error("builder '{builder}' of '{drv}' is not an absolute path")]
@@ -368,7 +375,7 @@ pub fn derivation_facts(cfg: &BuildConfig, drv_path: &StorePath) -> Result<DrvFa
         path: shown.clone(),
         source,
     })?;
-    if drv.is_builtin() {
+    if drv.is_builtin() && drv.builder != b"builtin:buildenv" {
         return Err(BuildErrorKind::Builtin { drv: shown }.into());
     }
     let mut outputs = BTreeMap::new();
@@ -446,6 +453,9 @@ pub fn run_derivation_with(
         }
     }
 
+    if drv.builder == b"builtin:buildenv" {
+        return run_buildenv(cfg, job, &drv, &outputs, log_sink, started);
+    }
     // Unsandboxed only where nothing is at the outputs' paths (they are written in place).
     let on_host = !cfg.sandboxed
         && outputs
@@ -562,8 +572,67 @@ pub fn run_derivation_with(
     Ok(BuildOutcome {
         outputs: staged,
         outputs_dir,
+        by_helper: false,
         dir,
         setup_time,
+        duration: started.elapsed(),
+    })
+}
+
+/// `builtin:buildenv` ([`buildenv`]), run by the helper into the staging directory.
+fn run_buildenv(
+    cfg: &BuildConfig,
+    job: &BuildJob,
+    drv: &Derivation,
+    outputs: &BTreeMap<String, StorePath>,
+    log_sink: &mut dyn Write,
+    started: Instant,
+) -> Result<BuildOutcome, BuildError> {
+    let shown = cfg.store_dir.display(&job.drv_path);
+    let out = outputs
+        .get("out")
+        .ok_or_else(|| BuildErrorKind::MissingOutput {
+            drv: shown.clone(),
+            output: "out".into(),
+            path: String::new(),
+        })?
+        .clone();
+    let dir = BuildDir::create(
+        &cfg.builds_dir,
+        job.drv_path.name(),
+        job.build_uid,
+        job.build_gid,
+    )?;
+    let view = buildenv::StoreView {
+        logical: cfg.store_dir.as_str(),
+        host: &cfg.host_store_dir,
+    };
+    let staged_at = dir.staging().join(out.base_name());
+    if let Err(e) = buildenv::build_env(&view, &drv.env, &staged_at, log_sink) {
+        return Err(BuildError {
+            kind: Box::new(BuildErrorKind::Buildenv {
+                drv: shown,
+                message: e.to_string(),
+            }),
+            kept_build_dir: None,
+            log_tail: Vec::new(),
+        });
+    }
+    let mut staged = BTreeMap::new();
+    staged.insert(
+        "out".to_string(),
+        StagedOutput {
+            path: out,
+            staged: staged_at,
+        },
+    );
+    dir.remove_build();
+    Ok(BuildOutcome {
+        outputs: staged,
+        outputs_dir: dir.staging(),
+        by_helper: true,
+        dir,
+        setup_time: Duration::ZERO,
         duration: started.elapsed(),
     })
 }

@@ -237,7 +237,11 @@ fn begun(
     // From the start of the sandbox's set-up until the builder was exec'd.
     let setup = ran.as_ref().ok().map(|o| o.setup_time);
     let mut report = match ran {
-        Ok(outcome) => register(svc, build, uid, kind, &outcome.outputs_dir, &facts.outputs),
+        Ok(outcome) => {
+            // A builtin's output is the helper's own, not the build user's.
+            let owner = (!outcome.by_helper).then_some(uid);
+            register(svc, build, owner, kind, &outcome.outputs_dir, &facts.outputs)
+        }
         Err(e) => failed(e, facts.fixed),
     };
     // run_derivation returns only once every process of the build is gone.
@@ -292,7 +296,7 @@ fn failed(e: BuildError, fixed: bool) -> BuildReport {
 fn register(
     svc: &Service,
     build: u64,
-    uid: u32,
+    uid: Option<u32>,
     kind: BuildKind,
     staging: &std::path::Path,
     outputs: &BTreeMap<String, StorePath>,
@@ -311,7 +315,7 @@ fn register(
     };
     let req = BuilderToStoreWriter::RegisterOutputs {
         build,
-        build_uid: Some(uid),
+        build_uid: uid,
         kind,
     };
     match svc
