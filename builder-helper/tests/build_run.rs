@@ -133,6 +133,7 @@ impl Store {
         BuildJob {
             drv_path: drv_path.clone(),
             input_closure: BTreeSet::from([StorePath::from_base_name(BUSYBOX).unwrap()]),
+            references: Default::default(),
             build_uid: self.uid,
             build_gid: self.uid,
             goal_name: goal_name(&self.sd, drv_path, None, '^'),

@@ -280,6 +280,7 @@ fn fake_store_writer(mut chan: Channel, seen: Sender<Seen>) {
                 closure.sort();
                 closure.dedup();
                 let reply = BuildInputs {
+                    references: vec![vec![]; closure.len()],
                     closure,
                     valid_outputs: vec![],
                 };

@@ -2,7 +2,8 @@
 //! each in its own namespace over a fresh /nix: every command must print the same thing.
 //! Dependent derivations, several outputs, a failing builder and its dependents,
 //! `--keep-going`, fixed-output derivations with the right and a wrong hash, reference
-//! checks, structured attributes (`.attrs.json`, `outputChecks`), `passAsFile`, placeholders, logs (`nix-store -l`, `nix log`), `--check` of a
+//! checks, structured attributes (`.attrs.json`, `outputChecks`), `passAsFile`,
+//! `exportReferencesGraph`, placeholders, logs (`nix-store -l`, `nix log`), `--check` of a
 //! deterministic and a non-deterministic build, `--keep-failed`, nothing rebuilt once valid,
 //! and `nix-env -i` into a profile (`builtin:buildenv`).
 //!
@@ -58,6 +59,7 @@ in rec {
   placeholders = mk "placeholders" "echo $where > $out" {
     where = "${builtins.placeholder "out"}/sub";
   };
+  refGraph = mk "ref-graph" "busybox cat graph > $out" { exportReferencesGraph = [ "graph" dep ]; };
   selfRef = mk "self-ref" "busybox mkdir $out; echo $out > $out/me" {};
   nondet = mk "nondet" "busybox cat /proc/sys/kernel/random/uuid > $out" {};
   structured = derivation {
@@ -114,6 +116,7 @@ fn session() -> Vec<Step> {
         failing(format!("{nb} allowedNone")),
         step(format!("{nb} allowedSome")),
         step(format!("cat $({nb} passAsFile)")),
+        step(format!("cat $({nb} refGraph)")),
         step(format!("cat $({nb} placeholders)")),
         step(format!(
             "cat $({nb} selfRef)/me; nix-store -q --references $({nb} selfRef)"

@@ -20,6 +20,7 @@ pub mod dirs;
 pub mod env;
 pub mod host;
 pub mod log;
+pub mod refgraph;
 pub mod structured;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -105,6 +106,8 @@ pub struct BuildJob {
     /// database, where it has checked that each is valid. Only these are visible to the
     /// builder; [`run_derivation`] checks the inputs are among them and exist.
     pub input_closure: BTreeSet<StorePath>,
+    /// The references of each path of the closure (`exportReferencesGraph`).
+    pub references: BTreeMap<StorePath, BTreeSet<StorePath>>,
     pub build_uid: u32,
     pub build_gid: u32,
     /// The name of the goal in Nix's timeout and log-limit messages, e.g.
@@ -180,6 +183,8 @@ pub enum BuildErrorKind {
     UnknownOutputPath { drv: String, output: String },
     #[error("building '{drv}': builtin builders are not supported by this daemon yet")]
     Builtin { drv: String },
+    #[error("{message}")]
+    RefGraph { drv: String, message: String },
     /// Nix's words from `builtin:buildenv`, after the derivation's name.
     #[error("{message}")]
     Buildenv { drv: String, message: String },
@@ -495,6 +500,19 @@ pub fn run_derivation_with(
         drv: shown.clone(),
         source,
     })?;
+    let mut env = env;
+    if !drv.env.contains_key(b"__json".as_slice()) {
+        if let Some(attr) = drv.env.get(b"exportReferencesGraph".as_slice()) {
+            let attr = String::from_utf8_lossy(attr);
+            let graphs =
+                refgraph::files(&cfg.store_dir, &attr, &job.input_closure, &job.references)
+                    .map_err(|e| BuildErrorKind::RefGraph {
+                        drv: shown.clone(),
+                        message: e.to_string(),
+                    })?;
+            env.files.extend(graphs);
+        }
+    }
     let builder = PathBuf::from(OsString::from_vec(drv.builder.clone()));
     if !builder.is_absolute() {
         return Err(BuildErrorKind::Builder {

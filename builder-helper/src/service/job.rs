@@ -207,6 +207,17 @@ fn begun(
     let job = BuildJob {
         drv_path: drv.clone(),
         input_closure: inputs.closure.iter().cloned().collect(),
+        references: inputs
+            .closure
+            .iter()
+            .cloned()
+            .zip(
+                inputs
+                    .references
+                    .iter()
+                    .map(|r| r.iter().cloned().collect()),
+            )
+            .collect(),
         build_uid: uid,
         build_gid: gid,
         goal_name: goal_name(&cfg.store_dir, drv, None, '^'),
@@ -240,7 +251,14 @@ fn begun(
         Ok(outcome) => {
             // A builtin's output is the helper's own, not the build user's.
             let owner = (!outcome.by_helper).then_some(uid);
-            register(svc, build, owner, kind, &outcome.outputs_dir, &facts.outputs)
+            register(
+                svc,
+                build,
+                owner,
+                kind,
+                &outcome.outputs_dir,
+                &facts.outputs,
+            )
         }
         Err(e) => failed(e, facts.fixed),
     };

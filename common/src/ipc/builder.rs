@@ -341,6 +341,9 @@ pub struct BuildInputs {
     pub closure: Vec<StorePath>,
     /// Outputs of the derivation that are valid already, by path.
     pub valid_outputs: Vec<StorePath>,
+    /// The references of each path of the closure, in the closure's order
+    /// (`exportReferencesGraph`).
+    pub references: Vec<Vec<StorePath>>,
 }
 
 /// The answer to `RegisterOutputs`: each output's info, or for a refusal a failure (the

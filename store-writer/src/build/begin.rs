@@ -50,6 +50,7 @@ pub fn begin(
         }
     }
     let mut closure = BTreeSet::new();
+    let mut refs: std::collections::BTreeMap<StorePath, Vec<StorePath>> = Default::default();
     let mut todo: VecDeque<StorePath> = inputs.into_iter().collect();
     while let Some(p) = todo.pop_front() {
         if closure.contains(&p) {
@@ -60,7 +61,13 @@ pub fn begin(
         let info = db.query_path_info(&p)?.ok_or_else(|| {
             ReqError::failed(format!("path '{}' is not valid", hl(store.full(&p))))
         })?;
-        todo.extend(info.references.into_iter().filter(|r| !closure.contains(r)));
+        todo.extend(
+            info.references
+                .iter()
+                .filter(|r| !closure.contains(*r))
+                .cloned(),
+        );
+        refs.insert(p.clone(), info.references.into_iter().collect());
         closure.insert(p);
     }
     let mut valid_outputs = Vec::new();
@@ -73,6 +80,10 @@ pub fn begin(
     let reply = BuildInputs {
         closure: closure.iter().cloned().collect(),
         valid_outputs,
+        references: closure
+            .iter()
+            .map(|p| refs.remove(p).unwrap_or_default())
+            .collect(),
     };
     let build = Build {
         drv,
