@@ -164,8 +164,14 @@ fn same_session(nix_conf_lines: &[&str]) {
     same_session_of(DaemonKind::Nix, nix_conf_lines, false)
 }
 
+/// One session at a time: nix-daemon kills every process of a build user before it uses
+/// it, and two instances (each with its own /nix, so its own user locks) would take the same
+/// `nixbld` user and kill each other's builders.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `reference` is the nix-daemon to compare with; `newer` runs Nix 2.26's clients.
 fn same_session_of(reference: DaemonKind, nix_conf_lines: &[&str], newer: bool) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut nix = Daemon::builder(reference);
     let mut stockade = Daemon::builder(DaemonKind::Stockade);
     if newer {
