@@ -21,6 +21,7 @@ pub mod env;
 pub mod host;
 pub mod log;
 pub mod refgraph;
+mod run;
 pub mod structured;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,9 +36,7 @@ use std::time::{Duration, Instant};
 use stockade_common::derivation::{name_from_drv_path, Derivation, DrvError, DrvLimits};
 use stockade_common::store_path::{StoreDir, StorePath};
 
-use crate::sandbox::{
-    self, BuildExit, IdMap, Network, SandboxError, SandboxPath, SandboxSpec, Stdio,
-};
+use crate::sandbox::{BuildExit, SandboxError, SandboxPath};
 pub use dirs::{BuildDir, DirError};
 pub use env::{BuilderEnv, EnvError, EnvParams};
 pub use log::{Ended, Limits, LogTail, SuperviseError};
@@ -406,11 +405,6 @@ pub fn derivation_facts(cfg: &BuildConfig, drv_path: &StorePath) -> Result<DrvFa
     })
 }
 
-/// Held while the helper has a descriptor open for writing on a file a builder could run and
-/// while it clones a sandbox: a clone copies every open descriptor into the child until its
-/// exec, and a write descriptor there would make exec of that file fail (`ETXTBSY`).
-static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// Runs the build of `job.drv_path`; see the module documentation. `log_sink` gets the
 /// builder's stdout and stderr, merged, line by line.
 pub fn run_derivation(
@@ -459,7 +453,7 @@ pub fn run_derivation_with(
     }
 
     if drv.builder == b"builtin:buildenv" {
-        return run_buildenv(cfg, job, &drv, &outputs, log_sink, started);
+        return run::buildenv(cfg, job, &drv, &outputs, log_sink, started);
     }
     // Unsandboxed only where nothing is at the outputs' paths (they are written in place).
     let on_host = !cfg.sandboxed
@@ -524,11 +518,11 @@ pub fn run_derivation_with(
 
     let mut tail = LogTail::new(cfg.log_lines);
     let ran = if on_host {
-        run_on_host(
+        run::on_host(
             cfg, job, &drv, &dir, env, &builder, &outputs, log_sink, &mut tail, cancel,
         )
     } else {
-        run_in_sandbox(
+        run::in_sandbox(
             cfg, job, &drv, &dir, env, builder, &outputs, fixed, log_sink, &mut tail, cancel,
         )
     };
@@ -595,200 +589,4 @@ pub fn run_derivation_with(
         setup_time,
         duration: started.elapsed(),
     })
-}
-
-/// `builtin:buildenv` ([`buildenv`]), run by the helper into the staging directory.
-fn run_buildenv(
-    cfg: &BuildConfig,
-    job: &BuildJob,
-    drv: &Derivation,
-    outputs: &BTreeMap<String, StorePath>,
-    log_sink: &mut dyn Write,
-    started: Instant,
-) -> Result<BuildOutcome, BuildError> {
-    let shown = cfg.store_dir.display(&job.drv_path);
-    let out = outputs
-        .get("out")
-        .ok_or_else(|| BuildErrorKind::MissingOutput {
-            drv: shown.clone(),
-            output: "out".into(),
-            path: String::new(),
-        })?
-        .clone();
-    let dir = BuildDir::create(
-        &cfg.builds_dir,
-        job.drv_path.name(),
-        job.build_uid,
-        job.build_gid,
-    )?;
-    let view = buildenv::StoreView {
-        logical: cfg.store_dir.as_str(),
-        host: &cfg.host_store_dir,
-    };
-    let staged_at = dir.staging().join(out.base_name());
-    if let Err(e) = buildenv::build_env(&view, &drv.env, &staged_at, log_sink) {
-        return Err(BuildError {
-            kind: Box::new(BuildErrorKind::Buildenv {
-                drv: shown,
-                message: e.to_string(),
-            }),
-            kept_build_dir: None,
-            log_tail: Vec::new(),
-        });
-    }
-    let mut staged = BTreeMap::new();
-    staged.insert(
-        "out".to_string(),
-        StagedOutput {
-            path: out,
-            staged: staged_at,
-        },
-    );
-    dir.remove_build();
-    Ok(BuildOutcome {
-        outputs: staged,
-        outputs_dir: dir.staging(),
-        by_helper: true,
-        dir,
-        setup_time: Duration::ZERO,
-        duration: started.elapsed(),
-    })
-}
-
-/// Writes the `passAsFile` files and runs the builder on the host (see [`host`]).
-#[allow(clippy::too_many_arguments)]
-fn run_on_host(
-    cfg: &BuildConfig,
-    job: &BuildJob,
-    drv: &Derivation,
-    dir: &BuildDir,
-    env: BuilderEnv,
-    builder: &std::path::Path,
-    outputs: &BTreeMap<String, StorePath>,
-    log_sink: &mut dyn Write,
-    tail: &mut LogTail,
-    cancel: Option<std::os::fd::BorrowedFd<'_>>,
-) -> Result<(Ended, Duration), BuildErrorKind> {
-    let rewrites = env::output_rewrites(
-        outputs
-            .iter()
-            .map(|(name, path)| (name.as_str(), cfg.store_dir.display(path))),
-    );
-    let args: Vec<OsString> = drv
-        .args
-        .iter()
-        .map(|a| OsString::from_vec(env::rewrite(a, &rewrites)))
-        .collect();
-    let vars: Vec<(OsString, OsString)> = env
-        .vars
-        .into_iter()
-        .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v)))
-        .collect();
-    let (read, write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| SandboxError::Sys {
-            what: "making the log pipe",
-            errno,
-        })?;
-    let mut running = {
-        let _no_clone = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        for (name, contents) in &env.files {
-            dir.write_file(name, contents, job.build_uid, job.build_gid)?;
-        }
-        host::spawn(builder, &args, &vars, &dir.build(), write)?
-    };
-    let limits = Limits {
-        max_silent_time: (cfg.max_silent_time > 0)
-            .then(|| Duration::from_secs(cfg.max_silent_time)),
-        timeout: (cfg.timeout > 0).then(|| Duration::from_secs(cfg.timeout)),
-        max_log_size: cfg.max_log_size,
-    };
-    let ended = log::supervise(&mut running, read, limits, log_sink, tail, cancel);
-    let setup_time = running.setup_time;
-    drop(running);
-    Ok((ended?, setup_time))
-}
-
-/// Writes the `passAsFile` files, describes the sandbox and runs the builder in it.
-#[allow(clippy::too_many_arguments)]
-fn run_in_sandbox(
-    cfg: &BuildConfig,
-    job: &BuildJob,
-    drv: &Derivation,
-    dir: &BuildDir,
-    env: BuilderEnv,
-    builder: PathBuf,
-    outputs: &BTreeMap<String, StorePath>,
-    fixed: bool,
-    log_sink: &mut dyn Write,
-    tail: &mut LogTail,
-    cancel: Option<std::os::fd::BorrowedFd<'_>>,
-) -> Result<(Ended, Duration), BuildErrorKind> {
-    {
-        let _no_clone = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        for (name, contents) in &env.files {
-            dir.write_file(name, contents, job.build_uid, job.build_gid)?;
-        }
-    }
-    let mut spec = SandboxSpec::new(
-        IdMap::nix(job.build_uid, job.build_gid),
-        cfg.store_dir.as_str(),
-        dir.staging(),
-        dir.build(),
-        builder,
-    );
-    spec.host_store_dir = cfg.host_store_dir.clone();
-    spec.sandbox_build_dir = cfg.sandbox_build_dir.clone();
-    spec.etc = sandbox::EtcFiles::nix(&spec.ids, &cfg.sandbox_build_dir);
-    spec.inputs = job
-        .input_closure
-        .iter()
-        .map(|p| p.base_name().to_string())
-        .collect();
-    spec.outputs = outputs
-        .values()
-        .map(|p| PathBuf::from(cfg.store_dir.display(p)))
-        .collect();
-    spec.sandbox_paths = cfg.sandbox_paths.clone();
-    spec.network = if fixed {
-        Network::Host
-    } else {
-        Network::Private
-    };
-    spec.env = env
-        .vars
-        .into_iter()
-        .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v)))
-        .collect();
-    let rewrites = env::output_rewrites(
-        outputs
-            .iter()
-            .map(|(name, path)| (name.as_str(), cfg.store_dir.display(path))),
-    );
-    spec.args = drv
-        .args
-        .iter()
-        .map(|a| OsString::from_vec(env::rewrite(a, &rewrites)))
-        .collect();
-    spec.cgroups = cfg.cgroups.clone();
-
-    let (read, write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| SandboxError::Sys {
-            what: "making the log pipe",
-            errno,
-        })?;
-    let mut running = {
-        let _no_writer = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        sandbox::spawn(&spec, Stdio::log_to(write)?)?
-    };
-    let limits = Limits {
-        max_silent_time: (cfg.max_silent_time > 0)
-            .then(|| Duration::from_secs(cfg.max_silent_time)),
-        timeout: (cfg.timeout > 0).then(|| Duration::from_secs(cfg.timeout)),
-        max_log_size: cfg.max_log_size,
-    };
-    let ended = log::supervise(&mut running, read, limits, log_sink, tail, cancel);
-    // Dropping the sandbox kills and reaps it if supervision stopped early.
-    let setup_time = running.setup_time;
-    drop(running);
-    Ok((ended?, setup_time))
 }
