@@ -53,6 +53,10 @@ use crate::spawn::Confinement;
 use crate::uids::UidPool;
 use crate::writer::StoreWriter;
 
+mod children;
+mod ctx;
+pub use ctx::{db_reader_gid, unprivileged_notice, yes_no, Ctx};
+
 /// How long the store-writer has to finish after `Shutdown` before it is killed.
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
@@ -61,131 +65,6 @@ pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 const ACCEPT_BATCH: usize = 64;
 /// How long the accept loop waits, idle, before checking released broker uids for leftovers.
 const VERIFY_UIDS_AFTER_MS: u16 = 100;
-
-/// Everything decided at start.
-pub struct Ctx {
-    pub paths: Paths,
-    pub cfg: Config,
-    pub args: DaemonArgs,
-    pub audit: Audit,
-    pub as_root: bool,
-    pub uid: u32,
-    pub launcher: Launcher,
-}
-
-impl Ctx {
-    /// The store-writer's configuration.
-    pub fn store_writer_config(&self) -> StoreWriterConfig {
-        let s = &self.cfg.settings;
-        let store_dir = self.paths.store_dir.to_string_lossy().into_owned();
-        StoreWriterConfig {
-            real_store_dir: store_dir.clone(),
-            store_dir,
-            state_dir: self.paths.state_dir.to_string_lossy().into_owned(),
-            log_dir: self.paths.log_dir.to_string_lossy().into_owned(),
-            require_sigs: s.require_sigs,
-            trusted_public_keys: s.trusted_public_keys.clone(),
-            use_sqlite_wal: s.use_sqlite_wal,
-            fsync_metadata: s.fsync_metadata,
-            compress_build_log: s.compress_build_log,
-            as_root: self.as_root,
-            audit_socket: self
-                .cfg
-                .audit_socket()
-                .map(|p| p.to_string_lossy().into_owned()),
-            db_group: self.broker_db_group(),
-            secret_key_files: s.secret_key_files.clone(),
-        }
-    }
-
-    /// The supplementary group brokers get to read the database, when they read it.
-    pub fn broker_db_group(&self) -> Option<u32> {
-        (self.as_root && self.cfg.stockade.broker_reads_database)
-            .then(|| db_reader_gid(&self.cfg.broker_uid_range()))
-    }
-
-    /// How the store-writer is confined.
-    pub fn store_writer_confinement(&self) -> Confinement {
-        if self.as_root {
-            let id = store_writer_uid(&self.cfg.broker_uid_range());
-            Confinement::StoreWriterCaps { uid: id, gid: id }
-        } else {
-            Confinement::SameUid
-        }
-    }
-
-    /// Start the store-writer.
-    pub fn start_store_writer(&self) -> Result<StoreWriter> {
-        StoreWriter::start(
-            &self.launcher.programs.store_writer,
-            self.store_writer_confinement(),
-            self.store_writer_config(),
-        )
-    }
-
-    /// Start the builder-helper, connected to `writer` by a channel of its own.
-    pub fn start_builder(&self, writer: &mut StoreWriter) -> Result<BuilderHelper> {
-        let (writer_end, helper_end) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
-        writer.builder_helper(writer_end)?;
-        let config = crate::builders::builder_config(self);
-        let confinement = if self.as_root {
-            let id = builder_uid(&self.cfg.broker_uid_range());
-            crate::builders::prepare_builds_dir(Path::new(&config.builds_dir), id)?;
-            Confinement::BuilderCaps { uid: id, gid: id }
-        } else {
-            Confinement::SameUid
-        };
-        BuilderHelper::start(
-            &self.launcher.programs.builder_helper,
-            confinement,
-            config,
-            helper_end.into_fd(),
-        )
-    }
-
-    /// The start-up audit line: effective security settings.
-    pub fn audit_start(&self, mode: &str, extra: &[(&str, String)]) {
-        let mut fields: Vec<(&str, String)> = vec![
-            ("version", env!("CARGO_PKG_VERSION").to_string()),
-            ("mode", mode.to_string()),
-            ("root", yes_no(self.as_root).to_string()),
-            ("store", self.paths.store_dir.to_string_lossy().into_owned()),
-            ("state", self.paths.state_dir.to_string_lossy().into_owned()),
-            (
-                "trust-override",
-                format!("{:?}", self.args.trust_override()),
-            ),
-        ];
-        fields.extend(extra.iter().cloned());
-        fields.extend(self.cfg.security_summary());
-        let refs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.audit.event_at(
-            Facility::Daemon,
-            Severity::Notice,
-            0,
-            self.uid,
-            "start",
-            &refs,
-        );
-    }
-}
-
-/// The one line a daemon started by an ordinary user prints about what it cannot do.
-pub fn unprivileged_notice(uid: u32) -> String {
-    format!(
-        "running as uid {uid}, not root: the store-writer and brokers share this uid, so uid \
-         separation and capability dropping are unavailable (no_new_privs and each process's own \
-         seccomp/landlock confinement still apply)"
-    )
-}
-
-pub fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
-}
 
 /// Which socket a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -597,139 +476,6 @@ impl Daemon {
         );
     }
 
-    fn handle_helper_message(&mut self) {
-        match self.helper.recv() {
-            Ok(BuilderToMaster::NeedUid { id }) => {
-                let answer = self.build_uids.allocate(self.ctx.uid);
-                if let Err(e) = self.helper.answer_uid(id, answer) {
-                    log::warn!("{e}");
-                }
-            }
-            Ok(BuilderToMaster::ReleaseUid { uid }) => self.build_uids.release(uid),
-            Ok(BuilderToMaster::Audit {
-                conn_id,
-                event,
-                fields,
-            }) => {
-                let uid = self
-                    .conns
-                    .values()
-                    .find(|c| c.conn_id == conn_id)
-                    .map_or(0, |c| c.client_uid);
-                let refs: Vec<(&str, &str)> = fields
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                self.ctx.audit.event_at(
-                    Facility::Daemon,
-                    Severity::Info,
-                    conn_id,
-                    uid,
-                    &event,
-                    &refs,
-                );
-            }
-            Ok(other) => log::warn!("unexpected message from the builder-helper: {other:?}"),
-            Err(ipc::Error::Closed) => self.helper_chan_open = false,
-            Err(e) => log::error!("builder-helper channel: {e}"),
-        }
-    }
-
-    /// The builder-helper exited: expected while shutting down; otherwise every broker's
-    /// build channel is gone, and the daemon stops (non-zero) as when the store-writer dies.
-    fn helper_exited(&mut self, how: &(&str, String)) {
-        self.helper_chan_open = false;
-        if self.shutdown_deadline.is_some() {
-            log::info!("the builder-helper exited ({} {})", how.0, how.1);
-            return;
-        }
-        log::error!(
-            "the builder-helper exited unexpectedly ({} {}); stopping",
-            how.0,
-            how.1
-        );
-        self.ctx.audit.event_at(
-            Facility::Daemon,
-            Severity::Err,
-            0,
-            self.ctx.uid,
-            "builder-helper-died",
-            &[(how.0, &how.1)],
-        );
-        self.helper_died = true;
-        self.begin_shutdown(Signal::SIGTERM);
-    }
-
-    fn handle_writer_message(&mut self) {
-        match self.writer.recv() {
-            Ok(StoreWriterToMaster::ClientRefused { conn_id, reason }) => {
-                let uid = self
-                    .conns
-                    .values()
-                    .find(|c| c.conn_id == conn_id)
-                    .map_or(0, |c| c.client_uid);
-                log::warn!("the store-writer dropped connection {conn_id}: {reason}");
-                self.ctx.audit.event_at(
-                    Facility::Daemon,
-                    Severity::Warning,
-                    conn_id,
-                    uid,
-                    "store-writer-refused",
-                    &[("reason", &reason)],
-                );
-            }
-            Ok(StoreWriterToMaster::ConnectGcSocket { id }) => {
-                let path = self.ctx.paths.state_dir.join("gc-socket/socket");
-                if let Err(e) = self.writer.gc_socket(id, &path) {
-                    log::warn!("cannot answer the store-writer's gc-socket request: {e}");
-                }
-            }
-            Ok(StoreWriterToMaster::DatabaseHeld { holders }) => {
-                for h in holders {
-                    self.database_held_by(h.pid);
-                }
-            }
-            Ok(other) => log::warn!("unexpected message from the store-writer: {other:?}"),
-            Err(ipc::Error::Closed) => {
-                // Its exit status arrives with SIGCHLD; stop polling the dead channel.
-                self.writer_chan_open = false;
-            }
-            Err(e) => log::error!("store-writer channel: {e}"),
-        }
-    }
-
-    /// A69: `pid` holds the database's locks while writes wait. A broker of ours (or anything
-    /// running under a broker uid) has no business doing that: it is killed, which drops its
-    /// locks. Anyone else is left to the store-writer's deadline and error message.
-    fn database_held_by(&mut self, pid: i32) {
-        let conn = self.conns.get(&pid);
-        let uid = proc_uid(pid);
-        let broker_uid = uid.is_some_and(|u| self.uids.as_ref().is_some_and(|p| p.owns(u)));
-        let (conn_id, client_uid) = conn.map_or((0, 0), |c| (c.conn_id, c.client_uid));
-        let uid_text = uid.map_or_else(|| "?".to_string(), |u| u.to_string());
-        let outcome = if conn.is_some() || broker_uid {
-            match kill(Pid::from_raw(pid), Signal::SIGKILL) {
-                Ok(()) => "killed",
-                Err(_) => "kill-failed",
-            }
-        } else {
-            "not-a-broker"
-        };
-        log::warn!("pid {pid} (uid {uid_text}) holds the database's locks: {outcome}");
-        self.ctx.audit.event_at(
-            Facility::Daemon,
-            Severity::Warning,
-            conn_id,
-            client_uid,
-            "database-held",
-            &[
-                ("holder-pid", &pid.to_string()),
-                ("holder-uid", &uid_text),
-                ("outcome", outcome),
-            ],
-        );
-    }
-
     fn accept_batch(&mut self, source: Source) {
         for _ in 0..ACCEPT_BATCH {
             let accepted = {
@@ -992,24 +738,6 @@ impl Daemon {
             ],
         );
     }
-}
-
-/// The store-writer's uid (and gid) when the daemon runs as root: the one just below the
-/// broker range, so it never collides with a broker and needs no passwd entry.
-pub fn store_writer_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
-    brokers.first.saturating_sub(1).max(1)
-}
-
-/// The builder-helper's uid (and gid) when the daemon runs as root: the third just below the
-/// broker range (after the store-writer's uid and the database readers' gid).
-pub fn builder_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
-    brokers.first.saturating_sub(3).max(1)
-}
-
-/// The group that may enter the database directory: only brokers hold it (A69). Like the
-/// store-writer's uid, it is taken from just below the broker range, which must be free.
-pub fn db_reader_gid(brokers: &stockade_common::conf::UidRange) -> u32 {
-    brokers.first.saturating_sub(2).max(1)
 }
 
 /// The real uid of `pid`, from `/proc/<pid>/status`.
