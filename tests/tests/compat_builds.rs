@@ -11,7 +11,7 @@
 //! the harness's default (`sandbox = false`, no build users). Needs root (namespaces, bind
 //! mounts); fails loudly in CI without it.
 
-use stockade_tests::session::{compare, failing, run_steps, step, Step};
+use stockade_tests::session::{compare, failing, known, run_steps, step, Step};
 use stockade_tests::{skip_unless_newer_nix, skip_unless_root, Daemon, DaemonKind};
 
 /// The derivations the session builds; `BB` names static busybox in the store.
@@ -60,6 +60,13 @@ in rec {
     where = "${builtins.placeholder "out"}/sub";
   };
   refGraph = mk "ref-graph" "busybox cat graph > $out" { exportReferencesGraph = [ "graph" dep ]; };
+  otherSystem = derivation {
+    name = "other-system";
+    system = "riscv64-none";
+    builder = "${bb}/bin/sh";
+    args = [ "-c" "echo > $out" ];
+  };
+  needsFeature = mk "needs-feature" "echo > $out" { requiredSystemFeatures = [ "no-such-feature" ]; };
   selfRef = mk "self-ref" "busybox mkdir $out; echo $out > $out/me" {};
   nondet = mk "nondet" "busybox cat /proc/sys/kernel/random/uuid > $out" {};
   structured = derivation {
@@ -89,6 +96,11 @@ in rec {
 }
 "#;
 
+/// Nix 2.26 lists `uid-range` among its default `system-features` (builds given a range of
+/// uids); Stockade offers no such builds and does not list it. Nix 2.8 does not either.
+const UID_RANGE: &str =
+    "nix-daemon 2.26 lists the uid-range system feature, which Stockade does not offer";
+
 fn session() -> Vec<Step> {
     let nb = "nix-build $WORK/builds.nix --no-out-link -A";
     vec![
@@ -117,6 +129,8 @@ fn session() -> Vec<Step> {
         step(format!("{nb} allowedSome")),
         step(format!("cat $({nb} passAsFile)")),
         step(format!("cat $({nb} refGraph)")),
+        known(format!("{nb} otherSystem"), UID_RANGE).fails(),
+        known(format!("{nb} needsFeature"), UID_RANGE).fails(),
         step(format!("cat $({nb} placeholders)")),
         step(format!(
             "cat $({nb} selfRef)/me; nix-store -q --references $({nb} selfRef)"

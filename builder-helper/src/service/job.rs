@@ -123,6 +123,9 @@ fn build(
         Ok(f) => f,
         Err(e) => return failure(BuildStatus::MiscFailure, e.to_string()),
     };
+    if let Err(why) = can_build_here(&svc.config, &facts.drv, &shown) {
+        return failure(BuildStatus::MiscFailure, why);
+    }
     let build = NEXT_BUILD.fetch_add(1, Ordering::Relaxed);
     let begin = BuilderToStoreWriter::BeginBuild {
         build,
@@ -433,4 +436,49 @@ impl Write for LogSink<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Nix's `canBuildLocally`: the derivation's `system` is this machine's or one of
+/// `extra-platforms` (builtins run anywhere), and every `requiredSystemFeatures` entry is in
+/// `system-features`; otherwise Nix's message.
+fn can_build_here(
+    config: &stockade_common::ipc::builder::BuilderConfig,
+    drv: &stockade_common::derivation::Derivation,
+    shown: &str,
+) -> Result<(), String> {
+    let platform = String::from_utf8_lossy(&drv.system).into_owned();
+    let required: BTreeSet<String> = match drv.env.get(b"__json".as_slice()) {
+        Some(json) => serde_json::from_slice::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.get("requiredSystemFeatures").cloned())
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        None => drv
+            .env
+            .get(b"requiredSystemFeatures".as_slice())
+            .map(|v| {
+                String::from_utf8_lossy(v)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let ours: BTreeSet<&String> = config.system_features.iter().collect();
+    let platform_ok =
+        drv.is_builtin() || platform == config.system || config.extra_platforms.contains(&platform);
+    if platform_ok && required.iter().all(|f| ours.contains(f)) {
+        return Ok(());
+    }
+    let join = |it: Vec<&String>| it.into_iter().cloned().collect::<Vec<_>>().join(", ");
+    Err(format!(
+        "a '{platform}' with features {{{}}} is required to build '{shown}', but I am a '{}' \
+         with features {{{}}}",
+        join(required.iter().collect()),
+        config.system,
+        join(ours.into_iter().collect()),
+    ))
 }
