@@ -112,6 +112,18 @@ impl BuilderHelper {
             .map_err(Error::ipc("telling the builder-helper a client left"))
     }
 
+    /// Gives the helper a channel to a new store-writer (the store was replaced).
+    pub fn reconnect(&mut self, writer: &mut crate::writer::StoreWriter) -> Result<()> {
+        let (writer_end, helper_end) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
+        writer.builder_helper(writer_end)?;
+        let fd = helper_end.into_fd();
+        self.chan
+            .send(&MasterToBuilder::StoreWriter, &[fd.as_fd()])
+            .map_err(Error::ipc(
+                "sending the builder-helper its new store-writer",
+            ))
+    }
+
     pub fn shutdown(&mut self) -> Result<()> {
         self.chan
             .send(&MasterToBuilder::Shutdown, &[])

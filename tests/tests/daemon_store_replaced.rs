@@ -41,6 +41,8 @@ fn replace_store(d: &Daemon, owner: Option<&User>) {
 /// What a client sees, with the store directory (which differs between instances) cut off.
 #[derive(Debug, PartialEq, Eq)]
 struct Seen {
+    /// A derivation built on the new store: its output's contents.
+    built: String,
     /// `nix-store --add` of a new file: the name part of its store path.
     added: String,
     /// `nix-store -q --hash` of it.
@@ -111,7 +113,31 @@ fn scenario(kind: DaemonKind, owner: &User, audit: &AuditCollector) -> (Seen, Da
         assert!(o.success(), "{o}\n--- daemon log ---\n{}", d.log_tail(40));
         (o.success(), o.stdout_str())
     };
+    // A build on the new store (the builder-helper's channel follows the new store-writer).
+    // Busybox added by the owner (a daemon run by an ordinary user refuses root's per-user
+    // directories).
+    let bb_dir = d.work_dir().join("bb/busybox");
+    std::fs::create_dir_all(bb_dir.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", bb_dir.join("bin/busybox")).expect("busybox-static");
+    std::os::unix::fs::symlink("busybox", bb_dir.join("bin/sh")).unwrap();
+    for dir in [d.work_dir().join("bb"), bb_dir.clone(), bb_dir.join("bin")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let bb = d.run_as_ok(owner, ["nix-store", "--add", bb_dir.to_str().unwrap()]);
+    let expr = stockade_tests::busybox_derivation(&bb, "after", "echo built after > $out");
+    let out = d
+        .cmd("nix-build")
+        .args(["--no-out-link", "-E", &expr])
+        .as_user(owner)
+        .output();
+    assert!(
+        out.success(),
+        "{out}\n--- daemon log ---\n{}",
+        d.log_tail(40)
+    );
+    let built = std::fs::read_to_string(d.host_path(out.stdout_str().trim())).unwrap_or_default();
     let seen = Seen {
+        built,
         added: name_of(&store, &new),
         hash,
         old_hash_ok,
@@ -153,6 +179,7 @@ fn ordinary_user_daemon_serves_the_new_store_like_nix_daemon() {
     let (ours, d, late) = scenario(DaemonKind::Stockade, &owner, &audit);
     assert_eq!(ours, nix, "Stockade (left) and nix-daemon (right) differ");
     assert_eq!(nix.added, "-second.txt");
+    assert_eq!(nix.built, "built after\n");
     assert!(nix.hash.starts_with("sha256:"), "{nix:?}");
     assert!(!nix.old_hash_ok && nix.old_invalid, "{nix:?}");
 

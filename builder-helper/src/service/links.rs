@@ -109,13 +109,18 @@ pub enum WriterError {
     Unexpected(&'static str),
 }
 
-/// The channel to the store-writer, shared by every build thread.
+/// The channel to the store-writer, shared by every build thread. Replaced when the master
+/// starts a new store-writer on a replaced store; a request about a build begun with the old
+/// one fails here, never reaching a store-writer that does not know the build.
 pub struct WriterLink {
     chan: Mutex<WriterChan>,
 }
 
 struct WriterChan {
     chan: Channel,
+    generation: u64,
+    /// Each open build's generation (from its `BeginBuild` to its `EndBuild`).
+    builds: HashMap<u64, u64>,
     hello: bool,
     /// A request failed half-way: replies could be out of step with requests from now on.
     broken: bool,
@@ -124,17 +129,26 @@ struct WriterChan {
 impl WriterLink {
     /// Spilling as on brokers' channels to the store-writer (a closure can be large).
     pub fn new(fd: OwnedFd) -> Result<WriterLink, stockade_common::ipc::Error> {
-        let mut chan = Channel::from_fd(fd)?;
-        chan.enable_spill(BROKER_SPILL_MAX);
-        chan.set_read_timeout(Some(WRITER_WAIT))?;
-        chan.set_write_timeout(Some(WRITER_WAIT))?;
         Ok(WriterLink {
             chan: Mutex::new(WriterChan {
-                chan,
+                chan: open_channel(fd)?,
+                generation: 0,
+                builds: HashMap::new(),
                 hello: false,
                 broken: false,
             }),
         })
+    }
+
+    /// A channel to a new store-writer takes the place of the old one.
+    pub fn replace(&self, fd: OwnedFd) -> Result<(), stockade_common::ipc::Error> {
+        let chan = open_channel(fd)?;
+        let mut w = self.chan.lock().unwrap_or_else(|e| e.into_inner());
+        w.chan = chan;
+        w.generation += 1;
+        w.hello = false;
+        w.broken = false;
+        Ok(())
     }
 
     /// Sends `req` (with its descriptor) and returns the reply; the first request is preceded
@@ -146,6 +160,27 @@ impl WriterLink {
     ) -> Result<T, WriterError> {
         let mut guard = self.chan.lock().unwrap_or_else(|e| e.into_inner());
         let w = &mut *guard;
+        let current = w.generation;
+        match req {
+            BuilderToStoreWriter::BeginBuild { build, .. } => {
+                w.builds.insert(*build, current);
+            }
+            BuilderToStoreWriter::RegisterOutputs { build, .. }
+            | BuilderToStoreWriter::StoreBuildLog { build }
+            | BuilderToStoreWriter::EndBuild { build } => {
+                let begun = if matches!(req, BuilderToStoreWriter::EndBuild { .. }) {
+                    w.builds.remove(build)
+                } else {
+                    w.builds.get(build).copied()
+                };
+                if begun != Some(current) {
+                    return Err(WriterError::Failed(
+                        "the store was replaced while the build ran".into(),
+                    ));
+                }
+            }
+            _ => {}
+        }
         if w.broken {
             return Err(WriterError::Failed(
                 "the channel to the store-writer is broken".into(),
@@ -167,6 +202,9 @@ impl WriterLink {
             }
             exchange(&mut w.chan, req, fds)
         })();
+        if let (BuilderToStoreWriter::BeginBuild { build, .. }, Err(_)) = (req, &result) {
+            w.builds.remove(build);
+        }
         if matches!(
             result,
             Err(WriterError::Channel(_) | WriterError::Unexpected(_))
@@ -175,6 +213,14 @@ impl WriterLink {
         }
         result
     }
+}
+
+fn open_channel(fd: OwnedFd) -> Result<Channel, stockade_common::ipc::Error> {
+    let mut chan = Channel::from_fd(fd)?;
+    chan.enable_spill(BROKER_SPILL_MAX);
+    chan.set_read_timeout(Some(WRITER_WAIT))?;
+    chan.set_write_timeout(Some(WRITER_WAIT))?;
+    Ok(chan)
 }
 
 fn exchange<T: DeserializeOwned>(

@@ -226,6 +226,12 @@ pub fn serve(mut control: Channel) -> i32 {
                 };
                 svc.master.answer(id, answer);
             }
+            In::StoreWriter => {
+                let Some(fd) = fds.pop() else { continue };
+                if let Err(e) = svc.writer.replace(fd) {
+                    log::error!("the new store-writer's channel: {e}");
+                }
+            }
             In::Shutdown => break 0,
             other => {
                 log::error!("control channel: unexpected {other:?}");

@@ -61,6 +61,9 @@ pub enum MasterToBuilder {
         gid: u32,
         error: Option<String>,
     },
+    /// The store was replaced and a new store-writer serves it. Carries one descriptor: the
+    /// helper's end of a channel to it. Builds begun with the old one fail.
+    StoreWriter,
 }
 
 /// builder-helper → master.
@@ -366,7 +369,9 @@ impl Message for MasterToBuilder {
     const MAX_FDS: usize = 1;
     fn fd_count(&self) -> usize {
         match self {
-            MasterToBuilder::Start(_) | MasterToBuilder::NewClient { .. } => 1,
+            MasterToBuilder::Start(_)
+            | MasterToBuilder::NewClient { .. }
+            | MasterToBuilder::StoreWriter => 1,
             _ => 0,
         }
     }

@@ -648,7 +648,13 @@ impl Daemon {
         }
         match restart::ensure_current(&self.ctx, &mut self.watch, &mut self.writer) {
             Checked::Current => {}
-            Checked::Restarted => self.writer_chan_open = true,
+            Checked::Restarted => {
+                self.writer_chan_open = true;
+                // The helper's channel went with the old store-writer.
+                if let Err(e) = self.helper.reconnect(&mut self.writer) {
+                    log::error!("reconnecting the builder-helper to the new store-writer: {e}");
+                }
+            }
             // Logged and audited; the old store-writer is reaped, the run loop stops.
             Checked::Stop => {
                 self.writer_exited = true;
