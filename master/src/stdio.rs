@@ -62,6 +62,9 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
     });
 
     let mut writer = ctx.start_store_writer()?;
+    // Builds as the daemon would run them: the helper, and build uids from the same pool.
+    let mut helper = ctx.start_builder(&mut writer)?;
+    let mut build_uids = crate::builders::BuildUids::new(&ctx)?;
     // Kept until the end: it holds the broker uid's lock.
     let mut pool = if ctx.as_root {
         Some(UidPool::new(ctx.cfg.broker_uid_range())?)
@@ -95,9 +98,13 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
         let (ours, theirs) = UnixStream::pair().map_err(Error::io("socketpair"))?;
         (theirs.into(), Some(ours))
     };
-    let broker = ctx
-        .launcher
-        .launch(&mut writer, None, client, &identity, broker_uid)?;
+    let broker = ctx.launcher.launch(
+        &mut writer,
+        Some(&mut helper),
+        client,
+        &identity,
+        broker_uid,
+    )?;
     ctx.audit.event_at(
         Facility::AuthPriv,
         Severity::Info,
@@ -113,10 +120,14 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
     );
     // Threads only from here on: every child has been forked.
     let output = splice.map(start_splice).transpose()?;
-    let status = wait_for(broker);
+    let status = serve_helper_until(&ctx, &mut helper, &mut build_uids, broker, &identity);
     if let Some(out) = output {
         let _ = out.join();
     }
+    let _ = helper.client_gone(conn_id);
+    let _ = helper.shutdown();
+    let helper_status = wait_for(helper.pid);
+    build_uids.verify_released();
     let _ = writer.client_gone(conn_id);
     let _ = writer.shutdown();
     let writer_status = wait_for(writer.pid);
@@ -135,6 +146,7 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
             ("broker-pid", &broker.to_string()),
             ("status", &status),
             ("store-writer-status", &writer_status),
+            ("builder-helper-status", &helper_status),
         ],
     );
     Ok(0)
@@ -245,6 +257,70 @@ fn same_unix_stream_socket(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
 }
 
 /// Wait for a child; a description of how it ended.
+/// Answers the helper (build uids, audit lines) until the broker exits; returns how it
+/// exited.
+fn serve_helper_until(
+    ctx: &Ctx,
+    helper: &mut crate::builder::BuilderHelper,
+    uids: &mut crate::builders::BuildUids,
+    broker: i32,
+    client: &ClientIdentity,
+) -> String {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use stockade_common::ipc::builder::BuilderToMaster;
+    let mut open = true;
+    loop {
+        match waitpid(
+            Pid::from_raw(broker),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::Exited(_, code)) => return format!("exit:{code}"),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return format!("signal:{}", sig.as_str()),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return format!("unknown ({e})"),
+        }
+        if !open {
+            return wait_for(broker);
+        }
+        // The broker's exit is seen within this long (there is no signalfd in this mode).
+        let ready = {
+            let mut fds = [PollFd::new(helper.channel().as_fd(), PollFlags::POLLIN)];
+            matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0)
+        };
+        if !ready {
+            continue;
+        }
+        match helper.recv() {
+            Ok(BuilderToMaster::NeedUid { id }) => {
+                let answer = uids.allocate(ctx.uid);
+                if let Err(e) = helper.answer_uid(id, answer) {
+                    log::warn!("{e}");
+                }
+            }
+            Ok(BuilderToMaster::ReleaseUid { uid }) => uids.release(uid),
+            Ok(BuilderToMaster::Audit { event, fields, .. }) => {
+                let refs: Vec<(&str, &str)> = fields
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                ctx.audit.event_at(
+                    Facility::Daemon,
+                    Severity::Info,
+                    client.conn_id,
+                    client.uid,
+                    &event,
+                    &refs,
+                );
+            }
+            Ok(other) => log::warn!("unexpected message from the builder-helper: {other:?}"),
+            Err(e) => {
+                log::warn!("builder-helper channel: {e}");
+                open = false;
+            }
+        }
+    }
+}
+
 fn wait_for(pid: i32) -> String {
     loop {
         match waitpid(Pid::from_raw(pid), None) {
