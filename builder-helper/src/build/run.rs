@@ -207,10 +207,7 @@ pub(super) fn in_sandbox(
             what: "making the log pipe",
             errno,
         })?;
-    let mut running = {
-        let _no_writer = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        sandbox::spawn(&spec, Stdio::log_to(write)?)?
-    };
+    let mut running = sandbox::spawn_with(&spec, Stdio::log_to(write)?, Some(&SPAWN_LOCK))?;
     let limits = limits(cfg);
     let ended = log::supervise(&mut running, read, limits, log_sink, tail, cancel);
     // Dropping the sandbox kills and reaps it if supervision stopped early.

@@ -231,6 +231,18 @@ impl Drop for Sandbox {
 /// The calling thread must outlive the build: the parent-death signal fires when the thread
 /// that cloned the sandbox exits, not only the process.
 pub fn spawn(spec: &SandboxSpec, stdio: Stdio) -> Result<Sandbox, SandboxError> {
+    spawn_with(spec, stdio, None)
+}
+
+/// [`spawn`], holding `clone_lock` (when given) for the `clone` itself only: the child
+/// inherits every descriptor open at that moment, and a caller that writes files a builder
+/// may run keeps them closed while the lock is held; the child's set-up after the clone
+/// needs no lock, so builds set up side by side.
+pub fn spawn_with(
+    spec: &SandboxSpec,
+    stdio: Stdio,
+    clone_lock: Option<&std::sync::Mutex<()>>,
+) -> Result<Sandbox, SandboxError> {
     let started = Instant::now();
     let landlock = landlock::prepare()?;
     let landlock_abi = landlock.as_ref().map(|l| (l.abi, l.scoped));
@@ -240,13 +252,15 @@ pub fn spawn(spec: &SandboxSpec, stdio: Stdio) -> Result<Sandbox, SandboxError> 
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
     let plan = plan::make(spec, stdio, go_read, report_write, landlock, seccomp)?;
 
+    let held = clone_lock.map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
     // SAFETY: the child runs `contain::contain` only, which makes system calls on the plan
-    // prepared above and ends in execve or _exit; it never returns here.
+    // prepared above and ends in execve or _exit; it never returns here (nor drops `held`).
     let cloned = unsafe { sys::clone_process(plan.clone_flags) }.map_err(sys_err("clone"))?;
     let pid = match cloned {
         sys::Cloned::Child => contain::contain(&plan),
         sys::Cloned::Parent(pid) => Pid::from_raw(pid),
     };
+    drop(held);
     // The child's ends of the pipes, its standard descriptors and the ruleset.
     drop(plan);
     let mut sandbox = Sandbox {
