@@ -34,7 +34,8 @@ pub mod verify;
         feature = "without-a69",
         feature = "without-a70",
         feature = "without-a71",
-        feature = "without-a75"
+        feature = "without-a75",
+        feature = "without-nofollow"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

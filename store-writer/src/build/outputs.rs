@@ -321,14 +321,24 @@ fn fixed_output(
         FileIngestion::Recursive => recursive.and_then(ModuloHasher::finish),
         FileIngestion::Flat => {
             let st = sys::lstat_at(staging.fd()?, t.node.as_str())?;
-            if sys::file_type(&st) != SFlag::S_IFREG || st.st_mode & 0o100 != 0 {
-                return Ok(Err(format!(
-                    "output path '{}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)",
-                    hl(store.full(&t.path))
-                )));
+            if cfg!(feature = "without-nofollow") && sys::file_type(&st) == SFlag::S_IFLNK {
+                // Test-only: the defence off, the planted link is followed (as the daemon of
+                // CVE-2026-39860 did), so tests/tests/build_sandbox.rs can be seen to fail.
+                use std::os::fd::AsRawFd;
+                let at = format!("/proc/self/fd/{}/{}", staging.fd()?.as_raw_fd(), t.node);
+                let f = std::fs::File::open(at)?;
+                let size = f.metadata()?.len();
+                hash_modulo_reader(f, wanted.algo(), t.path.hash_part(), size)?
+            } else {
+                if sys::file_type(&st) != SFlag::S_IFREG || st.st_mode & 0o100 != 0 {
+                    return Ok(Err(format!(
+                        "output path '{}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)",
+                        hl(store.full(&t.path))
+                    )));
+                }
+                let (f, size) = staging.open_file(&t.node)?;
+                hash_modulo_reader(f, wanted.algo(), t.path.hash_part(), size)?
             }
-            let (f, size) = staging.open_file(&t.node)?;
-            hash_modulo_reader(f, wanted.algo(), t.path.hash_part(), size)?
         }
     };
     let got = got.ok_or_else(|| ReqError::failed("too many self-references"))?;
