@@ -5,6 +5,7 @@
 //! builds with all of them on. Needs root; fails loudly in CI without it.
 
 use std::fs;
+use std::os::linux::net::SocketAddrExt;
 
 use stockade_tests::{skip_unless_root, Daemon, DaemonKind};
 
@@ -122,4 +123,66 @@ fn a_planted_symlink_output_takes_nothing_from_the_host() {
         "grep -rl 'host secret' /nix/store 2>/dev/null | grep -v secret.txt || true",
     ]);
     assert_eq!(leaked, "", "the host's file reached the store");
+}
+
+/// A fixed-output builder shares the host's network namespace, yet cannot reach an abstract
+/// unix socket bound on the host (Landlock's scoping): the static probe of
+/// builder-helper/tests/probe/probe.c, run through nix-build, is refused and the host's
+/// listener sees no connection.
+#[test]
+fn a_fixed_output_builder_cannot_reach_a_host_abstract_socket() {
+    skip_unless_root!();
+    let d = Daemon::builder(DaemonKind::Stockade)
+        .conf_line("sandbox = true")
+        .conf_line("build-users-group = nixbld")
+        .start()
+        .expect("stockade");
+    let bb = d.add_busybox();
+    // The probe, static, in the store as `probe/bin/probe`.
+    let dir = d.work_dir().join("probe-src/probe/bin");
+    fs::create_dir_all(&dir).unwrap();
+    let src = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../builder-helper/tests/probe/probe.c"
+    );
+    let st = std::process::Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(dir.join("probe"))
+        .arg(src)
+        .status()
+        .expect("cc (libc6-dev)");
+    assert!(st.success(), "cc -static failed");
+    let probe = d.run_ok([
+        "nix-store",
+        "--add",
+        d.work_dir().join("probe-src/probe").to_str().unwrap(),
+    ]);
+
+    let name = format!("stockade-e2e-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let script = format!("$PROBE/bin/probe connect-abstract {name}; echo > $out");
+    let expr = format!(
+        "let bb = builtins.storePath \"{bb}\"; in derivation {{ name = \"reach\"; \
+         system = builtins.currentSystem; builder = \"${{bb}}/bin/sh\"; \
+         PATH = \"${{bb}}/bin\"; PROBE = builtins.storePath \"{probe}\"; \
+         args = [ \"-c\" {} ]; outputHashMode = \"flat\"; outputHashAlgo = \"sha256\"; \
+         outputHash = \"0000000000000000000000000000000000000000000000000000\"; }}",
+        stockade_tests::nix_string(&script)
+    );
+    // The hash is wrong on purpose: only the probe's line in the log matters.
+    let out = d
+        .cmd("nix-build")
+        .args(["--no-out-link", "-E", &expr])
+        .fails();
+    let err = out.stderr_str();
+    assert!(
+        err.contains("refused") && !err.lines().any(|l| l.trim() == "done"),
+        "{err}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the host's listener got a connection from the builder"
+    );
 }
