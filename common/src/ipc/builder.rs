@@ -388,17 +388,6 @@ impl Message for BuilderToStoreWriter {
     }
 }
 
-macro_rules! no_fds {
-    ($($t:ty),* $(,)?) => {$(
-        impl Message for $t {
-            const MAX_FDS: usize = 0;
-            fn fd_count(&self) -> usize {
-                0
-            }
-        }
-    )*};
-}
-
 no_fds!(BuilderToMaster, BrokerToBuilder, BuilderToBroker);
 
 #[cfg(test)]

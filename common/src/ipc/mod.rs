@@ -29,6 +29,18 @@
 //! flag appear anyway the message is refused. A message with more descriptors than its type
 //! declares, or any control data that is not `SCM_RIGHTS`, is an error.
 
+/// `Message` for types that never carry descriptors (declared before the modules that use it).
+macro_rules! no_fds {
+    ($($t:ty),* $(,)?) => {$(
+        impl Message for $t {
+            const MAX_FDS: usize = 0;
+            fn fd_count(&self) -> usize {
+                0
+            }
+        }
+    )*};
+}
+
 pub mod builder;
 pub mod msg;
 pub mod writer;

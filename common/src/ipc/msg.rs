@@ -228,16 +228,4 @@ impl Message for MasterToStoreWriter {
     }
 }
 
-/// Messages that never carry descriptors.
-macro_rules! no_fds {
-    ($($t:ty),* $(,)?) => {$(
-        impl Message for $t {
-            const MAX_FDS: usize = 0;
-            fn fd_count(&self) -> usize {
-                0
-            }
-        }
-    )*};
-}
-
 no_fds!(StoreWriterToMaster);
