@@ -16,7 +16,9 @@ fn log(line: &str) {
             .append(true)
             .open(path)
         {
-            let _ = writeln!(f, "{line}");
+            // One write(2) per line: the two doubles append to the same file, and a
+            // formatted `writeln!` may split a line into several writes that interleave.
+            let _ = f.write_all(format!("{line}\n").as_bytes());
         }
     }
 }
