@@ -35,7 +35,8 @@ pub mod verify;
         feature = "without-a70",
         feature = "without-a71",
         feature = "without-a75",
-        feature = "without-nofollow"
+        feature = "without-nofollow",
+        feature = "without-fod-copy"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -3,9 +3,12 @@
  *   "done"          the attempt succeeded (the defence did not hold),
  *   "refused <n>"   it failed with errno n.
  * Exit status: 0 when done, 1 when refused, 2 on a usage error. Built by
- * tests/sandbox_probes.rs with `cc -static`. */
+ * tests/sandbox_probes.rs with `cc -static`.
+ * `pass-fd NAME PATH` is the exception: it writes PATH, which must then be registered, so it
+ * says "pass-fd: sent" or "pass-fd: refused (<reason>)" and exits 0 either way. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <stddef.h>
 #include <signal.h>
@@ -92,6 +95,48 @@ int main(int argc, char **argv) {
         if (n > sizeof a.sun_path - 1) return 2;
         memcpy(a.sun_path + 1, arg, n);
         return report(connect(s, (struct sockaddr *) &a, offsetof(struct sockaddr_un, sun_path) + 1 + n));
+    }
+    if (!strcmp(mode, "pass-fd")) {
+        /* CVE-2024-27297's shape: the output, open read-write, handed to a process outside
+         * over an abstract socket, to be written after it is registered. */
+        if (argc < 4) return 2;
+        static const char body[] = "original\n";
+        int f = open(argv[3], O_RDWR | O_CREAT | O_EXCL, 0644);
+        if (f < 0 || write(f, body, sizeof body - 1) != (ssize_t) (sizeof body - 1)) return 2;
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (s < 0) return 2;
+        struct sockaddr_un a;
+        memset(&a, 0, sizeof a);
+        a.sun_family = AF_UNIX;
+        size_t n = strlen(arg);
+        if (n > sizeof a.sun_path - 1) return 2;
+        memcpy(a.sun_path + 1, arg, n);
+        if (connect(s, (struct sockaddr *) &a, offsetof(struct sockaddr_un, sun_path) + 1 + n)) {
+            printf("pass-fd: refused (%s)\n", strerror(errno));
+            return 0;
+        }
+        /* One byte of data carries the descriptor (SOCK_STREAM sends no bare ancillary data). */
+        char byte = 'f';
+        struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int))];
+        } c;
+        memset(&c, 0, sizeof c);
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = c.buf,
+                           .msg_controllen = sizeof c.buf};
+        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+        h->cmsg_level = SOL_SOCKET;
+        h->cmsg_type = SCM_RIGHTS;
+        h->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(h), &f, sizeof f);
+        if (sendmsg(s, &m, 0) != 1) {
+            printf("pass-fd: refused (%s)\n", strerror(errno));
+            return 0;
+        }
+        /* Stay until the receiver holds it: the build (and registration) waits for us. */
+        printf(read(s, &byte, 1) == 1 ? "pass-fd: sent\n" : "pass-fd: sent (no ack)\n");
+        return 0;
     }
     if (!strcmp(mode, "kill")) {
         return report(kill((pid_t) atoi(arg), SIGUSR1));

@@ -147,7 +147,9 @@ fn register_inner(
             drv_display: &drv_full,
             display: &display,
         };
-        let made = match adopt::take(dir.as_fd(), &staging, &out, build_uid, &owner, fixed) {
+        // Test-only: moving a fixed output in keeps the inode its builder may hold open.
+        let copy = fixed && !cfg!(feature = "without-fod-copy");
+        let made = match adopt::take(dir.as_fd(), &staging, &out, build_uid, &owner, copy) {
             Ok(made) => made,
             Err(TakeError::Rejected(m)) => return Ok(rejected(BuildStatus::OutputRejected, m)),
             Err(TakeError::Failed(e)) => return Err(e),
