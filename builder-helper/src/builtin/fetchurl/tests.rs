@@ -620,3 +620,34 @@ fn a_malformed_ca_file_is_an_error() {
     fs::write(&ca, "").unwrap();
     assert!(Transfer::new(Some(&ca)).is_ok());
 }
+
+#[test]
+fn executable_applies_to_an_unpacked_file_but_never_through_a_symlink() {
+    let mut file = NarWriter::new(Vec::new()).unwrap();
+    file.regular(false, 2).unwrap();
+    file.contents(b"x\n").unwrap();
+    let mut link = NarWriter::new(Vec::new()).unwrap();
+    link.symlink(b"/etc/passwd").unwrap();
+    let server = serve(vec![
+        ("/file.nar", ok(&file.finish().unwrap())),
+        ("/link.nar", ok(&link.finish().unwrap())),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+
+    let out = dir.path().join("file");
+    let mut req = request(&out, &server.url("/file.nar"));
+    (req.unpack, req.executable) = (true, true);
+    fetch(&req).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), b"x\n");
+    assert_eq!(mode_of(&out), 0o755);
+
+    let out = dir.path().join("link");
+    let mut req = request(&out, &server.url("/link.nar"));
+    (req.unpack, req.executable) = (true, true);
+    let err = fetch(&req).unwrap_err();
+    assert!(matches!(err, FetchError::Chmod { .. }), "{err}");
+    assert!(
+        fs::symlink_metadata(&out).is_err(),
+        "the failed output is removed"
+    );
+}
