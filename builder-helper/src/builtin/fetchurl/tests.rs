@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -72,8 +72,40 @@ impl Server {
 
 /// Serves `routes` (anything else is a 404), one connection at a time, until the test ends.
 fn serve(routes: Vec<(&str, Reply)>) -> Server {
+    serve_on(routes, None)
+}
+
+/// [`serve`] over TLS, with the certificate for 127.0.0.1 that `testdata/ca.pem` signed.
+fn serve_tls(routes: Vec<(&str, Reply)>) -> Server {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(testdata("server.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(testdata("server.key")).unwrap();
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    serve_on(routes, Some(Arc::new(config)))
+}
+
+/// Test-only CA, server certificate and key (openssl, valid until 2125).
+fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/builtin/fetchurl/testdata")
+        .join(name)
+}
+
+fn serve_on(routes: Vec<(&str, Reply)>, tls: Option<Arc<rustls::ServerConfig>>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base = format!("{scheme}://{}", listener.local_addr().unwrap());
     let routes: HashMap<String, Reply> = routes
         .into_iter()
         .map(|(p, r)| (p.to_string(), r))
@@ -83,20 +115,41 @@ fn serve(routes: Vec<(&str, Reply)>) -> Server {
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            let Some(path) = read_request(&stream) else {
-                continue;
+            // A client that gives up (a refused certificate, an error response it does not
+            // read) only ends its own connection.
+            let _ = match &tls {
+                None => handle(stream, &routes, &server_log),
+                Some(config) => {
+                    let Ok(conn) = rustls::ServerConnection::new(Arc::clone(config)) else {
+                        continue;
+                    };
+                    let mut stream = rustls::StreamOwned::new(conn, stream);
+                    handle(&mut stream, &routes, &server_log).and_then(|()| {
+                        stream.conn.send_close_notify();
+                        stream.flush()
+                    })
+                }
             };
-            server_log.lock().unwrap().push(path.clone());
-            let reply = routes.get(&path).cloned().unwrap_or_else(not_found);
-            // The client may hang up early (an error response it does not read): ignore.
-            let _ = answer(stream, &reply);
         }
     });
     Server { base, log }
 }
 
+fn handle<S: Read + Write>(
+    mut stream: S,
+    routes: &HashMap<String, Reply>,
+    log: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let Some(path) = read_request(&mut stream) else {
+        return Ok(());
+    };
+    log.lock().unwrap().push(path.clone());
+    let reply = routes.get(&path).cloned().unwrap_or_else(not_found);
+    answer(stream, &reply)
+}
+
 /// The path of the request line; the headers are read and dropped.
-fn read_request(stream: &TcpStream) -> Option<String> {
+fn read_request<S: Read>(stream: S) -> Option<String> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
@@ -109,7 +162,7 @@ fn read_request(stream: &TcpStream) -> Option<String> {
     }
 }
 
-fn answer(mut stream: TcpStream, reply: &Reply) -> std::io::Result<()> {
+fn answer<S: Write>(mut stream: S, reply: &Reply) -> std::io::Result<()> {
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
         reply.status,
@@ -650,4 +703,27 @@ fn executable_applies_to_an_unpacked_file_but_never_through_a_symlink() {
         fs::symlink_metadata(&out).is_err(),
         "the failed output is removed"
     );
+}
+
+#[test]
+fn https_is_verified_against_the_ca_file() {
+    let server = serve_tls(vec![("/file", ok(b"over tls"))]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url("/file");
+
+    let out = dir.path().join("trusted");
+    let mut req = request(&out, &url);
+    req.ca_file = Some(testdata("ca.pem"));
+    fetch(&req).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), b"over tls");
+
+    // The bundled roots do not know the test CA.
+    let out = dir.path().join("untrusted");
+    let err = fetch(&request(&out, &url)).unwrap_err();
+    let expected = format!(
+        "unable to download '{url}': SSL peer certificate or SSH remote key was not OK (60) "
+    );
+    assert!(err.to_string().starts_with(&expected), "{err}");
+    assert!(fs::symlink_metadata(&out).is_err());
+    assert_eq!(server.requests(), ["/file"]);
 }
