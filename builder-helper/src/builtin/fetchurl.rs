@@ -210,8 +210,12 @@ fn fetch_one(
 
 fn refuse_existing(out: &Path) -> Result<(), FetchError> {
     match fs::symlink_metadata(out) {
+        Ok(_) => Err(FetchError::OutputExists(out.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        _ => Err(FetchError::OutputExists(out.to_path_buf())),
+        Err(source) => Err(FetchError::Create {
+            path: out.to_path_buf(),
+            source,
+        }),
     }
 }
 
