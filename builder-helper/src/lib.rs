@@ -1,10 +1,11 @@
 //! The builder-helper: runs builds in a sandbox of their own. [`sandbox`] describes and makes
 //! that sandbox, [`build`] runs one derivation in it, [`service`] serves the master and the
-//! brokers.
+//! brokers, [`builtin`] holds the `builtin:` builders that run as a sandboxed process.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod build;
+pub mod builtin;
 pub mod cgroup;
 pub mod sandbox;
 pub mod service;
