@@ -42,7 +42,32 @@ fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `--builtin NAME ARGS…`: the helper exec'd as a builtin builder, in the sandbox (or on
+/// the host for an unsandboxed build), as the build user. It never serves a control channel.
+fn run_builtin(args: &[std::ffi::OsString]) -> i32 {
+    match args.split_first() {
+        Some((name, rest)) if name == "fetchurl" => {
+            stockade_builder_helper::builtin::fetchurl::main(rest)
+        }
+        Some((name, _)) => {
+            eprintln!(
+                "error: unsupported builtin builder '{}'",
+                name.to_string_lossy()
+            );
+            1
+        }
+        None => {
+            eprintln!("error: --builtin needs the builtin's name");
+            1
+        }
+    }
+}
+
 fn main() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "--builtin") {
+        std::process::exit(run_builtin(&argv[2..]));
+    }
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(log::LevelFilter::Info);
     let args = Args::parse();

@@ -265,6 +265,39 @@ fn host_name_is_localhost() {
     assert_eq!(out, "localhost\n(none)\n");
 }
 
+/// A fixed-output builder gets what Nix gives it to reach the network: an `nsswitch.conf`
+/// limited to files and DNS, the host's `/etc/resolv.conf`, `/etc/services`, `/etc/hosts`,
+/// and the CA bundle; a builder on a private network gets none of them.
+#[test]
+fn a_fixed_output_builder_gets_the_hosts_name_service_files() {
+    skip_unless_root!();
+    let f = Fixture::new();
+    let ca = f.root.join("ca-bundle.crt");
+    fs::write(&ca, "a CA bundle\n").unwrap();
+    let script = "cat /etc/nsswitch.conf /etc/ssl/certs/ca-certificates.crt; \
+                  for e in resolv.conf services hosts; do test -e /etc/$e && echo has $e; done";
+    let mut spec = f.spec(script);
+    spec.share_host_network(Some(&ca));
+    let (exit, out) = f.run(&spec);
+    assert!(exit.success(), "{out}");
+    assert!(
+        out.contains("hosts: files dns\nservices: files\na CA bundle\n"),
+        "{out}"
+    );
+    for e in ["resolv.conf", "services", "hosts"] {
+        assert_eq!(
+            out.contains(&format!("has {e}")),
+            std::path::Path::new("/etc").join(e).exists(),
+            "{e}: {out}"
+        );
+    }
+    let (_, out) = f.sh(script);
+    assert!(
+        !out.contains("files dns") && !out.contains("a CA bundle") && !out.contains("has resolv"),
+        "{out}"
+    );
+}
+
 /// What a builder finds: its uid and gid, `/etc`, `/dev`, the build directory, only the
 /// environment it was given, no descriptor but 0-2 (A34).
 #[test]

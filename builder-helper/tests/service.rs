@@ -95,6 +95,8 @@ impl Helper {
             filter_syscalls: true,
             as_root: true,
             impure_env: vec![],
+            ssl_cert_file: None,
+            hashed_mirrors: vec![],
             audit_socket: None,
         };
         let (mut control, theirs) = ipc::socketpair().unwrap();

@@ -55,11 +55,29 @@ pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
         filter_syscalls: s.filter_syscalls,
         as_root: ctx.as_root,
         impure_env: Vec::new(),
+        ssl_cert_file: ssl_cert_file(),
+        hashed_mirrors: s.hashed_mirrors.clone(),
         audit_socket: ctx
             .cfg
             .audit_socket()
             .map(|p| p.to_string_lossy().into_owned()),
     }
+}
+
+/// Nix's `caFile`: `NIX_SSL_CERT_FILE`, `SSL_CERT_FILE`, else the first CA bundle that exists.
+fn ssl_cert_file() -> Option<String> {
+    let from_env = ["NIX_SSL_CERT_FILE", "SSL_CERT_FILE"]
+        .into_iter()
+        .find_map(|v| std::env::var(v).ok().filter(|f| !f.is_empty()));
+    from_env.or_else(|| {
+        [
+            "/etc/ssl/certs/ca-certificates.crt",
+            "/nix/var/nix/profiles/default/etc/ssl/certs/ca-bundle.crt",
+        ]
+        .into_iter()
+        .find(|f| Path::new(f).exists())
+        .map(String::from)
+    })
 }
 
 /// Makes the builds directory (if missing) and gives it to the helper's `uid`, `0711`: the

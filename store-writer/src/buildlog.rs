@@ -54,7 +54,7 @@ pub fn store_build_log(store: &Store, drv: &StorePath, fd: OwnedFd) -> Result<u6
     let st = sys::fstat(fd.as_fd())?;
     if sys::file_type(&st) != nix::sys::stat::SFlag::S_IFREG {
         // A pipe or socket could block this thread forever.
-        return Err(ReqError::failed("a build log must come as a memfd"));
+        return Err(ReqError::failed("a build log must come as a regular file"));
     }
     let mut input = io::BufReader::new(PositionedFile::new(File::from(fd)));
     Ok(write(store, drv, &mut input, true)?.unwrap_or(0))

@@ -30,6 +30,7 @@ pub mod bench;
 mod client;
 mod daemon;
 pub mod fsutil;
+pub mod http;
 pub mod newer;
 mod proc;
 pub mod raw;

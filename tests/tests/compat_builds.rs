@@ -5,7 +5,8 @@
 //! checks, structured attributes (`.attrs.json`, `outputChecks`), `passAsFile`,
 //! `exportReferencesGraph`, placeholders, logs (`nix-store -l`, `nix log`), `--check` of a
 //! deterministic and a non-deterministic build, `--keep-failed`, nothing rebuilt once valid,
-//! and `nix-env -i` into a profile (`builtin:buildenv`).
+//! `builtin:fetchurl` (file and HTTP URLs, executable, unpacked NAR, wrong hash), and
+//! `nix-env -i` into a profile (`builtin:buildenv`).
 //!
 //! Two set-ups: the daemon as root with the sandbox on and build users from `nixbld`, and
 //! the harness's default (`sandbox = false`, no build users). Needs root (namespaces, bind
@@ -25,6 +26,8 @@ let
     PATH = "${bb}/bin";
     args = [ "-c" script ];
   } // attrs);
+  fetch = import <nix/fetchurl.nix>;
+  hashIn = f: builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile f);
 in rec {
   hello = mk "hello" "echo building hello; echo hello > $out" {};
   dep = mk "dep" ''
@@ -85,6 +88,28 @@ in rec {
     __structuredAttrs = true;
     outputChecks.out.disallowedReferences = [ bb ];
   };
+  # builtin:fetchurl: from a file in the input closure, executable, a NAR to unpack, a
+  # wrong hash, a missing file, and over HTTP from the test's server on 127.0.0.1.
+  fetched = fetch { url = "file://${./payload}"; sha256 = builtins.hashFile "sha256" ./payload; };
+  fetchedExe = fetch {
+    url = "file://${./payload}";
+    sha256 = hashIn ./payload-exe.hash;
+    executable = true;
+    name = "payload-exe";
+  };
+  fetchedNar = fetch {
+    url = "file://${./tree.nar}";
+    sha256 = builtins.hashFile "sha256" ./tree.nar;
+    unpack = true;
+    name = "tree";
+  };
+  fetchedBad = fetch { url = "file://${./payload}"; sha256 = "0000000000000000000000000000000000000000000000000000"; name = "payload-bad"; };
+  fetchedMissing = fetch { url = "file:///no/such/file"; sha256 = builtins.hashFile "sha256" ./payload; name = "missing"; };
+  fetchedHttp = fetch {
+    url = "http://127.0.0.1:${builtins.getEnv "PORT"}/payload";
+    sha256 = builtins.hashFile "sha256" ./payload;
+    name = "payload-http";
+  };
   structuredSmall = derivation {
     name = "structured-small";
     system = builtins.currentSystem;
@@ -96,10 +121,16 @@ in rec {
 }
 "#;
 
+/// The file builtin:fetchurl fetches.
+const PAYLOAD: &[u8] = b"fetched by builtin:fetchurl\n";
+
 /// Nix 2.26 lists `uid-range` among its default `system-features` (builds given a range of
 /// uids); Stockade offers no such builds and does not list it. Nix 2.8 does not either.
 const UID_RANGE: &str =
     "nix-daemon 2.26 lists the uid-range system feature, which Stockade does not offer";
+
+/// Nix reports a failed download in curl's words; Stockade in its own.
+const FETCH_ERROR: &str = "a failed download is described in different words";
 
 fn session() -> Vec<Step> {
     let nb = "nix-build $WORK/builds.nix --no-out-link -A";
@@ -144,6 +175,16 @@ fn session() -> Vec<Step> {
         step(format!("{nb} structured && cat $({nb} structured)")),
         failing(format!("{nb} structuredChecked")),
         failing(format!("{nb} structuredSmall")),
+        step(format!("cat $({nb} fetched)")),
+        step(format!(
+            "ls -l $({nb} fetchedExe) | cut -c1-10; nix-store -q --hash $({nb} fetchedExe)"
+        )),
+        step(format!(
+            "find $({nb} fetchedNar) | sort | sed -e 's,^/nix/store/[a-z0-9]*-,,'"
+        )),
+        failing(format!("{nb} fetchedBad")),
+        known(format!("{nb} fetchedMissing"), FETCH_ERROR).fails(),
+        step(format!("cat $({nb} fetchedHttp)")),
         // A profile (builtin:buildenv), in the work directory rather than ~/.nix-profile.
         step("nix-env -p $WORK/profile -f $WORK/builds.nix -iA dep"),
         step("nix-env -p $WORK/profile -q && ls $WORK/profile/ && cat $WORK/profile/ref"),
@@ -157,8 +198,28 @@ fn session() -> Vec<Step> {
 fn run_session(d: &Daemon) -> Vec<stockade_tests::session::StepRun> {
     let bb = d.add_busybox();
     d.write_work_file("builds.nix", BUILDS_NIX.as_bytes());
+    // What builtin:fetchurl fetches: a file, its hash as an executable, a NAR of a tree.
+    d.write_work_file("payload", PAYLOAD);
+    d.write_work_file("tree/sub/a", b"a file in a tree\n");
+    d.write_work_file("tree/top", b"top\n");
+    let work = d.work_dir().display().to_string();
+    d.run_ok([
+        "sh",
+        "-c",
+        &format!(
+            "cd {work} && cp payload payload-exe && chmod +x payload-exe \
+             && nix-hash --type sha256 payload-exe > payload-exe.hash \
+             && nix-store --dump tree > tree.nar"
+        ),
+    ]);
+    // One server for every instance: the URL (so the derivation) must be the same.
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    let port = *PORT.get_or_init(|| {
+        stockade_tests::http::serve([("/payload".to_string(), PAYLOAD.to_vec())].into())
+    });
     let env = [
-        ("WORK", d.work_dir().display().to_string()),
+        ("WORK", work),
+        ("PORT", port.to_string()),
         ("BB", bb),
         (
             "NIX_CONFIG",

@@ -39,6 +39,8 @@ struct Runner<'a> {
     failed: u64,
     /// Nodes that will not be built after all (failed, or a dependency failed).
     gone: u64,
+    /// The `post-build-hook` activity of each build whose hook runs.
+    hooks: HashMap<u64, u64>,
 }
 
 /// Builds what `plan` needs; an outcome per node.
@@ -81,6 +83,7 @@ pub fn run(
         running: 0,
         failed: 0,
         gone: 0,
+        hooks: HashMap::new(),
     };
     r.progress()?;
     if plan.needs_building() > 0 {
@@ -256,6 +259,8 @@ impl Runner<'_> {
             BuilderToBroker::Waiting { id }
             | BuilderToBroker::Started { id, .. }
             | BuilderToBroker::Log { id, .. }
+            | BuilderToBroker::HookStarted { id, .. }
+            | BuilderToBroker::HookLog { id, .. }
             | BuilderToBroker::Done { id, .. } => *id,
             other => {
                 return Err(BuilderError::Broken(format!("unexpected message {other:?}")).into())
@@ -274,8 +279,42 @@ impl Runner<'_> {
                 self.out
                     .result(act, ResultType::BUILD_LOG_LINE, vec![Field::String(line)])?;
             }
+            BuilderToBroker::HookStarted { hook, .. } => {
+                let drv = self.plan.nodes.get(i).map(|n| self.sd.display(&n.drv));
+                // Nix 2.8 says it at `info`; later Nix only when talkative.
+                let level = if self.out.minor() >= 35 {
+                    Verbosity::Talkative
+                } else {
+                    Verbosity::Info
+                };
+                let act = self.out.start(
+                    level,
+                    ActivityType::POST_BUILD_HOOK,
+                    &format!("running post-build-hook '{hook}'"),
+                    vec![Field::string(drv.unwrap_or_default())],
+                )?;
+                self.hooks.insert(id, act);
+            }
+            BuilderToBroker::HookLog { line, .. } => {
+                if let Some(&act) = self.hooks.get(&id) {
+                    self.out.result(
+                        act,
+                        ResultType::POST_BUILD_LOG_LINE,
+                        vec![Field::String(line)],
+                    )?;
+                }
+            }
             BuilderToBroker::Done { report, .. } => {
                 self.open.remove(&id);
+                if let Some(act) = self.hooks.remove(&id) {
+                    self.out.stop(act)?;
+                }
+                if let Some(failure) = &report.hook_failure {
+                    // As in Nix, a failing hook fails the whole request (the outputs stay
+                    // valid); what else runs for it is stopped.
+                    self.cancel_all()?;
+                    return Err(OpError::client(failure.clone()));
+                }
                 if let Some(dir) = &report.kept_build_dir {
                     self.out.log(
                         Verbosity::Error,
@@ -315,6 +354,21 @@ impl Runner<'_> {
         let drv = drv.unwrap_or_default();
         let message = text::failure(&report, &drv, self.out.minor(), self.opts.log_lines);
         self.end(i, report.status, message, Some(report))
+    }
+
+    /// Cancels every open build and waits for their `Done`s, so that the channel carries
+    /// nothing about this request into the next one.
+    fn cancel_all(&mut self) -> OpResult<()> {
+        let ids: Vec<u64> = self.open.keys().copied().collect();
+        for id in ids {
+            self.builder.send(&BrokerToBuilder::Cancel { id })?;
+        }
+        while !self.open.is_empty() {
+            if let BuilderToBroker::Done { id, .. } = self.builder.recv(self.out.hangup_fd())? {
+                self.open.remove(&id);
+            }
+        }
+        Ok(())
     }
 
     /// The node's build activity, started at its first sign of life.

@@ -218,6 +218,7 @@ fn helper(mut ch: Channel, failing: Vec<&'static str>, logged: mpsc::Receiver<()
             cpu_user_us: None,
             cpu_system_us: None,
             kept_build_dir: None,
+            hook_failure: None,
         };
         let report = Box::new(report);
         ch.send(&BuilderToBroker::Done { id, report }, &[]).unwrap();

@@ -44,7 +44,28 @@ pub fn spawn(
     dir: &Path,
     log: OwnedFd,
 ) -> Result<HostBuilder, SandboxError> {
+    spawn_as(builder, args, env, dir, log, None, &[])
+}
+
+/// [`spawn`] as `ids` (uid, gid; no supplementary groups) when given, which takes CAP_SETUID
+/// and CAP_SETGID, in the cgroups `cgroups` (directories) from its first instruction.
+pub fn spawn_as(
+    builder: &Path,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+    dir: &Path,
+    log: OwnedFd,
+    ids: Option<(u32, u32)>,
+    cgroups: &[std::path::PathBuf],
+) -> Result<HostBuilder, SandboxError> {
     let started = Instant::now();
+    let procs: Vec<std::ffi::CString> = cgroups
+        .iter()
+        .filter_map(|d| {
+            std::ffi::CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                .ok()
+        })
+        .collect();
     let err_log = log.try_clone().map_err(|e| SandboxError::Sys {
         what: "duplicating the log pipe",
         errno: Errno::from_raw(e.raw_os_error().unwrap_or(0)),
@@ -63,10 +84,29 @@ pub fn spawn(
         .stdout(Stdio::from(File::from(log)))
         .stderr(Stdio::from(File::from(err_log)));
     // SAFETY: the closure runs in the forked child before exec and makes only system calls
-    // (setsid, prctl) that are async-signal-safe; it touches no lock and allocates nothing.
+    // (setsid, open/write of prepared paths, set*id, prctl) that are async-signal-safe; it
+    // touches no lock and allocates nothing.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::unistd::setsid()?;
+            for p in &procs {
+                let fd = nix::fcntl::open(
+                    p.as_c_str(),
+                    nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )?;
+                let wrote = nix::unistd::write(std::os::fd::BorrowedFd::borrow_raw(fd), b"0\n");
+                let _ = nix::unistd::close(fd);
+                wrote?;
+            }
+            if let Some((uid, gid)) = ids {
+                nix::unistd::setgroups(&[])?;
+                let gid = nix::unistd::Gid::from_raw(gid);
+                let uid = nix::unistd::Uid::from_raw(uid);
+                nix::unistd::setresgid(gid, gid, gid)?;
+                nix::unistd::setresuid(uid, uid, uid)?;
+            }
+            // After the uid change, which clears it.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             nix::sys::prctl::set_no_new_privs()?;
             Ok(())

@@ -19,6 +19,7 @@ pub mod buildenv;
 pub mod dirs;
 pub mod env;
 pub mod host;
+pub mod invoke;
 pub mod log;
 pub mod refgraph;
 mod run;
@@ -67,6 +68,11 @@ pub struct BuildConfig {
     pub keep_failed: bool,
     /// Nix 2.26's `impure-env`.
     pub impure_env: BTreeMap<String, String>,
+    /// The CA bundle on the host (Nix's `caFile`): bound into fixed-output sandboxes at
+    /// `/etc/ssl/certs/ca-certificates.crt` (as Nix 2.26 does) and used by `builtin:fetchurl`.
+    pub ssl_cert_file: Option<PathBuf>,
+    /// `hashed-mirrors`, for `builtin:fetchurl`.
+    pub hashed_mirrors: Vec<String>,
     /// The cgroup directories the build joins (per build, made by the caller).
     pub cgroups: Vec<PathBuf>,
     /// Whether the build runs in the sandbox; `false` builds on the host ([`host`]) when its
@@ -90,6 +96,8 @@ impl BuildConfig {
             sandbox_paths: Vec::new(),
             keep_failed: false,
             impure_env: BTreeMap::new(),
+            ssl_cert_file: None,
+            hashed_mirrors: Vec::new(),
             cgroups: Vec::new(),
             sandboxed: true,
         }
@@ -180,8 +188,11 @@ pub enum BuildErrorKind {
     },
     #[error("building '{drv}': output '{output}' has no known path (floating content-addressed, deferred and impure derivations are not supported by this daemon yet)")]
     UnknownOutputPath { drv: String, output: String },
-    #[error("building '{drv}': builtin builders are not supported by this daemon yet")]
-    Builtin { drv: String },
+    /// Nix's words for a builtin it does not have.
+    #[error("unsupported builtin builder '{name}'")]
+    UnsupportedBuiltin { drv: String, name: String },
+    #[error("building '{drv}': {message}")]
+    Builtin { drv: String, message: String },
     #[error("{message}")]
     RefGraph { drv: String, message: String },
     /// Nix's words from `builtin:buildenv`, after the derivation's name.
@@ -379,8 +390,21 @@ pub fn derivation_facts(cfg: &BuildConfig, drv_path: &StorePath) -> Result<DrvFa
         path: shown.clone(),
         source,
     })?;
-    if drv.is_builtin() && drv.builder != b"builtin:buildenv" {
-        return Err(BuildErrorKind::Builtin { drv: shown }.into());
+    if drv.is_builtin()
+        && drv.builder != b"builtin:buildenv"
+        && !invoke::EXEC_BUILTINS.contains(&drv.builder.as_slice())
+    {
+        let name = String::from_utf8_lossy(&drv.builder["builtin:".len()..]).into_owned();
+        return Err(BuildErrorKind::UnsupportedBuiltin { drv: shown, name }.into());
+    }
+    // Nix 2.26's check (2.8 would try, and fail to reach the network).
+    if drv.builder == b"builtin:fetchurl" && !drv_type.is_fixed() {
+        let message = "'builtin:fetchurl' must be a fixed-output or impure derivation".into();
+        return Err(BuildErrorKind::Builtin {
+            drv: shown,
+            message,
+        }
+        .into());
     }
     let mut outputs = BTreeMap::new();
     for (name, out) in &drv.outputs {
@@ -507,23 +531,14 @@ pub fn run_derivation_with(
             env.files.extend(graphs);
         }
     }
-    let builder = PathBuf::from(OsString::from_vec(drv.builder.clone()));
-    if !builder.is_absolute() {
-        return Err(BuildErrorKind::Builder {
-            drv: shown,
-            builder: builder.display().to_string(),
-        }
-        .into());
-    }
+    let invocation = invoke::invocation(cfg, &drv, &outputs, !on_host, &shown)?;
 
     let mut tail = LogTail::new(cfg.log_lines);
     let ran = if on_host {
-        run::on_host(
-            cfg, job, &drv, &dir, env, &builder, &outputs, log_sink, &mut tail, cancel,
-        )
+        run::on_host(cfg, job, &dir, env, invocation, log_sink, &mut tail, cancel)
     } else {
         run::in_sandbox(
-            cfg, job, &drv, &dir, env, builder, &outputs, fixed, log_sink, &mut tail, cancel,
+            cfg, job, &dir, env, invocation, &outputs, fixed, log_sink, &mut tail, cancel,
         )
     };
     let outputs_dir = if on_host {

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 use stockade_common::derivation::Derivation;
 use stockade_common::store_path::StorePath;
 
+use super::invoke::Invocation;
 use super::log::{self, Ended, Limits, LogTail};
 use super::{
-    buildenv, env, host, BuildConfig, BuildDir, BuildError, BuildErrorKind, BuildJob, BuildOutcome,
+    buildenv, host, BuildConfig, BuildDir, BuildError, BuildErrorKind, BuildJob, BuildOutcome,
     BuilderEnv, StagedOutput,
 };
-use crate::sandbox::{self, IdMap, Network, SandboxError, SandboxSpec, Stdio};
+use crate::sandbox::{self, IdMap, SandboxError, SandboxSpec, Stdio};
 
 /// Held while the helper has a descriptor open for writing on a file a builder could run and
 /// while it clones a sandbox: a clone copies every open descriptor into the child until its
@@ -32,23 +33,6 @@ fn limits(cfg: &BuildConfig) -> Limits {
         timeout: (cfg.timeout > 0).then(|| Duration::from_secs(cfg.timeout)),
         max_log_size: cfg.max_log_size,
     }
-}
-
-/// The builder's arguments, each output's placeholder replaced by its path.
-fn builder_args(
-    cfg: &BuildConfig,
-    drv: &Derivation,
-    outputs: &BTreeMap<String, StorePath>,
-) -> Vec<OsString> {
-    let rewrites = env::output_rewrites(
-        outputs
-            .iter()
-            .map(|(name, path)| (name.as_str(), cfg.store_dir.display(path))),
-    );
-    drv.args
-        .iter()
-        .map(|a| OsString::from_vec(env::rewrite(a, &rewrites)))
-        .collect()
 }
 
 /// `builtin:buildenv` ([`buildenv`]), run by the helper into the staging directory.
@@ -114,21 +98,14 @@ pub(super) fn buildenv(
 pub(super) fn on_host(
     cfg: &BuildConfig,
     job: &BuildJob,
-    drv: &Derivation,
     dir: &BuildDir,
     env: BuilderEnv,
-    builder: &std::path::Path,
-    outputs: &BTreeMap<String, StorePath>,
+    invocation: Invocation,
     log_sink: &mut dyn Write,
     tail: &mut LogTail,
     cancel: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<(Ended, Duration), BuildErrorKind> {
-    let args = builder_args(cfg, drv, outputs);
-    let vars: Vec<(OsString, OsString)> = env
-        .vars
-        .into_iter()
-        .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v)))
-        .collect();
+    let vars = environment(env.vars, invocation.env);
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| SandboxError::Sys {
             what: "making the log pipe",
@@ -139,7 +116,13 @@ pub(super) fn on_host(
         for (name, contents) in &env.files {
             dir.write_file(name, contents, job.build_uid, job.build_gid)?;
         }
-        host::spawn(builder, &args, &vars, &dir.build(), write)?
+        host::spawn(
+            &invocation.program,
+            &invocation.args,
+            &vars,
+            &dir.build(),
+            write,
+        )?
     };
     let limits = limits(cfg);
     let ended = log::supervise(&mut running, read, limits, log_sink, tail, cancel);
@@ -153,10 +136,9 @@ pub(super) fn on_host(
 pub(super) fn in_sandbox(
     cfg: &BuildConfig,
     job: &BuildJob,
-    drv: &Derivation,
     dir: &BuildDir,
     env: BuilderEnv,
-    builder: PathBuf,
+    invocation: Invocation,
     outputs: &BTreeMap<String, StorePath>,
     fixed: bool,
     log_sink: &mut dyn Write,
@@ -174,7 +156,7 @@ pub(super) fn in_sandbox(
         cfg.store_dir.as_str(),
         dir.staging(),
         dir.build(),
-        builder,
+        invocation.program,
     );
     spec.host_store_dir = cfg.host_store_dir.clone();
     spec.sandbox_build_dir = cfg.sandbox_build_dir.clone();
@@ -189,17 +171,12 @@ pub(super) fn in_sandbox(
         .map(|p| PathBuf::from(cfg.store_dir.display(p)))
         .collect();
     spec.sandbox_paths = cfg.sandbox_paths.clone();
-    spec.network = if fixed {
-        Network::Host
-    } else {
-        Network::Private
-    };
-    spec.env = env
-        .vars
-        .into_iter()
-        .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v)))
-        .collect();
-    spec.args = builder_args(cfg, drv, outputs);
+    spec.sandbox_paths.extend(invocation.binds);
+    if fixed {
+        spec.share_host_network(cfg.ssl_cert_file.as_deref());
+    }
+    spec.env = environment(env.vars, invocation.env);
+    spec.args = invocation.args;
     spec.cgroups = cfg.cgroups.clone();
 
     let (read, write) =
@@ -214,4 +191,15 @@ pub(super) fn in_sandbox(
     let setup_time = running.setup_time;
     drop(running);
     Ok((ended?, setup_time))
+}
+
+/// The derivation's environment with the invocation's own variables set over it.
+fn environment(
+    mut vars: BTreeMap<Vec<u8>, Vec<u8>>,
+    extra: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Vec<(OsString, OsString)> {
+    vars.extend(extra);
+    vars.into_iter()
+        .map(|(k, v)| (OsString::from_vec(k), OsString::from_vec(v)))
+        .collect()
 }

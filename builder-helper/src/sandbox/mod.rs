@@ -35,6 +35,7 @@ pub mod contain;
 mod landlock;
 pub mod plan;
 mod seccomp;
+pub mod self_image;
 pub mod spec;
 mod sys;
 

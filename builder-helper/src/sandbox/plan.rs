@@ -313,11 +313,16 @@ pub fn make(
         });
     }
 
-    let etc_files = vec![
+    let mut etc_files = vec![
         (cstr(b"etc/passwd")?, spec.etc.passwd.clone().into_bytes()),
         (cstr(b"etc/group")?, spec.etc.group.clone().into_bytes()),
-        (cstr(b"etc/hosts")?, spec.etc.hosts.clone().into_bytes()),
     ];
+    if let Some(hosts) = &spec.etc.hosts {
+        etc_files.push((cstr(b"etc/hosts")?, hosts.clone().into_bytes()));
+    }
+    if let Some(nsswitch) = &spec.etc.nsswitch {
+        etc_files.push((cstr(b"etc/nsswitch.conf")?, nsswitch.clone().into_bytes()));
+    }
 
     let mut landlock_rules = Vec::new();
     if let Some(l) = &landlock {

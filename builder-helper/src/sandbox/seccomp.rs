@@ -12,7 +12,9 @@
 //! 2. `EPERM` for: `chmod` family with `S_ISUID` or `S_ISGID` (no setuid/setgid file can come
 //!    out of a build), `mknod` / `mknodat` of character or block devices (fifos and sockets
 //!    stay possible), `clone` / `unshare` with `CLONE_NEWUSER` (a nested user namespace would
-//!    give the builder capabilities again, over its own namespaces).
+//!    give the builder capabilities again, over its own namespaces), `ioctl` `TIOCSTI` and
+//!    `TIOCLINUX` (input injected into a terminal). Other ioctls are allowed (`isatty`,
+//!    `FIONBIO`, `FICLONE`); Landlock limits device ioctls to the sandbox's `/dev` nodes.
 //! 3. `ENOTSUP` for setting or removing extended attributes (which also carry ACLs and file
 //!    capabilities), as Nix answers, so `cp -a` and `tar` carry on without them.
 //!
@@ -115,7 +117,7 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_msgsnd, libc::SYS_msgrcv, libc::SYS_msgctl, libc::SYS_mq_open,
     libc::SYS_mq_unlink, libc::SYS_mq_timedsend, libc::SYS_mq_timedreceive,
     libc::SYS_mq_notify, libc::SYS_mq_getsetattr,
-    libc::SYS_getrandom,
+    libc::SYS_getrandom, libc::SYS_ioctl,
 ];
 
 /// The x86_64 calls that aarch64 (and every newer architecture) no longer has.
@@ -200,6 +202,15 @@ pub fn compile() -> Result<Vec<BpfProgram>, SandboxError> {
             newuser,
         )?])?])
     };
+    // Typing into a terminal's input queue (TIOCSTI) or the console's (TIOCLINUX) would reach
+    // whatever reads that terminal outside the build.
+    refuse.insert(
+        libc::SYS_ioctl,
+        vec![
+            rule(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCSTI)?])?,
+            rule(vec![cond(1, SeccompCmpOp::Eq, libc::TIOCLINUX)?])?,
+        ],
+    );
     refuse.insert(libc::SYS_clone, newuser_rule()?);
     refuse.insert(libc::SYS_unshare, newuser_rule()?);
     #[cfg(target_arch = "x86_64")]

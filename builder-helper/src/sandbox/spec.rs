@@ -61,6 +61,9 @@ impl SandboxPath {
     }
 }
 
+/// Where a fixed-output builder finds the host's CA bundle.
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// Whether the builder gets a network namespace of its own (only `lo`) or shares the host's
 /// (fixed-output derivations, which may fetch). Landlock scoping still keeps a shared-network
 /// builder away from the host's abstract unix sockets.
@@ -70,12 +73,14 @@ pub enum Network {
     Host,
 }
 
-/// The contents of the sandbox's `/etc/passwd`, `/etc/group` and `/etc/hosts`.
+/// The files the sandbox's `/etc` is given: `passwd` and `group` always, `hosts` unless the
+/// host's is bound instead (a builder on the host network), `nsswitch.conf` for such a builder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcFiles {
     pub passwd: String,
     pub group: String,
-    pub hosts: String,
+    pub hosts: Option<String>,
+    pub nsswitch: Option<String>,
 }
 
 impl EtcFiles {
@@ -94,7 +99,8 @@ impl EtcFiles {
                 "root:x:0:\nnixbld:!:{}:\nnogroup:x:65534:\n",
                 ids.inside_gid
             ),
-            hosts: "127.0.0.1 localhost\n::1 localhost\n".to_string(),
+            hosts: Some("127.0.0.1 localhost\n::1 localhost\n".to_string()),
+            nsswitch: None,
         }
     }
 }
@@ -171,6 +177,30 @@ impl SandboxSpec {
             args: Vec::new(),
             cgroups: Vec::new(),
             dev_shm_size: "50%".to_string(),
+        }
+    }
+
+    /// What Nix gives a fixed-output builder: the host's network, an `nsswitch.conf` that
+    /// resolves hosts and services only from files and DNS, the host's `/etc/resolv.conf`,
+    /// `/etc/services` and `/etc/hosts` where they exist, and (as Nix 2.26 does) the CA bundle
+    /// `ca_file` at `/etc/ssl/certs/ca-certificates.crt`.
+    pub fn share_host_network(&mut self, ca_file: Option<&Path>) {
+        self.network = Network::Host;
+        self.etc.hosts = None;
+        self.etc.nsswitch = Some("hosts: files dns\nservices: files\n".to_string());
+        for f in ["/etc/resolv.conf", "/etc/services", "/etc/hosts"] {
+            self.sandbox_paths.push(SandboxPath {
+                target: PathBuf::from(f),
+                source: PathBuf::from(f),
+                optional: true,
+            });
+        }
+        if let Some(ca) = ca_file {
+            self.sandbox_paths.push(SandboxPath {
+                target: PathBuf::from(CA_BUNDLE),
+                source: ca.to_path_buf(),
+                optional: true,
+            });
         }
     }
 

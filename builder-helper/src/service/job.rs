@@ -1,6 +1,6 @@
 //! One build, on a thread of its own that lives until the build has ended (the sandbox's
 //! parent-death signal is tied to the thread that cloned it): `BeginBuild`, a job slot, a
-//! build uid, `Started`, the build with its log sent to the broker and kept in a memfd,
+//! build uid, `Started`, the build with its log sent to the broker and kept in a file,
 //! `RegisterOutputs`, `ReleaseUid`, `StoreBuildLog`, `EndBuild`, and `Done` to every broker
 //! that waits for it.
 
@@ -225,7 +225,7 @@ fn begun(
         build_gid: gid,
         goal_name: goal_name(&cfg.store_dir, drv, None, '^'),
     };
-    let mut sink = match LogSink::new(svc, drv, cancel) {
+    let mut sink = match LogSink::new(svc, drv, cancel, &cfg.builds_dir) {
         Ok(s) => s,
         Err(e) => {
             svc.master.notify(&BuilderToMaster::ReleaseUid { uid });
@@ -265,6 +265,12 @@ fn begun(
         }
         Err(e) => failed(e, facts.fixed),
     };
+    if report.status == BuildStatus::Built {
+        if let Some(hook) = &svc.config.post_build_hook {
+            report.hook_failure =
+                post_build_hook(svc, hook, drv, &report, (uid, gid), build, cancel, conn);
+        }
+    }
     // run_derivation returns only once every process of the build is gone.
     svc.master.notify(&BuilderToMaster::ReleaseUid { uid });
     report.start_time = start_time;
@@ -304,6 +310,53 @@ fn begun(
         ],
     );
     report
+}
+
+/// Runs the daemon's `post-build-hook` for a build whose outputs are now valid (see
+/// [`super::hook`]); `Some(message)` when it failed.
+#[allow(clippy::too_many_arguments)]
+fn post_build_hook(
+    svc: &Service,
+    hook: &str,
+    drv: &StorePath,
+    report: &BuildReport,
+    (uid, gid): (u32, u32),
+    build: u64,
+    cancel: &Cancel,
+    conn: u64,
+) -> Option<String> {
+    let run = super::hook::HookRun {
+        hook,
+        drv,
+        outputs: report.outputs.values().collect(),
+        ids: svc.config.as_root.then_some((uid, gid)),
+        build,
+        followers: svc
+            .sched
+            .waiters(drv, cancel)
+            .into_iter()
+            .filter(|w| w.follows)
+            .collect(),
+    };
+    let outcome = super::hook::run(svc, run, cancel);
+    svc.audit(
+        conn,
+        "post-build-hook",
+        &[
+            ("drv", svc.base.store_dir.display(drv)),
+            ("hook", hook.to_string()),
+            (
+                "uid",
+                if svc.config.as_root {
+                    uid.to_string()
+                } else {
+                    "daemon".to_string()
+                },
+            ),
+            ("ok", outcome.is_ok().to_string()),
+        ],
+    );
+    outcome.err()
 }
 
 fn failed(e: BuildError, fixed: bool) -> BuildReport {
@@ -359,8 +412,11 @@ fn register(
     }
 }
 
-/// The builder's log: each line to the brokers that follow the build, everything into a
-/// memfd for `StoreBuildLog`.
+/// The builder's log: each line to the brokers that follow the build, everything into an
+/// unnamed file for `StoreBuildLog`. On disk, in the builds directory (only the helper can
+/// list it), rather than in memory: `max-build-log-size` is unlimited by default, and a
+/// builder printing without end must fill a disk Nix would fill too, not the machine's RAM.
+/// A memfd only where that cannot be made (no `O_TMPFILE` there, no builds directory yet).
 struct LogSink<'a> {
     svc: &'a Service,
     drv: &'a StorePath,
@@ -370,17 +426,38 @@ struct LogSink<'a> {
 }
 
 impl<'a> LogSink<'a> {
-    fn new(svc: &'a Service, drv: &'a StorePath, cancel: &'a Cancel) -> io::Result<Self> {
+    fn new(
+        svc: &'a Service,
+        drv: &'a StorePath,
+        cancel: &'a Cancel,
+        dir: &std::path::Path,
+    ) -> io::Result<Self> {
         use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-        let fd = memfd_create(
-            c"stockade-build-log",
-            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-        )?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!(
+                    "keeping a build log in memory: no unnamed file in {}: {e}",
+                    dir.display()
+                );
+                std::fs::File::from(memfd_create(
+                    c"stockade-build-log",
+                    MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+                )?)
+            }
+        };
         Ok(LogSink {
             svc,
             drv,
             cancel,
-            memfd: std::fs::File::from(fd),
+            memfd: file,
             partial: Vec::new(),
         })
     }
@@ -415,7 +492,9 @@ impl<'a> LogSink<'a> {
             | SealFlag::F_SEAL_GROW
             | SealFlag::F_SEAL_WRITE
             | SealFlag::F_SEAL_SEAL;
-        fcntl(self.memfd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).ok()?;
+        // A memfd is sealed so that not even the helper can change it once handed over;
+        // a file on disk cannot be (nothing else can reach an unnamed file anyway).
+        let _ = fcntl(self.memfd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals));
         // The reader shares the file offset: it starts at the beginning.
         io::Seek::seek(&mut self.memfd, io::SeekFrom::Start(0)).ok()?;
         Some(OwnedFd::from(self.memfd))

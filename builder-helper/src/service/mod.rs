@@ -4,6 +4,7 @@
 //! ([`session`], its phases in [`phase`]), a scheduler shared by all sessions ([`sched`]) and
 //! one thread per build ([`job`]).
 
+pub mod hook;
 pub mod job;
 pub mod links;
 pub mod phase;
@@ -32,7 +33,7 @@ use sched::{Broker, Scheduler};
 /// Everything the sessions and builds share.
 pub struct Service {
     pub config: BuilderConfig,
-    base: BuildConfig,
+    pub(crate) base: BuildConfig,
     pub writer: WriterLink,
     pub master: MasterLink,
     pub sched: Scheduler,
@@ -70,6 +71,8 @@ impl Service {
         base.max_log_size = config.max_build_log_size;
         base.keep_failed = config.keep_failed;
         base.impure_env = config.impure_env.iter().cloned().collect();
+        base.ssl_cert_file = config.ssl_cert_file.as_ref().map(PathBuf::from);
+        base.hashed_mirrors = config.hashed_mirrors.clone();
         for entry in &config.sandbox_paths {
             let p = SandboxPath::parse(entry)
                 .map_err(|e| StartError::SandboxPath(entry.clone(), e.to_string()))?;

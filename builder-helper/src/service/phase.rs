@@ -177,6 +177,8 @@ mod tests {
             filter_syscalls: true,
             as_root: true,
             impure_env: vec![],
+            ssl_cert_file: None,
+            hashed_mirrors: vec![],
             audit_socket: None,
         };
         let asked = BuildSettings {

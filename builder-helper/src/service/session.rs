@@ -168,6 +168,7 @@ pub fn failure(status: BuildStatus, error: String) -> BuildReport {
         cpu_user_us: None,
         cpu_system_us: None,
         kept_build_dir: None,
+        hook_failure: None,
     }
 }
 

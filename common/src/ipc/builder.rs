@@ -145,6 +145,12 @@ pub struct BuilderConfig {
     pub as_root: bool,
     /// Nix 2.26 `impure-env` (`name=value`).
     pub impure_env: Vec<(String, String)>,
+    /// The CA bundle fixed-output builds see at `/etc/ssl/certs/ca-certificates.crt` and
+    /// `builtin:fetchurl` verifies TLS with (Nix's `caFile`: `NIX_SSL_CERT_FILE`,
+    /// `SSL_CERT_FILE`, else the first bundle that exists).
+    pub ssl_cert_file: Option<String>,
+    /// `hashed-mirrors`, tried first by `builtin:fetchurl` for flat fixed outputs.
+    pub hashed_mirrors: Vec<String>,
     /// The extra audit destination.
     pub audit_socket: Option<String>,
 }
@@ -259,6 +265,9 @@ pub struct BuildReport {
     pub cpu_system_us: Option<u64>,
     /// Where `keep-failed` kept the build directory.
     pub kept_build_dir: Option<String>,
+    /// The outputs are valid, but the daemon's `post-build-hook` failed: Nix's message
+    /// (`program '…' failed with exit code 1`), which fails the whole request as in Nix.
+    pub hook_failure: Option<String>,
 }
 
 /// builder-helper → broker.
@@ -280,6 +289,16 @@ pub enum BuilderToBroker {
     },
     /// One line of the builder's output (without the newline), in order.
     Log {
+        id: u64,
+        line: Vec<u8>,
+    },
+    /// The daemon's `post-build-hook` runs for build `id` (after its outputs are valid).
+    HookStarted {
+        id: u64,
+        hook: String,
+    },
+    /// One line of the hook's output (stdout and stderr merged, without the newline).
+    HookLog {
         id: u64,
         line: Vec<u8>,
     },
