@@ -126,6 +126,8 @@ pub struct DaemonBuilder {
     user: Option<User>,
     socket_outside_state: bool,
     parent_dir: Option<PathBuf>,
+    exact_base: Option<PathBuf>,
+    clients_as: Option<User>,
     start_timeout: Duration,
     command_timeout: Duration,
     newer_clients: bool,
@@ -153,6 +155,8 @@ impl DaemonBuilder {
             user: None,
             socket_outside_state: false,
             parent_dir: None,
+            exact_base: None,
+            clients_as: None,
             start_timeout: DEFAULT_START_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             newer_clients: false,
@@ -224,6 +228,21 @@ impl DaemonBuilder {
         self
     }
 
+    /// Makes the instance's directory exactly `dir` (which must not exist yet), so that two
+    /// instances run one after the other over a store of the same path: with
+    /// [`Layout::Redirected`] the store's path is in every store path's hash.
+    pub fn exact_base(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.exact_base = Some(dir.into());
+        self
+    }
+
+    /// Client commands run as `user` unless [`Client::as_user`] says otherwise (e.g. the
+    /// daemon's own user, whose state directories a root client could not write).
+    pub fn clients_as(mut self, user: &User) -> Self {
+        self.clients_as = Some(user.clone());
+        self
+    }
+
     pub fn start_timeout(mut self, t: Duration) -> Self {
         self.start_timeout = t;
         self
@@ -290,14 +309,21 @@ impl Daemon {
                 .map(PathBuf::from)
                 .unwrap_or_else(std::env::temp_dir)
         });
-        let base = tempfile::Builder::new()
-            .prefix("stockade-test-")
-            .tempdir_in(&parent)
-            .map_err(HarnessError::io(format!(
-                "creating a directory in {}",
-                parent.display()
-            )))?
-            .keep();
+        let base = match &b.exact_base {
+            Some(dir) => {
+                fs::create_dir(dir)
+                    .map_err(HarnessError::io(format!("creating {}", dir.display())))?;
+                dir.clone()
+            }
+            None => tempfile::Builder::new()
+                .prefix("stockade-test-")
+                .tempdir_in(&parent)
+                .map_err(HarnessError::io(format!(
+                    "creating a directory in {}",
+                    parent.display()
+                )))?
+                .keep(),
+        };
         let mut d = Daemon {
             kind: b.kind.clone(),
             layout: b.layout,
@@ -622,7 +648,11 @@ impl Daemon {
     /// A client command (`program` looked up in the system PATH inside the namespace), run as
     /// the harness's own user unless [`Client::as_user`] says otherwise.
     pub fn cmd(&self, program: impl AsRef<OsStr>) -> Client<'_> {
-        Client::new(self, program.as_ref())
+        let c = Client::new(self, program.as_ref());
+        match &self.builder.clients_as {
+            Some(u) => c.as_user(u),
+            None => c,
+        }
     }
 
     /// Runs `argv` (program first) as the harness's user; panics with full context unless it

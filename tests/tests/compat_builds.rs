@@ -12,6 +12,9 @@
 //! the harness's default (`sandbox = false`, no build users). Needs root (namespaces, bind
 //! mounts); fails loudly in CI without it.
 
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
 use stockade_tests::session::{compare, failing, known, run_steps, step, Step};
 use stockade_tests::{skip_unless_newer_nix, skip_unless_root, Daemon, DaemonKind};
 
@@ -186,10 +189,10 @@ fn session() -> Vec<Step> {
         known(format!("{nb} fetchedMissing"), FETCH_ERROR).fails(),
         step(format!("cat $({nb} fetchedHttp)")),
         // A profile (builtin:buildenv), in the work directory rather than ~/.nix-profile.
-        step("nix-env -p $WORK/profile -f $WORK/builds.nix -iA dep"),
-        step("nix-env -p $WORK/profile -q && ls $WORK/profile/ && cat $WORK/profile/ref"),
-        step("nix-env -p $WORK/profile -f $WORK/builds.nix -iA hello multi"),
-        step("nix-env -p $WORK/profile -q; ls $WORK/profile/"),
+        step("nix-env -p $WORK/profiles/p -f $WORK/builds.nix -iA dep"),
+        step("nix-env -p $WORK/profiles/p -q && ls $WORK/profiles/p/ && cat $WORK/profiles/p/ref"),
+        step("nix-env -p $WORK/profiles/p -f $WORK/builds.nix -iA hello multi"),
+        step("nix-env -p $WORK/profiles/p -q; ls $WORK/profiles/p/"),
         step(format!("nix-store --verify-path $({nb} dep) $({nb} multi)")),
         step("nix-store --verify --check-contents"),
     ]
@@ -202,13 +205,23 @@ fn run_session(d: &Daemon) -> Vec<stockade_tests::session::StepRun> {
     d.write_work_file("payload", PAYLOAD);
     d.write_work_file("tree/sub/a", b"a file in a tree\n");
     d.write_work_file("tree/top", b"top\n");
+    let exe = d.write_work_file("payload-exe", PAYLOAD);
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    // Written by the client (maybe not root) into files made writable for it.
+    for f in ["payload-exe.hash", "tree.nar"] {
+        let p = d.write_work_file(f, b"");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    // Profiles (and their lock files) in a directory any client may write.
+    let profiles = d.work_dir().join("profiles");
+    fs::create_dir(&profiles).unwrap();
+    fs::set_permissions(&profiles, fs::Permissions::from_mode(0o1777)).unwrap();
     let work = d.work_dir().display().to_string();
     d.run_ok([
         "sh",
         "-c",
         &format!(
-            "cd {work} && cp payload payload-exe && chmod +x payload-exe \
-             && nix-hash --type sha256 payload-exe > payload-exe.hash \
+            "cd {work} && nix-hash --type sha256 payload-exe > payload-exe.hash \
              && nix-store --dump tree > tree.nar"
         ),
     ]);
@@ -278,6 +291,39 @@ fn builds_print_the_same_unsandboxed() {
 fn builds_print_the_same_sandboxed_as_root() {
     skip_unless_root!();
     same_session(&["sandbox = true", "build-users-group = nixbld"]);
+}
+
+/// Both daemons started by an ordinary user over a store named by `NIX_STORE_DIR` and
+/// friends, with `sandbox = false`, as Nix's own test suite runs nix-daemon: builders run as
+/// that user on the host. One after the other over the same directory, since the store's
+/// path is part of every store path.
+#[test]
+
+fn builds_print_the_same_as_an_ordinary_user() {
+    skip_unless_root!();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let owner = stockade_tests::ensure_user("st-owner").expect("st-owner");
+    let base = std::env::temp_dir().join(format!("stockade-compat-user-{}", std::process::id()));
+    let run = |kind: DaemonKind| {
+        let stockade = kind == DaemonKind::Stockade;
+        let mut b = Daemon::builder(kind)
+            .layout(stockade_tests::Layout::Redirected)
+            .run_as(&owner)
+            .clients_as(&owner)
+            .exact_base(&base);
+        if stockade {
+            b = b.stockade_conf(&stockade_tests::sec::private_broker_uids());
+        }
+        let d = b.start().expect("daemon as st-owner");
+        run_session(&d)
+        // Dropped here: the directory is free for the next instance.
+    };
+    let a = run(DaemonKind::Nix);
+    let b = run(DaemonKind::Stockade);
+    let same = |s: &str| s.to_string();
+    if let Err(report) = compare(&a, &b, &same, &same) {
+        panic!("{report}");
+    }
 }
 
 /// Nix 2.26's clients (protocol 1.38) against nix-daemon 2.26 and Stockade.

@@ -3,9 +3,7 @@
 //! master's `NewClient` and is judged by the `policy` crate, never by the broker.
 
 use stockade_common::ipc::builder::{BrokerToBuilder, BuildKind, BuildSettings, BuilderConfig};
-use stockade_policy::{
-    clamp_cores, filter_override, op_allowed, BuildMode, Op, OverrideDecision, SubstituterPolicy,
-};
+use stockade_policy::{clamp_cores, op_allowed, BuildMode, Op};
 
 /// Where a broker's session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,13 +91,6 @@ fn lower(daemon: u64, client: u64) -> u64 {
 /// `cores` are clamped (`policy`), and `keep-failed` (disk space) is the daemon's unless
 /// `policy` lets it override that setting by name.
 pub fn effective(cfg: &BuilderConfig, s: &BuildSettings, trusted: bool) -> Effective {
-    let may = |name: &str| {
-        trusted
-            || matches!(
-                filter_override(name, "", trusted, &SubstituterPolicy::default()),
-                OverrideDecision::Apply { .. }
-            )
-    };
     // Lowering a limit is harmless whoever asks: an untrusted client gets the lower of the
     // two (nix-daemon ignores `max-build-log-size` from it, which only ever raises it).
     let limit = |daemon: u64, client: Option<u64>| match client {
@@ -107,10 +98,10 @@ pub fn effective(cfg: &BuilderConfig, s: &BuildSettings, trusted: bool) -> Effec
         Some(c) => lower(daemon, c),
         None => daemon,
     };
-    let keep_failed = match s.keep_failed {
-        Some(k) if may("keep-failed") => k,
-        _ => cfg.keep_failed,
-    };
+    // `keep-failed` travels in SetOptions' fixed fields, which nix-daemon applies for every
+    // client (SECURITY.md A55): the kept directory is the build user's, readable, never
+    // handed to the client, and its name is printed only to the client that asked.
+    let keep_failed = s.keep_failed.unwrap_or(cfg.keep_failed);
     let cores = match s.cores {
         Some(c) if trusted => c,
         Some(c) => u32::try_from(clamp_cores(u64::from(c), u64::from(cfg.cores))).unwrap_or(1),
@@ -196,7 +187,7 @@ mod tests {
                 max_silent_time: 100,
                 timeout: 50,
                 max_build_log_size: 1000,
-                keep_failed: false,
+                keep_failed: true,
                 cores: 4,
             }
         );
