@@ -97,6 +97,8 @@ impl Helper {
             impure_env: vec![],
             ssl_cert_file: None,
             hashed_mirrors: vec![],
+            repeat: 0,
+            enforce_determinism: true,
             audit_socket: None,
         };
         let (mut control, theirs) = ipc::socketpair().unwrap();
@@ -332,7 +334,8 @@ fn one_build_end_to_end() {
         recv(&mut b),
         BuilderToBroker::Started {
             id: 1,
-            sandboxed: true
+            sandboxed: true,
+            rounds: 1
         }
     );
     let (lines, report) = until_done(&mut b, 1);

@@ -57,6 +57,8 @@ pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
         impure_env: Vec::new(),
         ssl_cert_file: ssl_cert_file(),
         hashed_mirrors: s.hashed_mirrors.clone(),
+        repeat: s.repeat,
+        enforce_determinism: s.enforce_determinism,
         audit_socket: ctx
             .cfg
             .audit_socket()

@@ -764,6 +764,11 @@ impl Daemon {
         self.holder.as_ref().map(|h| h.child.id() as i32)
     }
 
+    /// Whether client commands run Nix 2.26's programs by default.
+    pub fn newer_clients(&self) -> bool {
+        self.newer_clients
+    }
+
     pub fn kind(&self) -> &DaemonKind {
         &self.kind
     }

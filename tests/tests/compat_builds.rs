@@ -113,6 +113,10 @@ in rec {
     sha256 = builtins.hashFile "sha256" ./payload;
     name = "payload-http";
   };
+  # Nix 2.8's `repeat`: the same output twice, a different one (enforced or not).
+  repeatSame = mk "repeat-same" "echo same > $out" {};
+  repeatDiffers = mk "repeat-differs" "busybox cat /proc/sys/kernel/random/uuid > $out" {};
+  repeatLax = mk "repeat-lax" "busybox cat /proc/sys/kernel/random/uuid > $out" {};
   structuredSmall = derivation {
     name = "structured-small";
     system = builtins.currentSystem;
@@ -135,9 +139,27 @@ const UID_RANGE: &str =
 /// Nix reports a failed download in curl's words; Stockade in its own.
 const FETCH_ERROR: &str = "a failed download is described in different words";
 
-fn session() -> Vec<Step> {
+fn session(newer: bool) -> Vec<Step> {
     let nb = "nix-build $WORK/builds.nix --no-out-link -A";
-    vec![
+    // Nix 2.26 has no `repeat`.
+    let repeat = if newer {
+        Vec::new()
+    } else {
+        vec![
+            step(format!("{nb} repeatSame --option repeat 1")),
+            failing(format!("{nb} repeatDiffers --option repeat 2")),
+            step(
+                "nix-store -q --outputs $(nix-instantiate $WORK/builds.nix -A repeatDiffers) \
+                 | xargs nix-store --check-validity 2>&1 | sed -e 's,/[^ ]*/store/,STORE/,'",
+            ),
+            // Only a trusted client may turn enforce-determinism off.
+            step(format!(
+                "{nb} repeatLax --option repeat 1 --option enforce-determinism false \
+                 && nix-store --check-validity $({nb} repeatLax); echo exit=$?"
+            )),
+        ]
+    };
+    let steps = vec![
         step(format!("{nb} hello")),
         step(format!("{nb} hello")),
         step(format!("{nb} dep && cat $({nb} dep)/ref")),
@@ -195,7 +217,8 @@ fn session() -> Vec<Step> {
         step("nix-env -p $WORK/profiles/p -q; ls $WORK/profiles/p/"),
         step(format!("nix-store --verify-path $({nb} dep) $({nb} multi)")),
         step("nix-store --verify --check-contents"),
-    ]
+    ];
+    steps.into_iter().chain(repeat).collect()
 }
 
 fn run_session(d: &Daemon) -> Vec<stockade_tests::session::StepRun> {
@@ -239,7 +262,7 @@ fn run_session(d: &Daemon) -> Vec<stockade_tests::session::StepRun> {
             "experimental-features = nix-command".to_string(),
         ),
     ];
-    run_steps(d, &session(), &env)
+    run_steps(d, &session(d.newer_clients()), &env)
 }
 
 /// What legitimately differs between two instances: their directories.

@@ -41,6 +41,8 @@ struct Runner<'a> {
     gone: u64,
     /// The `post-build-hook` activity of each build whose hook runs.
     hooks: HashMap<u64, u64>,
+    /// Round and rounds (`repeat` + 1) of each node being built.
+    rounds: HashMap<usize, (u32, u32)>,
 }
 
 /// Builds what `plan` needs; an outcome per node.
@@ -84,6 +86,7 @@ pub fn run(
         failed: 0,
         gone: 0,
         hooks: HashMap::new(),
+        rounds: HashMap::new(),
     };
     r.progress()?;
     if plan.needs_building() > 0 {
@@ -258,6 +261,7 @@ impl Runner<'_> {
         let id = match &msg {
             BuilderToBroker::Waiting { id }
             | BuilderToBroker::Started { id, .. }
+            | BuilderToBroker::Round { id, .. }
             | BuilderToBroker::Log { id, .. }
             | BuilderToBroker::HookStarted { id, .. }
             | BuilderToBroker::HookLog { id, .. }
@@ -270,9 +274,23 @@ impl Runner<'_> {
             return Err(BuilderError::Broken(format!("a message about unknown build {id}")).into());
         };
         match msg {
-            BuilderToBroker::Started { .. } => {
+            BuilderToBroker::Started { rounds, .. } => {
+                self.rounds.insert(i, (1, rounds.max(1)));
                 self.activity(i)?;
                 self.progress()?;
+            }
+            BuilderToBroker::Round { round, .. } => {
+                // Nix starts a new build activity for each round.
+                if let Some(State::Open { act }) = self.state.get_mut(i) {
+                    if let Some(a) = act.take() {
+                        self.out.stop(a)?;
+                        self.running = self.running.saturating_sub(1);
+                    }
+                }
+                if let Some(r) = self.rounds.get_mut(&i) {
+                    r.0 = round;
+                }
+                self.activity(i)?;
             }
             BuilderToBroker::Log { line, .. } => {
                 let act = self.activity(i)?;
@@ -384,16 +402,16 @@ impl Runner<'_> {
         let kind = node
             .and_then(|n| n.build)
             .unwrap_or(stockade_common::ipc::builder::BuildKind::Normal);
-        let rounds = 1 + self.opts.settings.repeat.unwrap_or(0);
+        let (round, rounds) = self.rounds.get(&i).copied().unwrap_or((1, 1));
         let id = self.out.start(
             Verbosity::Info,
             ActivityType::BUILD,
-            &text::activity_text(kind, &drv),
+            &text::activity_text(kind, &drv, round, rounds),
             vec![
                 Field::string(drv.clone()),
                 Field::string(""),
-                Field::Int(1),
-                Field::Int(rounds),
+                Field::Int(u64::from(round)),
+                Field::Int(u64::from(rounds)),
             ],
         )?;
         if let Some(State::Open { act, .. }) = self.state.get_mut(i) {

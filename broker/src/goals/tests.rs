@@ -183,6 +183,7 @@ fn helper(mut ch: Channel, failing: Vec<&'static str>, logged: mpsc::Receiver<()
             &BuilderToBroker::Started {
                 id,
                 sandboxed: true,
+                rounds: 1,
             },
             &[],
         )

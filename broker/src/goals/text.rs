@@ -18,8 +18,9 @@ pub fn default_log_lines(minor: u8) -> usize {
 }
 
 /// The text of the build activity (the activity nix-daemon starts when a build starts).
-pub fn activity_text(kind: BuildKind, drv: &str) -> String {
+pub fn activity_text(kind: BuildKind, drv: &str, round: u32, rounds: u32) -> String {
     match kind {
+        BuildKind::Normal if rounds > 1 => format!("building '{drv}' (round {round}/{rounds})"),
         BuildKind::Normal => format!("building '{drv}'"),
         BuildKind::Repair => format!("repairing outputs of '{drv}'"),
         BuildKind::Check => format!("checking outputs of '{drv}'"),

@@ -151,6 +151,13 @@ fn run_options(ctx: &Ctx<'_>) -> RunOptions {
             keep_failed: Some(o.keep_failed),
             cores: (o.build_cores > 0).then_some(o.build_cores),
             repeat: num("repeat"),
+            enforce_determinism: o.overrides.get("enforce-determinism").and_then(|v| {
+                match v.as_str() {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                }
+            }),
         },
         log_lines: num("log-lines")
             .and_then(|n| usize::try_from(n).ok())

@@ -137,8 +137,16 @@ fn build(
         Ok(i) => i,
         Err(e) => return failure(BuildStatus::MiscFailure, e.to_string()),
     };
+    // `repeat` applies to normal builds only.
+    let rounds = match kind {
+        BuildKind::Normal => (
+            u32::try_from(eff.repeat.saturating_add(1)).unwrap_or(u32::MAX),
+            eff.enforce_determinism,
+        ),
+        _ => (1, true),
+    };
     let report = begun(
-        svc, drv, kind, cancel, conn, slot, &cfg, &facts, &inputs, build,
+        svc, drv, kind, cancel, conn, slot, &cfg, &facts, &inputs, build, rounds,
     );
     if let Err(e) = svc
         .writer
@@ -162,6 +170,7 @@ fn begun(
     facts: &DrvFacts,
     inputs: &BuildInputs,
     build: u64,
+    (rounds, enforce): (u32, bool),
 ) -> BuildReport {
     let shown = cfg.store_dir.display(drv);
     let valid: BTreeSet<&StorePath> = inputs.valid_outputs.iter().collect();
@@ -196,6 +205,7 @@ fn begun(
         let _ = w.broker.send(&BuilderToBroker::Started {
             id: w.id,
             sandboxed,
+            rounds,
         });
     }
     svc.audit(
@@ -252,16 +262,38 @@ fn begun(
     let setup = ran.as_ref().ok().map(|o| o.setup_time);
     let mut report = match ran {
         Ok(outcome) => {
-            // A builtin's output is the helper's own, not the build user's.
-            let owner = (!outcome.by_helper).then_some(uid);
-            register(
+            let repeated = super::rounds::repeat(
                 svc,
+                cfg,
+                &job,
+                &mut sink,
+                cancel,
                 build,
-                owner,
-                kind,
-                &outcome.outputs_dir,
-                &facts.outputs,
-            )
+                &outcome,
+                rounds,
+                enforce,
+                facts.fixed,
+            );
+            match repeated {
+                Err(report) => *report,
+                Ok(r) => {
+                    // A builtin's output is the helper's own, not the build user's.
+                    let owner = (!outcome.by_helper).then_some(uid);
+                    let mut report = register(
+                        svc,
+                        build,
+                        owner,
+                        kind,
+                        &outcome.outputs_dir,
+                        &facts.outputs,
+                    );
+                    if report.status == BuildStatus::Built {
+                        report.times_built = r.rounds;
+                        report.is_non_deterministic = r.non_deterministic;
+                    }
+                    report
+                }
+            }
         }
         Err(e) => failed(e, facts.fixed),
     };
@@ -359,7 +391,7 @@ fn post_build_hook(
     outcome.err()
 }
 
-fn failed(e: BuildError, fixed: bool) -> BuildReport {
+pub(super) fn failed(e: BuildError, fixed: bool) -> BuildReport {
     let mut r = failure(status_of(&e.kind, fixed), e.kind.to_string());
     r.log_tail = e.log_tail;
     r.kept_build_dir = e.kept_build_dir.map(|p| p.display().to_string());

@@ -8,6 +8,7 @@ pub mod hook;
 pub mod job;
 pub mod links;
 pub mod phase;
+pub mod rounds;
 pub mod sched;
 pub mod session;
 

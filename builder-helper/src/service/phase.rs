@@ -3,7 +3,9 @@
 //! master's `NewClient` and is judged by the `policy` crate, never by the broker.
 
 use stockade_common::ipc::builder::{BrokerToBuilder, BuildKind, BuildSettings, BuilderConfig};
-use stockade_policy::{clamp_cores, op_allowed, BuildMode, Op};
+use stockade_policy::{
+    clamp_cores, filter_override, op_allowed, BuildMode, Op, OverrideDecision, SubstituterPolicy,
+};
 
 /// Where a broker's session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +77,9 @@ pub struct Effective {
     pub max_build_log_size: u64,
     pub keep_failed: bool,
     pub cores: u32,
+    /// Extra rounds of each normal build, and whether a difference fails it.
+    pub repeat: u64,
+    pub enforce_determinism: bool,
 }
 
 /// A limit (0 = none) a client may lower but not raise.
@@ -88,9 +93,16 @@ fn lower(daemon: u64, client: u64) -> u64 {
 
 /// The client's settings as its trust allows. A trusted client's stand (nix-daemon applies
 /// them). An untrusted client may only lower a limit, never raise it or switch it off, its
-/// `cores` are clamped (`policy`), and `keep-failed` (disk space) is the daemon's unless
-/// `policy` lets it override that setting by name.
+/// `cores` are clamped (`policy`), and named settings count as `policy`'s override filter
+/// (nix-daemon's) says.
 pub fn effective(cfg: &BuilderConfig, s: &BuildSettings, trusted: bool) -> Effective {
+    let may = |name: &str| {
+        trusted
+            || matches!(
+                filter_override(name, "", trusted, &SubstituterPolicy::default()),
+                OverrideDecision::Apply { .. }
+            )
+    };
     // Lowering a limit is harmless whoever asks: an untrusted client gets the lower of the
     // two (nix-daemon ignores `max-build-log-size` from it, which only ever raises it).
     let limit = |daemon: u64, client: Option<u64>| match client {
@@ -113,6 +125,13 @@ pub fn effective(cfg: &BuilderConfig, s: &BuildSettings, trusted: bool) -> Effec
         max_build_log_size: limit(cfg.max_build_log_size, s.max_build_log_size),
         keep_failed,
         cores,
+        // As nix-daemon 2.8: `repeat` from anyone (it costs no more than asking for the
+        // builds again), `enforce-determinism` only from trusted clients.
+        repeat: s.repeat.filter(|_| may("repeat")).unwrap_or(cfg.repeat),
+        enforce_determinism: s
+            .enforce_determinism
+            .filter(|_| may("enforce-determinism"))
+            .unwrap_or(cfg.enforce_determinism),
     }
 }
 
@@ -170,6 +189,8 @@ mod tests {
             impure_env: vec![],
             ssl_cert_file: None,
             hashed_mirrors: vec![],
+            repeat: 0,
+            enforce_determinism: true,
             audit_socket: None,
         };
         let asked = BuildSettings {
@@ -179,6 +200,7 @@ mod tests {
             keep_failed: Some(true),
             cores: Some(64),
             repeat: None,
+            enforce_determinism: None,
         };
         let u = effective(&cfg, &asked, false);
         assert_eq!(
@@ -189,6 +211,8 @@ mod tests {
                 max_build_log_size: 1000,
                 keep_failed: true,
                 cores: 4,
+                repeat: 0,
+                enforce_determinism: true,
             }
         );
         let t = effective(&cfg, &asked, true);

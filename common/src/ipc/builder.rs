@@ -151,6 +151,10 @@ pub struct BuilderConfig {
     pub ssl_cert_file: Option<String>,
     /// `hashed-mirrors`, tried first by `builtin:fetchurl` for flat fixed outputs.
     pub hashed_mirrors: Vec<String>,
+    /// Nix 2.8's `repeat` (extra rounds of every build, compared) and
+    /// `enforce-determinism` (a difference fails the build).
+    pub repeat: u64,
+    pub enforce_determinism: bool,
     /// The extra audit destination.
     pub audit_socket: Option<String>,
 }
@@ -168,6 +172,8 @@ pub struct BuildSettings {
     pub cores: Option<u32>,
     /// `repeat`: extra rounds to compare (with `check` mode, how many).
     pub repeat: Option<u64>,
+    /// `enforce-determinism` (with `repeat`).
+    pub enforce_determinism: Option<bool>,
 }
 
 /// How a build treats outputs that are valid already.
@@ -286,6 +292,13 @@ pub enum BuilderToBroker {
         id: u64,
         /// `sandbox` in effect for this build, for the audit and the log.
         sandboxed: bool,
+        /// How many times it is built (`repeat` + 1; 1 normally).
+        rounds: u32,
+    },
+    /// Build `id` starts its round `round` (from 2; Nix starts a new build activity).
+    Round {
+        id: u64,
+        round: u32,
     },
     /// One line of the builder's output (without the newline), in order.
     Log {
