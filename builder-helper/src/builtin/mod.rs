@@ -3,6 +3,9 @@
 //! derivation's environment, and the builder's code lives here.
 //!
 //! - [`fetchurl`]: `builtin:fetchurl`, the downloader of `import <nix/fetchurl.nix>`.
+//! - [`unpack_channel`]: `builtin:unpack-channel`, what `nix-channel --update` builds to unpack
+//!   a channel tarball.
 
 pub mod fetchurl;
 mod transfer;
+pub mod unpack_channel;
