@@ -49,6 +49,9 @@ fn run_builtin(args: &[std::ffi::OsString]) -> i32 {
         Some((name, rest)) if name == "fetchurl" => {
             stockade_builder_helper::builtin::fetchurl::main(rest)
         }
+        Some((name, rest)) if name == "unpack-channel" => {
+            stockade_builder_helper::builtin::unpack_channel::main(rest)
+        }
         Some((name, _)) => {
             eprintln!(
                 "error: unsupported builtin builder '{}'",

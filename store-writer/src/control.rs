@@ -212,8 +212,9 @@ fn new_client(
             client.conn_id
         ));
     }
-    if store.cfg.as_root {
-        // nix-daemon makes the per-user profile and root directories for every client.
+    {
+        // nix-daemon makes the per-user profile and root directories for every client (also
+        // when run by an ordinary user: then they are that user's).
         match &client.user_name {
             Some(name) => {
                 if let Err(e) = roots::create_user_dirs(store, name, client.uid) {

@@ -159,6 +159,15 @@ fn session(newer: bool) -> Vec<Step> {
             )),
         ]
     };
+    // `nix-channel --update` unpacks the channel with builtin:unpack-channel.
+    let channel = vec![
+        step("nix-channel --add file://$WORK/channel/nixexprs.tar.xz mychan && nix-channel --list"),
+        step("nix-channel --update"),
+        step(
+            "ls ~/.nix-defexpr/channels/ && find -L ~/.nix-defexpr/channels/mychan | sort \
+             && nix-instantiate --eval ~/.nix-defexpr/channels/mychan -A greeting",
+        ),
+    ];
     let steps = vec![
         step(format!("{nb} hello")),
         step(format!("{nb} hello")),
@@ -218,12 +227,48 @@ fn session(newer: bool) -> Vec<Step> {
         step(format!("nix-store --verify-path $({nb} dep) $({nb} multi)")),
         step("nix-store --verify --check-contents"),
     ];
-    steps.into_iter().chain(repeat).collect()
+    steps.into_iter().chain(repeat).chain(channel).collect()
+}
+
+/// A channel tarball (`nixexprs/` with a subdirectory), made once so that every instance
+/// adds the same bytes (its store path is its hash).
+fn channel_tarball() -> &'static [u8] {
+    static TARBALL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    TARBALL.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = dir.path().join("nixexprs");
+        fs::create_dir_all(src.join("lib")).unwrap();
+        fs::write(
+            src.join("default.nix"),
+            "{ }: { greeting = import ./lib/greeting.nix; }\n",
+        )
+        .unwrap();
+        fs::write(src.join("lib/greeting.nix"), "\"hello from a channel\"\n").unwrap();
+        let out = dir.path().join("nixexprs.tar.xz");
+        let st = std::process::Command::new("tar")
+            .args([
+                "--sort=name",
+                "--mtime=@1",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+            ])
+            .arg("-cJf")
+            .arg(&out)
+            .arg("-C")
+            .arg(dir.path())
+            .arg("nixexprs")
+            .status()
+            .expect("tar");
+        assert!(st.success(), "tar failed");
+        fs::read(&out).expect("the tarball")
+    })
 }
 
 fn run_session(d: &Daemon) -> Vec<stockade_tests::session::StepRun> {
     let bb = d.add_busybox();
     d.write_work_file("builds.nix", BUILDS_NIX.as_bytes());
+    d.write_work_file("channel/nixexprs.tar.xz", channel_tarball());
     // What builtin:fetchurl fetches: a file, its hash as an executable, a NAR of a tree.
     d.write_work_file("payload", PAYLOAD);
     d.write_work_file("tree/sub/a", b"a file in a tree\n");

@@ -1,8 +1,9 @@
 //! What is exec'd for a derivation: its own builder with its arguments, or for
-//! `builtin:fetchurl` the helper's own binary (`--builtin fetchurl`), which then runs where a
-//! builder runs: in the sandbox as the build user (Nix runs its builtins in the sandboxed
-//! child too), or on the host for an unsandboxed build. Never in the helper itself: the
-//! download is hostile input and needs the network, and the helper holds capabilities.
+//! `builtin:fetchurl` and `builtin:unpack-channel` the helper's own binary (`--builtin NAME`),
+//! which then runs where a builder runs: in the sandbox as the build user (Nix runs its
+//! builtins in the sandboxed child too), or on the host for an unsandboxed build. Never in
+//! the helper itself: a download or a tarball is hostile input, and the helper holds
+//! capabilities.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -19,7 +20,7 @@ use crate::sandbox::SandboxPath;
 
 /// The builtin builders the helper runs by exec'ing itself; `builtin:buildenv` runs in the
 /// helper (it only reads the store).
-pub const EXEC_BUILTINS: &[&[u8]] = &[b"builtin:fetchurl"];
+pub const EXEC_BUILTINS: &[&[u8]] = &[b"builtin:fetchurl", b"builtin:unpack-channel"];
 
 /// The program, its arguments (without `argv[0]`), and what a sandbox must show besides the
 /// input closure for it to run.
@@ -41,8 +42,12 @@ pub fn invocation(
     sandboxed: bool,
     shown: &str,
 ) -> Result<Invocation, BuildErrorKind> {
-    if drv.builder == b"builtin:fetchurl" {
-        return fetchurl(cfg, sandboxed, shown);
+    if let Some(name) = EXEC_BUILTINS
+        .iter()
+        .find(|b| **b == drv.builder.as_slice())
+        .and_then(|b| b.strip_prefix(b"builtin:"))
+    {
+        return builtin(cfg, &String::from_utf8_lossy(name), sandboxed, shown);
     }
     let program = PathBuf::from(OsString::from_vec(drv.builder.clone()));
     if !program.is_absolute() {
@@ -69,24 +74,32 @@ pub fn invocation(
     })
 }
 
-fn fetchurl(cfg: &BuildConfig, sandboxed: bool, shown: &str) -> Result<Invocation, BuildErrorKind> {
+/// The helper exec'd as builtin `name` (`stockade-builder-helper --builtin NAME …`).
+fn builtin(
+    cfg: &BuildConfig,
+    name: &str,
+    sandboxed: bool,
+    shown: &str,
+) -> Result<Invocation, BuildErrorKind> {
     let image = self_image().map_err(|message| BuildErrorKind::Builtin {
         drv: shown.to_string(),
         message,
     })?;
-    let mut args: Vec<OsString> = vec!["--builtin".into(), "fetchurl".into()];
-    let ca_file = if sandboxed {
-        cfg.ssl_cert_file.as_ref().map(|_| PathBuf::from(CA_BUNDLE))
-    } else {
-        cfg.ssl_cert_file.clone()
-    };
-    if let Some(ca) = ca_file {
-        args.push("--ca-file".into());
-        args.push(ca.into_os_string());
-    }
-    for mirror in &cfg.hashed_mirrors {
-        args.push("--hashed-mirror".into());
-        args.push(mirror.into());
+    let mut args: Vec<OsString> = vec!["--builtin".into(), name.into()];
+    if name == "fetchurl" {
+        let ca_file = if sandboxed {
+            cfg.ssl_cert_file.as_ref().map(|_| PathBuf::from(CA_BUNDLE))
+        } else {
+            cfg.ssl_cert_file.clone()
+        };
+        if let Some(ca) = ca_file {
+            args.push("--ca-file".into());
+            args.push(ca.into_os_string());
+        }
+        for mirror in &cfg.hashed_mirrors {
+            args.push("--hashed-mirror".into());
+            args.push(mirror.into());
+        }
     }
     let (binds, env) = if sandboxed {
         let binds = image
