@@ -34,6 +34,7 @@ pub mod verify;
         feature = "without-a69",
         feature = "without-a70",
         feature = "without-a71",
+        feature = "without-a72",
         feature = "without-a75",
         feature = "without-nofollow",
         feature = "without-fod-copy"

@@ -196,6 +196,20 @@ fn add_nar_inner(
 ) -> Result<(), ReqError> {
     let store = ctx.store;
     let evidence = decide::evidence(ctx, &mut info, dont_check_sigs)?;
+    if repair && !ctx.client.trusted && !cfg!(feature = "without-a72") {
+        // A72: nix-daemon lets anyone repair a valid path with a NAR it may add (any NAR, with
+        // `require-sigs = false`), i.e. replace what others depend on. Here an untrusted
+        // repair may only put back the registered contents.
+        if let Some(old) = store.db().query_path_info(&info.path)? {
+            if old.nar_hash != info.nar_hash {
+                return Err(ReqError::failed(format!(
+                    "cannot repair '{}' with contents other than its registered ones, because \
+                     you are not in 'trusted-users'",
+                    store.full(&info.path)
+                )));
+            }
+        }
+    }
     let mut input = Upload::new(fd);
     let drain_limit = info.nar_size.saturating_add(1);
     let staged = batch.as_deref().map(Batch::paths).unwrap_or_default();
