@@ -6,8 +6,8 @@ use std::io::BufReader;
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 
-use stockade_common::audit::{Audit, Facility, Severity};
 use stockade_common::ipc::msg::BrokerConfig;
+use stockade_common::ipc::writer::BrokerEvent;
 use stockade_common::store_path::StoreDir;
 use stockade_common::worker::request::{Framed, NarStream, RawNar, TunnelReader, Tunnelled};
 use stockade_common::worker::{
@@ -86,7 +86,6 @@ pub struct Ctx<'a> {
     pub builder: &'a mut Builder,
     pub cfg: &'a BrokerConfig,
     pub sd: &'a StoreDir,
-    pub audit: &'a Audit,
     /// The client's settings, replaced by SetOptions.
     pub opts: &'a mut ClientOptions,
 }
@@ -97,8 +96,7 @@ impl Ctx<'_> {
     }
 
     /// Records a refused operation and turns it into the client's error.
-    pub fn deny(&self, op: &str, reason: &str) -> OpError {
-        let client = &self.cfg.client;
+    pub fn deny(&mut self, op: &str, reason: &str) -> OpError {
         // `op=addSignatures`, in the store-writer's lowerCamel style.
         let mut chars = op.chars();
         let op: String = chars
@@ -107,30 +105,10 @@ impl Ctx<'_> {
             .into_iter()
             .chain(chars)
             .collect();
-        let op = op.as_str();
-        self.audit.event_at(
-            Facility::Daemon,
-            Severity::Warning,
-            client.conn_id,
-            client.uid,
-            "denied",
-            &[("op", op), ("reason", reason)],
-        );
+        self.store.audit(BrokerEvent::Denied {
+            op,
+            reason: reason.to_string(),
+        });
         OpError::client(reason)
-    }
-
-    /// Records a client's attempt to override a setting.
-    pub fn audit_override(&self, name: &str, allowed: bool) {
-        let client = &self.cfg.client;
-        self.audit.event(
-            client.conn_id,
-            client.uid,
-            "override",
-            &[
-                ("name", name),
-                ("allowed", if allowed { "yes" } else { "no" }),
-                ("trusted", if client.trusted { "yes" } else { "no" }),
-            ],
-        );
     }
 }

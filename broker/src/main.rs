@@ -72,11 +72,8 @@ fn run(args: &Args) -> Result<(), String> {
     let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
     init_logging(level);
 
-    // Connected before the lockdown: afterwards the broker may open no socket.
-    let audit = stockade_common::audit::Audit::open(
-        "stockade-broker",
-        cfg.audit_socket.as_deref().map(std::path::Path::new),
-    );
+    // No syslog socket: audit events go to the store-writer, which writes them under this
+    // connection's identity (A74).
     // Opened (all three files: database, WAL, WAL index) before the lockdown, which leaves the
     // broker no file outside the store to open.
     let db = open_db(&cfg);
@@ -96,14 +93,9 @@ fn run(args: &Args) -> Result<(), String> {
     store
         .hello()
         .map_err(|e| format!("greeting the store-writer: {}", e.message))?;
-    let mut session = session::Session::new(
-        client,
-        store,
-        builder::Builder::new(Some(builder)),
-        *cfg,
-        audit,
-    )
-    .map_err(|e| format!("setting up the connection: {e}"))?;
+    let mut session =
+        session::Session::new(client, store, builder::Builder::new(Some(builder)), *cfg)
+            .map_err(|e| format!("setting up the connection: {e}"))?;
     match session.serve() {
         session::End::Eof => Ok(()),
         session::End::Error(e) => {

@@ -7,7 +7,6 @@
 
 use std::os::unix::net::UnixStream;
 
-use stockade_common::audit::Audit;
 use stockade_common::ipc::msg::BrokerConfig;
 use stockade_common::store_path::StoreDir;
 use stockade_common::worker::request::{Request, RequestLimits};
@@ -27,8 +26,6 @@ pub struct Session {
     builder: Builder,
     cfg: BrokerConfig,
     sd: StoreDir,
-    /// Where denials and setting overrides are recorded (syslog and `audit-socket`).
-    audit: Audit,
     opts: ClientOptions,
     limits: RequestLimits,
 }
@@ -47,7 +44,6 @@ impl Session {
         store: Store,
         builder: Builder,
         cfg: BrokerConfig,
-        audit: Audit,
     ) -> std::io::Result<Session> {
         let sd = StoreDir::new(&cfg.store_dir)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -57,7 +53,6 @@ impl Session {
             builder,
             cfg,
             sd,
-            audit,
             opts: ClientOptions::default(),
             limits: RequestLimits::default(),
         })
@@ -122,7 +117,6 @@ impl Session {
             builder: &mut self.builder,
             cfg: &self.cfg,
             sd: &self.sd,
-            audit: &self.audit,
             opts: &mut self.opts,
         };
         let reply = handlers::handle(&mut ctx, req)?;

@@ -100,6 +100,15 @@ impl Store {
         self.recv_reply::<R>(log)
     }
 
+    /// Hands an audit event to the store-writer, which writes it under this connection's
+    /// identity (brokers hold no syslog socket, A74). A failure only loses the line: the
+    /// channel's own failure ends the session at its next request anyway.
+    pub fn audit(&mut self, event: stockade_common::ipc::writer::BrokerEvent) {
+        if let Err(e) = self.call(stockade_common::ipc::writer::Audit { event }) {
+            log::warn!("an audit event was not written: {}", e.message);
+        }
+    }
+
     pub fn call<R: StoreRequest>(&mut self, req: R) -> OpResult<R::Reply> {
         self.call_logged(req, &mut |_, _| {})
     }

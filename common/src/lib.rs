@@ -3,6 +3,11 @@
 //! Nothing here does privileged work: the crate is pure parsing, printing and hashing (plus the
 //! thin fd-passing layer in [`ipc`]), so it can run in the unprivileged broker and be fuzzed.
 
+// Test-only switches that turn a defence off (scripts/defences-off.sh). Never in a release
+// build.
+#[cfg(all(not(debug_assertions), feature = "without-a74"))]
+compile_error!("the without-* features switch defences off; they are for test builds only");
+
 pub mod audit;
 pub mod base32;
 pub mod conf;

@@ -450,6 +450,33 @@ fn broker(dir: &Path) -> Res {
         std::thread::Builder::new().spawn(|| ()).map(|_| ()),
         Errno::EPERM,
     )?;
+    // A74: nothing that can name another socket: no datagram pair (its sendmsg could name
+    // syslog or another user's socket), no sendto with an address; a stream pair works.
+    use nix::sys::socket::{send, sendto, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+    expect_errno(
+        "socketpair(SOCK_DGRAM)",
+        nix_io(socketpair(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )),
+        Errno::EPERM,
+    )?;
+    let (a, _b) = nix_io(socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    ))
+    .map_err(fail("socketpair(SOCK_STREAM)"))?;
+    let dev_log = nix::sys::socket::UnixAddr::new("/dev/log").map_err(fail("address"))?;
+    expect_errno(
+        "sendto with an address",
+        nix_io(sendto(a.as_raw_fd(), b"x", &dev_log, MsgFlags::empty())),
+        Errno::EPERM,
+    )?;
+    nix_io(send(a.as_raw_fd(), b"x", MsgFlags::empty())).map_err(fail("send to the peer"))?;
 
     // Pipes and memfds (IPC) still work.
     let (r, w) = nix_io(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)).map_err(fail("pipe2"))?;

@@ -130,7 +130,6 @@ impl Launcher {
             verbosity,
             handshake_timeout: cfg.stockade.handshake_timeout,
             idle_timeout: cfg.stockade.idle_timeout,
-            audit_socket: cfg.audit_socket().map(|p| p.to_string_lossy().into_owned()),
         };
         let db_group = cfg
             .stockade

@@ -65,7 +65,8 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::AddBuildLog
             | K::RegisterDrvOutput
             | K::QueryRealisation
-            | K::VerifyStore => Verdict::Violation("request before Hello"),
+            | K::VerifyStore
+            | K::Audit => Verdict::Violation("request before Hello"),
         },
         Phase::Ready => match kind {
             K::Hello => Verdict::Violation("second Hello"),
@@ -85,7 +86,8 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::FindRoots
             | K::RegisterDrvOutput
             | K::QueryRealisation
-            | K::VerifyStore => Verdict::Handle,
+            | K::VerifyStore
+            | K::Audit => Verdict::Handle,
             // No batch is open: the broker lost track of its own batches.
             K::CommitBatch | K::AbortBatch => Verdict::Violation("no batch is open"),
             K::AddPermRoot => trust(Op::AddPermRoot),
@@ -104,7 +106,8 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::AddNar
             | K::CommitBatch
             | K::AbortBatch
-            | K::AddTempRoot => Verdict::Handle,
+            | K::AddTempRoot
+            | K::Audit => Verdict::Handle,
             K::Hello => Verdict::Violation("second Hello"),
             K::AddToStore
             | K::AddToStoreInline
@@ -128,7 +131,8 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::QueryPathFromHashPart
             | K::QueryAllValidPaths
             | K::AddTempRoot
-            | K::AddBuildLog => Verdict::Handle,
+            | K::AddBuildLog
+            | K::Audit => Verdict::Handle,
             K::AddToStore
             | K::AddToStoreInline
             | K::AddNar

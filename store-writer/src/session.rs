@@ -27,6 +27,7 @@ use crate::roots::TempRoots;
 use crate::store::Store;
 use crate::upload;
 
+mod brokeraudit;
 mod handlers;
 
 /// How long a reply may wait for a broker that does not read its channel.
@@ -47,6 +48,8 @@ pub struct Session {
     roots: Arc<Mutex<TempRoots>>,
     hello: bool,
     batches: HashMap<u64, Batch>,
+    /// What the client tried to override, written as one line when the session ends.
+    overrides: brokeraudit::Overrides,
 }
 
 /// Serves `chan` until the broker closes it or breaks the protocol.
@@ -68,8 +71,10 @@ pub fn serve(
         roots,
         hello: false,
         batches: HashMap::new(),
+        overrides: Default::default(),
     };
     s.run();
+    s.audit_overrides();
 }
 
 impl Session {

@@ -234,6 +234,8 @@ fn broker_denials_and_overrides_are_audited() {
     assert!(resp.error("AddSignatures").contains("not privileged"));
     let resp = c.build_paths(&[&path], 1).unwrap();
     assert!(resp.error("repair").contains("repairing is not allowed"));
+    // Overrides are summed up in one line when the connection ends (A73).
+    drop(c);
     let uid = format!(" uid={} ", bob.uid);
     for what in ["addSignatures", "repair", "sandbox", "post-build-hook"] {
         let l = audit.wait_for(WAIT, |l| l.contains(&uid) && l.contains(what));
@@ -243,4 +245,53 @@ fn broker_denials_and_overrides_are_audited() {
             audit.lines()
         );
     }
+}
+
+/// A73/A74: a client flooding SetOptions (200 calls of 50 names each) yields one summary line
+/// for its connection, not 10,000; brokers write no audit line themselves (they hold no
+/// syslog socket: the store-writer writes their events under the master's identity of the
+/// connection); another user's add is still audited.
+#[test]
+fn a_setoptions_flood_is_one_line_and_brokers_write_none() {
+    skip_unless_root!();
+    let bob = ensure_user("st-bob").unwrap();
+    let audit = AuditCollector::new();
+    let d = start(&audit);
+    let mut c = RawConn::connect_as(&d, &bob).expect("connect");
+    c.handshake().expect("handshake");
+    for call in 0..200 {
+        let names: Vec<String> = (0..50).map(|i| format!("flood-{call}-{i}")).collect();
+        let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "x")).collect();
+        assert!(c.set_options(&pairs).unwrap().is_ok());
+    }
+    drop(c);
+    let uid = format!(" uid={} ", bob.uid);
+    let line = audit
+        .wait_for(WAIT, |l| l.contains(&uid) && l.contains("op=setOptions"))
+        .unwrap_or_else(|| panic!("no setOptions summary: {:#?}", audit.lines()));
+    let line = audit_line(&line).to_string();
+    assert_eq!(field(&line, "calls"), Some("200"), "{line}");
+    assert_eq!(field(&line, "tried"), Some("10000"), "{line}");
+    assert!(field(&line, "unnamed").is_some(), "{line}");
+    // Another user's add still comes through after the flood.
+    let f = d.write_work_file("after.txt", b"after the flood\n");
+    let path = d.run_ok(["nix-store", "--add", f.to_str().unwrap()]);
+    audit
+        .wait_for(WAIT, |l| l.contains("outcome=added") && l.contains(&path))
+        .unwrap_or_else(|| panic!("the add after the flood was not audited"));
+    let lines = audit.lines();
+    let summaries = lines
+        .iter()
+        .filter(|l| l.contains(&uid) && l.contains("op=setOptions"))
+        .count();
+    assert_eq!(summaries, 1, "{lines:#?}");
+    assert!(
+        lines.len() < 100,
+        "{} audit lines for one flooding connection",
+        lines.len()
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("stockade-broker[")),
+        "a broker wrote an audit line itself: {lines:#?}"
+    );
 }

@@ -1,5 +1,6 @@
 //! SetOptions: the client's settings, filtered by what it may override.
 
+use stockade_common::ipc::writer::{BrokerEvent, AUDIT_OVERRIDES_MAX};
 use stockade_common::worker::{ClientOptions, Verbosity};
 use stockade_policy::overrides::{filter_override, OverrideDecision, SubstituterPolicy};
 
@@ -20,25 +21,33 @@ pub fn set_options(ctx: &mut Ctx<'_>, opts: ClientOptions) -> OpResult<Reply> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let mut tried = Vec::with_capacity(overrides.len());
     for (name, value) in overrides {
-        match filter_override(&name, &value, ctx.trusted(), &policy) {
+        let applied = match filter_override(&name, &value, ctx.trusted(), &policy) {
             OverrideDecision::Apply { warnings, .. } => {
                 for w in warnings {
                     ctx.client.warn(&w)?;
                 }
-                ctx.audit_override(&name, true);
+                true
             }
             OverrideDecision::Ignore { warning } => {
                 ctx.client.warn(&warning)?;
-                ctx.audit_override(&name, false);
+                false
             }
             OverrideDecision::Silent { debug } => {
                 if let Some(d) = debug {
                     ctx.client.log(Verbosity::Debug, &d)?;
                 }
-                ctx.audit_override(&name, false);
+                false
             }
-        }
+        };
+        tried.push((name, applied));
+    }
+    // Gathered by the store-writer into one line per connection (A73).
+    for names in tried.chunks(AUDIT_OVERRIDES_MAX) {
+        ctx.store.audit(BrokerEvent::Overrides {
+            names: names.to_vec(),
+        });
     }
     Ok(Reply::Nothing)
 }

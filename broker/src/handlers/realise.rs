@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use stockade_common::derivation::Derivation;
 use stockade_common::ipc::builder::{BuildKind, BuildSettings, BuildStatus};
+use stockade_common::ipc::writer::BrokerEvent;
 use stockade_common::store_path::StorePath;
 use stockade_common::worker::request::DerivedPath;
 use stockade_common::worker::{ActivityType, Verbosity};
@@ -166,25 +167,21 @@ fn run_options(ctx: &Ctx<'_>) -> RunOptions {
 }
 
 /// One audit line per derivation that had to be built, with how it ended.
-fn audit(ctx: &Ctx<'_>, plan: &Plan, outcomes: &[Outcome]) {
-    let client = &ctx.cfg.client;
+fn audit(ctx: &mut Ctx<'_>, plan: &Plan, outcomes: &[Outcome]) {
     for (node, outcome) in plan.nodes.iter().zip(outcomes) {
         if node.build.is_none() {
             continue;
         }
-        let status = match outcome {
+        let result = match outcome {
             Outcome::Valid => "AlreadyValid".to_string(),
             Outcome::Built(r) => format!("{:?}", r.status),
             Outcome::Failed { status, .. } => format!("{status:?}"),
             Outcome::Cancelled => "Cancelled".to_string(),
         };
-        let drv = ctx.sd.display(&node.drv);
-        ctx.audit.event(
-            client.conn_id,
-            client.uid,
-            "build",
-            &[("drv", &drv), ("result", &status)],
-        );
+        ctx.store.audit(BrokerEvent::Build {
+            drv: node.drv.clone(),
+            result,
+        });
     }
 }
 

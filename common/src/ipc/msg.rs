@@ -203,8 +203,6 @@ pub struct BrokerConfig {
     pub handshake_timeout: u64,
     /// Seconds a client may stay silent once connected (0 = no limit).
     pub idle_timeout: u64,
-    /// The extra audit destination (`audit-socket`), besides syslog.
-    pub audit_socket: Option<String>,
 }
 
 impl Message for MasterToBroker {

@@ -136,6 +136,9 @@ requests! {
     /// Check that every valid path exists (and, with `check_contents`, hashes to its NAR
     /// hash); progress goes out as `Log`. The reply says whether errors were found.
     VerifyStore { check_contents: bool, repair: bool } -> bool;
+    /// An audit event of the broker's own (A74): brokers hold no syslog socket, so the
+    /// store-writer writes the line, under the connection and uid the master gave it.
+    Audit { event: BrokerEvent } -> ();
     /// AddToStore with its data inside the request instead of an upload pipe: the broker
     /// sends it when the client's whole stream ended within [`INLINE_REQUEST_MAX`] bytes of
     /// request, which saves a round trip and a pipe per small add. The store-writer adds it
@@ -150,6 +153,21 @@ requests! {
         data: InlineData,
     } -> PathInfo;
 }
+
+/// What a broker reports for the audit trail; the receiver adds who it is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum BrokerEvent {
+    /// An operation refused by the broker, with nix-daemon's words.
+    Denied { op: String, reason: String },
+    /// The settings one SetOptions tried to override, each with whether it was applied.
+    Overrides { names: Vec<(String, bool)> },
+    /// How a build this connection asked for ended.
+    Build { drv: StorePath, result: String },
+}
+
+/// Most settings named in one [`BrokerEvent::Overrides`]; more are counted, not named.
+pub const AUDIT_OVERRIDES_MAX: usize = 64;
 
 /// The bytes of an [`AddToStoreInline`], encoded as bincode encodes a `Vec<u8>` (a length, then
 /// the bytes) but written and read as one block rather than byte by byte.
@@ -308,6 +326,8 @@ impl ReqKind {
             | ReqKind::AddBuildLog
             | ReqKind::QueryRealisation
             | ReqKind::VerifyStore => 4 << 10,
+            // AUDIT_OVERRIDES_MAX names, or a refusal's words.
+            ReqKind::Audit => 32 << 10,
             // QUERY_CHUNK paths of at most ~250 bytes each.
             ReqKind::QueryValidPaths => 256 << 10,
             ReqKind::AddIndirectRoot | ReqKind::AddPermRoot => 16 << 10,

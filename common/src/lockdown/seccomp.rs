@@ -205,6 +205,9 @@ const SYS_FCHMODAT2: libc::c_long = 452;
 const SO_RCVTIMEO_NEW: u64 = 66;
 const SO_SNDTIMEO_NEW: u64 = 67;
 
+/// The socket type bits of `socket`'s and `socketpair`'s type argument (the rest are flags).
+const SOCK_TYPE_MASK: u64 = 0xf;
+
 /// Mode bits no Stockade process may set on a file (A37, V15).
 const SET_ID_BITS: u64 = (libc::S_ISUID | libc::S_ISGID) as u64;
 /// Open flags that create a file (and so use the mode argument): `O_CREAT`, and `O_TMPFILE`'s
@@ -341,7 +344,6 @@ fn common(r: &mut Rules, pid: u32) -> Result<(), LockdownError> {
         libc::SYS_memfd_create,
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
-        libc::SYS_sendto,
         libc::SYS_recvfrom,
         libc::SYS_shutdown,
         libc::SYS_getsockopt,
@@ -480,8 +482,28 @@ fn common(r: &mut Rules, pid: u32) -> Result<(), LockdownError> {
         .collect();
     let sockopt_rules: Vec<&[Cond]> = sockopt_rules.iter().map(|a| &a[..]).collect();
     r.allow_if(libc::SYS_setsockopt, &sockopt_rules)?;
-    // A connected pair of unix sockets reaches nothing outside the process.
-    r.allow_if(libc::SYS_socketpair, &[&[eq(0, libc::AF_UNIX as u64)]])?;
+    // A connected pair of unix sockets reaches nothing outside the process, unless it is a
+    // datagram pair: `sendmsg` on one can still name any socket on the file system (A74), and
+    // seccomp cannot read `msg_name`. So stream and seqpacket pairs only.
+    let unix_type = |ty: libc::c_int| {
+        [
+            eq(0, libc::AF_UNIX as u64),
+            (1, SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK), ty as u64),
+        ]
+    };
+    let (stream, seqpacket) = (
+        unix_type(libc::SOCK_STREAM),
+        unix_type(libc::SOCK_SEQPACKET),
+    );
+    if cfg!(feature = "without-a74") {
+        r.allow_if(libc::SYS_socketpair, &[&[eq(0, libc::AF_UNIX as u64)]])?;
+        r.allow(libc::SYS_sendto)?;
+    } else {
+        r.allow_if(libc::SYS_socketpair, &[&stream[..], &seqpacket[..]])?;
+        // Sends only to the socket's own peer: `sendto` with an address could reach another
+        // user's datagram socket, or syslog, under no one's name (A74).
+        r.allow_if(libc::SYS_sendto, &[&[eq(4, 0)]])?;
+    }
     // Signals only to itself (abort() → raise(SIGABRT)).
     r.allow_if(libc::SYS_tgkill, &[&[eq(0, u64::from(pid))]])?;
     // Reading limits (pid 0, no new limit); never raising them.

@@ -65,6 +65,7 @@ impl Session {
             }),
             Req::QueryRealisation(r) => self.answer(r, |_, _| Ok(None)),
             Req::VerifyStore(r) => self.answer(r, Self::verify_store),
+            Req::Audit(r) => self.answer(r, |s, r| s.broker_event(r.event)),
             // The enum is non_exhaustive across crates; every kind went through `permitted`.
             #[allow(unreachable_patterns)]
             _ => {
