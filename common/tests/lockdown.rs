@@ -1027,10 +1027,10 @@ fn missing(dir: &Path, spec: &str) -> Res {
                 "its seccomp filter cannot be installed"
             };
             check!(
-                msg.starts_with(&format!("refusing to run the {profile} unconfined: {names}"))
-                    && msg.ends_with(
-                        "; set `allow-unconfined = true` in stockade.conf to run it anyway"
-                    ),
+                msg.starts_with(&format!(
+                    "refusing to run the {profile} unconfined: {names}"
+                )) && msg
+                    .ends_with("; set `allow-unconfined = true` in stockade.conf to run it anyway"),
                 "{msg}"
             );
             Ok(())

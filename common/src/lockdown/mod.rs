@@ -44,11 +44,11 @@ pub use caps::Capability;
 pub use fs_rules::{
     landlock_abi, landlock_restrict, Access, Enforcement, LandlockStatus, TARGET_ABI,
 };
+pub use policy::{landlock_ok, seccomp_ok, ConfinementPolicy, LockdownOptions};
 pub use privs::{
     drop_all_capabilities, keep_only_capabilities, no_new_privs, set_not_dumpable,
     STORE_WRITER_CAPS,
 };
-pub use policy::{landlock_ok, seccomp_ok, ConfinementPolicy, LockdownOptions};
 pub use seccomp::{apply_seccomp, SeccompMode, SeccompProfile};
 pub use status::{parse_status, status, ProcStatus, StatusReader};
 

@@ -121,7 +121,11 @@ mod tests {
     #[test]
     fn partial_and_full_landlock_are_accepted() {
         for s in [
-            status(Enforcement::Partial, 3, Some("kernel-abi-older-than-target")),
+            status(
+                Enforcement::Partial,
+                3,
+                Some("kernel-abi-older-than-target"),
+            ),
             status(Enforcement::Full, 7, None),
         ] {
             for policy in [
@@ -144,8 +148,12 @@ mod tests {
                 && msg.contains("allow-unconfined = true"),
             "{msg}"
         );
-        assert!(!seccomp_ok(Profile::Broker, failed(), ConfinementPolicy::AllowUnconfined)
-            .expect("allowed"));
+        assert!(!seccomp_ok(
+            Profile::Broker,
+            failed(),
+            ConfinementPolicy::AllowUnconfined
+        )
+        .expect("allowed"));
         assert!(seccomp_ok(Profile::Broker, Ok(()), ConfinementPolicy::Required).expect("ok"));
     }
 

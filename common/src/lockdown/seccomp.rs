@@ -36,11 +36,11 @@
 use std::collections::BTreeMap;
 
 use nix::libc;
-use serde::{Deserialize, Serialize};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
+use serde::{Deserialize, Serialize};
 
 use super::LockdownError;
 

@@ -108,10 +108,7 @@ impl Ctx {
         // The services' confinement as decided here; each service's own start line says what
         // the kernel then enforced.
         let lockdown = self.lockdown();
-        fields.push((
-            "confinement",
-            lockdown.confinement.audit_word().to_string(),
-        ));
+        fields.push(("confinement", lockdown.confinement.audit_word().to_string()));
         let seccomp = match lockdown.seccomp {
             SeccompMode::Enforce => "on",
             SeccompMode::Log => "log",
