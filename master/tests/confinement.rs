@@ -87,8 +87,7 @@ fn stdio_mode_takes_the_switch_from_its_command_line() {
     cmd.env(
         "NIX_DAEMON_SOCKET_PATH",
         "/nonexistent/stockade-test/socket",
-    )
-    .env("STOCKADE_SECCOMP_LOG", "0");
+    );
     let out = cmd
         .stdin(std::process::Stdio::null())
         .output()
