@@ -20,7 +20,9 @@ use nix::libc;
 use stockade_common::ipc::msg::{BrokerToStoreWriter, StoreWriterToBroker};
 use stockade_common::ipc::writer as w;
 use stockade_common::ipc::{self, Channel};
-use stockade_common::lockdown::{self, Enforcement, Report};
+use stockade_common::lockdown::{
+    self, ConfinementPolicy, Enforcement, LockdownError, LockdownOptions, Report, SeccompMode,
+};
 use stockade_common::nar;
 use stockade_common::store_path::StorePath;
 
@@ -66,8 +68,7 @@ fn spawn(scenario: &str, dir: &Path, env: &[(&str, &str)], uid: Option<u32>) -> 
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env(SCENARIO_ENV, scenario)
-        .env(DIR_ENV, dir)
-        .env_remove(lockdown::LOG_ENV);
+        .env(DIR_ENV, dir);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -139,7 +140,43 @@ fn broker_unprivileged() {
 
 #[test]
 fn broker_log_mode_lets_unlisted_calls_through() {
-    expect_ok("broker-log", &[(lockdown::LOG_ENV, "1")]);
+    expect_ok("broker-log", &[]);
+}
+
+/// A76: the variable that used to turn every allow-list into logging does nothing now.
+#[test]
+fn the_environment_cannot_switch_seccomp_to_log() {
+    let out = expect_ok("broker", &[("STOCKADE_SECCOMP_LOG", "1")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("seccomp=on"), "{}", describe(&out));
+}
+
+/// A76: without Landlock (simulated by a seccomp filter that answers `ENOSYS` to
+/// `landlock_create_ruleset`, as a kernel without Landlock does) both services refuse unless
+/// allowed, and run with the rest of their confinement when allowed.
+#[test]
+fn refuses_to_run_without_landlock_unless_allowed() {
+    for scenario in [
+        "no-landlock:broker:required",
+        "no-landlock:store-writer:required",
+        "no-landlock:broker:allowed",
+        "no-landlock:store-writer:allowed",
+    ] {
+        expect_ok(scenario, &[]);
+    }
+}
+
+/// A76: a seccomp filter the kernel refuses (simulated by a filter answering `EINVAL` to
+/// `seccomp`) stops both services unless allowed.
+#[test]
+fn refuses_to_run_without_seccomp_unless_allowed() {
+    for scenario in [
+        "no-seccomp:broker:required",
+        "no-seccomp:store-writer:required",
+        "no-seccomp:broker:allowed",
+    ] {
+        expect_ok(scenario, &[]);
+    }
 }
 
 #[test]
@@ -269,6 +306,7 @@ fn child_entry() {
         "store-writer" => store_writer(&dir, true),
         "store-writer-nocaps" => store_writer(&dir, false),
         "missing-dir" => missing_dir(&dir),
+        s if s.starts_with("no-landlock:") || s.starts_with("no-seccomp:") => missing(&dir, s),
         "bench" => bench(&dir),
         other => match other.strip_prefix("kill:") {
             Some(rest) => kill(&dir, rest),
@@ -289,18 +327,40 @@ fn child_entry() {
     std::process::exit(code);
 }
 
+/// Required confinement, except on a kernel whose Landlock cannot enforce these profiles at
+/// all (ABI 0, or 1 for the store-writer's renames), where the other checks still run.
+fn opts() -> LockdownOptions {
+    let confinement = if KERNEL_ABI.get().copied().unwrap_or(0) < 2 {
+        ConfinementPolicy::AllowUnconfined
+    } else {
+        ConfinementPolicy::Required
+    };
+    LockdownOptions {
+        confinement,
+        seccomp: SeccompMode::Enforce,
+    }
+}
+
 fn apply_broker(dir: &Path) -> Result<Report, Fail> {
-    lockdown::apply_broker(&dir.join("store")).map_err(fail("apply_broker"))
+    lockdown::apply_broker(&dir.join("store"), opts()).map_err(fail("apply_broker"))
 }
 
 fn apply_store_writer(dir: &Path, keep_caps: bool) -> Result<Report, Fail> {
+    apply_store_writer_with(dir, keep_caps, opts()).map_err(fail("apply_store_writer"))
+}
+
+fn apply_store_writer_with(
+    dir: &Path,
+    keep_caps: bool,
+    opts: LockdownOptions,
+) -> Result<Report, LockdownError> {
     lockdown::apply_store_writer(
         &dir.join("store"),
         &dir.join("state"),
         &dir.join("log"),
         keep_caps,
+        opts,
     )
-    .map_err(fail("apply_store_writer"))
 }
 
 /// Whether this kernel enforces Landlock file rules at all; the file-access checks depend on it.
@@ -551,7 +611,11 @@ fn broker_nobody(dir: &Path) -> Res {
 }
 
 fn broker_log(dir: &Path) -> Res {
-    let report = apply_broker(dir)?;
+    let opts = LockdownOptions {
+        seccomp: SeccompMode::Log,
+        ..opts()
+    };
+    let report = lockdown::apply_broker(&dir.join("store"), opts).map_err(fail("apply_broker"))?;
     check!(
         report.summary().contains("seccomp=log"),
         "{}",
@@ -930,12 +994,98 @@ fn locks(state: &Path) -> Res {
 }
 
 fn missing_dir(dir: &Path) -> Res {
-    match lockdown::apply_broker(&dir.join("does-not-exist")) {
+    match lockdown::apply_broker(&dir.join("does-not-exist"), opts()) {
         Err(lockdown::LockdownError::LandlockPath { path, .. }) => {
             check!(path.ends_with("does-not-exist"), "path {path:?}");
             Ok(())
         }
         other => Err(Fail::Check(format!("expected LandlockPath, got {other:?}"))),
+    }
+}
+
+/// Install a filter that answers `errno` to `syscall` and allows everything else: the kernel
+/// then looks as if it lacked what that call provides.
+fn simulate_missing(syscall: i64, errno: i32) -> Res {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(fail("arch"))?;
+    let rules = std::collections::BTreeMap::from([(syscall, Vec::new())]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno as u32),
+        arch,
+    )
+    .map_err(fail("filter"))?;
+    let program = BpfProgram::try_from(filter).map_err(fail("compile"))?;
+    seccompiler::apply_filter(&program).map_err(fail("install"))
+}
+
+/// `no-landlock:PROFILE:POLICY` or `no-seccomp:PROFILE:POLICY`: lock down with that part of
+/// the confinement missing; `required` must be refused naming it, `allowed` must run.
+fn missing(dir: &Path, spec: &str) -> Res {
+    let mut parts = spec.split(':');
+    let (what, profile, policy) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(w), Some(p), Some(c)) => (w, p, c),
+        _ => return Err(Fail::Check(format!("bad spec {spec}"))),
+    };
+    match what {
+        "no-landlock" => simulate_missing(libc::SYS_landlock_create_ruleset, libc::ENOSYS)?,
+        _ => simulate_missing(libc::SYS_seccomp, libc::EINVAL)?,
+    }
+    let confinement = match policy {
+        "required" => ConfinementPolicy::Required,
+        _ => ConfinementPolicy::AllowUnconfined,
+    };
+    let opts = LockdownOptions {
+        confinement,
+        seccomp: SeccompMode::Enforce,
+    };
+    let result = match profile {
+        "broker" => lockdown::apply_broker(&dir.join("store"), opts),
+        _ => apply_store_writer_with(dir, false, opts),
+    };
+    let landlock_missing = what == "no-landlock";
+    match (confinement, result) {
+        (ConfinementPolicy::Required, Err(e @ LockdownError::Unconfined { .. })) => {
+            let msg = e.to_string();
+            let names = if landlock_missing {
+                "Landlock is not enforced (none(abi0:not-in-kernel))"
+            } else {
+                "its seccomp filter cannot be installed"
+            };
+            check!(
+                msg.starts_with(&format!(
+                    "refusing to run the {profile} unconfined: {names}"
+                )) && msg
+                    .ends_with("; set `allow-unconfined = true` in stockade.conf to run it anyway"),
+                "{msg}"
+            );
+            Ok(())
+        }
+        (ConfinementPolicy::AllowUnconfined, Ok(report)) => {
+            let summary = report.summary();
+            println!("{profile} unconfined: {summary}");
+            if landlock_missing {
+                check!(
+                    report.landlock.enforcement == Enforcement::None
+                        && summary.contains("landlock=none(abi0:not-in-kernel) seccomp=on"),
+                    "{summary}"
+                );
+                // The rest of the confinement is in place.
+                expect_errno("socket", probe(Probe::SocketUnix), Errno::EPERM)
+            } else {
+                // Our own stand-in filter is there, the service's are not.
+                check!(
+                    report.seccomp.is_none() && summary.contains("seccomp=incomplete"),
+                    "{summary}"
+                );
+                if KERNEL_ABI.get().copied().unwrap_or(0) > 0 {
+                    expect_errno("read /etc/passwd", fs::read("/etc/passwd"), Errno::EACCES)?;
+                }
+                Ok(())
+            }
+        }
+        (_, other) => Err(Fail::Check(format!("{spec}: got {other:?}"))),
     }
 }
 

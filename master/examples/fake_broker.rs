@@ -1,7 +1,8 @@
 //! Test double for `stockade-broker`: receives `Start` from the master and writes one line about
 //! itself and its client to the client socket, then waits for the client to hang up.
 //!
-//! The line: `conn=N client-uid=U trusted=B Uid=… Gid=… Groups=… CapEff=… … fds=…`.
+//! The line: `conn=N client-uid=U trusted=B … confinement=… seccomp-mode=… Uid=… Gid=… Groups=…
+//! CapEff=… … fds=…`.
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -68,12 +69,15 @@ fn main() {
     // it splices pipes.
     let peer_pid = stockade_common::ipc::peer_cred(&client).map_or(0, |c| c.pid);
     let line = format!(
-        "conn={} peer-pid={peer_pid} client-uid={} client-pid={} trusted={} store={} {} fds-at-start={}\n",
+        "conn={} peer-pid={peer_pid} client-uid={} client-pid={} trusted={} store={} \
+         confinement={:?} seccomp-mode={:?} {} fds-at-start={}\n",
         cfg.client.conn_id,
         cfg.client.uid,
         cfg.client.pid,
         cfg.client.trusted,
         cfg.store_dir,
+        cfg.lockdown.confinement,
+        cfg.lockdown.seccomp,
         status_words(&[
             "Uid",
             "Gid",

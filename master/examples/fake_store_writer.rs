@@ -107,13 +107,16 @@ fn main() {
             }
             MasterToStoreWriter::Start(cfg) => {
                 log(&format!(
-                    "start store={} state={} log={} as_root={} require_sigs={} audit={:?}",
+                    "start store={} state={} log={} as_root={} require_sigs={} audit={:?} \
+                     confinement={:?} seccomp-mode={:?}",
                     cfg.store_dir,
                     cfg.state_dir,
                     cfg.log_dir,
                     cfg.as_root,
                     cfg.require_sigs,
-                    cfg.audit_socket
+                    cfg.audit_socket,
+                    cfg.lockdown.confinement,
+                    cfg.lockdown.seccomp
                 ));
                 match std::env::var("STOCKADE_FAKE_WRITER_FAIL") {
                     Ok(reason) => {

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
+use stockade_common::lockdown::SeccompMode;
 use stockade_policy::TrustOverride;
 
 /// Nix's verbosity levels (`lvlError` … `lvlVomit`); the default is `lvlInfo`.
@@ -78,6 +79,10 @@ pub struct DaemonArgs {
     /// Log at debug level.
     #[arg(long)]
     pub debug: bool,
+    /// Debugging only: the store-writer's and brokers' seccomp allow-lists log calls outside
+    /// them (kernel log) instead of refusing them. Audited as `seccomp=log`.
+    #[arg(long)]
+    pub debug_seccomp_log: bool,
 }
 
 impl DaemonArgs {
@@ -89,6 +94,15 @@ impl DaemonArgs {
             TrustOverride::ForceUntrusted
         } else {
             TrustOverride::Default
+        }
+    }
+
+    /// The services' seccomp mode: only this flag turns the allow-lists into logging (A76).
+    pub fn seccomp_mode(&self) -> SeccompMode {
+        if self.debug_seccomp_log {
+            SeccompMode::Log
+        } else {
+            SeccompMode::Enforce
         }
     }
 
@@ -197,6 +211,15 @@ mod tests {
         assert_eq!(
             daemon(&["stockade", "daemon", "--debug"]).verbosity(),
             LVL_DEBUG
+        );
+        assert_eq!(a.seccomp_mode(), SeccompMode::Enforce);
+        assert_eq!(
+            daemon(&["stockade", "daemon", "--stdio", "--debug-seccomp-log"]).seccomp_mode(),
+            SeccompMode::Log
+        );
+        assert_eq!(
+            daemon(&["nix-daemon", "--debug-seccomp-log"]).seccomp_mode(),
+            SeccompMode::Log
         );
         assert_eq!(
             daemon(&["stockade", "daemon"]).trust_override(),

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use stockade_common::conf::{ExperimentalFeature, Settings, StockadeSettings, UidRange};
+use stockade_common::lockdown::{ConfinementPolicy, LockdownOptions, SeccompMode};
 
 use crate::error::{Error, Result};
 
@@ -87,6 +88,15 @@ impl Config {
 
     pub fn broker_uid_range(&self) -> UidRange {
         self.stockade.broker_uid_range
+    }
+
+    /// How the store-writer and the brokers lock down: `allow-unconfined`, and the seccomp mode
+    /// the command line chose (never the environment, A76).
+    pub fn lockdown(&self, seccomp: SeccompMode) -> LockdownOptions {
+        LockdownOptions {
+            confinement: ConfinementPolicy::from_allow_unconfined(self.stockade.allow_unconfined),
+            seccomp,
+        }
     }
 
     /// `trusted-substituters` as a list.
@@ -182,5 +192,29 @@ mod tests {
         let d = conf_dir("", "audit-socket = /run/audit.sock\n");
         let c = Config::load(d.path(), &[]).expect("load");
         assert_eq!(c.audit_socket(), Some(PathBuf::from("/run/audit.sock")));
+    }
+
+    #[test]
+    fn confinement_is_required_unless_allowed() {
+        let d = conf_dir("", "");
+        let c = Config::load(d.path(), &[]).expect("load");
+        assert_eq!(
+            c.lockdown(SeccompMode::Enforce),
+            LockdownOptions {
+                confinement: ConfinementPolicy::Required,
+                seccomp: SeccompMode::Enforce
+            }
+        );
+        let d = conf_dir("", "allow-unconfined = true\n");
+        let c = Config::load(d.path(), &[]).expect("load");
+        let o = c.lockdown(SeccompMode::Log);
+        assert_eq!(o.confinement, ConfinementPolicy::AllowUnconfined);
+        assert_eq!(o.seccomp, SeccompMode::Log);
+        let opts = vec![("allow-unconfined".to_string(), "false".to_string())];
+        let c = Config::load(d.path(), &opts).expect("load");
+        assert_eq!(
+            c.lockdown(SeccompMode::Enforce).confinement,
+            ConfinementPolicy::Required
+        );
     }
 }

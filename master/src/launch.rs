@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use stockade_common::ipc::msg::{BrokerConfig, BrokerFds, ClientIdentity, MasterToBroker};
 use stockade_common::ipc::{self};
+use stockade_common::lockdown::LockdownOptions;
 
 use crate::builder::BuilderHelper;
 use crate::config::Config;
@@ -106,7 +107,13 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    pub fn new(programs: Programs, cfg: &Config, paths: &Paths, verbosity: u32) -> Self {
+    pub fn new(
+        programs: Programs,
+        cfg: &Config,
+        paths: &Paths,
+        verbosity: u32,
+        lockdown: LockdownOptions,
+    ) -> Self {
         let store_dir = paths.store_dir.to_string_lossy().into_owned();
         let template = BrokerConfig {
             client: ClientIdentity {
@@ -130,6 +137,7 @@ impl Launcher {
             verbosity,
             handshake_timeout: cfg.stockade.handshake_timeout,
             idle_timeout: cfg.stockade.idle_timeout,
+            lockdown,
         };
         let db_group = cfg
             .stockade

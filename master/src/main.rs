@@ -117,7 +117,8 @@ fn context(
         store_writer: Default::default(),
         builder_helper: Default::default(),
     });
-    let launcher = Launcher::new(programs, &cfg, &paths, args.verbosity());
+    let lockdown = cfg.lockdown(args.seccomp_mode());
+    let launcher = Launcher::new(programs, &cfg, &paths, args.verbosity(), lockdown);
     Ok(Ctx {
         paths,
         cfg,

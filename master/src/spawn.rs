@@ -70,7 +70,9 @@ pub const BUILDER_CAPS: [Capability; 5] = [
 ];
 
 /// Environment variables a child inherits from the master; everything else is dropped.
-/// Proxy and certificate variables are for substituter access; `STOCKADE_*` for tests.
+/// Proxy and certificate variables are for substituter access; `STOCKADE_*` for the test
+/// doubles. No service takes a defence switch from its environment (A76): confinement options
+/// travel in the typed start configuration.
 pub const PASSED_ENV: &[&str] = &[
     "PATH",
     "TZ",

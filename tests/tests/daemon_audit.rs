@@ -295,3 +295,36 @@ fn a_setoptions_flood_is_one_line_and_brokers_write_none() {
         "a broker wrote an audit line itself: {lines:#?}"
     );
 }
+
+/// A76: `STOCKADE_SECCOMP_LOG=1` in the daemon's environment no longer turns the services'
+/// allow-lists into logging; only `--debug-seccomp-log` does, and both the master's and the
+/// store-writer's start-up lines say which.
+#[test]
+fn seccomp_log_mode_comes_from_the_command_line_only() {
+    skip_unless_root!();
+    for (debug, want) in [(false, "on"), (true, "log")] {
+        let audit = AuditCollector::new();
+        let mut b = stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
+            .env("STOCKADE_SECCOMP_LOG", "1");
+        if debug {
+            b = b.arg("--debug-seccomp-log");
+        }
+        let _d = b.start().expect("stockade");
+        let master = audit
+            .wait_for(WAIT, |l| {
+                l.contains(" start ") && l.contains(" mode=daemon ")
+            })
+            .expect("the master's start line");
+        let master = audit_line(&master);
+        assert_eq!(field(master, "seccomp"), Some(want), "{master}");
+        assert_eq!(field(master, "confinement"), Some("required"), "{master}");
+        // The store-writer reports what the kernel enforces on it.
+        let writer = audit
+            .wait_for(WAIT, |l| l.contains("op=start") && l.contains("landlock="))
+            .expect("the store-writer's start line");
+        assert!(
+            writer.contains(&format!(" seccomp={want} ")),
+            "debug={debug}: {writer}"
+        );
+    }
+}

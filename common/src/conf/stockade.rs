@@ -35,6 +35,12 @@ define_settings! {
         /// and brokers never touch the database file, e.g. where it is not world-readable or
         /// where no broker should be able to take SQLite's locks on it.
         broker_reads_database: bool = "broker-reads-database" => true;
+        /// Let the store-writer and the brokers run when their confinement is missing: no
+        /// Landlock at all (kernel without it, disabled at boot, or ABI 1 for the
+        /// store-writer) or a seccomp filter the kernel refuses. Off: they refuse to start,
+        /// naming what is missing (A76). An older Landlock ABI that handles fewer rights is
+        /// accepted either way, with a warning.
+        allow_unconfined: bool = "allow-unconfined" => false;
     }
 }
 

@@ -16,6 +16,7 @@ pub use super::builder::{
 };
 pub use super::writer::{BrokerToStoreWriter, ReqKind, StoreWriterToBroker};
 use super::Message;
+use crate::lockdown::LockdownOptions;
 
 /// Version of this message set, exchanged in every `Hello`.
 pub const VERSION: u32 = 1;
@@ -92,6 +93,8 @@ pub struct StoreWriterConfig {
     pub db_group: Option<u32>,
     /// `secret-key-files`: the store-writer alone reads them, to sign built paths.
     pub secret_key_files: Vec<String>,
+    /// Whether to refuse to run unconfined, and the seccomp mode (A76).
+    pub lockdown: LockdownOptions,
 }
 
 /// store-writer → master.
@@ -203,6 +206,8 @@ pub struct BrokerConfig {
     pub handshake_timeout: u64,
     /// Seconds a client may stay silent once connected (0 = no limit).
     pub idle_timeout: u64,
+    /// Whether to refuse to run unconfined, and the seccomp mode (A76).
+    pub lockdown: LockdownOptions,
 }
 
 impl Message for MasterToBroker {

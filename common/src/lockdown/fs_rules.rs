@@ -2,8 +2,9 @@
 //! signals outside its own domain.
 //!
 //! Best effort: the ruleset asks for everything of [`TARGET_ABI`] and the kernel enforces what
-//! it knows; the result says how much that was. A kernel without Landlock is not an error (the
-//! seccomp filter and the process's own uid still apply) but is reported.
+//! it knows; the result says how much that was. A kernel without Landlock is not an error here;
+//! the services refuse to run without it unless `allow-unconfined = true`
+//! ([`landlock_ok`](super::landlock_ok)).
 //!
 //! Landlock governs opening, creating, removing, renaming and linking, not metadata: `stat`,
 //! `readlink`, `chmod`, `chown` and `utimensat` are outside it, which is why the broker's

@@ -12,6 +12,13 @@
 //!    abstract unix sockets and signals scoped to the process's own domain;
 //! 5. seccomp last ([`apply_seccomp`]), so the steps above need not be on its allow-list.
 //!
+//! Fail closed (A76, [`policy`](self::policy)): when Landlock enforces nothing (no Landlock in
+//! the kernel, disabled at boot, or ABI 1 for a profile that must rename across directories) or
+//! the seccomp filters cannot be installed, the apply functions return
+//! [`LockdownError::Unconfined`] unless [`LockdownOptions::confinement`] is
+//! [`ConfinementPolicy::AllowUnconfined`] (`allow-unconfined = true`). An older Landlock ABI
+//! (partial enforcement) is accepted with a warning.
+//!
 //! and return a [`Report`] whose [`Report::summary`] goes on the audit start-up line, e.g.
 //! `landlock=full(abi7) seccomp=on caps=none nnp=1 dumpable=0`.
 //!
@@ -20,10 +27,12 @@
 //! filters are installed on all threads.
 //!
 //! After lockdown, paths outside the profile cannot be opened any more, including `/proc` and
-//! `/dev/log`: open what is needed (syslog socket, database, status fd) before. Set
-//! `STOCKADE_SECCOMP_LOG=1` to find missing system calls (see [`seccomp`](self::seccomp)).
+//! `/dev/log`: open what is needed (syslog socket, database, status fd) before. To find
+//! missing system calls, run `stockade daemon --debug-seccomp-log` ([`SeccompMode::Log`], see
+//! [`seccomp`](self::seccomp)); nothing in the environment switches a defence off.
 
 mod fs_rules;
+pub mod policy;
 mod privs;
 pub mod seccomp;
 mod status;
@@ -35,11 +44,12 @@ pub use caps::Capability;
 pub use fs_rules::{
     landlock_abi, landlock_restrict, Access, Enforcement, LandlockStatus, TARGET_ABI,
 };
+pub use policy::{landlock_ok, seccomp_ok, ConfinementPolicy, LockdownOptions};
 pub use privs::{
     drop_all_capabilities, keep_only_capabilities, no_new_privs, set_not_dumpable,
     STORE_WRITER_CAPS,
 };
-pub use seccomp::{apply_seccomp, SeccompMode, SeccompProfile, LOG_ENV};
+pub use seccomp::{apply_seccomp, SeccompMode, SeccompProfile};
 pub use status::{parse_status, status, ProcStatus, StatusReader};
 
 /// Why a process could not confine itself. The caller should refuse to serve: a service that
@@ -75,6 +85,15 @@ pub enum LockdownError {
     Status(#[source] std::io::Error),
     #[error("unexpected /proc/thread-self/status: {0}")]
     StatusParse(&'static str),
+    /// Confinement is missing and `allow-unconfined` is not set (A76).
+    #[error(
+        "refusing to run the {service} unconfined: {missing}; set `allow-unconfined = true` \
+         in stockade.conf to run it anyway"
+    )]
+    Unconfined {
+        service: &'static str,
+        missing: String,
+    },
 }
 
 impl LockdownError {
@@ -94,12 +113,23 @@ pub enum Profile {
     StoreWriter,
 }
 
+impl Profile {
+    /// The service's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Broker => "broker",
+            Profile::StoreWriter => "store-writer",
+        }
+    }
+}
+
 /// What was applied, and what the kernel says is in force afterwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub profile: Profile,
     pub landlock: LandlockStatus,
-    pub seccomp: SeccompMode,
+    /// `None` when the filters could not be installed (allowed by `allow-unconfined`).
+    pub seccomp: Option<SeccompMode>,
     /// `/proc/thread-self/status` read after everything was applied.
     pub status: ProcStatus,
 }
@@ -111,8 +141,10 @@ impl Report {
     /// `no_new_privs` and no `execve`, but visible).
     pub fn summary(&self) -> String {
         let seccomp = match (self.status.seccomp, self.seccomp) {
-            (2, SeccompMode::Enforce) => "on",
-            (2, SeccompMode::Log) => "log",
+            (2, Some(SeccompMode::Enforce)) => "on",
+            (2, Some(SeccompMode::Log)) => "log",
+            // Some of the filters went in before one failed.
+            (2, None) => "incomplete",
             _ => "off",
         };
         let mut line = format!(
@@ -137,7 +169,7 @@ impl fmt::Display for Report {
 
 /// Lock down a broker: no capabilities, read-only `store_dir` (the real store directory on
 /// disk) and nothing else on disk, the broker allow-list.
-pub fn apply_broker(store_dir: &Path) -> Result<Report, LockdownError> {
+pub fn apply_broker(store_dir: &Path, opts: LockdownOptions) -> Result<Report, LockdownError> {
     let reader = StatusReader::open()?;
     warn_if_threaded(&reader);
     drop_all_capabilities()?;
@@ -146,6 +178,7 @@ pub fn apply_broker(store_dir: &Path) -> Result<Report, LockdownError> {
         reader,
         &[(store_dir.to_path_buf(), Access::ReadOnly)],
         SeccompProfile::Broker,
+        opts,
     )
 }
 
@@ -163,6 +196,7 @@ pub fn apply_store_writer(
     state_dir: &Path,
     log_dir: &Path,
     keep_caps: bool,
+    opts: LockdownOptions,
 ) -> Result<Report, LockdownError> {
     let reader = StatusReader::open()?;
     warn_if_threaded(&reader);
@@ -182,6 +216,7 @@ pub fn apply_store_writer(
             (PathBuf::from("/proc"), Access::ReadOnly),
         ],
         SeccompProfile::StoreWriter,
+        opts,
     )
 }
 
@@ -190,23 +225,31 @@ fn finish(
     reader: StatusReader,
     rules: &[(PathBuf, Access)],
     seccomp_profile: SeccompProfile,
+    opts: LockdownOptions,
 ) -> Result<Report, LockdownError> {
     no_new_privs()?;
     set_not_dumpable()?;
     let landlock = landlock_restrict(rules)?;
+    landlock_ok(profile, &landlock, opts.confinement)?;
     if landlock.enforcement != Enforcement::Full {
         log::warn!("Landlock not fully enforced: {landlock}");
     }
-    let mode = SeccompMode::from_env();
+    let mode = opts.seccomp;
     if mode == SeccompMode::Log {
-        log::warn!("{LOG_ENV}=1: system calls outside the allow-list are logged, not refused");
+        log::warn!(
+            "--debug-seccomp-log: system calls outside the allow-list are logged, not refused"
+        );
     }
-    apply_seccomp(seccomp_profile, mode)?;
+    let installed = seccomp_ok(
+        profile,
+        apply_seccomp(seccomp_profile, mode),
+        opts.confinement,
+    )?;
     let status = reader.read()?;
     Ok(Report {
         profile,
         landlock,
-        seccomp: mode,
+        seccomp: installed.then_some(mode),
         status,
     })
 }

@@ -26,10 +26,12 @@
 //!
 //! # Debugging
 //!
-//! With `STOCKADE_SECCOMP_LOG=1` in the environment the allow-list's default action is `LOG`
-//! instead of `EPERM`: calls missing from the list succeed and are logged by the kernel
-//! (`dmesg`, or the audit log: `type=SECCOMP ... syscall=N`). The deny-list still kills. Never
-//! set it in production; the start-up line shows `seccomp=log` when it is.
+//! With `stockade daemon --debug-seccomp-log` (the master sends [`SeccompMode::Log`] in each
+//! service's start configuration) the allow-list's default action is `LOG` instead of `EPERM`:
+//! calls missing from the list succeed and are logged by the kernel (`dmesg`, or the audit
+//! log: `type=SECCOMP ... syscall=N`). The deny-list still kills. Never use it in production;
+//! the start-up audit lines show `seccomp=log` when it is on. The environment cannot turn it on
+//! (A76): a variable leaking into the daemon's environment must not weaken every service.
 
 use std::collections::BTreeMap;
 
@@ -38,11 +40,9 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
+use serde::{Deserialize, Serialize};
 
 use super::LockdownError;
-
-/// Environment variable that turns `EPERM` for unlisted calls into kernel log entries.
-pub const LOG_ENV: &str = "STOCKADE_SECCOMP_LOG";
 
 /// Which allow-list to install.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,22 +57,13 @@ pub enum SeccompProfile {
 }
 
 /// What happens to a call that is not on the allow-list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum SeccompMode {
     /// Fails with `EPERM`.
+    #[default]
     Enforce,
-    /// Succeeds and is logged by the kernel ([`LOG_ENV`]).
+    /// Succeeds and is logged by the kernel (`stockade daemon --debug-seccomp-log` only).
     Log,
-}
-
-impl SeccompMode {
-    /// [`SeccompMode::Log`] if `STOCKADE_SECCOMP_LOG=1`, else [`SeccompMode::Enforce`].
-    pub fn from_env() -> Self {
-        match std::env::var_os(LOG_ENV) {
-            Some(v) if v == "1" => SeccompMode::Log,
-            _ => SeccompMode::Enforce,
-        }
-    }
 }
 
 /// Install the three filters of `profile` on every thread of the process (`TSYNC`). Also sets

@@ -2,6 +2,7 @@
 //! start audit line, and the ids taken from just below the broker range.
 
 use super::*;
+use stockade_common::lockdown::{LockdownOptions, SeccompMode};
 
 /// Everything decided at start.
 pub struct Ctx {
@@ -36,7 +37,13 @@ impl Ctx {
                 .map(|p| p.to_string_lossy().into_owned()),
             db_group: self.broker_db_group(),
             secret_key_files: s.secret_key_files.clone(),
+            lockdown: self.lockdown(),
         }
+    }
+
+    /// How the store-writer and brokers lock down (stockade.conf and the command line).
+    pub fn lockdown(&self) -> LockdownOptions {
+        self.cfg.lockdown(self.args.seccomp_mode())
     }
 
     /// The supplementary group brokers get to read the database, when they read it.
@@ -98,6 +105,15 @@ impl Ctx {
             ),
         ];
         fields.extend(extra.iter().cloned());
+        // The services' confinement as decided here; each service's own start line says what
+        // the kernel then enforced.
+        let lockdown = self.lockdown();
+        fields.push(("confinement", lockdown.confinement.audit_word().to_string()));
+        let seccomp = match lockdown.seccomp {
+            SeccompMode::Enforce => "on",
+            SeccompMode::Log => "log",
+        };
+        fields.push(("seccomp", seccomp.to_string()));
         fields.extend(self.cfg.security_summary());
         let refs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
         self.audit.event_at(

@@ -45,6 +45,7 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         audit_socket: None,
         db_group: None,
         secret_key_files: Vec::new(),
+        lockdown: Default::default(),
     }
 }
 
