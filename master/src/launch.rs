@@ -103,6 +103,8 @@ pub struct Launcher {
     template: BrokerConfig,
     /// The database directory's group, for brokers that read the database (A69).
     db_group: Option<u32>,
+    /// `trusted-idle-timeout`; the template has the untrusted one.
+    trusted_idle_timeout: u64,
 }
 
 impl Launcher {
@@ -129,7 +131,7 @@ impl Launcher {
             cores: cfg.settings.cores,
             verbosity,
             handshake_timeout: cfg.stockade.handshake_timeout,
-            idle_timeout: cfg.stockade.idle_timeout,
+            idle_timeout: cfg.idle_timeout(false),
             audit_socket: cfg.audit_socket().map(|p| p.to_string_lossy().into_owned()),
         };
         let db_group = cfg
@@ -140,6 +142,7 @@ impl Launcher {
             programs,
             template,
             db_group,
+            trusted_idle_timeout: cfg.idle_timeout(true),
         }
     }
 
@@ -158,6 +161,9 @@ impl Launcher {
         let (mut start_ours, start_theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
         let mut config = self.template.clone();
         config.client = identity.clone();
+        if identity.trusted {
+            config.idle_timeout = self.trusted_idle_timeout;
+        }
         let broker_end = to_writer_broker_end.into_fd();
         let (to_builder_broker_end, to_builder_helper_end) =
             ipc::socketpair().map_err(Error::ipc("socketpair"))?;

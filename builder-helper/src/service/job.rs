@@ -179,7 +179,19 @@ fn begun(
         r.outputs = facts.outputs.clone();
         return r;
     }
-    if !svc.sched.take_slot(cancel) {
+    let at_limit = |uid: u32, limit: u32| {
+        svc.audit(
+            conn,
+            "build-wait",
+            &[
+                ("drv", shown.clone()),
+                ("reason", "per-uid-limit".to_string()),
+                ("waiting-uid", uid.to_string()),
+                ("max-builds-per-uid", limit.to_string()),
+            ],
+        )
+    };
+    if !svc.sched.take_slot(drv, cancel, at_limit) {
         let why = if cancel.fired() {
             "the build was cancelled".to_string()
         } else {

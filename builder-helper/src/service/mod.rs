@@ -83,7 +83,7 @@ impl Service {
         log::info!("build cgroups: {}", cgroups.describe());
         Ok(Service {
             cgroups,
-            sched: Scheduler::new(config.max_jobs),
+            sched: Scheduler::new(config.max_jobs, config.max_builds_per_uid),
             writer: WriterLink::new(writer)?,
             master: MasterLink::new(master),
             base,

@@ -386,7 +386,11 @@ fn stockade_conf() {
         }
     );
     assert_eq!(d.get("broker-uid-range").unwrap(), "800000-865535");
-    assert_eq!(d.idle_timeout, 0);
+    assert_eq!(d.idle_timeout, 3600);
+    assert_eq!(d.trusted_idle_timeout, 0);
+    assert_eq!(d.trusted_connections_reserved, 16);
+    assert_eq!(d.max_builds_per_uid, AutoCount::Auto);
+    assert_eq!(d.get("max-builds-per-uid").unwrap(), "auto");
 
     let files = [(
         "/etc/nix/stockade.conf",
