@@ -179,18 +179,7 @@ fn begun(
         r.outputs = facts.outputs.clone();
         return r;
     }
-    let at_limit = |uid: u32, limit: u32| {
-        svc.audit(
-            conn,
-            "build-wait",
-            &[
-                ("drv", shown.clone()),
-                ("reason", "per-uid-limit".to_string()),
-                ("waiting-uid", uid.to_string()),
-                ("max-builds-per-uid", limit.to_string()),
-            ],
-        )
-    };
+    let at_limit = |uid, limit| svc.audit_uid_limit(conn, &shown, uid, limit);
     if !svc.sched.take_slot(drv, cancel, at_limit) {
         let why = if cancel.fired() {
             "the build was cancelled".to_string()

@@ -127,6 +127,22 @@ impl Service {
     }
 }
 
+impl Service {
+    /// A build waits because every uid that asked for it runs `max-builds-per-uid` builds.
+    pub fn audit_uid_limit(&self, conn_id: u64, drv: &str, uid: u32, limit: u32) {
+        self.audit(
+            conn_id,
+            "build-wait",
+            &[
+                ("drv", drv.to_string()),
+                ("reason", "per-uid-limit".to_string()),
+                ("waiting-uid", uid.to_string()),
+                ("max-builds-per-uid", limit.to_string()),
+            ],
+        );
+    }
+}
+
 /// A live broker, as the control loop sees it.
 struct Conn {
     broker: Arc<Broker>,

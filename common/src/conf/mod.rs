@@ -57,10 +57,8 @@ pub use host::HostFacts;
 pub use parse::{Entry, FileSource, Filesystem, MemorySource};
 pub use schema::{Resolved, SettingDef};
 pub use settings::{Settings, CACHE_NIXOS_ORG_KEY};
-pub use stockade::StockadeSettings;
-pub use value::{
-    AccessTokens, AutoCount, ExperimentalFeature, MaxJobs, OptionalPath, SandboxMode, UidRange,
-};
+pub use stockade::{AutoCount, StockadeSettings};
+pub use value::{AccessTokens, ExperimentalFeature, MaxJobs, OptionalPath, SandboxMode, UidRange};
 
 /// Where configuration lives when `NIX_CONF_DIR` is not set.
 pub const DEFAULT_CONF_DIR: &str = "/etc/nix";

@@ -1,7 +1,10 @@
 //! `stockade.conf`: Stockade's own settings, in `nix.conf` syntax, next to `nix.conf`.
 
+use serde::{Deserialize, Serialize};
+
+use super::error::{ValueError, WarningKind};
 use super::schema::define_settings;
-use super::value::{AutoCount, Ctx, UidRange};
+use super::value::{Ctx, SettingValue, UidRange};
 
 define_settings! {
     /// Settings only Stockade has. Durations are seconds; for the limits and timeouts, 0 means
@@ -64,5 +67,43 @@ impl Default for StockadeSettings {
 impl StockadeSettings {
     fn value_ctx(&self) -> Ctx {
         Ctx { cpus: 1 }
+    }
+}
+
+/// A count that may be `auto`: decided where it is used, from other settings
+/// (`max-builds-per-uid`). Printed as `auto` or the number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AutoCount {
+    Auto,
+    Fixed(u32),
+}
+
+impl SettingValue for AutoCount {
+    fn assign(
+        &mut self,
+        name: &'static str,
+        text: &str,
+        append: bool,
+        ctx: Ctx,
+        warnings: &mut Vec<WarningKind>,
+    ) -> Result<(), ValueError> {
+        if text == "auto" {
+            *self = AutoCount::Auto;
+            return Ok(());
+        }
+        let mut n = 0u32;
+        n.assign(name, text, append, ctx, warnings)
+            .map_err(|_| ValueError::InvalidMaxJobs {
+                name,
+                value: text.into(),
+            })?;
+        *self = AutoCount::Fixed(n);
+        Ok(())
+    }
+    fn render(&self) -> String {
+        match self {
+            AutoCount::Auto => "auto".into(),
+            AutoCount::Fixed(n) => n.to_string(),
+        }
     }
 }

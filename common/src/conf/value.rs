@@ -280,44 +280,6 @@ impl SettingValue for MaxJobs {
     }
 }
 
-/// A count that may be `auto`: decided where it is used, from other settings
-/// (`max-builds-per-uid`). Printed as `auto` or the number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AutoCount {
-    Auto,
-    Fixed(u32),
-}
-
-impl SettingValue for AutoCount {
-    fn assign(
-        &mut self,
-        name: &'static str,
-        text: &str,
-        append: bool,
-        ctx: Ctx,
-        warnings: &mut Vec<WarningKind>,
-    ) -> Result<(), ValueError> {
-        if text == "auto" {
-            *self = AutoCount::Auto;
-            return Ok(());
-        }
-        let mut n = 0u32;
-        n.assign(name, text, append, ctx, warnings)
-            .map_err(|_| ValueError::InvalidMaxJobs {
-                name,
-                value: text.into(),
-            })?;
-        *self = AutoCount::Fixed(n);
-        Ok(())
-    }
-    fn render(&self) -> String {
-        match self {
-            AutoCount::Auto => "auto".into(),
-            AutoCount::Fixed(n) => n.to_string(),
-        }
-    }
-}
-
 /// Nix's `PathSetting` with empty allowed (`build-hook`, `diff-hook`): empty means unset,
 /// anything else must be absolute and is normalised lexically (`//`, `.`, `..`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -660,19 +622,6 @@ mod tests {
             .to_string()
             .starts_with("configuration setting 's' should be 'auto' or an integer"));
         assert!(set(&mut j, "-1").is_err());
-    }
-
-    #[test]
-    fn auto_count() {
-        let mut c = AutoCount::Fixed(3);
-        set(&mut c, "auto").unwrap();
-        assert_eq!(c, AutoCount::Auto);
-        assert_eq!(c.render(), "auto");
-        set(&mut c, "0").unwrap();
-        assert_eq!(c, AutoCount::Fixed(0));
-        assert_eq!(c.render(), "0");
-        assert!(set(&mut c, "-1").is_err());
-        assert!(set(&mut c, "Auto").is_err());
     }
 
     #[test]
