@@ -377,7 +377,8 @@ impl Scheduler {
             for e in entries.iter_mut() {
                 let before = e.waiters.len();
                 e.waiters.retain(|w| {
-                    let mine = w.broker.client.conn_id == conn_id && id.map_or(true, |i| i == w.id);
+                    let mine =
+                        w.broker.client.conn_id == conn_id && (id.is_none() || id == Some(w.id));
                     if mine {
                         gone.push(w.clone());
                     }
