@@ -67,6 +67,19 @@ impl Session {
             let op = match self.conn.read_op() {
                 Ok(op) => op,
                 Err(WireError::Eof { .. }) => return End::Eof,
+                // The read timeout between operations: the client gets end of file on its
+                // next request (Nix then reports it and opens a new connection).
+                Err(WireError::Read { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return End::Error(format!(
+                        "idle for {} seconds (idle-timeout); closing",
+                        self.cfg.idle_timeout
+                    ))
+                }
                 Err(e) => return End::Error(e.to_string()),
             };
             // nix-daemon reads the op as a 32-bit number: a larger one is a serialisation

@@ -82,6 +82,7 @@ impl Helper {
             sandbox_paths: vec![format!("/gate={}", root.join("gate").display())],
             sandbox_build_dir: "/build".into(),
             max_jobs,
+            max_builds_per_uid: 0,
             cores: 1,
             max_silent_time: 0,
             timeout: 0,

@@ -42,6 +42,7 @@ pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
         sandbox_paths: s.sandbox_paths.iter().cloned().collect(),
         sandbox_build_dir: s.sandbox_build_dir.clone(),
         max_jobs: ctx.cfg.max_jobs(),
+        max_builds_per_uid: ctx.cfg.max_builds_per_uid(),
         cores: s.cores,
         max_silent_time: secs(s.max_silent_time),
         timeout: secs(s.timeout),

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use stockade_common::conf::{ExperimentalFeature, Settings, StockadeSettings, UidRange};
+use stockade_common::conf::{AutoCount, ExperimentalFeature, Settings, StockadeSettings, UidRange};
 use stockade_common::lockdown::{ConfinementPolicy, LockdownOptions, SeccompMode};
 
 use crate::error::{Error, Result};
@@ -67,7 +67,32 @@ impl Config {
                 "experimental feature 'recursive-nix' is not supported by Stockade".into(),
             ));
         }
+        let st = &self.stockade;
+        if st.max_connections > 0 && st.trusted_connections_reserved >= st.max_connections {
+            return Err(Error::Config(format!(
+                "trusted-connections-reserved ({}) must be less than max-connections ({}): \
+                 untrusted users would have no connection at all",
+                st.trusted_connections_reserved, st.max_connections
+            )));
+        }
         Ok(())
+    }
+
+    /// `max-builds-per-uid` resolved against `max-jobs` (0: no limit).
+    pub fn max_builds_per_uid(&self) -> u32 {
+        match self.stockade.max_builds_per_uid {
+            AutoCount::Auto => self.max_jobs().div_ceil(2),
+            AutoCount::Fixed(n) => n,
+        }
+    }
+
+    /// The idle timeout of a connection (seconds, 0: none).
+    pub fn idle_timeout(&self, trusted: bool) -> u64 {
+        if trusted {
+            self.stockade.trusted_idle_timeout
+        } else {
+            self.stockade.idle_timeout
+        }
     }
 
     /// `build-users-group`, `None` when empty.
@@ -129,6 +154,13 @@ impl Config {
                 st.max_connections_per_uid.to_string(),
             ),
             (
+                "trusted-connections-reserved",
+                st.trusted_connections_reserved.to_string(),
+            ),
+            ("idle-timeout", st.idle_timeout.to_string()),
+            ("trusted-idle-timeout", st.trusted_idle_timeout.to_string()),
+            ("max-builds-per-uid", self.max_builds_per_uid().to_string()),
+            (
                 "broker-uid-range",
                 st.get("broker-uid-range").unwrap_or_default(),
             ),
@@ -182,6 +214,23 @@ mod tests {
     }
 
     #[test]
+    fn builds_per_uid_follow_max_jobs_unless_set() {
+        for (jobs, auto) in [(0, 0), (1, 1), (2, 1), (5, 3), (8, 4)] {
+            let d = conf_dir(&format!("max-jobs = {jobs}\n"), "");
+            let c = Config::load(d.path(), &[]).expect("load");
+            assert_eq!(c.max_builds_per_uid(), auto, "max-jobs {jobs}");
+        }
+        let d = conf_dir("max-jobs = 8\n", "max-builds-per-uid = 0\n");
+        let c = Config::load(d.path(), &[]).expect("load");
+        assert_eq!(c.max_builds_per_uid(), 0);
+        let opts = vec![("max-builds-per-uid".to_string(), "6".to_string())];
+        let c = Config::load(d.path(), &opts).expect("load");
+        assert_eq!(c.max_builds_per_uid(), 6);
+        assert_eq!(c.idle_timeout(false), 3600);
+        assert_eq!(c.idle_timeout(true), 0);
+    }
+
+    #[test]
     fn bad_values_and_recursive_nix_are_errors() {
         let d = conf_dir("", "");
         let bad = vec![("cores".to_string(), "many".to_string())];
@@ -189,6 +238,25 @@ mod tests {
         let d = conf_dir("experimental-features = recursive-nix\n", "");
         let c = Config::load(d.path(), &[]).expect("load");
         assert!(c.check().is_err());
+        let d = conf_dir(
+            "",
+            "max-connections = 4\ntrusted-connections-reserved = 4\n",
+        );
+        let c = Config::load(d.path(), &[]).expect("load");
+        let e = c.check().expect_err("reserving every slot");
+        assert!(
+            e.to_string().contains("must be less than max-connections"),
+            "{e}"
+        );
+        let d = conf_dir(
+            "",
+            "max-connections = 0\ntrusted-connections-reserved = 4\n",
+        );
+        let c = Config::load(d.path(), &[]).expect("load");
+        assert!(
+            c.check().is_ok(),
+            "no connection limit, nothing to reserve from"
+        );
         let d = conf_dir("", "audit-socket = /run/audit.sock\n");
         let c = Config::load(d.path(), &[]).expect("load");
         assert_eq!(c.audit_socket(), Some(PathBuf::from("/run/audit.sock")));

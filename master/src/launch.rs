@@ -104,6 +104,8 @@ pub struct Launcher {
     template: BrokerConfig,
     /// The database directory's group, for brokers that read the database (A69).
     db_group: Option<u32>,
+    /// `trusted-idle-timeout`; the template has the untrusted one.
+    trusted_idle_timeout: u64,
 }
 
 impl Launcher {
@@ -136,7 +138,7 @@ impl Launcher {
             cores: cfg.settings.cores,
             verbosity,
             handshake_timeout: cfg.stockade.handshake_timeout,
-            idle_timeout: cfg.stockade.idle_timeout,
+            idle_timeout: cfg.idle_timeout(false),
             lockdown,
         };
         let db_group = cfg
@@ -147,6 +149,7 @@ impl Launcher {
             programs,
             template,
             db_group,
+            trusted_idle_timeout: cfg.idle_timeout(true),
         }
     }
 
@@ -165,6 +168,9 @@ impl Launcher {
         let (mut start_ours, start_theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
         let mut config = self.template.clone();
         config.client = identity.clone();
+        if identity.trusted {
+            config.idle_timeout = self.trusted_idle_timeout;
+        }
         let broker_end = to_writer_broker_end.into_fd();
         let (to_builder_broker_end, to_builder_helper_end) =
             ipc::socketpair().map_err(Error::ipc("socketpair"))?;

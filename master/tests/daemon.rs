@@ -254,37 +254,13 @@ fn connection_limits() {
     require_root!();
     let alice = ensure_user("st-alice", None, &[]);
     let mut d = Instance::start(Setup {
-        stockade_conf: "max-connections-per-uid = 2\nmax-connections = 3\n".into(),
+        stockade_conf:
+            "max-connections-per-uid = 2\nmax-connections = 3\ntrusted-connections-reserved = 0\n"
+                .into(),
         ..Setup::default()
     });
-    let probe = common::example("probe");
-    let (daemon_pid, socket) = (d.pid, d.socket());
-    let hold = |user: Option<&common::TestUser>| {
-        let mut argv: Vec<String> = vec![
-            "nsenter".into(),
-            format!("--target={daemon_pid}"),
-            "--mount".into(),
-            "--".into(),
-        ];
-        if let Some(u) = user {
-            argv.extend(common::as_user(u));
-        }
-        argv.push(probe.to_string_lossy().into_owned());
-        argv.push(socket.to_string_lossy().into_owned());
-        argv.push("--hold".into());
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("probe");
-        let mut line = String::new();
-        let out = child.stdout.take().expect("stdout");
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("read");
-        (child, line)
-    };
-    let (mut r1, l1) = hold(None);
-    let (r2, l2) = hold(None);
+    let (mut r1, l1) = hold_connection(&d, None);
+    let (r2, l2) = hold_connection(&d, None);
     assert!(
         l1.starts_with("conn=") && l2.starts_with("conn="),
         "{l1} {l2}"
@@ -294,7 +270,7 @@ fn connection_limits() {
     let l = d.wait_audit(|l| l.contains(" limit ") && l.contains("limit=max-connections-per-uid"));
     assert!(l.contains(" uid=0 "), "{l}");
     // Another uid still gets in, and then the global limit (3) is reached.
-    let (a1, la) = hold(Some(&alice));
+    let (a1, la) = hold_connection(&d, Some(&alice));
     assert!(la.starts_with("conn="), "{la}");
     assert_eq!(d.probe(Some(&alice), &d.socket()), "CLOSED");
     d.wait_audit(|l| l.contains(" limit ") && l.contains("limit=max-connections "));
@@ -305,6 +281,73 @@ fn connection_limits() {
     let line = d.probe(None, &d.socket());
     assert!(line.starts_with("conn="), "{line}");
     for mut c in [r2, a1] {
+        drop(c.stdin.take());
+        let _ = c.wait();
+    }
+}
+
+/// A probe that connects as `user` (root when none), prints its line and keeps the connection
+/// open until its standard input is closed.
+fn hold_connection(d: &Instance, user: Option<&common::TestUser>) -> (std::process::Child, String) {
+    let mut argv: Vec<String> = vec![
+        "nsenter".into(),
+        format!("--target={}", d.pid),
+        "--mount".into(),
+        "--".into(),
+    ];
+    if let Some(u) = user {
+        argv.extend(common::as_user(u));
+    }
+    argv.push(common::example("probe").to_string_lossy().into_owned());
+    argv.push(d.socket().to_string_lossy().into_owned());
+    argv.push("--hold".into());
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("probe");
+    let mut line = String::new();
+    let out = child.stdout.take().expect("stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("read");
+    (child, line)
+}
+
+/// A77: the last `trusted-connections-reserved` slots are for trusted users only.
+#[test]
+fn trusted_users_keep_reserved_slots() {
+    require_root!();
+    let alice = ensure_user("st-alice", None, &[]);
+    let mut d = Instance::start(Setup {
+        stockade_conf: "max-connections = 4\ntrusted-connections-reserved = 1\n".into(),
+        ..Setup::default()
+    });
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (c, line) = hold_connection(&d, Some(&alice));
+        assert!(line.starts_with("conn="), "{line}");
+        held.push(c);
+    }
+    // Three of four are open: the last slot is kept for trusted users.
+    assert_eq!(d.probe(Some(&alice), &d.socket()), "CLOSED");
+    let l = d.wait_audit(|l| l.contains(" limit ") && l.contains(&format!(" uid={} ", alice.uid)));
+    assert!(l.contains("limit=max-connections "), "{l}");
+    assert!(l.contains("1 kept for trusted users"), "{l}");
+    // Root over the untrusted socket is not trusted: refused as well.
+    assert_eq!(d.probe(None, &d.untrusted_socket()), "CLOSED");
+    d.wait_audit(|l| l.contains(" limit ") && l.contains(" uid=0 "));
+    // Root on the main socket is trusted and takes the reserved slot.
+    let (root, line) = hold_connection(&d, None);
+    assert!(line.starts_with("conn="), "{line}");
+    assert_eq!(field(&line, "trusted"), Some("true"), "{line}");
+    // Now every slot is taken, for trusted users too.
+    assert_eq!(d.probe(None, &d.socket()), "CLOSED");
+    let l = d.wait_audit(|l| {
+        l.contains(" limit ") && l.contains(" uid=0 ") && !l.contains("kept for trusted")
+    });
+    assert!(l.contains("limit=max-connections "), "{l}");
+    held.push(root);
+    for mut c in held {
         drop(c.stdin.take());
         let _ = c.wait();
     }

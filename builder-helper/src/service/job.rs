@@ -179,7 +179,8 @@ fn begun(
         r.outputs = facts.outputs.clone();
         return r;
     }
-    if !svc.sched.take_slot(cancel) {
+    let at_limit = |uid, limit| svc.audit_uid_limit(conn, &shown, uid, limit);
+    if !svc.sched.take_slot(drv, cancel, at_limit) {
         let why = if cancel.fired() {
             "the build was cancelled".to_string()
         } else {

@@ -83,7 +83,7 @@ impl Service {
         log::info!("build cgroups: {}", cgroups.describe());
         Ok(Service {
             cgroups,
-            sched: Scheduler::new(config.max_jobs),
+            sched: Scheduler::new(config.max_jobs, config.max_builds_per_uid),
             writer: WriterLink::new(writer)?,
             master: MasterLink::new(master),
             base,
@@ -124,6 +124,22 @@ impl Service {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
         });
+    }
+}
+
+impl Service {
+    /// A build waits because every uid that asked for it runs `max-builds-per-uid` builds.
+    pub fn audit_uid_limit(&self, conn_id: u64, drv: &str, uid: u32, limit: u32) {
+        self.audit(
+            conn_id,
+            "build-wait",
+            &[
+                ("drv", drv.to_string()),
+                ("reason", "per-uid-limit".to_string()),
+                ("waiting-uid", uid.to_string()),
+                ("max-builds-per-uid", limit.to_string()),
+            ],
+        );
     }
 }
 

@@ -174,6 +174,7 @@ mod tests {
             sandbox_paths: vec![],
             sandbox_build_dir: "/build".into(),
             max_jobs: 1,
+            max_builds_per_uid: 0,
             cores: 4,
             max_silent_time: 100,
             timeout: 0,

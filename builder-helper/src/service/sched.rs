@@ -1,9 +1,10 @@
 //! What every session shares: the brokers' sending ends, the builds in flight by derivation
 //! (one build per derivation at a time; a second asker waits for it and gets the same
-//! `Done`) and the global job slots (`max-jobs` across every broker). One lock guards all of
-//! it; nothing slow happens under it.
+//! `Done`) and the global job slots (`max-jobs` across every broker, at most
+//! `max-builds-per-uid` of them for one untrusted client uid). One lock guards all of it;
+//! nothing slow happens under it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -148,15 +149,30 @@ struct Entry {
 struct State {
     max_jobs: u32,
     running: u32,
+    /// Slots one untrusted client uid may hold (0: no limit), and how many each holds.
+    per_uid_max: u32,
+    per_uid: HashMap<u32, u32>,
+    /// The uid each running build's slot is counted against (by ticket); none for a build a
+    /// trusted client waits for.
+    charged: HashMap<u64, u32>,
     /// Builds by derivation; several only when they differ in kind (they run one after
     /// another).
     builds: HashMap<StorePath, Vec<Entry>>,
     threads: usize,
     shutting_down: bool,
     /// Job slots go to builds in the order they were requested (as Nix's worker starts
-    /// them in the order of its goals), not to whichever thread wakes first.
+    /// them in the order of its goals), not to whichever thread wakes first; a build whose
+    /// uids are all at their limit is passed over (ticket → derivation).
     next_ticket: u64,
-    slot_queue: BTreeSet<u64>,
+    slot_queue: BTreeMap<u64, StorePath>,
+}
+
+/// Whom a build's slot would be counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Charge {
+    /// No limit applies (none configured, or a trusted client waits for it).
+    Free,
+    Uid(u32),
 }
 
 pub struct Scheduler {
@@ -173,16 +189,20 @@ pub enum Joined {
 }
 
 impl Scheduler {
-    pub fn new(max_jobs: u32) -> Scheduler {
+    /// `per_uid_max`: `max-builds-per-uid` (0: no limit).
+    pub fn new(max_jobs: u32, per_uid_max: u32) -> Scheduler {
         Scheduler {
             state: Mutex::new(State {
                 max_jobs,
                 running: 0,
+                per_uid_max,
+                per_uid: HashMap::new(),
+                charged: HashMap::new(),
                 builds: HashMap::new(),
                 threads: 0,
                 shutting_down: false,
                 next_ticket: 1,
-                slot_queue: BTreeSet::new(),
+                slot_queue: BTreeMap::new(),
             }),
             changed: Condvar::new(),
         }
@@ -209,13 +229,15 @@ impl Scheduler {
                 follows: false,
                 ..waiter
             });
+            // A new waiter may lift the build over its uids' limits.
+            self.changed.notify_all();
             return Ok(Joined::Waiting);
         }
         let active = entries.is_empty();
         let ticket = st.next_ticket;
         let cancel = Arc::new(Cancel::with_ticket(ticket)?);
         st.next_ticket += 1;
-        st.slot_queue.insert(ticket);
+        st.slot_queue.insert(ticket, drv.clone());
         let entries = st.builds.entry(drv.clone()).or_default();
         entries.push(Entry {
             kind,
@@ -261,8 +283,16 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
-    /// Takes a global job slot; false when cancelled (or no slot can ever be had).
-    pub fn take_slot(&self, cancel: &Cancel) -> bool {
+    /// Takes a global job slot; false when cancelled (or no slot can ever be had). The first
+    /// time the build waits because every uid that wants it is at `max-builds-per-uid`,
+    /// `on_limit(uid, limit)` is called (without the lock held).
+    pub fn take_slot(
+        &self,
+        drv: &StorePath,
+        cancel: &Cancel,
+        on_limit: impl FnOnce(u32, u32),
+    ) -> bool {
+        let mut on_limit = Some(on_limit);
         let mut st = self.lock();
         loop {
             if cancel.fired() || st.max_jobs == 0 {
@@ -270,12 +300,28 @@ impl Scheduler {
                 self.changed.notify_all();
                 return false;
             }
-            let first = st.slot_queue.first().copied();
-            if st.running < st.max_jobs && (first.is_none() || first == Some(cancel.ticket)) {
-                st.slot_queue.remove(&cancel.ticket);
-                st.running += 1;
-                self.changed.notify_all();
-                return true;
+            if st.running < st.max_jobs {
+                if let Some((ticket, charge)) = first_startable(&st) {
+                    if ticket == cancel.ticket {
+                        st.slot_queue.remove(&ticket);
+                        st.running += 1;
+                        if let Charge::Uid(uid) = charge {
+                            *st.per_uid.entry(uid).or_insert(0) += 1;
+                            st.charged.insert(ticket, uid);
+                        }
+                        self.changed.notify_all();
+                        return true;
+                    }
+                }
+            }
+            if let Err(Some(uid)) = charge_of(&st, drv, cancel.ticket) {
+                if let Some(f) = on_limit.take() {
+                    let limit = st.per_uid_max;
+                    drop(st);
+                    f(uid, limit);
+                    st = self.lock();
+                    continue;
+                }
             }
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
@@ -309,6 +355,14 @@ impl Scheduler {
         st.slot_queue.remove(&cancel.ticket);
         if slot {
             st.running = st.running.saturating_sub(1);
+            if let Some(uid) = st.charged.remove(&cancel.ticket) {
+                if let Some(n) = st.per_uid.get_mut(&uid) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        st.per_uid.remove(&uid);
+                    }
+                }
+            }
         }
         st.threads = st.threads.saturating_sub(1);
         self.changed.notify_all();
@@ -323,7 +377,8 @@ impl Scheduler {
             for e in entries.iter_mut() {
                 let before = e.waiters.len();
                 e.waiters.retain(|w| {
-                    let mine = w.broker.client.conn_id == conn_id && id.is_none_or(|i| i == w.id);
+                    let mine =
+                        w.broker.client.conn_id == conn_id && (id.is_none() || id == Some(w.id));
                     if mine {
                         gone.push(w.clone());
                     }
@@ -364,3 +419,35 @@ fn is(e: &Entry, cancel: &Cancel) -> bool {
 fn entry<'a>(st: &'a State, drv: &StorePath, cancel: &Cancel) -> Option<&'a Entry> {
     st.builds.get(drv)?.iter().find(|e| is(e, cancel))
 }
+
+/// The first build in the queue that may start now, with whom its slot counts against.
+fn first_startable(st: &State) -> Option<(u64, Charge)> {
+    st.slot_queue
+        .iter()
+        .find_map(|(ticket, drv)| charge_of(st, drv, *ticket).ok().map(|c| (*ticket, c)))
+}
+
+/// Whom build `ticket` of `drv` would be counted against; `Err(Some(uid))` when every uid
+/// that waits for it is at its limit (the first waiter's uid), `Err(None)` when the build is
+/// over or cancelled (it leaves the queue by itself).
+fn charge_of(st: &State, drv: &StorePath, ticket: u64) -> Result<Charge, Option<u32>> {
+    let e = st
+        .builds
+        .get(drv)
+        .and_then(|es| es.iter().find(|e| e.cancel.ticket == ticket))
+        .filter(|e| !e.cancel.fired())
+        .ok_or(None)?;
+    if st.per_uid_max == 0 || e.waiters.iter().any(|w| w.broker.client.trusted) {
+        return Ok(Charge::Free);
+    }
+    // The waiters in the order they asked: the starter's uid first.
+    e.waiters
+        .iter()
+        .map(|w| w.broker.client.uid)
+        .find(|uid| st.per_uid.get(uid).copied().unwrap_or(0) < st.per_uid_max)
+        .map(Charge::Uid)
+        .ok_or_else(|| e.waiters.first().map(|w| w.broker.client.uid))
+}
+
+#[cfg(test)]
+mod tests;

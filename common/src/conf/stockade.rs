@@ -1,7 +1,10 @@
 //! `stockade.conf`: Stockade's own settings, in `nix.conf` syntax, next to `nix.conf`.
 
+use serde::{Deserialize, Serialize};
+
+use super::error::{ValueError, WarningKind};
 use super::schema::define_settings;
-use super::value::{Ctx, UidRange};
+use super::value::{Ctx, SettingValue, UidRange};
 
 define_settings! {
     /// Settings only Stockade has. Durations are seconds; for the limits and timeouts, 0 means
@@ -20,16 +23,33 @@ define_settings! {
         /// range. Must not overlap it or any real account.
         build_uid_range: UidRange = "build-uid-range" => UidRange { first: 872_415_232, last: 872_480_767 };
         /// Connections served at once; the master closes a connection beyond it at once (and
-        /// audits that, rate-limited).
+        /// audits that, rate-limited). `trusted-connections-reserved` of them are for trusted
+        /// users only.
         max_connections: u32 = "max-connections" => 256;
         /// Connections served at once for one peer uid: a quarter of `max-connections`, so
         /// one account cannot take every slot, yet a CI user running many jobs is served.
         max_connections_per_uid: u32 = "max-connections-per-uid" => 64;
         /// Seconds a client has to finish the worker-protocol handshake.
         handshake_timeout: u64 = "handshake-timeout" => 30;
-        /// Seconds a connection may sit idle between operations. Off by default: Nix clients
-        /// (`nix repl`, long evaluations) keep idle daemon connections for hours.
-        idle_timeout: u64 = "idle-timeout" => 0;
+        /// Seconds an untrusted connection may sit idle between operations. An hour: a
+        /// forgotten `nix repl` or a crashed tool frees its slot, while a long evaluation that
+        /// goes quiet for less keeps its connection; a client closed while idle gets "unexpected
+        /// end-of-file" on its next operation and Nix opens a new connection for the one after.
+        idle_timeout: u64 = "idle-timeout" => 3600;
+        /// The same for trusted connections. None by default: trusted users have slots of
+        /// their own (`trusted-connections-reserved`) and nix-daemon never closes an idle
+        /// connection, so deployment tools and an admin's `nix repl` keep theirs.
+        trusted_idle_timeout: u64 = "trusted-idle-timeout" => 0;
+        /// Of `max-connections`, how many only trusted users (`trusted-users`, never over the
+        /// untrusted socket) may take, so that untrusted accounts holding every other slot do
+        /// not lock out the administrators (A77). Must be below `max-connections`.
+        trusted_connections_reserved: u32 = "trusted-connections-reserved" => 16;
+        /// Builds of one client uid running at once, so one account cannot take every job slot
+        /// while others wait: `auto` is half of `max-jobs`, rounded up (all of one slot); 0 is
+        /// no limit. Builds over it wait, in order, without holding up other uids' builds.
+        /// Trusted clients' builds are not limited (an administrator's rebuild may use the
+        /// whole machine).
+        max_builds_per_uid: AutoCount = "max-builds-per-uid" => AutoCount::Auto;
         /// Brokers answer queries from a read-only connection to `db.sqlite` of their own
         /// (one process hop less per query). Off: every query goes through the store-writer,
         /// and brokers never touch the database file, e.g. where it is not world-readable or
@@ -53,5 +73,43 @@ impl Default for StockadeSettings {
 impl StockadeSettings {
     fn value_ctx(&self) -> Ctx {
         Ctx { cpus: 1 }
+    }
+}
+
+/// A count that may be `auto`: decided where it is used, from other settings
+/// (`max-builds-per-uid`). Printed as `auto` or the number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AutoCount {
+    Auto,
+    Fixed(u32),
+}
+
+impl SettingValue for AutoCount {
+    fn assign(
+        &mut self,
+        name: &'static str,
+        text: &str,
+        append: bool,
+        ctx: Ctx,
+        warnings: &mut Vec<WarningKind>,
+    ) -> Result<(), ValueError> {
+        if text == "auto" {
+            *self = AutoCount::Auto;
+            return Ok(());
+        }
+        let mut n = 0u32;
+        n.assign(name, text, append, ctx, warnings)
+            .map_err(|_| ValueError::InvalidMaxJobs {
+                name,
+                value: text.into(),
+            })?;
+        *self = AutoCount::Fixed(n);
+        Ok(())
+    }
+    fn render(&self) -> String {
+        match self {
+            AutoCount::Auto => "auto".into(),
+            AutoCount::Fixed(n) => n.to_string(),
+        }
     }
 }

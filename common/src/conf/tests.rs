@@ -386,7 +386,24 @@ fn stockade_conf() {
         }
     );
     assert_eq!(d.get("broker-uid-range").unwrap(), "800000-865535");
-    assert_eq!(d.idle_timeout, 0);
+    assert_eq!(d.idle_timeout, 3600);
+    assert_eq!(d.trusted_idle_timeout, 0);
+    assert_eq!(d.trusted_connections_reserved, 16);
+    assert_eq!(d.max_builds_per_uid, AutoCount::Auto);
+    assert_eq!(d.get("max-builds-per-uid").unwrap(), "auto");
+    let mut c = d.clone();
+    c.set("max-builds-per-uid", "3").unwrap();
+    assert_eq!(c.max_builds_per_uid, AutoCount::Fixed(3));
+    assert_eq!(c.get("max-builds-per-uid").unwrap(), "3");
+    c.set("max-builds-per-uid", "auto").unwrap();
+    assert_eq!(c.max_builds_per_uid, AutoCount::Auto);
+    for bad in ["-1", "Auto", "half"] {
+        let e = c.set("max-builds-per-uid", bad).unwrap_err();
+        assert!(
+            e.to_string().contains("should be 'auto' or an integer"),
+            "{e}"
+        );
+    }
 
     let files = [(
         "/etc/nix/stockade.conf",

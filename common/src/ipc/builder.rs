@@ -124,6 +124,9 @@ pub struct BuilderConfig {
     pub sandbox_build_dir: String,
     /// `max-jobs`: builds at once across the whole daemon.
     pub max_jobs: u32,
+    /// `max-builds-per-uid` resolved: builds of one untrusted client uid at once (0 = no
+    /// limit). The uid is the one the master put in `NewClient`.
+    pub max_builds_per_uid: u32,
     /// `cores`.
     pub cores: u32,
     /// Defaults a client may lower (seconds, bytes; 0 = none).

@@ -155,8 +155,20 @@ impl Daemon {
         // still queued): they do not count. One `waitpid` when there is nothing to reap.
         self.reap();
         let of_uid = self.per_uid.get(&cred.uid).copied().unwrap_or(0);
-        if max > 0 && self.conns.len() >= max as usize {
+        // The last `reserved` slots are for trusted users only (A77): untrusted accounts
+        // holding every other connection do not lock out the administrators.
+        let reserved = self.ctx.cfg.stockade.trusted_connections_reserved;
+        let open = self.conns.len();
+        if max > 0 && open >= max as usize {
             let reason = format!("max-connections ({max}) reached");
+            self.refuse_limit(conn_id, cred.uid, cred.pid, "max-connections", &reason);
+            return;
+        }
+        if max > 0 && !trusted && open >= max.saturating_sub(reserved) as usize {
+            let reason = format!(
+                "max-connections ({max}) reached for untrusted users \
+                 ({reserved} kept for trusted users)"
+            );
             self.refuse_limit(conn_id, cred.uid, cred.pid, "max-connections", &reason);
             return;
         }
