@@ -1,6 +1,6 @@
 //! SetOptions: the client's settings, filtered by what it may override.
 
-use stockade_common::ipc::writer::{BrokerEvent, AUDIT_OVERRIDES_MAX};
+use stockade_common::ipc::writer::{BrokerEvent, AUDIT_NAME_MAX, AUDIT_OVERRIDES_MAX};
 use stockade_common::worker::{ClientOptions, Verbosity};
 use stockade_policy::overrides::{filter_override, OverrideDecision, SubstituterPolicy};
 
@@ -41,7 +41,7 @@ pub fn set_options(ctx: &mut Ctx<'_>, opts: ClientOptions) -> OpResult<Reply> {
                 false
             }
         };
-        tried.push((name, applied));
+        tried.push((audit_name(name), applied));
     }
     // Gathered by the store-writer into one line per connection (A73).
     for names in tried.chunks(AUDIT_OVERRIDES_MAX) {
@@ -50,4 +50,17 @@ pub fn set_options(ctx: &mut Ctx<'_>, opts: ClientOptions) -> OpResult<Reply> {
         });
     }
     Ok(Reply::Nothing)
+}
+
+/// A setting's name as the audit line keeps it: at most [`AUDIT_NAME_MAX`] bytes, so an
+/// event of [`AUDIT_OVERRIDES_MAX`] names stays well within its request's size limit.
+fn audit_name(mut name: String) -> String {
+    if name.len() > AUDIT_NAME_MAX {
+        let mut end = AUDIT_NAME_MAX;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
 }

@@ -136,9 +136,6 @@ requests! {
     /// Check that every valid path exists (and, with `check_contents`, hashes to its NAR
     /// hash); progress goes out as `Log`. The reply says whether errors were found.
     VerifyStore { check_contents: bool, repair: bool } -> bool;
-    /// An audit event of the broker's own (A74): brokers hold no syslog socket, so the
-    /// store-writer writes the line, under the connection and uid the master gave it.
-    Audit { event: BrokerEvent } -> ();
     /// AddToStore with its data inside the request instead of an upload pipe: the broker
     /// sends it when the client's whole stream ended within [`INLINE_REQUEST_MAX`] bytes of
     /// request, which saves a round trip and a pipe per small add. The store-writer adds it
@@ -152,6 +149,9 @@ requests! {
         repair: bool,
         data: InlineData,
     } -> PathInfo;
+    /// An audit event of the broker's own (A74): brokers hold no syslog socket, so the
+    /// store-writer writes the line, under the connection and uid the master gave it.
+    Audit { event: BrokerEvent } -> ();
 }
 
 /// What a broker reports for the audit trail; the receiver adds who it is about.
@@ -166,8 +166,11 @@ pub enum BrokerEvent {
     Build { drv: StorePath, result: String },
 }
 
-/// Most settings named in one [`BrokerEvent::Overrides`]; more are counted, not named.
+/// Most settings named in one [`BrokerEvent::Overrides`]; a SetOptions with more is sent as
+/// several events.
 pub const AUDIT_OVERRIDES_MAX: usize = 64;
+/// Longest setting name in a [`BrokerEvent::Overrides`] (longer ones are cut).
+pub const AUDIT_NAME_MAX: usize = 128;
 
 /// The bytes of an [`AddToStoreInline`], encoded as bincode encodes a `Vec<u8>` (a length, then
 /// the bytes) but written and read as one block rather than byte by byte.
@@ -437,6 +440,12 @@ mod tests {
                 references: vec![p.clone()],
                 repair: false,
                 data: InlineData(b"hello".to_vec()),
+            }
+            .into(),
+            Audit {
+                event: BrokerEvent::Overrides {
+                    names: vec![("n".repeat(AUDIT_NAME_MAX), false); AUDIT_OVERRIDES_MAX],
+                },
             }
             .into(),
         ];

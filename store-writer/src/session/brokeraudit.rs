@@ -16,8 +16,8 @@ use crate::error::ReqError;
 
 /// Most distinct setting names a summary names; beyond that they are counted.
 const NAMES_MAX: usize = 256;
-/// Longest setting name kept in a summary.
-const NAME_MAX: usize = 128;
+/// Longest setting name kept in a summary (brokers cut them already).
+const NAME_MAX: usize = stockade_common::ipc::writer::AUDIT_NAME_MAX;
 
 /// The overrides a connection tried, over all its SetOptions.
 #[derive(Debug, Default)]
