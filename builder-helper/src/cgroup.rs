@@ -288,6 +288,10 @@ pub struct Usage {
     pub peak_memory: Option<u64>,
     pub cpu_user_us: Option<u64>,
     pub cpu_system_us: Option<u64>,
+    /// Processes the kernel's OOM killer ended because the build hit its memory limit.
+    pub oom_kills: Option<u64>,
+    /// Forks refused because the build hit its pids limit.
+    pub pids_refused: Option<u64>,
 }
 
 /// One build's cgroup: a directory in each hierarchy used. Dropping it kills what is left in
@@ -359,8 +363,25 @@ impl BuildCgroup {
                 }
             }
         }
+        // `key value` lines (memory.events, pids.events, memory.oom_control).
+        let event = |text: Option<String>, key: &str| {
+            text.and_then(|t| {
+                t.lines().find_map(|l| {
+                    let (k, v) = l.split_once(' ')?;
+                    (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
+                })
+            })
+        };
+        if let Some(v2) = &self.v2 {
+            u.oom_kills = event(read(v2.join("memory.events")), "oom_kill");
+            u.pids_refused = event(read(v2.join("pids.events")), "max");
+        }
         if let Some(d) = self.v1.get("memory") {
             u.peak_memory = num(read(d.join("memory.max_usage_in_bytes")));
+            u.oom_kills = event(read(d.join("memory.oom_control")), "oom_kill");
+        }
+        if let Some(d) = self.v1.get("pids") {
+            u.pids_refused = event(read(d.join("pids.events")), "max");
         }
         if let Some(d) = self.v1.get("cpuacct") {
             u.cpu_user_us = num(read(d.join("cpuacct.usage_user"))).map(|ns| ns / 1000);

@@ -100,6 +100,8 @@ impl Helper {
             hashed_mirrors: vec![],
             repeat: 0,
             enforce_determinism: true,
+            build_memory_max: 0,
+            build_pids_max: 0,
             audit_socket: None,
         };
         let (mut control, theirs) = ipc::socketpair().unwrap();

@@ -60,6 +60,8 @@ pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
         hashed_mirrors: s.hashed_mirrors.clone(),
         repeat: s.repeat,
         enforce_determinism: s.enforce_determinism,
+        build_memory_max: ctx.cfg.build_memory_max(),
+        build_pids_max: ctx.cfg.stockade.build_pids_max,
         audit_socket: ctx
             .cfg
             .audit_socket()

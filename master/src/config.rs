@@ -7,7 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use stockade_common::conf::{AutoCount, ExperimentalFeature, Settings, StockadeSettings, UidRange};
+use stockade_common::conf::{
+    AutoCount, AutoSize, ExperimentalFeature, Settings, StockadeSettings, UidRange,
+};
 use stockade_common::lockdown::{ConfinementPolicy, LockdownOptions, SeccompMode};
 
 use crate::error::{Error, Result};
@@ -86,6 +88,15 @@ impl Config {
         }
     }
 
+    /// `build-memory-max` in bytes (0: no limit); `auto` is the machine's memory divided by
+    /// `max-jobs`.
+    pub fn build_memory_max(&self) -> u64 {
+        match self.stockade.build_memory_max {
+            AutoSize::Auto => total_memory().map_or(0, |m| m / u64::from(self.max_jobs().max(1))),
+            AutoSize::Fixed(n) => n,
+        }
+    }
+
     /// The idle timeout of a connection (seconds, 0: none).
     pub fn idle_timeout(&self, trusted: bool) -> u64 {
         if trusted {
@@ -160,6 +171,8 @@ impl Config {
             ("idle-timeout", st.idle_timeout.to_string()),
             ("trusted-idle-timeout", st.trusted_idle_timeout.to_string()),
             ("max-builds-per-uid", self.max_builds_per_uid().to_string()),
+            ("build-memory-max", self.build_memory_max().to_string()),
+            ("build-pids-max", st.build_pids_max.to_string()),
             (
                 "broker-uid-range",
                 st.get("broker-uid-range").unwrap_or_default(),
@@ -170,6 +183,14 @@ impl Config {
             ),
         ]
     }
+}
+
+/// The machine's memory (`MemTotal` of /proc/meminfo), in bytes.
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]

@@ -259,6 +259,10 @@ fn begun(
     let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
     // Whatever the build left behind dies with its cgroup, before the uid is given back.
     drop(cgroup);
+    let limits_hit = limits_hit(&svc.config, &usage);
+    for (_, note) in &limits_hit {
+        let _ = sink.write_all(format!("{note}\n").as_bytes());
+    }
     // From the start of the sandbox's set-up until the builder was exec'd.
     let setup = ran.as_ref().ok().map(|o| o.setup_time);
     let mut report = match ran {
@@ -340,9 +344,50 @@ fn begun(
                     .peak_memory
                     .map_or_else(|| "-".to_string(), |m| m.to_string()),
             ),
+            (
+                "limit",
+                if limits_hit.is_empty() {
+                    "-".to_string()
+                } else {
+                    limits_hit
+                        .iter()
+                        .map(|(name, _)| *name)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+            ),
         ],
     );
     report
+}
+
+/// The cgroup limits a build ran into (audit name, a line for its log).
+fn limits_hit(
+    config: &stockade_common::ipc::builder::BuilderConfig,
+    usage: &crate::cgroup::Usage,
+) -> Vec<(&'static str, String)> {
+    let mut hit = Vec::new();
+    if usage.oom_kills.unwrap_or(0) > 0 {
+        hit.push((
+            "memory",
+            format!(
+                "note: the build reached its memory limit (build-memory-max = {} bytes) and the \
+                 kernel ended processes of it",
+                config.build_memory_max
+            ),
+        ));
+    }
+    if usage.pids_refused.unwrap_or(0) > 0 {
+        hit.push((
+            "pids",
+            format!(
+                "note: the build reached its limit of {} processes and threads \
+                 (build-pids-max); forks were refused",
+                config.build_pids_max
+            ),
+        ));
+    }
+    hit
 }
 
 /// Runs the daemon's `post-build-hook` for a build whose outputs are now valid (see

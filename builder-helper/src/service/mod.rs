@@ -317,7 +317,12 @@ impl Service {
             return None;
         }
         let name = format!("build-{}-{build}", std::process::id());
-        match self.cgroups.create(&name, crate::cgroup::Limits::default()) {
+        let limits = crate::cgroup::Limits {
+            memory_bytes: (self.config.build_memory_max > 0)
+                .then_some(self.config.build_memory_max),
+            pids: (self.config.build_pids_max > 0).then_some(self.config.build_pids_max),
+        };
+        match self.cgroups.create(&name, limits) {
             Ok(c) => Some(c),
             Err(e) => {
                 log::warn!("build {build}: no cgroup: {e}");

@@ -192,6 +192,8 @@ mod tests {
             hashed_mirrors: vec![],
             repeat: 0,
             enforce_determinism: true,
+            build_memory_max: 0,
+            build_pids_max: 0,
             audit_socket: None,
         };
         let asked = BuildSettings {

@@ -50,6 +50,16 @@ define_settings! {
         /// Trusted clients' builds are not limited (an administrator's rebuild may use the
         /// whole machine).
         max_builds_per_uid: AutoCount = "max-builds-per-uid" => AutoCount::Auto;
+        /// Memory (RAM, no swap) each build may use, through its cgroup: a number of bytes
+        /// with an optional `K`, `M`, `G` or `T` suffix (powers of 1024); `auto` is the
+        /// machine's memory divided by `max-jobs`, so that `max-jobs` builds at once fit and
+        /// one account (at most `max-builds-per-uid` builds) cannot take all of it; 0 is no
+        /// limit. A build over it has its processes ended by the kernel's OOM killer (the
+        /// builder "failed due to signal 9"), audited `limit=memory`.
+        build_memory_max: AutoSize = "build-memory-max" => AutoSize::Auto;
+        /// Processes and threads each build may have at once (its cgroup's `pids.max`), so a
+        /// fork bomb ends at that many; 0 is no limit. Audited `limit=pids` when reached.
+        build_pids_max: u64 = "build-pids-max" => 16384;
         /// Brokers answer queries from a read-only connection to `db.sqlite` of their own
         /// (one process hop less per query). Off: every query goes through the store-writer,
         /// and brokers never touch the database file, e.g. where it is not world-readable or
@@ -110,6 +120,84 @@ impl SettingValue for AutoCount {
         match self {
             AutoCount::Auto => "auto".into(),
             AutoCount::Fixed(n) => n.to_string(),
+        }
+    }
+}
+
+/// A size in bytes that may be `auto` (`build-memory-max`): decided where it is used. Written
+/// as a number with an optional `K`, `M`, `G` or `T` suffix (powers of 1024).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AutoSize {
+    Auto,
+    Fixed(u64),
+}
+
+impl SettingValue for AutoSize {
+    fn assign(
+        &mut self,
+        name: &'static str,
+        text: &str,
+        _append: bool,
+        _ctx: Ctx,
+        _warnings: &mut Vec<WarningKind>,
+    ) -> Result<(), ValueError> {
+        if text == "auto" {
+            *self = AutoSize::Auto;
+            return Ok(());
+        }
+        let invalid = || ValueError::Invalid {
+            name,
+            value: text.into(),
+            reason: "expected 'auto' or a number of bytes with an optional K, M, G or T suffix",
+        };
+        let (digits, shift) = match text.char_indices().last() {
+            Some((i, 'K')) => (&text[..i], 10),
+            Some((i, 'M')) => (&text[..i], 20),
+            Some((i, 'G')) => (&text[..i], 30),
+            Some((i, 'T')) => (&text[..i], 40),
+            _ => (text, 0),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        let n: u64 = digits.parse().map_err(|_| invalid())?;
+        let bytes = n.checked_mul(1u64 << shift).ok_or_else(invalid)?;
+        *self = AutoSize::Fixed(bytes);
+        Ok(())
+    }
+    fn render(&self) -> String {
+        match self {
+            AutoSize::Auto => "auto".into(),
+            AutoSize::Fixed(n) => n.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod auto_size_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AutoSize, ValueError> {
+        let mut v = AutoSize::Auto;
+        v.assign(
+            "build-memory-max",
+            text,
+            false,
+            Ctx { cpus: 1 },
+            &mut Vec::new(),
+        )
+        .map(|()| v)
+    }
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse("auto"), Ok(AutoSize::Auto));
+        assert_eq!(parse("0"), Ok(AutoSize::Fixed(0)));
+        assert_eq!(parse("1024"), Ok(AutoSize::Fixed(1024)));
+        assert_eq!(parse("512M"), Ok(AutoSize::Fixed(512 << 20)));
+        assert_eq!(parse("8G"), Ok(AutoSize::Fixed(8 << 30)));
+        for bad in ["", "G", "-1", "1.5G", "8g", "99999999999T", "8 G"] {
+            assert!(parse(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -158,6 +158,9 @@ pub struct BuilderConfig {
     /// `enforce-determinism` (a difference fails the build).
     pub repeat: u64,
     pub enforce_determinism: bool,
+    /// Each build's cgroup limits (`build-memory-max` in bytes, `build-pids-max`); 0: none.
+    pub build_memory_max: u64,
+    pub build_pids_max: u64,
     /// The extra audit destination.
     pub audit_socket: Option<String>,
 }
