@@ -32,7 +32,11 @@ fn a_fork_bomb_ends_at_the_pids_limit() {
                   echo asked for $n; exit 1";
     let out = d
         .cmd("nix-build")
-        .args(["--no-out-link", "-E", &busybox_derivation(&bb, "fork-bomb", script)])
+        .args([
+            "--no-out-link",
+            "-E",
+            &busybox_derivation(&bb, "fork-bomb", script),
+        ])
         .fails();
     let err = out.stderr_str();
     assert!(
@@ -56,7 +60,11 @@ fn a_memory_hog_ends_at_the_memory_limit() {
                   echo held ${#x} bytes; echo > $out";
     let out = d
         .cmd("nix-build")
-        .args(["--no-out-link", "-E", &busybox_derivation(&bb, "memory-hog", script)])
+        .args([
+            "--no-out-link",
+            "-E",
+            &busybox_derivation(&bb, "memory-hog", script),
+        ])
         .fails();
     let err = out.stderr_str();
     assert!(
