@@ -210,7 +210,10 @@ fn who_may_do_what() {
         .as_user(&mallory)
         .output();
     assert!(!out.success(), "mallory imported an unsigned path: {out}");
-    assert!(out.stderr_str().contains("lacks a valid signature"), "{out}");
+    assert!(
+        out.stderr_str().contains("lacks a valid signature"),
+        "{out}"
+    );
     let out = d
         .cmd("nix-store")
         .arg("--import")
