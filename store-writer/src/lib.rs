@@ -18,6 +18,7 @@ pub mod hashing;
 pub mod lockdown;
 pub mod pathlocks;
 pub mod phase;
+pub mod quota;
 pub mod roots;
 pub mod session;
 pub mod store;

@@ -87,6 +87,8 @@ pub struct Store {
     pub gc_link: std::sync::OnceLock<crate::gclink::GcLink>,
     /// Which registrations wait for a sync of the store (durable.rs).
     pub syncer: Arc<crate::durable::Syncer>,
+    /// Untrusted clients' add budgets.
+    pub quotas: crate::quota::Quotas,
     /// The database directory, when it is on another file system than the store (synced
     /// with it).
     pub db_fs: Option<OwnedFd>,
@@ -218,6 +220,10 @@ impl Store {
             shared_reads: false,
             gc_link: std::sync::OnceLock::new(),
             syncer: Arc::default(),
+            quotas: crate::quota::Quotas::new(
+                cfg.untrusted_max_nar_size,
+                cfg.untrusted_bytes_per_hour,
+            ),
             db_fs,
             staging_pool: Mutex::new(Vec::new()),
             cfg,

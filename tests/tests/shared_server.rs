@@ -302,3 +302,50 @@ fn who_may_do_what() {
         );
     }
 }
+
+/// Issue 19's add budgets: an untrusted user's single add is bounded
+/// (`untrusted-max-nar-size`) and so is what her uid adds in an hour
+/// (`untrusted-bytes-per-hour`, over all her connections); a path that is valid already costs
+/// nothing; another untrusted user and a trusted one are not held back by her use.
+#[test]
+fn an_untrusted_user_cannot_fill_the_disk() {
+    skip_unless_root!();
+    let alice = ensure_user("st-alice").unwrap();
+    let bob = ensure_user("st-bob").unwrap();
+    let mallory = ensure_user("st-mallory").unwrap();
+    let d = stockade_with("untrusted-max-nar-size = 1M\nuntrusted-bytes-per-hour = 3M\n")
+        .conf_line("trusted-users = root st-alice")
+        .start()
+        .expect("stockade");
+    let file = |name: &str, size: usize| {
+        let data: Vec<u8> = name.bytes().cycle().take(size).collect();
+        let f = d.write_work_file(name, &data);
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        f.to_str().unwrap().to_string()
+    };
+    let add = |user: &User, f: &str| d.cmd("nix-store").args(["--add", f]).as_user(user).output();
+    let big = file("big", 2 << 20);
+    let out = add(&mallory, &big);
+    assert!(!out.success(), "a 2 MiB add went through: {out}");
+    assert!(out.stderr_str().contains("untrusted-max-nar-size"), "{out}");
+    let mut mine = Vec::new();
+    for i in 0..3 {
+        let f = file(&format!("m{i}"), 900 << 10);
+        let out = add(&mallory, &f);
+        assert!(out.success(), "add {i}: {out}");
+        mine.push(f);
+    }
+    let out = add(&mallory, &file("m3", 900 << 10));
+    assert!(!out.success(), "a fourth 900 KiB add went through: {out}");
+    assert!(
+        out.stderr_str().contains("untrusted-bytes-per-hour"),
+        "{out}"
+    );
+    // Adding what is valid already costs nothing.
+    let out = add(&mallory, &mine[0]);
+    assert!(out.success(), "re-adding a valid path: {out}");
+    // Others are not held back.
+    assert!(add(&bob, &file("b0", 900 << 10)).success());
+    assert!(add(&alice, &big).success());
+    d.run_ok(["nix-store", "--verify", "--check-contents"]);
+}

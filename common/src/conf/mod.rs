@@ -57,7 +57,7 @@ pub use host::HostFacts;
 pub use parse::{Entry, FileSource, Filesystem, MemorySource};
 pub use schema::{Resolved, SettingDef};
 pub use settings::{Settings, CACHE_NIXOS_ORG_KEY};
-pub use stockade::{AutoCount, AutoSize, StockadeSettings};
+pub use stockade::{AutoCount, AutoSize, ByteSize, StockadeSettings};
 pub use value::{AccessTokens, ExperimentalFeature, MaxJobs, OptionalPath, SandboxMode, UidRange};
 
 /// Where configuration lives when `NIX_CONF_DIR` is not set.

@@ -60,6 +60,13 @@ define_settings! {
         /// Processes and threads each build may have at once (its cgroup's `pids.max`), so a
         /// fork bomb ends at that many; 0 is no limit. Audited `limit=pids` when reached.
         build_pids_max: u64 = "build-pids-max" => 16384;
+        /// The largest NAR (or file) an untrusted client may add at once; 0: no limit.
+        /// Trusted clients and build outputs are not limited.
+        untrusted_max_nar_size: ByteSize = "untrusted-max-nar-size" => ByteSize(64 << 30);
+        /// How much one untrusted client uid may add to the store in an hour, over all its
+        /// connections, so that one account cannot fill the disk for everyone at once; 0: no
+        /// limit. Counted on what is added (a path already valid costs nothing).
+        untrusted_bytes_per_hour: ByteSize = "untrusted-bytes-per-hour" => ByteSize(128 << 30);
         /// Brokers answer queries from a read-only connection to `db.sqlite` of their own
         /// (one process hop less per query). Off: every query goes through the store-writer,
         /// and brokers never touch the database file, e.g. where it is not world-readable or
@@ -145,24 +152,7 @@ impl SettingValue for AutoSize {
             *self = AutoSize::Auto;
             return Ok(());
         }
-        let invalid = || ValueError::Invalid {
-            name,
-            value: text.into(),
-            reason: "expected 'auto' or a number of bytes with an optional K, M, G or T suffix",
-        };
-        let (digits, shift) = match text.char_indices().last() {
-            Some((i, 'K')) => (&text[..i], 10),
-            Some((i, 'M')) => (&text[..i], 20),
-            Some((i, 'G')) => (&text[..i], 30),
-            Some((i, 'T')) => (&text[..i], 40),
-            _ => (text, 0),
-        };
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(invalid());
-        }
-        let n: u64 = digits.parse().map_err(|_| invalid())?;
-        let bytes = n.checked_mul(1u64 << shift).ok_or_else(invalid)?;
-        *self = AutoSize::Fixed(bytes);
+        *self = AutoSize::Fixed(parse_size(name, text, "expected 'auto' or a size")?);
         Ok(())
     }
     fn render(&self) -> String {
@@ -170,6 +160,53 @@ impl SettingValue for AutoSize {
             AutoSize::Auto => "auto".into(),
             AutoSize::Fixed(n) => n.to_string(),
         }
+    }
+}
+
+/// `N`, `NK`, `NM`, `NG` or `NT` (powers of 1024) as bytes.
+fn parse_size(name: &'static str, text: &str, what: &'static str) -> Result<u64, ValueError> {
+    let invalid = || ValueError::Invalid {
+        name,
+        value: text.into(),
+        reason: what,
+    };
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'K')) => (&text[..i], 10),
+        Some((i, 'M')) => (&text[..i], 20),
+        Some((i, 'G')) => (&text[..i], 30),
+        Some((i, 'T')) => (&text[..i], 40),
+        _ => (text, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    let n: u64 = digits.parse().map_err(|_| invalid())?;
+    n.checked_mul(1u64 << shift).ok_or_else(invalid)
+}
+
+/// A size in bytes, written as a number with an optional `K`, `M`, `G` or `T` suffix (powers
+/// of 1024); 0 means "no limit" where a limit is meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteSize(pub u64);
+
+impl SettingValue for ByteSize {
+    fn assign(
+        &mut self,
+        name: &'static str,
+        text: &str,
+        _append: bool,
+        _ctx: Ctx,
+        _warnings: &mut Vec<WarningKind>,
+    ) -> Result<(), ValueError> {
+        self.0 = parse_size(
+            name,
+            text,
+            "expected a size: bytes, or with a K, M, G or T suffix",
+        )?;
+        Ok(())
+    }
+    fn render(&self) -> String {
+        self.0.to_string()
     }
 }
 

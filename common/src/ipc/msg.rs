@@ -95,6 +95,10 @@ pub struct StoreWriterConfig {
     pub secret_key_files: Vec<String>,
     /// Whether to refuse to run unconfined, and the seccomp mode (A76).
     pub lockdown: LockdownOptions,
+    /// Untrusted clients' budgets (bytes; 0: none): the largest add, and what one uid may add
+    /// in an hour.
+    pub untrusted_max_nar_size: u64,
+    pub untrusted_bytes_per_hour: u64,
 }
 
 /// store-writer → master.

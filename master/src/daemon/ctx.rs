@@ -38,6 +38,8 @@ impl Ctx {
             db_group: self.broker_db_group(),
             secret_key_files: s.secret_key_files.clone(),
             lockdown: self.lockdown(),
+            untrusted_max_nar_size: self.cfg.stockade.untrusted_max_nar_size.0,
+            untrusted_bytes_per_hour: self.cfg.stockade.untrusted_bytes_per_hour.0,
         }
     }
 

@@ -123,7 +123,20 @@ fn add_to_store_inner(
     let store = ctx.store;
     let refs: BTreeSet<StorePath> = references.into_iter().collect();
     decide::ca_request(ctx, name, method, algo, &refs)?;
-    let got = ingest::receive(store, input, method, algo, name, NODE)?;
+    // Its size is known once it has all arrived: an untrusted client's data stops at the
+    // largest add it may make; the hour's budget is charged once the path is known.
+    let allowance = store.quotas.allowance(ctx.client);
+    let mut capped = crate::quota::Capped::new(input, allowance);
+    let got = match ingest::receive(store, &mut capped, method, algo, name, NODE) {
+        Err(_) if capped.exceeded => {
+            let limit = allowance.unwrap_or(0);
+            return Err(ReqError::failed(format!(
+                "cannot add '{name}': it is more than the {limit} bytes an untrusted user may add \
+                 at once (untrusted-max-nar-size)"
+            )));
+        }
+        other => other?,
+    };
     let ca = ContentAddress {
         method,
         hash: got.ca_hash,
@@ -137,8 +150,18 @@ fn add_to_store_inner(
             return Ok(existing);
         }
     }
-    let (staging, made) = ingest::materialise(store, got.data, method, NODE)?;
     let full = store.full(&path);
+    store
+        .quotas
+        .charge(ctx.client, &full, got.nar_size)
+        .map_err(ReqError::failed)?;
+    let (staging, made) = match ingest::materialise(store, got.data, method, NODE) {
+        Ok(m) => m,
+        Err(e) => {
+            store.quotas.refund(ctx.client, got.nar_size);
+            return Err(e);
+        }
+    };
     let seal = staging.seal(NODE, &full, made)?;
     let info = PathInfo {
         path,
@@ -219,8 +242,31 @@ fn add_nar_inner(
         return Ok(());
     }
     decide::references(ctx, Some(&info.path), &info.references, &staged)?;
-    ctx.temp_root(&info.path)?;
     let full = store.full(&info.path);
+    store
+        .quotas
+        .charge(ctx.client, &full, info.nar_size)
+        .map_err(ReqError::failed)?;
+    let nar_size = info.nar_size;
+    let res = add_nar_stage(ctx, info, repair, evidence, batch, input, &full);
+    if res.is_err() {
+        store.quotas.refund(ctx.client, nar_size);
+    }
+    res
+}
+
+/// The rest of AddNar, once the add is decided and paid for.
+fn add_nar_stage(
+    ctx: &Ctx<'_>,
+    info: PathInfo,
+    repair: bool,
+    evidence: String,
+    batch: Option<&mut Batch>,
+    input: Upload,
+    full: &str,
+) -> Result<(), ReqError> {
+    let store = ctx.store;
+    ctx.temp_root(&info.path)?;
     match batch {
         Some(b) => b.stage(info, repair, evidence, input, store),
         None => {
@@ -232,7 +278,7 @@ fn add_nar_inner(
             };
             let staging = stage::Staging::new(store)?;
             let made = stage::nar(&staging, NODE, &info, input)?;
-            let seal = staging.seal(NODE, &full, made)?;
+            let seal = staging.seal(NODE, full, made)?;
             let item = Item {
                 node: NODE.to_string(),
                 info,

@@ -46,6 +46,8 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         db_group: None,
         secret_key_files: Vec::new(),
         lockdown: Default::default(),
+        untrusted_max_nar_size: 0,
+        untrusted_bytes_per_hour: 0,
     }
 }
 
