@@ -102,6 +102,8 @@ pub(super) fn allow_list(pid: u32, store_writer_restarts: bool) -> Result<Rules,
         // the master holds.
         libc::SYS_chdir,
         libc::SYS_setpgid,
+        // A child sets its own file-creation mask at start (the store-writer).
+        libc::SYS_umask,
         libc::SYS_setgroups,
         libc::SYS_setresuid,
         libc::SYS_setresgid,
