@@ -80,8 +80,14 @@ fn the_master_keeps_exec_and_identity_calls_and_nothing_that_writes_files() {
         libc::SYS_setresgid,
         libc::SYS_setgroups,
     ] {
-        assert!(!deny.map.contains_key(&nr), "{nr} on the master's deny-list");
-        assert!(allow.map.contains_key(&nr), "{nr} not allowed to the master");
+        assert!(
+            !deny.map.contains_key(&nr),
+            "{nr} on the master's deny-list"
+        );
+        assert!(
+            allow.map.contains_key(&nr),
+            "{nr} not allowed to the master"
+        );
     }
     // Still killed: the services' deny-list minus the four above.
     for nr in [
@@ -92,7 +98,10 @@ fn the_master_keeps_exec_and_identity_calls_and_nothing_that_writes_files() {
         libc::SYS_setuid,
         libc::SYS_unshare,
     ] {
-        assert!(deny.map.contains_key(&nr), "{nr} not on the master's deny-list");
+        assert!(
+            deny.map.contains_key(&nr),
+            "{nr} not on the master's deny-list"
+        );
     }
     // The services' deny-lists keep them.
     let broker_deny = deny_list(SeccompProfile::Broker).unwrap();
@@ -126,7 +135,10 @@ fn the_master_keeps_exec_and_identity_calls_and_nothing_that_writes_files() {
     )
     .unwrap();
     for nr in [libc::SYS_mkdirat, libc::SYS_renameat2, libc::SYS_openat2] {
-        assert!(user.map.contains_key(&nr), "{nr} refused to a user's master");
+        assert!(
+            user.map.contains_key(&nr),
+            "{nr} refused to a user's master"
+        );
     }
 }
 
@@ -150,7 +162,9 @@ fn in_filtered_child(profile: SeccompProfile, call: fn() -> libc::c_long) -> Res
         let code = if rc >= 0 {
             0
         } else {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(201)
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(201)
         };
         // SAFETY: as above.
         unsafe { libc::_exit(code) };
@@ -199,9 +213,8 @@ fn the_master_filter_refuses_in_the_kernel() {
     let netlink: fn() -> libc::c_long =
         || unsafe { libc::syscall(libc::SYS_socket, libc::AF_NETLINK, libc::SOCK_RAW, 0) };
     // An address (any non-null pointer) in sendto: refused before the kernel looks at it.
-    let sendto_addr: fn() -> libc::c_long = || unsafe {
-        libc::syscall(libc::SYS_sendto, -1, null::<u8>(), 0, 0, 8usize, 16)
-    };
+    let sendto_addr: fn() -> libc::c_long =
+        || unsafe { libc::syscall(libc::SYS_sendto, -1, null::<u8>(), 0, 0, 8usize, 16) };
     let write_open: fn() -> libc::c_long = || unsafe {
         libc::syscall(
             libc::SYS_openat,
@@ -231,8 +244,7 @@ fn the_master_filter_refuses_in_the_kernel() {
             0,
         )
     };
-    let group_kill: fn() -> libc::c_long =
-        || unsafe { libc::syscall(libc::SYS_kill, 0, 0) };
+    let group_kill: fn() -> libc::c_long = || unsafe { libc::syscall(libc::SYS_kill, 0, 0) };
     for (name, call) in [
         ("socket(AF_INET)", inet),
         ("socket(AF_INET6)", inet6),
