@@ -6,7 +6,9 @@
 //! `--stdio` mode before the broker is started, or before forwarding begins. In order:
 //!
 //! 1. NSS is warmed up ([`warm_up_nss`]): glibc loads the modules of `nsswitch.conf`'s passwd
-//!    and group lines with `dlopen`, which needs executable mappings the filter refuses later;
+//!    and group lines with `dlopen` while every call is still allowed (the filter would allow
+//!    the read-only file-backed mappings of a later `dlopen`, but not what an arbitrary module
+//!    does while initialising);
 //! 2. the systemd notification socket is connected ([`crate::socket::sd_notify_prepare`]), so
 //!    `READY=1`/`STOPPING=1` need no `sendto` with an address;
 //! 3. capabilities: all but [`MASTER_CAPS`] leave every set (a daemon run by an ordinary user
@@ -73,10 +75,11 @@ pub const MASTER_CAPS: [Capability; 4] = [
 ];
 
 /// Load the NSS modules the passwd and group databases use, by looking up names and ids no
-/// one has (every source of `nsswitch.conf` is consulted then), while `dlopen` still works.
-/// After the lockdown a module that was not loaded cannot be (its executable mapping is
-/// refused) and counts as unavailable: the look-up finds nothing and the peer is matched by
-/// its decimal uid, as when the name is unknown.
+/// one has (every source of `nsswitch.conf` is consulted then), before the filter. After the
+/// lockdown `files` reads `/etc/passwd` and `/etc/group`, nscd and systemd-userdb are asked
+/// over AF_UNIX sockets; a module whose calls the filter refuses (one speaking TCP or
+/// netlink, for instance) fails, glibc counts it unavailable, the look-up finds nothing and
+/// the peer is matched by its decimal uid, as when the name is unknown: never more trust.
 pub fn warm_up_nss() {
     use nix::unistd::{Gid, Group, Uid, User};
     const NOBODY_NAME: &str = "stockade-nss-warm-up-no-such-name";
