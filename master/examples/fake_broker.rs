@@ -87,7 +87,8 @@ fn main() {
             "CapEff",
             "CapBnd",
             "CapAmb",
-            "NoNewPrivs"
+            "NoNewPrivs",
+            "Seccomp"
         ]),
         fds_at_start
     );

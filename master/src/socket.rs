@@ -246,23 +246,44 @@ fn listener_from_fd(fd: OwnedFd) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// The systemd notification socket, connected once: the master's seccomp filter allows
+/// `sendto` only without an address (A74), so the address is given to `connect` before the
+/// lockdown. `None` without `NOTIFY_SOCKET` or when it cannot be reached.
+static NOTIFY: std::sync::OnceLock<Option<std::os::unix::net::UnixDatagram>> =
+    std::sync::OnceLock::new();
+
+fn notify_socket() -> Option<&'static std::os::unix::net::UnixDatagram> {
+    NOTIFY
+        .get_or_init(|| {
+            let path = std::env::var_os("NOTIFY_SOCKET")?;
+            let sock = std::os::unix::net::UnixDatagram::unbound().ok()?;
+            let bytes = path.as_encoded_bytes();
+            let connected = if let Some(name) = bytes.strip_prefix(b"@") {
+                use std::os::linux::net::SocketAddrExt;
+                std::os::unix::net::SocketAddr::from_abstract_name(name)
+                    .and_then(|addr| sock.connect_addr(&addr))
+            } else {
+                sock.connect(PathBuf::from(&path))
+            };
+            connected
+                .map_err(|e| log::debug!("sd_notify: connecting: {e}"))
+                .ok()?;
+            Some(sock)
+        })
+        .as_ref()
+}
+
+/// Connect the notification socket now (before the master's lockdown).
+pub fn sd_notify_prepare() {
+    let _ = notify_socket();
+}
+
 /// `sd_notify`: tell systemd (Type=notify) about our state; nothing without `NOTIFY_SOCKET`.
 pub fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(sock) = notify_socket() else {
         return;
     };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        sock.send_to(state.as_bytes(), PathBuf::from(&path))
-    };
-    if let Err(e) = sent {
+    if let Err(e) = sock.send(state.as_bytes()) {
         log::debug!("sd_notify: {e}");
     }
 }

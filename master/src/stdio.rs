@@ -78,7 +78,12 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
         ),
         None => None,
     };
-    ctx.audit_start("stdio", &[("store-writer-pid", writer.pid.to_string())]);
+    // As the daemon: confined before the broker is started (restrict.rs); the copying threads
+    // start later and inherit it.
+    let confined = crate::restrict::lockdown(ctx.lockdown(), ctx.as_root)?;
+    let mut fields = vec![("store-writer-pid", writer.pid.to_string())];
+    fields.extend(crate::restrict::audit_fields(&confined));
+    ctx.audit_start("stdio", &fields);
     let conn_id = 1;
     let identity = ClientIdentity {
         conn_id,
@@ -196,6 +201,8 @@ pub fn forward(ctx: Ctx, sock: UnixStream) -> Result<i32> {
         "forwarding to the daemon at {}",
         ctx.paths.socket_path.display()
     );
+    // Forwarding starts nothing and needs no capability: all are dropped.
+    crate::restrict::lockdown(ctx.lockdown(), false)?;
     let out = start_splice(sock)?;
     let _ = out.join();
     Ok(0)

@@ -138,12 +138,12 @@ impl UidPool {
             return Some(None);
         };
         use std::os::unix::fs::OpenOptionsExt;
+        // Read-only (flock needs no more): the master's seccomp filter refuses opening for
+        // writing. O_CREAT as a custom flag, since std insists on write access for `create`.
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
             .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CREAT)
             .open(dir.join(uid.to_string()))
             .map_err(|e| log::warn!("broker uid lock {uid}: {e}"))
             .ok()?;

@@ -104,3 +104,76 @@ fn stdio_mode_takes_the_switch_from_its_command_line() {
     let start = audit_start(&mut d, "stdio");
     assert_eq!(field(&start, "seccomp"), Some("log"), "{start}");
 }
+
+/// One field of `/proc/<pid>/status`.
+fn status_field(pid: i32, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {name} in {s}"))
+}
+
+/// KILL (5), SETGID (6), SETUID (7), SETPCAP (8).
+const MASTER_CAPS: &str = "00000000000001e0";
+const NO_CAPS: &str = "0000000000000000";
+
+#[test]
+fn the_master_confines_itself_after_start_up() {
+    require_root!();
+    let alice = common::ensure_user("st-alice", None, &[]);
+    let mut d = Instance::start(Setup::default());
+    // Ready means confined: the filter is in before the first accept.
+    assert_eq!(status_field(d.pid, "Seccomp"), "2");
+    assert_eq!(status_field(d.pid, "NoNewPrivs"), "1");
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(status_field(d.pid, set), MASTER_CAPS, "{set}");
+    }
+    for set in ["CapInh", "CapAmb"] {
+        assert_eq!(status_field(d.pid, set), NO_CAPS, "{set}");
+    }
+    let start = audit_start(&mut d, "daemon");
+    assert_eq!(field(&start, "master-seccomp"), Some("on"), "{start}");
+    assert_eq!(
+        field(&start, "master-caps"),
+        Some("kill,setgid,setuid,setpcap"),
+        "{start}"
+    );
+    assert!(
+        field(&start, "master-landlock").is_some_and(|l| l.starts_with("none(")),
+        "{start}"
+    );
+    // Still serving, several times over, under the filter: accept, fork, setresuid, exec.
+    for user in [None, Some(&alice), None] {
+        let line = d.probe(user, &d.socket());
+        assert!(field(&line, "Uid").is_some(), "{line}");
+        let line = d.probe(user, &d.untrusted_socket());
+        assert_eq!(field(&line, "trusted"), Some("false"), "{line}");
+    }
+    // The brokers ran under the master's filter (stacked with their own): Seccomp 2 there too.
+    let line = d.probe(None, &d.socket());
+    assert_eq!(field(&line, "Seccomp"), Some("2"), "{line}");
+    assert_eq!(status_field(d.pid, "Seccomp"), "2");
+    let status = d.stop().expect("exit status");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn an_unprivileged_master_confines_itself_too() {
+    require_root!();
+    let alice = common::ensure_user("st-alice", None, &[]);
+    let mut d = Instance::start(Setup {
+        run_as: Some(alice.clone()),
+        ..Setup::default()
+    });
+    assert_eq!(status_field(d.pid, "Seccomp"), "2");
+    assert_eq!(status_field(d.pid, "CapEff"), NO_CAPS);
+    assert_eq!(status_field(d.pid, "CapPrm"), NO_CAPS);
+    let start = audit_start(&mut d, "daemon");
+    assert_eq!(field(&start, "master-seccomp"), Some("on"), "{start}");
+    assert_eq!(field(&start, "master-caps"), Some("none"), "{start}");
+    let line = d.probe(Some(&alice), &d.socket());
+    assert!(field(&line, "Uid").is_some(), "{line}");
+    let status = d.stop().expect("exit status");
+    assert_eq!(status.code(), Some(0));
+}

@@ -1,7 +1,8 @@
 //! Self-confinement: what each Stockade service applies to itself right after setup, before it
 //! reads a byte from a less trusted peer (SECURITY.md §5, A47, A60, A61).
 //!
-//! [`apply_broker`] and [`apply_store_writer`] do everything in order:
+//! [`apply_broker`] and [`apply_store_writer`] do everything in order ([`apply_master`] the
+//! same without Landlock):
 //!
 //! 1. capabilities: all dropped ([`drop_all_capabilities`]), or all but the store-writer's four
 //!    ([`keep_only_capabilities`]);
@@ -45,6 +46,7 @@ pub use fs_rules::{
     landlock_abi, landlock_restrict, Access, Enforcement, LandlockStatus, TARGET_ABI,
 };
 pub use policy::{landlock_ok, seccomp_ok, ConfinementPolicy, LockdownOptions};
+pub use privs::names as capability_names;
 pub use privs::{
     drop_all_capabilities, keep_only_capabilities, no_new_privs, set_not_dumpable,
     STORE_WRITER_CAPS,
@@ -111,6 +113,7 @@ impl LockdownError {
 pub enum Profile {
     Broker,
     StoreWriter,
+    Master,
 }
 
 impl Profile {
@@ -119,6 +122,7 @@ impl Profile {
         match self {
             Profile::Broker => "broker",
             Profile::StoreWriter => "store-writer",
+            Profile::Master => "master",
         }
     }
 }
@@ -218,6 +222,73 @@ pub fn apply_store_writer(
         SeccompProfile::StoreWriter,
         opts,
     )
+}
+
+/// Lock down the master once everything it starts only at start-up runs (store-writer,
+/// builder-helper) and its sockets are bound: capabilities reduced to `keep` (where permitted;
+/// none for a daemon run by an ordinary user), `no_new_privs`, not dumpable, the
+/// [`SeccompProfile::Master`] allow-list. No Landlock domain: brokers are exec'd inside it, and
+/// a store-writer restarted on a replaced store would be too, on directories the rules no
+/// longer name (see `master/src/restrict.rs`); the report says `landlock=none(…:not-taken)`.
+///
+/// A failure to reduce the capabilities or to install the filters is fatal unless `opts` allow
+/// running unconfined.
+///
+/// `store_writer_restarts`: the master may start a new store-writer later (a daemon run by an
+/// ordinary user, when the store is replaced); it inherits the master's filter, so the
+/// filter then allows what the store-writer does too.
+pub fn apply_master(
+    keep: &[Capability],
+    store_writer_restarts: bool,
+    opts: LockdownOptions,
+) -> Result<Report, LockdownError> {
+    let profile = Profile::Master;
+    let reader = StatusReader::open()?;
+    warn_if_threaded(&reader);
+    if let Err(e) = keep_only_capabilities(keep) {
+        match opts.confinement {
+            ConfinementPolicy::Required => {
+                return Err(LockdownError::Unconfined {
+                    service: profile.name(),
+                    missing: format!("its capabilities cannot be reduced ({e})"),
+                })
+            }
+            ConfinementPolicy::AllowUnconfined => {
+                log::warn!("the master keeps its capabilities ({e}): allow-unconfined = true")
+            }
+        }
+    }
+    no_new_privs()?;
+    set_not_dumpable()?;
+    let landlock = LandlockStatus {
+        enforcement: Enforcement::None,
+        abi: landlock_abi(),
+        note: Some("not-taken"),
+    };
+    let mode = opts.seccomp;
+    if mode == SeccompMode::Log {
+        log::warn!(
+            "--debug-seccomp-log: the master's system calls outside its allow-list are logged, \
+             not refused"
+        );
+    }
+    let installed = seccomp_ok(
+        profile,
+        apply_seccomp(
+            SeccompProfile::Master {
+                store_writer_restarts,
+            },
+            mode,
+        ),
+        opts.confinement,
+    )?;
+    let status = reader.read()?;
+    Ok(Report {
+        profile,
+        landlock,
+        seccomp: installed.then_some(mode),
+        status,
+    })
 }
 
 fn finish(

@@ -159,11 +159,9 @@ pub fn run(ctx: Ctx) -> Result<i32> {
     } else {
         None
     };
-    if ctx.as_root {
-        if let Err(e) = crate::restrict::restrict_master() {
-            log::warn!("could not drop the master's own capabilities: {e}");
-        }
-    }
+    // Everything that needs more than the steady state runs: confine the master itself
+    // before the first connection (restrict.rs).
+    let confined = crate::restrict::lockdown(ctx.lockdown(), ctx.as_root)?;
     let groups = {
         let s = &ctx.cfg.settings;
         referenced_groups(&[&s.allowed_users, &s.trusted_users])
@@ -190,7 +188,10 @@ pub fn run(ctx: Ctx) -> Result<i32> {
             ("store-writer-pid", writer.pid.to_string()),
             ("builder-helper-pid", helper.pid.to_string()),
             ("build-uids", build_uids.describe()),
-        ],
+        ]
+        .into_iter()
+        .chain(crate::restrict::audit_fields(&confined))
+        .collect::<Vec<_>>(),
     );
     log::info!(
         "stockade {}: listening on {main_path} (untrusted: {}), pid {}",

@@ -11,7 +11,8 @@
 //!    flags can be checked.
 //! 2. The deny-list → the whole process is killed (`SIGSYS`): calls no Stockade service makes
 //!    and that only an attacker would (exec, ptrace, namespaces, mounts, identity changes,
-//!    kernel attack surface). Everything else allowed.
+//!    kernel attack surface). Everything else allowed. The master's (which execs brokers)
+//!    leaves out `execve`, `setresuid`, `setresgid` and `setgroups`.
 //! 3. The profile's allow-list; anything not on it fails with `EPERM`. It lists `clone3` as
 //!    allowed so that filter 1's `ENOSYS` is the one seen.
 //!
@@ -44,6 +45,8 @@ use serde::{Deserialize, Serialize};
 
 use super::LockdownError;
 
+mod master;
+
 /// Which allow-list to install.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeccompProfile {
@@ -54,6 +57,15 @@ pub enum SeccompProfile {
     /// The broker's set plus file-system writes, threads (`clone` with `CLONE_THREAD`) and what
     /// SQLite needs. No `execve`, no new sockets, no setuid/setgid modes.
     StoreWriter,
+    /// The master after start-up ([`master`]): accepting on its listening sockets, passing
+    /// descriptors, forking and exec'ing brokers (with `setresuid`, `setresgid`, `setgroups`
+    /// and capability calls in the child), signalling its children, reading `/proc`, passwd
+    /// and group; plus what the children it starts later need (they inherit the filter).
+    /// Unlike the others it may `execve` and change identity. Without `store_writer_restarts`
+    /// (a root master, which exits rather than start a new store-writer) it may not open a
+    /// file for writing, remove, rename or chmod anything; it never makes any but AF_UNIX
+    /// sockets.
+    Master { store_writer_restarts: bool },
 }
 
 /// What happens to a call that is not on the allow-list.
@@ -97,7 +109,7 @@ pub fn compile(
             SeccompAction::Errno(libc::ENOSYS as u32),
         ),
         (
-            deny_list()?,
+            deny_list(profile)?,
             SeccompAction::Allow,
             SeccompAction::KillProcess,
         ),
@@ -219,8 +231,19 @@ const CLONE_NS_FLAGS: [libc::c_int; 7] = [
 
 /// Calls that kill the process: the ones that would let a compromised process escape or attack
 /// the kernel, and that no Stockade service makes after start (A47, A60, SECURITY.md §5).
-fn deny_list() -> Result<Rules, LockdownError> {
+///
+/// The master's profile leaves out the calls it needs to start brokers (`execve`, `setresuid`,
+/// `setresgid`, `setgroups`); its allow-list limits them instead.
+fn deny_list(profile: SeccompProfile) -> Result<Rules, LockdownError> {
     let mut r = Rules::default();
+    if !matches!(profile, SeccompProfile::Master { .. }) {
+        r.allow_all(&[
+            libc::SYS_execve,
+            libc::SYS_setresuid,
+            libc::SYS_setresgid,
+            libc::SYS_setgroups,
+        ])?;
+    }
     r.allow_all(&[
         // Other processes' memory.
         libc::SYS_ptrace,
@@ -241,19 +264,15 @@ fn deny_list() -> Result<Rules, LockdownError> {
         libc::SYS_unshare,
         libc::SYS_setns,
         libc::SYS_chroot,
-        // Running anything else.
-        libc::SYS_execve,
+        // Running anything else (`execve` above).
         libc::SYS_execveat,
         // Identity.
         libc::SYS_setuid,
         libc::SYS_setgid,
         libc::SYS_setreuid,
         libc::SYS_setregid,
-        libc::SYS_setresuid,
-        libc::SYS_setresgid,
         libc::SYS_setfsuid,
         libc::SYS_setfsgid,
-        libc::SYS_setgroups,
         // Kernel attack surface.
         libc::SYS_bpf,
         libc::SYS_keyctl,
@@ -292,6 +311,12 @@ fn deny_list() -> Result<Rules, LockdownError> {
 }
 
 fn allow_list(profile: SeccompProfile, pid: u32) -> Result<Rules, LockdownError> {
+    if let SeccompProfile::Master {
+        store_writer_restarts,
+    } = profile
+    {
+        return master::allow_list(pid, store_writer_restarts);
+    }
     let mut r = Rules::default();
     common(&mut r, pid)?;
     if profile == SeccompProfile::StoreWriter {
@@ -572,52 +597,4 @@ fn allow_arg_in(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn profiles_compile() {
-        for profile in [SeccompProfile::Broker, SeccompProfile::StoreWriter] {
-            for mode in [SeccompMode::Enforce, SeccompMode::Log] {
-                let programs = compile(profile, mode, 1234).unwrap();
-                assert_eq!(programs.len(), 3);
-                for p in &programs {
-                    assert!(!p.is_empty() && p.len() < 4096);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn lists_do_not_overlap_wrongly() {
-        let deny = deny_list().unwrap();
-        for profile in [SeccompProfile::Broker, SeccompProfile::StoreWriter] {
-            let allow = allow_list(profile, 1).unwrap();
-            for nr in deny.map.keys() {
-                // clone is in both: namespace flags kill, CLONE_THREAD is allowed.
-                if *nr != libc::SYS_clone {
-                    assert!(
-                        !allow.map.contains_key(nr),
-                        "syscall {nr} allowed and denied"
-                    );
-                }
-            }
-        }
-        let broker = allow_list(SeccompProfile::Broker, 1).unwrap();
-        for nr in [
-            libc::SYS_socket,
-            libc::SYS_clone,
-            libc::SYS_connect,
-            libc::SYS_mkdirat,
-        ] {
-            assert!(!broker.map.contains_key(&nr));
-        }
-    }
-
-    #[test]
-    fn duplicates_are_refused() {
-        let mut r = Rules::default();
-        r.allow(libc::SYS_read).unwrap();
-        assert!(r.allow(libc::SYS_read).is_err());
-    }
-}
+mod tests;
