@@ -35,10 +35,20 @@ cargo fmt --all -- --check
 
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+step "cargo clippy --workspace --all-targets --features stockade-broker/evil -- -D warnings"
+cargo clippy --workspace --all-targets --features stockade-broker/evil -- -D warnings
 
 # The integration tests start target/debug/stockade; `cargo test` alone does not build it.
 step "cargo build --workspace --bins"
 cargo build --workspace --bins
+
+# The compromised broker of tests/tests/compromised_broker.rs (test-only feature `evil`: a
+# second binary of the broker crate; stockade-broker itself is the same with or without it).
+# `--workspace` keeps the dependencies' features those of the build above, so only the broker
+# crate compiles.
+step "cargo build --bin stockade-evil-broker (feature stockade-broker/evil)"
+cargo build --workspace --features stockade-broker/evil --bin stockade-evil-broker
+export STOCKADE_EVIL_BROKER="${CARGO_TARGET_DIR:-$PWD/target}/debug/stockade-evil-broker"
 
 step "cargo test --workspace"
 set +e
