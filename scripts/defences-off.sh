@@ -14,6 +14,12 @@ features=$(printf '%s\n' "${rows[@]}" | awk '{print $1}' | tr , '\n' | sort -u |
 echo "==> building with the defences off: $features"
 cargo build --quiet --workspace --bins --target-dir "$target" --features "$features"
 export STOCKADE_BIN="$PWD/$target/debug/stockade"
+# compromised_broker.rs runs the evil broker of the normal build (its own lockdown intact)
+# against the defences-off store-writer; scripts/test.sh has built it already.
+if [ -z "${STOCKADE_EVIL_BROKER:-}" ]; then
+  cargo build --quiet --workspace --features stockade-broker/evil --bin stockade-evil-broker
+  export STOCKADE_EVIL_BROKER="${CARGO_TARGET_DIR:-$PWD/target}/debug/stockade-evil-broker"
+fi
 status=0
 for row in "${rows[@]}"; do
   read -r feature package testfile name <<<"$row"
