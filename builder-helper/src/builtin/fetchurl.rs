@@ -347,18 +347,7 @@ fn remove_partial(out: &Path) {
 /// from the process environment. A failure is printed as `error: MESSAGE`; returns the exit
 /// code.
 pub fn main(args: &[OsString]) -> i32 {
-    // Variables that are not UTF-8 cannot be ones fetchurl reads.
-    let env: BTreeMap<String, String> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
-    match run(args, &env) {
-        Ok(()) => 0,
-        Err(e) => {
-            // Nothing better to do when stderr is gone: the exit code still says it failed.
-            let _ = writeln!(io::stderr(), "error: {e}");
-            1
-        }
-    }
+    super::run_main(|env| run(args, env))
 }
 
 fn run(args: &[OsString], env: &BTreeMap<String, String>) -> Result<(), FetchError> {

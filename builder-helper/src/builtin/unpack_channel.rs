@@ -27,7 +27,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File, FileTimes, OpenOptions, Permissions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
@@ -471,18 +471,7 @@ fn single_entry(out: &Path, src: &Path) -> Result<PathBuf, UnpackError> {
 /// after `unpack-channel` (none is accepted), the request is read from the process environment.
 /// A failure is printed as `error: MESSAGE`; returns the exit code.
 pub fn main(args: &[OsString]) -> i32 {
-    // Variables that are not UTF-8 cannot be ones unpack-channel reads.
-    let env: BTreeMap<String, String> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
-    match run(args, &env) {
-        Ok(()) => 0,
-        Err(e) => {
-            // Nothing better to do when stderr is gone: the exit code still says it failed.
-            let _ = writeln!(io::stderr(), "error: {e}");
-            1
-        }
-    }
+    super::run_main(|env| run(args, env))
 }
 
 fn run(args: &[OsString], env: &BTreeMap<String, String>) -> Result<(), UnpackError> {
