@@ -113,6 +113,8 @@ in rec {
     sha256 = builtins.hashFile "sha256" ./payload;
     name = "payload-http";
   };
+  # `__noChroot`: refused under `sandbox = true`, built otherwise.
+  noChroot = mk "no-chroot" "echo > $out" { __noChroot = true; };
   # Nix 2.8's `repeat`: the same output twice, a different one (enforced or not).
   repeatSame = mk "repeat-same" "echo same > $out" {};
   repeatDiffers = mk "repeat-differs" "busybox cat /proc/sys/kernel/random/uuid > $out" {};
@@ -226,6 +228,7 @@ fn session(newer: bool) -> Vec<Step> {
         step("nix-env -p $WORK/profiles/p -q; ls $WORK/profiles/p/"),
         step(format!("nix-store --verify-path $({nb} dep) $({nb} multi)")),
         step("nix-store --verify --check-contents"),
+        step(format!("{nb} noChroot 2>&1; echo exit=$?")),
     ];
     steps.into_iter().chain(repeat).chain(channel).collect()
 }

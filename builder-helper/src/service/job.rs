@@ -126,6 +126,20 @@ fn build(
     if let Err(why) = can_build_here(&svc.config, &facts.drv, &shown) {
         return failure(BuildStatus::MiscFailure, why);
     }
+    // A49: `sandbox = true` forbids `__noChroot` outright, in Nix's words (`relaxed` allows it;
+    // a root daemon still confines such a build).
+    if svc.config.sandbox == stockade_common::ipc::builder::SandboxSetting::Enabled
+        && super::no_chroot(&facts.drv)
+    {
+        return failure(
+            BuildStatus::MiscFailure,
+            format!(
+                "derivation '{}' has '__noChroot' set, but that's not allowed when 'sandbox' is \
+                 'true'",
+                stockade_common::worker::hl(&shown)
+            ),
+        );
+    }
     let build = NEXT_BUILD.fetch_add(1, Ordering::Relaxed);
     let begin = BuilderToStoreWriter::BeginBuild {
         build,

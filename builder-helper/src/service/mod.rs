@@ -107,10 +107,7 @@ impl Service {
         match self.config.sandbox {
             SandboxSetting::Enabled => true,
             SandboxSetting::Disabled => false,
-            SandboxSetting::Relaxed => drv
-                .env
-                .get(b"__noChroot".as_slice())
-                .is_none_or(|v| v.as_slice() != b"1"),
+            SandboxSetting::Relaxed => !no_chroot(drv),
         }
     }
 
@@ -141,6 +138,19 @@ impl Service {
             ],
         );
     }
+}
+
+/// Nix's `getBoolAttr("__noChroot")`: `1` in the environment, or `true` in structured attrs.
+pub(crate) fn no_chroot(drv: &Derivation) -> bool {
+    if let Some(json) = drv.env.get(b"__json".as_slice()) {
+        return serde_json::from_slice::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.get("__noChroot").and_then(|b| b.as_bool()))
+            .unwrap_or(false);
+    }
+    drv.env
+        .get(b"__noChroot".as_slice())
+        .is_some_and(|v| v.as_slice() == b"1")
 }
 
 /// A live broker, as the control loop sees it.
