@@ -186,3 +186,39 @@ fn a_fixed_output_builder_cannot_reach_a_host_abstract_socket() {
         "the host's listener got a connection from the builder"
     );
 }
+
+/// V18/A48: `builtin:fetchurl` runs in the sandbox as the build user, never in a privileged
+/// process: a `file://` URL naming a host file outside the input closure finds nothing, even
+/// with that file's right hash (unsandboxed, it would be copied into the store).
+#[test]
+fn builtin_fetchurl_runs_in_the_sandbox() {
+    skip_unless_root!();
+    let d = Daemon::builder(DaemonKind::Stockade)
+        .conf_line("sandbox = true")
+        .start()
+        .expect("stockade");
+    let secret = d.write_work_file("host-secret.txt", b"a host file\n");
+    let hash = d.run_ok([
+        "nix-hash",
+        "--type",
+        "sha256",
+        "--flat",
+        secret.to_str().unwrap(),
+    ]);
+    let expr = format!(
+        "import <nix/fetchurl.nix> {{ url = \"file://{}\"; sha256 = \"{hash}\"; }}",
+        secret.display()
+    );
+    let out = d
+        .cmd("nix-build")
+        .args(["--no-out-link", "-E", &expr])
+        .fails();
+    let err = out.stderr_str();
+    assert!(err.contains("unable to download"), "{err}");
+    let leaked = d.run_ok([
+        "sh",
+        "-c",
+        "grep -rl 'a host file' /nix/store 2>/dev/null || true",
+    ]);
+    assert_eq!(leaked, "", "the host's file reached the store");
+}
