@@ -730,6 +730,30 @@ impl Daemon {
             .clone()
     }
 
+    /// Puts the static probe of builder-helper/tests/probe/probe.c (compiled with
+    /// `cc -static`, libc6-dev) into the store as `probe/bin/probe`; returns its store path.
+    pub fn add_static_probe(&self) -> String {
+        let dir = self.work_dir().join("probe-src/probe/bin");
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let src = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../builder-helper/tests/probe/probe.c"
+        );
+        let st = Command::new("cc")
+            .args(["-static", "-O2", "-o"])
+            .arg(dir.join("probe"))
+            .arg(src)
+            .status()
+            .expect("cc (libc6-dev)");
+        assert!(st.success(), "cc -static failed");
+        let top = self.work_dir().join("probe-src/probe");
+        self.run_ok([
+            OsStr::new("nix-store"),
+            OsStr::new("--add"),
+            top.as_os_str(),
+        ])
+    }
+
     /// Builds `expr` with `nix-build --no-out-link -E` as the harness's user; returns the
     /// output path(s).
     pub fn build_ok(&self, expr: &str) -> String {

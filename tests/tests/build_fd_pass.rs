@@ -91,29 +91,6 @@ fn receive_fd(s: &UnixStream) -> Option<OwnedFd> {
     fds.next().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Puts the static probe (builder-helper/tests/probe/probe.c) into the store as
-/// `probe/bin/probe`; returns its store path.
-fn add_probe(d: &Daemon) -> String {
-    let dir = d.work_dir().join("probe-src/probe/bin");
-    fs::create_dir_all(&dir).unwrap();
-    let src = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../builder-helper/tests/probe/probe.c"
-    );
-    let st = std::process::Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(dir.join("probe"))
-        .arg(src)
-        .status()
-        .expect("cc (libc6-dev)");
-    assert!(st.success(), "cc -static failed");
-    d.run_ok([
-        "nix-store",
-        "--add",
-        d.work_dir().join("probe-src/probe").to_str().unwrap(),
-    ])
-}
-
 /// What one attack did: the daemon, the registered output, the build's stderr and the
 /// listener's view.
 struct Attack {
@@ -132,7 +109,7 @@ fn attack(name: &str) -> Attack {
         .start()
         .expect("stockade");
     let bb = d.add_busybox();
-    let probe = add_probe(&d);
+    let probe = d.add_static_probe();
     let socket = format!("stockade-fdpass-{}-{name}", std::process::id());
     let host = Host::listen(&socket);
     let hash: String = Sha256::digest(ORIGINAL)

@@ -138,25 +138,7 @@ fn a_fixed_output_builder_cannot_reach_a_host_abstract_socket() {
         .start()
         .expect("stockade");
     let bb = d.add_busybox();
-    // The probe, static, in the store as `probe/bin/probe`.
-    let dir = d.work_dir().join("probe-src/probe/bin");
-    fs::create_dir_all(&dir).unwrap();
-    let src = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../builder-helper/tests/probe/probe.c"
-    );
-    let st = std::process::Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(dir.join("probe"))
-        .arg(src)
-        .status()
-        .expect("cc (libc6-dev)");
-    assert!(st.success(), "cc -static failed");
-    let probe = d.run_ok([
-        "nix-store",
-        "--add",
-        d.work_dir().join("probe-src/probe").to_str().unwrap(),
-    ]);
+    let probe = d.add_static_probe();
 
     let name = format!("stockade-e2e-{}", std::process::id());
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
