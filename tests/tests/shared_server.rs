@@ -42,6 +42,17 @@ fn hold_db_lock(d: &Daemon, mallory: &User) -> (Child, String) {
     (child, line.trim().to_string())
 }
 
+/// The configuration: alice trusted, bob and mallory allowed, eve not; audit lines to
+/// `audit`.
+fn start_shared(audit: &AuditCollector) -> Daemon {
+    stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
+        .conf_line("trusted-users = root st-alice")
+        .conf_line("allowed-users = root st-alice st-bob st-mallory")
+        .conf_line("sandbox = true")
+        .start()
+        .expect("stockade")
+}
+
 /// Bob's work: an add, queries, a build. Panics on any error; returns the wall time.
 fn bobs_work(d: &Daemon, bob: &User, round: &str) -> std::time::Duration {
     let started = Instant::now();
@@ -68,12 +79,7 @@ fn bob_is_served_while_mallory_attacks() {
     let mallory = ensure_user("st-mallory").unwrap();
     let eve = ensure_user("st-eve").unwrap();
     let audit = AuditCollector::new();
-    let d = stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
-        .conf_line("trusted-users = root st-alice")
-        .conf_line("allowed-users = root st-alice st-bob st-mallory")
-        .conf_line("sandbox = true")
-        .start()
-        .expect("stockade");
+    let d = start_shared(&audit);
 
     let idle = bobs_work(&d, &bob, "idle");
 
@@ -175,12 +181,7 @@ fn who_may_do_what() {
     let alice = ensure_user("st-alice").unwrap();
     let mallory = ensure_user("st-mallory").unwrap();
     let audit = AuditCollector::new();
-    let d = stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
-        .conf_line("trusted-users = root st-alice")
-        .conf_line("allowed-users = root st-alice st-bob st-mallory")
-        .conf_line("sandbox = true")
-        .start()
-        .expect("stockade");
+    let d = start_shared(&audit);
     let sd = StoreDir::new("/nix/store").unwrap();
     let wait = std::time::Duration::from_secs(20);
 
