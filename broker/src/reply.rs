@@ -30,6 +30,11 @@ pub enum Reply {
     OptPath(Option<StorePath>),
     /// Pairs of a name and a path: outputs of a derivation, or roots and their targets.
     Pairs(Vec<(String, StorePath)>),
+    /// CollectGarbage: paths (sorted, as Nix's `std::set`), bytes freed, and a retired 0.
+    Gc {
+        paths: Vec<String>,
+        bytes_freed: u64,
+    },
     /// QueryPathInfo: from 1.17 a flag says whether the path is valid.
     PathInfo(Option<Box<PathInfo>>),
     /// AddToStore from 1.25: the new path's info, with its path.
@@ -104,6 +109,11 @@ impl Reply {
                     w.write_string(name)?;
                     w.write_string(&sd.display(p))?;
                 }
+            }
+            Reply::Gc { paths, bytes_freed } => {
+                w.write_strings(&paths)?;
+                w.write_u64(bytes_freed)?;
+                w.write_u64(0)?;
             }
             Reply::PathInfo(Some(info)) => {
                 if minor >= 17 {

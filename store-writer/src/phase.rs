@@ -66,6 +66,8 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::RegisterDrvOutput
             | K::QueryRealisation
             | K::VerifyStore
+            | K::CollectGarbage
+            | K::OptimiseStore
             | K::Audit => Verdict::Violation("request before Hello"),
         },
         Phase::Ready => match kind {
@@ -87,7 +89,13 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::RegisterDrvOutput
             | K::QueryRealisation
             | K::VerifyStore
+            | K::OptimiseStore
             | K::Audit => Verdict::Handle,
+            // Deleting others' live paths is impossible for anyone; ignoring liveness is
+            // refused by the broker and never reaches here.
+            K::CollectGarbage => trust(Op::CollectGarbage {
+                ignore_liveness: false,
+            }),
             // No batch is open: the broker lost track of its own batches.
             K::CommitBatch | K::AbortBatch => Verdict::Violation("no batch is open"),
             K::AddPermRoot => trust(Op::AddPermRoot),
@@ -118,7 +126,9 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::AddBuildLog
             | K::RegisterDrvOutput
             | K::QueryRealisation
-            | K::VerifyStore => Verdict::Violation("request inside an open batch"),
+            | K::VerifyStore
+            | K::CollectGarbage
+            | K::OptimiseStore => Verdict::Violation("request inside an open batch"),
         },
         Phase::Building => match kind {
             K::Hello => Verdict::Violation("second Hello"),
@@ -144,7 +154,9 @@ pub fn permitted(phase: Phase, kind: ReqKind, trusted: bool) -> Verdict {
             | K::AddSignatures
             | K::RegisterDrvOutput
             | K::QueryRealisation
-            | K::VerifyStore => Verdict::Violation("request while building"),
+            | K::VerifyStore
+            | K::CollectGarbage
+            | K::OptimiseStore => Verdict::Violation("request while building"),
         },
     }
 }

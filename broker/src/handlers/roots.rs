@@ -10,8 +10,9 @@ use stockade_policy::ops as pops;
 
 use super::call_relaying_logs;
 use crate::ctx::Ctx;
-use crate::error::OpResult;
+use crate::error::{OpError, OpResult};
 use crate::reply::Reply;
+use stockade_common::worker::Verbosity;
 
 pub fn add_temp_root(ctx: &mut Ctx<'_>, path: StorePath) -> OpResult<Reply> {
     ctx.store.call(w::AddTempRoot { path })?;
@@ -45,17 +46,38 @@ pub fn collect_garbage(ctx: &mut Ctx<'_>, gc: &GcRequest) -> OpResult<Reply> {
         ctx.trusted(),
     )
     .map_err(|d| ctx.deny(op, d.0))?;
-    Err(ctx.deny(
-        op,
-        "garbage collection through this daemon is not supported yet",
-    ))
+    // nix-daemon takes any number and, for one it does not know, walks the store deleting
+    // stray entries without saying why: refuse it instead.
+    let action = w::GcAction::from_wire(gc.action).ok_or_else(|| {
+        OpError::client(format!("unknown garbage collector action {}", gc.action))
+    })?;
+    let req = w::CollectGarbage {
+        action,
+        paths: gc.paths_to_delete.iter().cloned().collect(),
+        max_freed: gc.max_freed,
+    };
+    let res = relay_logs_live(ctx, req)?;
+    Ok(Reply::Gc {
+        paths: res.paths,
+        bytes_freed: res.bytes_freed,
+    })
 }
 
 pub fn optimise_store(ctx: &mut Ctx<'_>) -> OpResult<Reply> {
-    Err(ctx.deny(
-        "OptimiseStore",
-        "store optimisation through this daemon is not supported yet",
-    ))
+    relay_logs_live(ctx, w::OptimiseStore {})?;
+    Ok(Reply::Int(1))
+}
+
+/// Sends `req` and passes its log lines to the client as they come (a collection can print
+/// a line per path for minutes); a client gone meanwhile is noticed at the reply.
+fn relay_logs_live<R: w::StoreRequest>(ctx: &mut Ctx<'_>, req: R) -> OpResult<R::Reply> {
+    let Ctx { store, client, .. } = ctx;
+    let mut client_ok = true;
+    store.call_logged(req, &mut |level, text| {
+        if client_ok {
+            client_ok = client.log(Verbosity::from_wire(level), &text).is_ok();
+        }
+    })
 }
 
 pub fn verify_store(ctx: &mut Ctx<'_>, check_contents: bool, repair: bool) -> OpResult<Reply> {

@@ -152,6 +152,48 @@ requests! {
     /// An audit event of the broker's own (A74): brokers hold no syslog socket, so the
     /// store-writer writes the line, under the connection and uid the master gave it.
     Audit { event: BrokerEvent } -> ();
+    /// Nix's collectGarbage: progress (`deleting '…'`) goes out as `Log`.
+    CollectGarbage {
+        action: GcAction,
+        paths: Vec<StorePath>,
+        max_freed: u64,
+    } -> GcResult;
+    /// Hard-link identical files through `.links`; progress goes out as `Log`.
+    OptimiseStore {} -> ();
+}
+
+/// What a garbage collection does (the wire's GC action, 0 to 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GcAction {
+    ReturnLive,
+    ReturnDead,
+    DeleteDead,
+    DeleteSpecific,
+}
+
+impl GcAction {
+    pub fn from_wire(n: u64) -> Option<GcAction> {
+        Some(match n {
+            0 => GcAction::ReturnLive,
+            1 => GcAction::ReturnDead,
+            2 => GcAction::DeleteDead,
+            3 => GcAction::DeleteSpecific,
+            _ => return None,
+        })
+    }
+
+    /// Whether this action deletes anything.
+    pub fn deletes(self) -> bool {
+        matches!(self, GcAction::DeleteDead | GcAction::DeleteSpecific)
+    }
+}
+
+/// What a garbage collection reports: full paths (live, dead or deleted, by action) and the
+/// bytes its deletions freed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GcResult {
+    pub paths: Vec<String>,
+    pub bytes_freed: u64,
 }
 
 /// What a broker reports for the audit trail; the receiver adds who it is about.
@@ -328,7 +370,10 @@ impl ReqKind {
             | ReqKind::FindRoots
             | ReqKind::AddBuildLog
             | ReqKind::QueryRealisation
-            | ReqKind::VerifyStore => 4 << 10,
+            | ReqKind::VerifyStore
+            | ReqKind::OptimiseStore => 4 << 10,
+            // `nix-store --delete` sends every path it names in one request.
+            ReqKind::CollectGarbage => 16 << 20,
             // AUDIT_OVERRIDES_MAX names, or a refusal's words.
             ReqKind::Audit => 32 << 10,
             // QUERY_CHUNK paths of at most ~250 bytes each.
@@ -448,6 +493,14 @@ mod tests {
                 },
             }
             .into(),
+            // The most paths `nix-store --delete` sends in one go.
+            CollectGarbage {
+                action: GcAction::DeleteSpecific,
+                paths: vec![p.clone(); 100_000],
+                max_freed: u64::MAX,
+            }
+            .into(),
+            OptimiseStore {}.into(),
         ];
         assert_eq!(all.len(), ReqKind::ALL.len());
         for (req, &kind) in all.iter().zip(ReqKind::ALL) {

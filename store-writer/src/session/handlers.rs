@@ -12,7 +12,7 @@ use crate::add::{self, Batch, MAX_BATCHES};
 use crate::audit::Severity;
 use crate::error::{hl, ReqError};
 use crate::upload::Upload;
-use crate::{buildlog, roots, verify};
+use crate::{buildlog, gc, optimise, roots, verify};
 
 type Res<T> = Result<T, ReqError>;
 
@@ -66,6 +66,8 @@ impl Session {
             Req::QueryRealisation(r) => self.answer(r, |_, _| Ok(None)),
             Req::VerifyStore(r) => self.answer(r, Self::verify_store),
             Req::Audit(r) => self.answer(r, |s, r| s.broker_event(r.event)),
+            Req::CollectGarbage(r) => self.answer(r, Self::collect_garbage),
+            Req::OptimiseStore(r) => self.answer(r, Self::optimise_store),
             // The enum is non_exhaustive across crates; every kind went through `permitted`.
             #[allow(unreachable_patterns)]
             _ => {
@@ -257,5 +259,24 @@ impl Session {
             let _ = chan.send(&Notice::Log { level, text }, &[]);
         };
         verify::verify_store(&store, &self.client, r.check_contents, &mut log)
+    }
+
+    fn collect_garbage(&mut self, r: w::CollectGarbage) -> Res<w::GcResult> {
+        let store = self.store.clone();
+        let client = self.client.clone();
+        let chan = &mut self.chan;
+        let mut log = |level: u32, text: String| {
+            let _ = chan.send(&Notice::Log { level, text }, &[]);
+        };
+        gc::collect_garbage(&store, &client, &r, &mut log)
+    }
+
+    fn optimise_store(&mut self, _: w::OptimiseStore) -> Res<()> {
+        let store = self.store.clone();
+        let chan = &mut self.chan;
+        let mut log = |level: u32, text: String| {
+            let _ = chan.send(&Notice::Log { level, text }, &[]);
+        };
+        optimise::optimise_store(&store, &mut log)
     }
 }
