@@ -428,6 +428,18 @@ pub fn find_roots(
     is_valid: &mut dyn FnMut(&StorePath) -> bool,
     censor: bool,
 ) -> Roots {
+    let mut roots = find_roots_no_temp(store, is_valid, censor);
+    find_temp_roots(store, &mut roots, censor);
+    roots
+}
+
+/// Nix's `findRootsNoTemp`: the permanent and runtime roots, without the temporary ones
+/// (which a collector reads under its lock and then receives through its socket).
+pub fn find_roots_no_temp(
+    store: &Store,
+    is_valid: &mut dyn FnMut(&StorePath) -> bool,
+    censor: bool,
+) -> Roots {
     let mut roots = new_roots();
     let mut walker = Walker {
         store_dir: &store.store_dir,
@@ -439,7 +451,6 @@ pub fn find_roots(
     walker.walk(&store.state_dir.join("gcroots"));
     walker.walk(&store.state_dir.join("profiles"));
     find_runtime_roots(&store.store_dir, is_valid, censor, &mut roots);
-    find_temp_roots(store, &mut roots, censor);
     roots
 }
 
@@ -730,7 +741,7 @@ fn type_of(st: &nix::sys::stat::FileStat) -> Type {
 
 /// Reads every temporary roots file as Nix's GC does: a file whose lock can be taken belongs
 /// to a dead process and is removed (with the `d` marker Nix writes).
-fn find_temp_roots(store: &Store, roots: &mut Roots, censor: bool) {
+pub fn find_temp_roots(store: &Store, roots: &mut Roots, censor: bool) {
     let dir_path = store.state_dir.join("temproots");
     let Ok(dir) = sys::open(
         dir_path.as_path(),
