@@ -147,6 +147,33 @@ impl StoreWriter {
             .map_err(Error::ipc("answering the store-writer"))
     }
 
+    /// A fresh unix stream socket, unbound, for the store-writer's collector to bind at
+    /// `gc-socket/socket` and listen on: it may not make sockets itself.
+    pub fn gc_listen(&mut self, id: u64) -> Result<()> {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+        let bound = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        );
+        let (msg, sock) = match bound {
+            Ok(l) => (MasterToStoreWriter::GcSocket { id, error: None }, Some(l)),
+            Err(e) => (
+                MasterToStoreWriter::GcSocket {
+                    id,
+                    error: Some(e.to_string()),
+                },
+                None,
+            ),
+        };
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> =
+            sock.iter().map(std::os::fd::AsFd::as_fd).collect();
+        self.chan
+            .send(&msg, &fds)
+            .map_err(Error::ipc("answering the store-writer"))
+    }
+
     pub fn recv(&mut self) -> Result<StoreWriterToMaster, ipc::Error> {
         self.chan.recv::<StoreWriterToMaster>().map(|(m, _fds)| m)
     }

@@ -38,6 +38,8 @@ impl Default for DbOptions {
 /// only process that opens the database for writing.
 pub struct Db {
     inner: StoreDb,
+    /// Whether commits are synced at all (`fsync-metadata`): `synchronous` goes back to it.
+    fsync_metadata: bool,
 }
 
 impl std::ops::Deref for Db {
@@ -117,6 +119,7 @@ impl Db {
         }
         Ok(Db {
             inner: StoreDb::from_connection(conn, store_dir),
+            fsync_metadata: opts.fsync_metadata,
         })
     }
 
@@ -247,6 +250,58 @@ impl Db {
             .execute([upto])?)
     }
 
+    /// The collector's invalidation of `paths`, in their order, in one transaction: each path
+    /// still registered must have no referrer left but itself (Nix's invalidatePathChecked).
+    /// If one has, nothing is changed and that path and its referrers are returned instead.
+    /// `durable`: the commit reaches the disk before this returns (the files are deleted
+    /// next, and a registration lost in a power cut would then name a missing path).
+    pub fn invalidate_checked(
+        &mut self,
+        paths: &[StorePath],
+        durable: bool,
+    ) -> Result<Invalidated, DbError> {
+        let store_dir = self.store_dir().clone();
+        let conn = self.inner.conn_mut();
+        if durable {
+            conn.execute_batch("pragma synchronous = full")?;
+        }
+        let res = (|| {
+            let tx = conn.transaction()?;
+            let mut gone = Vec::with_capacity(paths.len());
+            for p in paths {
+                let full = store_dir.display(p);
+                let valid: Option<i64> = tx
+                    .prepare_cached("select id from ValidPaths where path = ?")?
+                    .query_row([&full], |r| r.get(0))
+                    .optional()?;
+                if valid.is_none() {
+                    continue;
+                }
+                let by: Vec<StorePath> = referrers_in(&tx, &store_dir, p)?
+                    .into_iter()
+                    .filter(|r| r != p)
+                    .collect();
+                if !by.is_empty() {
+                    return Ok(Invalidated::InUse(p.clone(), by));
+                }
+                tx.prepare_cached("delete from ValidPaths where path = ?")?
+                    .execute([&full])?;
+                gone.push(p.clone());
+            }
+            tx.commit()?;
+            Ok(Invalidated::Done(gone))
+        })();
+        if durable {
+            let restore = if self.fsync_metadata {
+                "pragma synchronous = normal"
+            } else {
+                "pragma synchronous = off"
+            };
+            self.inner.conn_mut().execute_batch(restore)?;
+        }
+        res
+    }
+
     /// Removes the registrations of `paths` in one transaction, each path's referrers among
     /// them first (a reference may not outlive its referrer's row). Every referrer of a path
     /// in `paths` must be in `paths` too (self-references aside). Paths not registered are
@@ -295,6 +350,15 @@ impl Db {
 }
 
 /// The registered referrers of `p`, inside a transaction.
+/// What [`Db::invalidate_checked`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invalidated {
+    /// These were registered and are not any more.
+    Done(Vec<StorePath>),
+    /// This path is still referred to by these: nothing was changed.
+    InUse(StorePath, Vec<StorePath>),
+}
+
 fn referrers_in(
     tx: &Transaction<'_>,
     sd: &StoreDir,

@@ -40,6 +40,17 @@ impl GcLink {
 
     /// A connection to the running collector's socket, made by the master.
     pub fn connect(&self) -> io::Result<UnixStream> {
+        let fd = self.ask(|id| StoreWriterToMaster::ConnectGcSocket { id })?;
+        Ok(UnixStream::from(fd))
+    }
+
+    /// A new unbound unix stream socket from the master, for our own collector to bind.
+    pub fn new_socket(&self) -> io::Result<OwnedFd> {
+        self.ask(|id| StoreWriterToMaster::ListenGcSocket { id })
+    }
+
+    /// Sends the request `msg(id)` and waits for the descriptor answered to `id`.
+    fn ask(&self, msg: impl FnOnce(u64) -> StoreWriterToMaster) -> io::Result<OwnedFd> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(1);
         self.pending
@@ -50,7 +61,7 @@ impl GcLink {
             .send
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(&StoreWriterToMaster::ConnectGcSocket { id }, &[]);
+            .send(&msg(id), &[]);
         let answer = match sent {
             Ok(()) => rx
                 .recv_timeout(ANSWER_WAIT)
@@ -61,10 +72,7 @@ impl GcLink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
-        match answer? {
-            Ok(fd) => Ok(UnixStream::from(fd)),
-            Err(why) => Err(io::Error::new(io::ErrorKind::ConnectionRefused, why)),
-        }
+        answer?.map_err(|why| io::Error::new(io::ErrorKind::ConnectionRefused, why))
     }
 
     /// Tells the master something that needs no answer.

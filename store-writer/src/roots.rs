@@ -45,6 +45,9 @@ const MAX_ROOT_ENTRIES: usize = 1 << 20;
 /// What the link name of a root is replaced with for untrusted clients.
 pub const CENSORED: &str = "{censored}";
 
+/// Nix's `lvlInfo`, at which it reports what it finds wrong with roots.
+const INFO: u32 = 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RootError {
     #[error("{0}")]
@@ -234,6 +237,11 @@ pub fn add_temp_root(
         if cfg!(feature = "without-a70") {
             break GcHold::Open(unlocked);
         }
+        // Our own collector: told directly. If it does not hold the lock yet, whoever does
+        // is told through its socket too.
+        if store.gc.note_temp_root(path.hash_part()) == Some(true) {
+            break GcHold::Open(unlocked);
+        }
         // A collector holds the lock: tell it. If it is just starting (no socket yet) or just
         // ending (its socket refuses), look at the lock again.
         match tell_running_gc(store, &full) {
@@ -408,7 +416,7 @@ pub fn canon_path(p: &str) -> Option<String> {
 /// std::unordered_set<std::string>>`) holds them, iterating in the same order.
 pub type Roots = CxxMap<StorePath, CxxSet<String>>;
 
-fn new_roots() -> Roots {
+pub fn new_roots() -> Roots {
     CxxMap::new(|p: &StorePath| store_path_hash(p.base_name()))
 }
 
@@ -423,13 +431,15 @@ fn add_root(roots: &mut Roots, path: StorePath, link: String) {
 
 /// The roots Nix's `findRoots(censor)` reports, found in its order (`gcroots/`, `profiles/`,
 /// runtime roots, temporary roots), so that [`Roots::iter`] gives nix-daemon's order.
+/// Nix's notices (stale links removed, invalid roots skipped) go to `log` at its info level.
 pub fn find_roots(
     store: &Store,
     is_valid: &mut dyn FnMut(&StorePath) -> bool,
     censor: bool,
+    log: &mut dyn FnMut(u32, String),
 ) -> Roots {
-    let mut roots = find_roots_no_temp(store, is_valid, censor);
-    find_temp_roots(store, &mut roots, censor);
+    let mut roots = find_roots_no_temp(store, is_valid, censor, log);
+    find_temp_roots(store, &mut roots, censor, log);
     roots
 }
 
@@ -439,6 +449,7 @@ pub fn find_roots_no_temp(
     store: &Store,
     is_valid: &mut dyn FnMut(&StorePath) -> bool,
     censor: bool,
+    log: &mut dyn FnMut(u32, String),
 ) -> Roots {
     let mut roots = new_roots();
     let mut walker = Walker {
@@ -447,6 +458,7 @@ pub fn find_roots_no_temp(
         roots: &mut roots,
         is_valid: &mut *is_valid,
         entries: 0,
+        log,
     };
     walker.walk(&store.state_dir.join("gcroots"));
     walker.walk(&store.state_dir.join("profiles"));
@@ -600,6 +612,7 @@ struct Walker<'a> {
     roots: &'a mut Roots,
     is_valid: &'a mut dyn FnMut(&StorePath) -> bool,
     entries: usize,
+    log: &'a mut dyn FnMut(u32, String),
 }
 
 impl Walker<'_> {
@@ -682,7 +695,10 @@ impl Walker<'_> {
         match std::fs::symlink_metadata(&abs) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if path.starts_with(&self.auto_dir) {
-                    log::info!("removing stale link from '{}' to '{abs}'", path.display());
+                    (self.log)(
+                        INFO,
+                        format!("removing stale link from '{}' to '{abs}'", path.display()),
+                    );
                     let _ = nix::unistd::unlinkat(
                         Some(dir.as_raw_fd()),
                         name.as_os_str(),
@@ -714,9 +730,12 @@ impl Walker<'_> {
             if (self.is_valid)(&sp) {
                 self.add(sp, link);
             } else {
-                log::info!(
-                    "skipping invalid root from '{}' to '{target}'",
-                    link.display()
+                (self.log)(
+                    INFO,
+                    format!(
+                        "skipping invalid root from '{}' to '{target}'",
+                        link.display()
+                    ),
                 );
             }
         }
@@ -741,7 +760,12 @@ fn type_of(st: &nix::sys::stat::FileStat) -> Type {
 
 /// Reads every temporary roots file as Nix's GC does: a file whose lock can be taken belongs
 /// to a dead process and is removed (with the `d` marker Nix writes).
-pub fn find_temp_roots(store: &Store, roots: &mut Roots, censor: bool) {
+pub fn find_temp_roots(
+    store: &Store,
+    roots: &mut Roots,
+    censor: bool,
+    log: &mut dyn FnMut(u32, String),
+) {
     let dir_path = store.state_dir.join("temproots");
     let Ok(dir) = sys::open(
         dir_path.as_path(),
@@ -776,9 +800,12 @@ pub fn find_temp_roots(store: &Store, roots: &mut Roots, censor: bool) {
         };
         let mut file = match Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock) {
             Ok(mut stale) => {
-                log::info!(
-                    "removing stale temporary roots file '{}'",
-                    dir_path.join(&name).display()
+                log(
+                    INFO,
+                    format!(
+                        "removing stale temporary roots file '{}'",
+                        dir_path.join(&name).display()
+                    ),
                 );
                 let _ = nix::unistd::unlinkat(
                     Some(dir.as_raw_fd()),

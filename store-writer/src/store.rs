@@ -94,6 +94,8 @@ pub struct Store {
     pub db_fs: Option<OwnedFd>,
     /// Empty staging directories, locked, waiting to be used again.
     pub staging_pool: Mutex<Vec<crate::add::stage::StagingDir>>,
+    /// Our garbage collector, when one runs.
+    pub gc: crate::gc::GcState,
 }
 
 impl Store {
@@ -134,7 +136,15 @@ impl Store {
         let db_dir = state_dir.join("db");
         // The log directory too: the lockdown grants access to it, so it must exist first.
         let log_dir = PathBuf::from(&cfg.log_dir);
-        for d in [&profiles, &state_dir.join("temproots"), &db_dir, &log_dir] {
+        // gc-socket/: where our collector binds its socket; the lockdown allows that only there.
+        let gc_socket = state_dir.join("gc-socket");
+        for d in [
+            &profiles,
+            &state_dir.join("temproots"),
+            &gc_socket,
+            &db_dir,
+            &log_dir,
+        ] {
             std::fs::create_dir_all(d).map_err(ctx(format!("creating {}", d.display())))?;
         }
         if !gcroots.exists() {
@@ -226,6 +236,7 @@ impl Store {
             ),
             db_fs,
             staging_pool: Mutex::new(Vec::new()),
+            gc: Default::default(),
             cfg,
         };
         crate::add::stage::remove_stale(store.store_fd());
@@ -259,6 +270,7 @@ impl Store {
             "gcroots/auto",
             "gcroots/profiles",
             "temproots",
+            "gc-socket",
             "db",
             "db/db.sqlite",
             "db/db.sqlite-wal",
@@ -498,7 +510,7 @@ fn fix_store_permissions(fd: BorrowedFd<'_>) -> Result<(), StartError> {
 }
 
 /// `db/reserved`: space Nix frees before a GC when the disk is full. Best effort, as in Nix.
-fn reserve_space(path: &Path) {
+pub(crate) fn reserve_space(path: &Path) {
     let ok = std::fs::metadata(path).is_ok_and(|m| m.len() == RESERVED_SIZE as u64);
     if ok {
         return;

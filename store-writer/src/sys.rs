@@ -85,34 +85,62 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> nix::Result<Vec<(OsString, Option<Type>)
 /// Removes `name` below `parent` and everything under it, without following symlinks.
 /// Directories are made writable first (a canonical tree is 0555). Missing is fine.
 pub fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    remove(parent, name, false).map(|_| ())
+}
+
+/// [`remove_tree`], also counting what it frees as Nix's garbage collector does: the size of
+/// each non-directory with one link, or two (the second most likely `.links/`, which the
+/// collector then removes too).
+pub fn remove_tree_freeing(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<u64> {
+    remove(parent, name, true)
+}
+
+fn remove(parent: BorrowedFd<'_>, name: &OsStr, count: bool) -> io::Result<u64> {
+    let mut freed = 0u64;
+    let mut tally = |st: &FileStat| {
+        if matches!(st.st_nlink, 1 | 2) {
+            freed = freed.saturating_add(u64::try_from(st.st_size).unwrap_or(0));
+        }
+    };
     let st = match lstat_at(parent, name) {
         Ok(st) => st,
-        Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::ENOENT) => return Ok(0),
         Err(e) => return Err(e.into()),
     };
     if file_type(&st) != SFlag::S_IFDIR {
-        return unlink(parent, name, UnlinkatFlags::NoRemoveDir);
+        tally(&st);
+        unlink(parent, name, UnlinkatFlags::NoRemoveDir)?;
+        return Ok(freed);
     }
     struct Frame {
         fd: OwnedFd,
         name: OsString,
         subdirs: Vec<OsString>,
     }
-    let open = |dir: BorrowedFd<'_>, name: OsString| -> io::Result<Frame> {
+    let mut open = |dir: BorrowedFd<'_>, name: OsString| -> io::Result<Frame> {
         let fd = open_dir_at(dir, name.as_os_str())?;
         // Owner write permission is what unlinking entries needs when we are not root.
         let _ = nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700));
         let mut subdirs = Vec::new();
         for (entry, ty) in read_dir(fd.as_fd())? {
-            let is_dir = match ty {
-                Some(t) => t == Type::Directory,
-                None => lstat_at(fd.as_fd(), entry.as_os_str())
-                    .map(|st| file_type(&st) == SFlag::S_IFDIR)
-                    .unwrap_or(false),
+            // Counting needs every non-directory's link count and size; otherwise the
+            // entry's type usually comes with it.
+            let st = if count || ty.is_none() {
+                lstat_at(fd.as_fd(), entry.as_os_str()).ok()
+            } else {
+                None
+            };
+            let is_dir = match (ty, &st) {
+                (Some(t), _) => t == Type::Directory,
+                (None, Some(st)) => file_type(st) == SFlag::S_IFDIR,
+                (None, None) => false,
             };
             if is_dir {
                 subdirs.push(entry);
             } else {
+                if let Some(st) = &st {
+                    tally(st);
+                }
                 unlink(fd.as_fd(), &entry, UnlinkatFlags::NoRemoveDir)?;
             }
         }
@@ -130,7 +158,7 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         let at = stack.last().map_or(parent, |f| f.fd.as_fd());
         unlink(at, &done.name, UnlinkatFlags::RemoveDir)?;
     }
-    Ok(())
+    Ok(freed)
 }
 
 fn unlink(dir: BorrowedFd<'_>, name: &OsStr, flags: UnlinkatFlags) -> io::Result<()> {

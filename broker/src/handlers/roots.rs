@@ -34,8 +34,11 @@ pub fn add_perm_root(ctx: &mut Ctx<'_>, path: StorePath, link: String) -> OpResu
 }
 
 pub fn find_roots(ctx: &mut Ctx<'_>) -> OpResult<Reply> {
-    Ok(Reply::Pairs(ctx.store.call(w::FindRoots {})?))
+    Ok(Reply::Pairs(call_relaying_logs(ctx, w::FindRoots {})?))
 }
+
+/// How the store-writer's refusal to delete a live path ends (Nix 2.8's words).
+const ALIVE_HINT: &str = "To find out why, use: nix-store --query --roots";
 
 pub fn collect_garbage(ctx: &mut Ctx<'_>, gc: &GcRequest) -> OpResult<Reply> {
     let op = "CollectGarbage";
@@ -56,7 +59,16 @@ pub fn collect_garbage(ctx: &mut Ctx<'_>, gc: &GcRequest) -> OpResult<Reply> {
         paths: gc.paths_to_delete.iter().cloned().collect(),
         max_freed: gc.max_freed,
     };
-    let res = relay_logs_live(ctx, req)?;
+    let res = relay_logs_live(ctx, req).map_err(|mut e| {
+        // Nix 2.20 and later point at referrers too when a path to delete is alive.
+        if ctx.client.minor() >= 38
+            && e.message.starts_with("Cannot delete path '")
+            && e.message.ends_with(ALIVE_HINT)
+        {
+            e.message.push_str(" and nix-store --query --referrers");
+        }
+        e
+    })?;
     Ok(Reply::Gc {
         paths: res.paths,
         bytes_freed: res.bytes_freed,

@@ -56,8 +56,9 @@ pub enum MasterToStoreWriter {
     },
     /// Finish what is running and exit.
     Shutdown,
-    /// The answer to `ConnectGcSocket`: with `error` none, carries one descriptor, a unix
-    /// stream connected to the running garbage collector's `gc-socket/socket`.
+    /// The answer to `ConnectGcSocket` (with `error` none, carries one descriptor, a unix
+    /// stream connected to the running garbage collector's `gc-socket/socket`) and to
+    /// `ListenGcSocket` (the descriptor is a new unbound socket).
     GcSocket {
         id: u64,
         error: Option<String>,
@@ -99,6 +100,35 @@ pub struct StoreWriterConfig {
     /// in an hour.
     pub untrusted_max_nar_size: u64,
     pub untrusted_bytes_per_hour: u64,
+    /// How the garbage collector decides and when it runs by itself.
+    pub gc: GcSettings,
+}
+
+/// nix.conf's garbage-collection settings, as the store-writer uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcSettings {
+    /// `keep-outputs`: a live derivation keeps its outputs.
+    pub keep_outputs: bool,
+    /// `keep-derivations`: a live output keeps its derivation.
+    pub keep_derivations: bool,
+    /// `min-free`, `max-free` (bytes) and `min-free-check-interval` (seconds): collect when
+    /// free space falls below `min_free`, until `max_free` is free.
+    pub min_free: u64,
+    pub max_free: u64,
+    pub min_free_check_interval: u64,
+}
+
+impl Default for GcSettings {
+    /// Nix's defaults.
+    fn default() -> GcSettings {
+        GcSettings {
+            keep_outputs: false,
+            keep_derivations: true,
+            min_free: 0,
+            max_free: u64::MAX,
+            min_free_check_interval: 5,
+        }
+    }
 }
 
 /// store-writer → master.
@@ -129,6 +159,12 @@ pub enum StoreWriterToMaster {
     /// (A69: a compromised broker must not stall every write).
     DatabaseHeld {
         holders: Vec<LockHolder>,
+    },
+    /// The store-writer collects garbage and holds the GC lock: make it an unbound unix
+    /// stream socket, which it binds at `gc-socket/socket` and listens on, so processes
+    /// outside Stockade can send it their new temp roots. → `GcSocket { id }`
+    ListenGcSocket {
+        id: u64,
     },
 }
 

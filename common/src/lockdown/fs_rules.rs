@@ -35,6 +35,8 @@ pub enum Access {
     /// rename or link across directories (`Refer`). No execute, no device/fifo/socket nodes,
     /// no device ioctls.
     ReadWrite,
+    /// [`Access::ReadWrite`] and binding unix sockets (the collector's `gc-socket/`).
+    ReadWriteSockets,
 }
 
 impl Access {
@@ -45,6 +47,7 @@ impl Access {
                 ReadFile | ReadDir | WriteFile | Truncate | RemoveDir | RemoveFile
                     | MakeDir | MakeReg | MakeSym | Refer
             }),
+            Access::ReadWriteSockets => Access::ReadWrite.rights() | AccessFs::MakeSock,
         }
     }
 }

@@ -215,6 +215,8 @@ pub fn apply_store_writer(
         &[
             (store_dir.to_path_buf(), Access::ReadWrite),
             (state_dir.to_path_buf(), Access::ReadWrite),
+            // Where its collector binds `gc-socket/socket` (made at start-up).
+            (state_dir.join("gc-socket"), Access::ReadWriteSockets),
             (log_dir.to_path_buf(), Access::ReadWrite),
             // Runtime GC roots are found in /proc/<pid>/{exe,cwd,fd,maps,environ}.
             (PathBuf::from("/proc"), Access::ReadOnly),

@@ -90,6 +90,11 @@ impl Daemon {
                     log::warn!("cannot answer the store-writer's gc-socket request: {e}");
                 }
             }
+            Ok(StoreWriterToMaster::ListenGcSocket { id }) => {
+                if let Err(e) = self.writer.gc_listen(id) {
+                    log::warn!("cannot answer the store-writer's gc-socket request: {e}");
+                }
+            }
             Ok(StoreWriterToMaster::DatabaseHeld { holders }) => {
                 for h in holders {
                     self.database_held_by(h.pid);

@@ -2,6 +2,7 @@
 //! start audit line, and the ids taken from just below the broker range.
 
 use super::*;
+use stockade_common::ipc::msg::GcSettings;
 use stockade_common::lockdown::{LockdownOptions, SeccompMode};
 
 /// Everything decided at start.
@@ -40,6 +41,13 @@ impl Ctx {
             lockdown: self.lockdown(),
             untrusted_max_nar_size: self.cfg.stockade.untrusted_max_nar_size.0,
             untrusted_bytes_per_hour: self.cfg.stockade.untrusted_bytes_per_hour.0,
+            gc: GcSettings {
+                keep_outputs: s.keep_outputs,
+                keep_derivations: s.keep_derivations,
+                min_free: s.min_free,
+                max_free: s.max_free,
+                min_free_check_interval: s.min_free_check_interval,
+            },
         }
     }
 

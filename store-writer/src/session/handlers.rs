@@ -209,10 +209,15 @@ impl Session {
 
     fn find_roots(&mut self, _: w::FindRoots) -> Res<Vec<(String, StorePath)>> {
         let censor = !self.client.trusted;
+        let mut notices = Vec::new();
         let found = {
             let mut is_valid = |p: &StorePath| self.q(|db| db.is_valid(p)).unwrap_or(false);
-            roots::find_roots(&self.store, &mut is_valid, censor)
+            let mut log = |level: u32, text: String| notices.push((level, text));
+            roots::find_roots(&self.store, &mut is_valid, censor, &mut log)
         };
+        for (level, text) in notices {
+            let _ = self.chan.send(&Notice::Log { level, text }, &[]);
+        }
         // In nix-daemon's order: clients print them in an order that depends on it.
         let mut out = Vec::new();
         for (path, links) in found.iter() {

@@ -530,6 +530,11 @@ fn common(r: &mut Rules, pid: u32) -> Result<(), LockdownError> {
 /// The store-writer's additions: writing the file system, threads.
 fn store_writer(r: &mut Rules) -> Result<(), LockdownError> {
     r.allow_all(&[
+        // Serving the collector's `gc-socket` on a socket the master made (it may not make
+        // one: no socket()); Landlock lets it bind only in `gc-socket/`.
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_accept4,
         libc::SYS_mkdirat,
         libc::SYS_unlinkat,
         libc::SYS_renameat2,
