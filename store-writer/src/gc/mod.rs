@@ -147,14 +147,18 @@ fn collect(
     };
 
     log(INFO, "finding garbage collector roots...".into());
+    // Temp roots first (Nix reads them after the permanent ones): a client makes a permanent
+    // root while its temp root holds the path, and may then drop the temp root. Read in this
+    // order, a permanent root made after the scan is covered by a temp root that was read or
+    // has come through the socket since; in Nix's order both can be missed.
+    let mut temp = roots::new_roots();
+    roots::find_temp_roots(store, &mut temp, true, log);
+    shared.add_known_roots(temp.iter().map(|(p, _)| p.hash_part().to_string()));
     let reader = store.reader()?;
     let found = {
         let mut is_valid = |p: &StorePath| reader.is_valid(p).unwrap_or(false);
         roots::find_roots_no_temp(store, &mut is_valid, true, log)
     };
-    let mut temp = roots::new_roots();
-    roots::find_temp_roots(store, &mut temp, true, log);
-    shared.add_known_roots(temp.iter().map(|(p, _)| p.hash_part().to_string()));
 
     let graph = graph::Graph::load(&reader)?;
     let only = (req.action == GcAction::DeleteSpecific)

@@ -13,12 +13,14 @@ mod add;
 mod build;
 mod concurrent;
 mod disk;
+mod gc;
 mod query;
 
 pub use add::{AddFile, AddTree, ReAddFile, ReAddTree};
 pub use build::{BuildMany, BuildTree};
 pub use concurrent::Concurrent;
 pub use disk::{disk_dir, AddDisk};
+pub use gc::{GcDead, GcMixed};
 pub use query::{QueryInfo, QueryValid};
 
 /// One timed run of a workload.
@@ -44,6 +46,11 @@ pub trait Workload {
     fn conf_lines(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Untimed work before run `run` (counting warm-ups) on `daemon`: what a run consumes
+    /// (the garbage a collection deletes).
+    fn before_run(&self, _daemon: &Daemon, _run: usize) -> Result<(), HarnessError> {
+        Ok(())
+    }
 }
 
 /// Every workload, at `scale` (1.0 = the sizes issue 4 names; the smoke test uses less).
@@ -63,6 +70,8 @@ pub fn workloads(scale: f64) -> Vec<Box<dyn Workload>> {
         }),
         Box::new(BuildMany { drvs: n(200) }),
         Box::new(BuildTree { files: n(10_000) }),
+        Box::new(GcDead { paths: n(2000) }),
+        Box::new(GcMixed { paths: n(50_000) }),
     ]
 }
 
@@ -262,6 +271,20 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
                 order.reverse();
             }
             for (is_nix, it) in order {
+                let d = if is_nix {
+                    Some(&nix)
+                } else {
+                    stockade.as_ref().ok()
+                };
+                if let Some(d) = d {
+                    if let Err(e) = w.before_run(d, i) {
+                        if is_nix {
+                            return Err(e);
+                        }
+                        st_err = Some(e.to_string());
+                        continue;
+                    }
+                }
                 // Write back what setup and the previous run left dirty, so that no run pays
                 // for another's writeback.
                 nix::unistd::sync();
