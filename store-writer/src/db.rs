@@ -252,7 +252,7 @@ impl Db {
 
     /// The collector's invalidation of `paths`, in their order, in one transaction: each path
     /// still registered must have no referrer left but itself (Nix's invalidatePathChecked).
-    /// If one has, nothing is changed and that path and its referrers are returned instead.
+    /// If one has, nothing is changed and that path is returned instead.
     /// `durable`: the commit reaches the disk before this returns (the files are deleted
     /// next, and a registration lost in a power cut would then name a missing path).
     pub fn invalidate_checked(
@@ -274,18 +274,18 @@ impl Db {
                     .prepare_cached("select id from ValidPaths where path = ?")?
                     .query_row([&full], |r| r.get(0))
                     .optional()?;
-                if valid.is_none() {
-                    continue;
+                let Some(id) = valid else { continue };
+                let in_use: Option<i64> = tx
+                    .prepare_cached(
+                        "select 1 from Refs where reference = ?1 and referrer != ?1 limit 1",
+                    )?
+                    .query_row([id], |r| r.get(0))
+                    .optional()?;
+                if in_use.is_some() {
+                    return Ok(Invalidated::InUse(p.clone()));
                 }
-                let by: Vec<StorePath> = referrers_in(&tx, &store_dir, p)?
-                    .into_iter()
-                    .filter(|r| r != p)
-                    .collect();
-                if !by.is_empty() {
-                    return Ok(Invalidated::InUse(p.clone(), by));
-                }
-                tx.prepare_cached("delete from ValidPaths where path = ?")?
-                    .execute([&full])?;
+                tx.prepare_cached("delete from ValidPaths where id = ?")?
+                    .execute([id])?;
                 gone.push(p.clone());
             }
             tx.commit()?;
@@ -355,8 +355,8 @@ impl Db {
 pub enum Invalidated {
     /// These were registered and are not any more.
     Done(Vec<StorePath>),
-    /// This path is still referred to by these: nothing was changed.
-    InUse(StorePath, Vec<StorePath>),
+    /// This path is still referred to: nothing was changed.
+    InUse(StorePath),
 }
 
 fn referrers_in(

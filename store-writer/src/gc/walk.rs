@@ -260,6 +260,9 @@ impl<'a> Walk<'a> {
             kept = self.invalidate(&paths);
         }
         let mut res = Ok(());
+        // One message for the batch's lines: the client prints the same text, and a
+        // collection of many paths is not a message and a write per path at each hop.
+        let mut lines: Vec<String> = Vec::new();
         for d in batch {
             let name: OsString = match &d {
                 Doomed::Path(p) if kept.contains(p) => continue,
@@ -271,7 +274,7 @@ impl<'a> Walk<'a> {
                 self.store.store_dir.as_str(),
                 name.to_string_lossy()
             );
-            (self.log)(INFO, format!("deleting '{full}'"));
+            lines.push(format!("deleting '{full}'"));
             let freed = match sys::remove_tree_freeing(self.store.store_fd(), &name) {
                 Ok(n) => n,
                 Err(e) => {
@@ -284,13 +287,16 @@ impl<'a> Walk<'a> {
             self.deleted.insert(full);
             self.result.bytes_freed = self.result.bytes_freed.saturating_add(freed);
             if self.result.bytes_freed > self.max_freed {
-                (self.log)(
-                    INFO,
-                    format!("deleted more than {} bytes; stopping", self.max_freed),
-                );
+                lines.push(format!(
+                    "deleted more than {} bytes; stopping",
+                    self.max_freed
+                ));
                 res = Err(LimitReached);
                 break;
             }
+        }
+        if !lines.is_empty() {
+            (self.log)(INFO, lines.join("\n"));
         }
         self.shared.release(&hashes);
         res
@@ -322,11 +328,10 @@ impl<'a> Walk<'a> {
                     .write("collecting garbage", |db| db.invalidate_checked(one, true))
                 {
                     Ok(Invalidated::Done(gone)) => self.note_invalid(&gone),
-                    Ok(Invalidated::InUse(p, by)) => {
+                    Ok(Invalidated::InUse(p)) => {
                         log::info!(
-                            "not deleting {}: in use by {} path(s) registered meanwhile",
-                            self.store.full(&p),
-                            by.len()
+                            "not deleting {}: a path registered meanwhile refers to it",
+                            self.store.full(&p)
                         );
                         kept.insert(p);
                     }
