@@ -150,6 +150,7 @@ fn add_to_store_inner(
             return Ok(existing);
         }
     }
+    crate::gc::auto_gc(store, true);
     let full = store.full(&path);
     store
         .quotas
@@ -267,6 +268,7 @@ fn add_nar_stage(
 ) -> Result<(), ReqError> {
     let store = ctx.store;
     ctx.temp_root(&info.path)?;
+    crate::gc::auto_gc(store, true);
     match batch {
         Some(b) => b.stage(info, repair, evidence, input, store),
         None => {

@@ -30,6 +30,7 @@ pub fn begin(
     inputs: Vec<StorePath>,
     outputs: Vec<StorePath>,
 ) -> Result<(Build, BuildInputs), ReqError> {
+    crate::gc::auto_gc(store, false);
     let mut roots = TempRoots::for_build(&store.state_dir, id);
     let drv_full = store.full(&drv);
     add_temp_root(store, &mut roots, &drv)?;

@@ -4,6 +4,7 @@
 //! `.links` entries nothing uses any more. Every run is audited: who, what, each path deleted,
 //! bytes freed.
 
+mod auto;
 mod graph;
 mod server;
 mod state;
@@ -19,6 +20,7 @@ use stockade_common::ipc::msg::ClientIdentity;
 use stockade_common::ipc::writer::{CollectGarbage, GcAction, GcResult};
 use stockade_common::store_path::StorePath;
 
+pub use auto::auto_gc;
 pub use state::GcState;
 
 use crate::audit::Severity;

@@ -16,6 +16,8 @@ pub struct GcState {
     /// optimiser): a link count read by one must not change under it from the other.
     pub links: Mutex<()>,
     current: Mutex<Option<Arc<Shared>>>,
+    /// The automatic collection's state, and its end.
+    pub(super) auto: (Mutex<super::auto::AutoGc>, Condvar),
 }
 
 #[derive(Default)]
