@@ -48,6 +48,8 @@ fn steps(variant: &str) -> Vec<Step> {
         // Live: refused, and nothing goes.
         failing(format!("nix-store --delete {}", p("c"))),
         failing(format!("nix-store --delete {}", p("a1"))),
+        // A32: nobody may ignore liveness through the daemon.
+        failing(format!("nix-store --delete --ignore-liveness {}", p("c"))),
         // Dead: deleted, and only it.
         step(format!("nix-store --delete {}", p("a2"))),
         step(format!(
@@ -92,9 +94,9 @@ fn run(reference: DaemonKind, newer: bool, variant: &str) {
     };
     // The session really collects: the full collection deleted paths on the reference.
     assert!(
-        a[12].out.stdout_str().contains("store paths deleted"),
+        a[13].out.stdout_str().contains("store paths deleted"),
         "{}",
-        a[12].out
+        a[13].out
     );
     if let Err(report) = compare(&a, &b, &norm(&nix), &norm(&stockade)) {
         panic!("{report}");
