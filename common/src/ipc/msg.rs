@@ -65,6 +65,16 @@ pub enum MasterToStoreWriter {
     /// The builder-helper is up. Carries one descriptor: the store-writer's end of the
     /// helper's channel (`BuilderToStoreWriter`), the only way build outputs come in.
     BuilderHelper,
+    /// Part of the answer to `FindRuntimeRoots { id }`: `(target, link)` pairs naming paths
+    /// under the store directory, in the order the roots-reader found them, checked and relayed
+    /// by the master (see [`super::roots`]). Chunks up to one with `last`; `error` (then with
+    /// `last`) when there is no complete answer, and the store-writer reads `/proc` itself.
+    RuntimeRoots {
+        id: u64,
+        roots: Vec<(String, String)>,
+        error: Option<String>,
+        last: bool,
+    },
 }
 
 /// The store-writer's configuration, decided by the master from nix.conf and the environment.
@@ -99,6 +109,9 @@ pub struct StoreWriterConfig {
     /// in an hour.
     pub untrusted_max_nar_size: u64,
     pub untrusted_bytes_per_hour: u64,
+    /// Whether the master answers `FindRuntimeRoots` (it runs a roots-reader and reads this
+    /// channel); otherwise the store-writer reads `/proc` itself without asking.
+    pub runtime_roots_from_master: bool,
 }
 
 /// store-writer → master.
@@ -129,6 +142,11 @@ pub enum StoreWriterToMaster {
     /// (A69: a compromised broker must not stall every write).
     DatabaseHeld {
         holders: Vec<LockHolder>,
+    },
+    /// Which running processes use which store paths (runtime GC roots): the master asks its
+    /// roots-reader, which may read other users' `/proc/<pid>` files. → `RuntimeRoots { id }`
+    FindRuntimeRoots {
+        id: u64,
     },
 }
 

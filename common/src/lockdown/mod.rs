@@ -49,7 +49,7 @@ pub use policy::{landlock_ok, seccomp_ok, ConfinementPolicy, LockdownOptions};
 pub use privs::names as capability_names;
 pub use privs::{
     drop_all_capabilities, keep_only_capabilities, no_new_privs, set_not_dumpable,
-    STORE_WRITER_CAPS,
+    ROOTS_READER_CAPS, STORE_WRITER_CAPS,
 };
 pub use seccomp::{apply_seccomp, SeccompMode, SeccompProfile};
 pub use status::{parse_status, status, ProcStatus, StatusReader};
@@ -114,6 +114,7 @@ pub enum Profile {
     Broker,
     StoreWriter,
     Master,
+    RootsReader,
 }
 
 impl Profile {
@@ -123,6 +124,7 @@ impl Profile {
             Profile::Broker => "broker",
             Profile::StoreWriter => "store-writer",
             Profile::Master => "master",
+            Profile::RootsReader => "roots-reader",
         }
     }
 }
@@ -280,6 +282,48 @@ pub fn apply_master(
             },
             mode,
         ),
+        opts.confinement,
+    )?;
+    let status = reader.read()?;
+    Ok(Report {
+        profile,
+        landlock,
+        seccomp: installed.then_some(mode),
+        status,
+    })
+}
+
+/// Lock down the roots-reader: capabilities reduced to [`ROOTS_READER_CAPS`] (where permitted;
+/// none for a daemon run by an ordinary user), `no_new_privs`, not dumpable, the
+/// [`SeccompProfile::RootsReader`] allow-list with `control_fd` its one channel.
+///
+/// No Landlock domain: Landlock confines `ptrace` to the domain's own processes, and the
+/// kernel applies that to the ptrace access check of `/proc/<pid>/{exe,cwd,fd/*,maps,environ}`
+/// too, so a reader inside any domain would find no process but itself (nor would Landlock
+/// rules on `/proc` keep a process holding `CAP_SYS_PTRACE` out of the rest of the file system:
+/// `/proc/<pid>/root` leads there). The report says `landlock=none(…:not-taken)`; what the
+/// reader can read it can only send to the master, which checks every pair.
+pub fn apply_roots_reader(control_fd: u32, opts: LockdownOptions) -> Result<Report, LockdownError> {
+    let profile = Profile::RootsReader;
+    let reader = StatusReader::open()?;
+    warn_if_threaded(&reader);
+    keep_only_capabilities(&ROOTS_READER_CAPS)?;
+    no_new_privs()?;
+    set_not_dumpable()?;
+    let landlock = LandlockStatus {
+        enforcement: Enforcement::None,
+        abi: landlock_abi(),
+        note: Some("not-taken"),
+    };
+    let mode = opts.seccomp;
+    if mode == SeccompMode::Log {
+        log::warn!(
+            "--debug-seccomp-log: system calls outside the allow-list are logged, not refused"
+        );
+    }
+    let installed = seccomp_ok(
+        profile,
+        apply_seccomp(SeccompProfile::RootsReader { control_fd }, mode),
         opts.confinement,
     )?;
     let status = reader.read()?;
