@@ -1,8 +1,8 @@
 //! Self-confinement: what each Stockade service applies to itself right after setup, before it
 //! reads a byte from a less trusted peer (SECURITY.md §5, A47, A60, A61).
 //!
-//! [`apply_broker`] and [`apply_store_writer`] do everything in order ([`apply_master`] the
-//! same without Landlock):
+//! [`apply_broker`] and [`apply_store_writer`] do everything in order ([`apply_master`] and
+//! [`apply_roots_reader`] the same without Landlock):
 //!
 //! 1. capabilities: all dropped ([`drop_all_capabilities`]), or all but the store-writer's four
 //!    ([`keep_only_capabilities`]);

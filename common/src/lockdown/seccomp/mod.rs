@@ -67,8 +67,9 @@ pub enum SeccompProfile {
     /// file for writing, remove, rename or chmod anything; it never makes any but AF_UNIX
     /// sockets.
     Master { store_writer_restarts: bool },
-    /// The roots-reader ([`roots_reader`]): reading `/proc`, answering on its control channel
-    /// (descriptor `control_fd`), nothing else. Single-threaded, no sockets, no writes.
+    /// The roots-reader (`seccomp/roots_reader.rs`): reading `/proc`, answering on its
+    /// control channel (descriptor `control_fd`), nothing else. Single-threaded, no sockets, no
+    /// writes.
     RootsReader { control_fd: u32 },
 }
 
