@@ -8,16 +8,17 @@
 //!
 //! The answer is `(target, link)` pairs in the order the reader found them;
 //! [`crate::roots`] builds Nix's maps from them. Every pair is checked again here
-//! ([`stockade_common::ipc::roots::check_pair`]), and the store-writer still parses each target as a store path and keeps
-//! only valid ones: the reader and the master are trusted for nothing but which processes
-//! use what.
+//! ([`stockade_common::ipc::roots::check_pair`]), and the store-writer still parses each
+//! target as a store path and keeps only valid ones: the reader and the master are trusted
+//! for nothing but which processes use what.
 //!
 //! Without a master that answers (unit tests, tools, `stockade daemon --stdio`, whose master
 //! runs no roots-reader), or when the answer does not come or is refused, the store-writer
 //! reads `/proc` itself with the same scan, and finds what its own rights let it see.
 //!
 //! One store-writer process serves one store over one control channel, so the link is a
-//! process-wide one ([`install`]), reachable from [`crate::roots`] without a [`crate::store::Store`].
+//! process-wide one ([`install`]), reachable from [`crate::roots`] without a
+//! [`crate::store::Store`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
