@@ -176,4 +176,10 @@ impl StoreWriter {
     pub fn channel(&self) -> &Channel {
         &self.chan
     }
+
+    /// A store-writer that is only `chan` (tests of what the master sends it).
+    #[cfg(test)]
+    pub fn from_channel(chan: Channel) -> StoreWriter {
+        StoreWriter { pid: 0, chan }
+    }
 }

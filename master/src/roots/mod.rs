@@ -335,3 +335,6 @@ fn unexpected(msg: &RootsReaderToMaster, expected: &str) -> String {
         .collect();
     format!("unexpected message from the roots-reader: {name} instead of {expected}")
 }
+
+#[cfg(test)]
+mod tests;
