@@ -22,7 +22,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 
 use stockade_common::ipc::roots::{
-    pair_cost, MAX_ROOT_STRING, MAX_RUNTIME_ROOTS, MAX_RUNTIME_ROOT_BYTES,
+    check_pair, pair_cost, MAX_RUNTIME_ROOTS, MAX_RUNTIME_ROOT_BYTES,
 };
 
 /// Bytes read from one `/proc` file (maps and environ of a process can be large).
@@ -42,6 +42,7 @@ pub enum ScanError {
 
 /// The pairs found so far.
 struct Found<'a> {
+    store_dir: &'a str,
     /// `<store dir>/`.
     prefix: &'a str,
     seen: HashSet<Pair>,
@@ -50,8 +51,10 @@ struct Found<'a> {
 }
 
 impl Found<'_> {
+    /// Keeps `(target, link)` if the target is in the store and the pair is one the master
+    /// accepts ([`check_pair`]: a longer target cannot be a store path Nix parses).
     fn note(&mut self, target: String, link: &str) -> Result<(), ScanError> {
-        if !target.starts_with(self.prefix) || target.len() > MAX_ROOT_STRING {
+        if !target.starts_with(self.prefix) || check_pair(self.store_dir, &target, link).is_err() {
             return Ok(());
         }
         let pair = (target, link.to_string());
@@ -85,6 +88,7 @@ impl Found<'_> {
 pub fn runtime_roots(store_dir: &str) -> Result<Vec<Pair>, ScanError> {
     let prefix = format!("{store_dir}/");
     let mut found = Found {
+        store_dir,
         prefix: &prefix,
         seen: HashSet::new(),
         pairs: Vec::new(),
