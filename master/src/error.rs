@@ -33,6 +33,8 @@ pub enum Error {
     StoreWriterFailed(String),
     #[error("the builder-helper failed to start: {0}")]
     BuilderFailed(String),
+    #[error("the roots-reader failed to start: {0}")]
+    RootsReaderFailed(String),
     #[error("the store-writer speaks IPC version {got}, this master {want}")]
     VersionMismatch { got: u32, want: u32 },
     #[error("unexpected message from the store-writer: {0}")]

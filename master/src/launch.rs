@@ -32,6 +32,10 @@ pub struct Programs {
     pub broker: PathBuf,
     pub store_writer: PathBuf,
     pub builder_helper: PathBuf,
+    /// `stockade-roots-reader`, when installed: without it the store-writer reads runtime
+    /// roots itself and misses other users' processes (roots.rs), which the start-up log and
+    /// audit line say.
+    pub roots_reader: Option<PathBuf>,
 }
 
 impl Programs {
@@ -51,8 +55,12 @@ impl Programs {
             broker: dir.join("stockade-broker"),
             store_writer: dir.join("stockade-store-writer"),
             builder_helper: dir.join("stockade-builder-helper"),
+            roots_reader: Some(dir.join("stockade-roots-reader")).filter(|p| p.exists()),
         };
-        for prog in [&p.broker, &p.store_writer, &p.builder_helper] {
+        for prog in [&p.broker, &p.store_writer, &p.builder_helper]
+            .into_iter()
+            .chain(p.roots_reader.as_ref())
+        {
             check_program(prog)?;
         }
         Ok(p)

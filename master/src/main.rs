@@ -14,6 +14,7 @@
 //! - [`peers`], [`uids`]: who the peer is; which uid its broker gets;
 //! - [`launch`], [`spawn`], [`writer`]: channels, exec and confinement of the children, and the
 //!   builder-helper's control channel ([`builder`]) and its build uids ([`builders`]);
+//! - [`roots`]: the roots-reader, which finds runtime GC roots for the store-writer;
 //! - [`restart`]: a new store-writer when the store directories were replaced under it;
 //! - [`restrict`]: what the master keeps for itself;
 //! - [`stdio`]: the `--stdio` modes.
@@ -31,6 +32,7 @@ mod peers;
 mod ratelimit;
 mod restart;
 mod restrict;
+mod roots;
 mod socket;
 mod spawn;
 mod stdio;
@@ -116,6 +118,7 @@ fn context(
         broker: Default::default(),
         store_writer: Default::default(),
         builder_helper: Default::default(),
+        roots_reader: None,
     });
     let lockdown = cfg.lockdown(args.seccomp_mode());
     let launcher = Launcher::new(programs, &cfg, &paths, args.verbosity(), lockdown);

@@ -1,7 +1,8 @@
 //! The master's own confinement once its privileged set-up is done (SECURITY.md §5: "root with
 //! CAP_SETUID, CAP_SETGID, CAP_KILL only; seccomp allow-list; AF_UNIX only").
 //!
-//! Applied after the store-writer and the builder-helper run, the listening sockets are bound
+//! Applied after the store-writer, the builder-helper and the roots-reader run (the last two
+//! need capabilities the master then no longer has: roots.rs), the listening sockets are bound
 //! and the uid pools exist, before the first connection is accepted ([`lockdown`]); in
 //! `--stdio` mode before the broker is started, or before forwarding begins. In order:
 //!
@@ -61,12 +62,13 @@ use crate::error::{Error, Result};
 ///   regain a capability (`PR_CAPBSET_DROP`);
 /// - `CAP_KILL`: signalling brokers (other uids) at shutdown and when one holds the database's
 ///   locks (A69), the store-writer and the builder-helper (their own uids) when they do not
-///   stop in time.
+///   stop in time, the roots-reader when it breaks its protocol.
 ///
 /// Not kept: `CAP_CHOWN`, `CAP_FOWNER`, `CAP_DAC_OVERRIDE` (the master makes no per-connection
 /// file but the lock files, in root-owned directories it owns), `CAP_SYS_ADMIN`, and every
 /// other. Without them a root master cannot start a new store-writer (restart.rs exits
-/// instead) nor a builder-helper (never restarted).
+/// instead) nor a builder-helper nor a roots-reader (never restarted; CAP_SYS_PTRACE and
+/// CAP_DAC_READ_SEARCH, which the reader keeps, are gone from the master's bounding set).
 pub const MASTER_CAPS: [Capability; 4] = [
     Capability::CAP_SETUID,
     Capability::CAP_SETGID,

@@ -18,7 +18,7 @@
 //!   store's files root-owned with CAP_CHOWN, so the store looks exactly as nix-daemon leaves it;
 //! - the builder-helper runs under a uid of its own too and keeps exactly [`BUILDER_CAPS`]
 //!   the same way (never `CAP_SYS_ADMIN`: the sandbox's mounts happen in the build's own user
-//!   namespace);
+//!   namespace), and the roots-reader [`ROOTS_READER_CAPS`];
 //! - a broker gets an empty bounding set, no supplementary groups, and its own uid and gid
 //!   (`setresgid` then `setresuid`), which clears every capability.
 //!
@@ -69,6 +69,10 @@ pub const BUILDER_CAPS: [Capability; 5] = [
     Capability::CAP_KILL,
 ];
 
+/// Capabilities the roots-reader keeps when the daemon runs as root: `CAP_SYS_PTRACE` and
+/// `CAP_DAC_READ_SEARCH`, to read every process's `/proc/<pid>` entries (roots.rs).
+pub use stockade_common::lockdown::ROOTS_READER_CAPS;
+
 /// Environment variables a child inherits from the master; everything else is dropped.
 /// Proxy and certificate variables are for substituter access; `STOCKADE_*` for the test
 /// doubles. No service takes a defence switch from its environment (A76): confinement options
@@ -102,6 +106,8 @@ pub enum Confinement {
     StoreWriterCaps { uid: u32, gid: u32 },
     /// Root daemon, builder-helper: this uid and gid, no groups, [`BUILDER_CAPS`] only.
     BuilderCaps { uid: u32, gid: u32 },
+    /// Root daemon, roots-reader: this uid and gid, no groups, [`ROOTS_READER_CAPS`] only.
+    RootsReaderCaps { uid: u32, gid: u32 },
     /// Root daemon, broker: this uid and gid, no groups, no capabilities.
     /// Its own uid and gid, and at most one supplementary group.
     OwnUid {
@@ -151,11 +157,14 @@ pub fn spawn(
     let kept: &[Capability] = match confinement {
         Confinement::StoreWriterCaps { .. } => &STORE_WRITER_CAPS,
         Confinement::BuilderCaps { .. } => &BUILDER_CAPS,
+        Confinement::RootsReaderCaps { .. } => &ROOTS_READER_CAPS,
         Confinement::OwnUid { .. } | Confinement::SameUid => &[],
     };
     let keep: CapsHashSet = kept.iter().copied().collect();
     let drop_bounding: Vec<i32> = match confinement {
-        Confinement::StoreWriterCaps { .. } | Confinement::BuilderCaps { .. } => (0..=last_cap())
+        Confinement::StoreWriterCaps { .. }
+        | Confinement::BuilderCaps { .. }
+        | Confinement::RootsReaderCaps { .. } => (0..=last_cap())
             .filter(|i| !kept.iter().any(|c| i32::from(c.index()) == *i))
             .collect(),
         Confinement::OwnUid { .. } => (0..=last_cap()).collect(),
@@ -246,7 +255,9 @@ fn child_setup(plan: &Plan) -> Result<(), Errno> {
         capbset_drop(cap)?;
     }
     match plan.confinement {
-        Confinement::StoreWriterCaps { uid, gid } | Confinement::BuilderCaps { uid, gid } => {
+        Confinement::StoreWriterCaps { uid, gid }
+        | Confinement::BuilderCaps { uid, gid }
+        | Confinement::RootsReaderCaps { uid, gid } => {
             // Change uid while CAP_SETUID/CAP_SETGID are still effective, keeping the
             // permitted set across the change (it would be cleared), then trim every set to
             // what the child keeps. Inheritable must hold what the ambient set is to

@@ -126,7 +126,27 @@ impl StoreWriter {
             .map_err(Error::ipc("shutting the store-writer down"))
     }
 
-    /// Receive one message (blocking).
+    /// A chunk of the answer to `FindRuntimeRoots { id }` (roots.rs).
+    pub fn runtime_roots(
+        &mut self,
+        id: u64,
+        roots: Vec<(String, String)>,
+        error: Option<String>,
+        last: bool,
+    ) -> Result<()> {
+        self.chan
+            .send(
+                &MasterToStoreWriter::RuntimeRoots {
+                    id,
+                    roots,
+                    error,
+                    last,
+                },
+                &[],
+            )
+            .map_err(Error::ipc("passing runtime roots to the store-writer"))
+    }
+
     /// Connects to a running Nix garbage collector's socket at `path` for the store-writer
     /// (which makes no sockets itself) and hands it the connection, or why there is none.
     pub fn gc_socket(&mut self, id: u64, path: &std::path::Path) -> Result<()> {
@@ -174,6 +194,7 @@ impl StoreWriter {
             .map_err(Error::ipc("answering the store-writer"))
     }
 
+    /// Receive one message (blocking).
     pub fn recv(&mut self) -> Result<StoreWriterToMaster, ipc::Error> {
         self.chan.recv::<StoreWriterToMaster>().map(|(m, _fds)| m)
     }
@@ -181,5 +202,11 @@ impl StoreWriter {
     /// The channel, for polling.
     pub fn channel(&self) -> &Channel {
         &self.chan
+    }
+
+    /// A store-writer that is only `chan` (tests of what the master sends it).
+    #[cfg(test)]
+    pub fn from_channel(chan: Channel) -> StoreWriter {
+        StoreWriter { pid: 0, chan }
     }
 }

@@ -115,6 +115,20 @@ pub fn serve(mut control: Channel) -> i32 {
         }
         Err(e) => log::warn!("no way to reach a running garbage collector: {e}"),
     }
+    // Runtime roots come from the master's roots-reader, asked through a third handle.
+    if store.cfg.runtime_roots_from_master {
+        match control
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.to_string())
+            .and_then(|fd| Channel::from_fd(fd).map_err(|e| e.to_string()))
+        {
+            Ok(send) => {
+                crate::roots_runtime::install(send, &store.cfg.store_dir);
+            }
+            Err(e) => log::warn!("runtime roots are read here, not by the roots-reader: {e}"),
+        }
+    }
     if store.cfg.fsync_metadata && !durable::held_by_test() {
         if let Err(e) = durable::start(&store) {
             let reason = format!("cannot start the syncer: {e}");
@@ -163,6 +177,12 @@ pub fn serve(mut control: Channel) -> i32 {
                     link.answer(id, answer);
                 }
             }
+            In::RuntimeRoots {
+                id,
+                roots,
+                error,
+                last,
+            } => crate::roots_runtime::answer(id, roots, error, last),
             In::BuilderHelper => {
                 let Some(fd) = fds.pop() else { continue };
                 // A new helper (the master restarted it): the old one's channel ends, and

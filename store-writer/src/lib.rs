@@ -22,6 +22,7 @@ pub mod pathlocks;
 pub mod phase;
 pub mod quota;
 pub mod roots;
+pub mod roots_runtime;
 pub mod session;
 pub mod store;
 pub mod sys;
@@ -40,6 +41,7 @@ pub mod verify;
         feature = "without-a72",
         feature = "without-a75",
         feature = "without-nofollow",
+        feature = "without-roots-reader",
         feature = "without-fod-copy"
     )
 ))]

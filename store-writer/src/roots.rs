@@ -466,92 +466,25 @@ pub fn find_roots_no_temp(
     roots
 }
 
-/// Bytes read from one `/proc` file (maps and environ of a process can be large).
-const MAX_PROC_FILE: u64 = 16 << 20;
-
 /// Store paths that running processes use, as Nix's findRuntimeRoots finds them and in its
 /// order: the absolute targets of `/proc/<pid>/{exe,cwd,fd/*}`, the files of
-/// `/proc/<pid>/maps` lines (six fields, the last a path), store paths named in
-/// `/proc/<pid>/environ`, and a few kernel settings. What the process may not read (other
-/// users' processes, without CAP_SYS_PTRACE) is skipped, as Nix skips EACCES: a process whose
-/// `fd` directory or `maps` cannot be read is left there, as in Nix.
+/// `/proc/<pid>/maps` lines, store paths named in `/proc/<pid>/environ`, and a few kernel
+/// settings. The master's roots-reader reads them, as it may read every process; without one
+/// the store-writer reads what it can itself ([`crate::roots_runtime`]).
 fn find_runtime_roots(
     store_dir: &StoreDir,
     is_valid: &mut dyn FnMut(&StorePath) -> bool,
     censor: bool,
     roots: &mut Roots,
 ) {
-    // Nix's UncheckedRoots: target → links, an unordered_map of unordered_sets.
+    // Nix's UncheckedRoots: target → links, an unordered_map of unordered_sets, filled in the
+    // order the pairs were found.
     let mut unchecked: CxxMap<String, CxxSet<String>> =
         CxxMap::new(|s: &String| string_hash(s.as_bytes()));
-    let prefix = format!("{}/", store_dir.as_str());
-    let mut note = |target: String, link: String| {
+    for (target, link) in crate::roots_runtime::runtime_pairs(store_dir) {
         unchecked
             .entry_or_insert_with(target, new_links)
             .insert(link);
-    };
-    // readProcLink: only absolute targets count (not `socket:[…]`, `pipe:[…]`).
-    let proc_link = |link: String, note: &mut dyn FnMut(String, String)| {
-        if let Ok(t) = std::fs::read_link(&link) {
-            if t.as_os_str().as_bytes().first() == Some(&b'/') {
-                note(t.to_string_lossy().into_owned(), link);
-            }
-        }
-    };
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for ent in dir.flatten() {
-            let name = ent.file_name();
-            let Some(pid) = name
-                .to_str()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            else {
-                continue;
-            };
-            let base = format!("/proc/{pid}");
-            proc_link(format!("{base}/exe"), &mut note);
-            proc_link(format!("{base}/cwd"), &mut note);
-            let Ok(fds) = std::fs::read_dir(format!("{base}/fd")) else {
-                continue;
-            };
-            for fd in fds.flatten() {
-                let fd_name = fd.file_name();
-                if fd_name.as_bytes().first() != Some(&b'.') {
-                    let link = format!("{base}/fd/{}", fd_name.to_string_lossy());
-                    proc_link(link, &mut note);
-                }
-            }
-            let maps = format!("{base}/maps");
-            let Some(text) = read_proc(&maps) else {
-                continue;
-            };
-            for line in text.split(|b| *b == b'\n') {
-                // Nix's `^\s*\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)\s*$`: exactly six fields, the
-                // last a path (so not "… (deleted)").
-                let line = String::from_utf8_lossy(line);
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                if let [_, _, _, _, _, file] = fields[..] {
-                    if file.starts_with('/') {
-                        note(file.to_string(), maps.clone());
-                    }
-                }
-            }
-            let environ = format!("{base}/environ");
-            let Some(text) = read_proc(&environ) else {
-                continue;
-            };
-            for p in store_paths_in(&text, prefix.as_bytes()) {
-                note(p, environ.clone());
-            }
-        }
-    }
-    for f in [
-        "/proc/sys/kernel/modprobe",
-        "/proc/sys/kernel/fbsplash",
-        "/proc/sys/kernel/poweroff_cmd",
-    ] {
-        if let Some(text) = read_proc(f) {
-            note(String::from_utf8_lossy(&text).into_owned(), f.to_string());
-        }
     }
     for (target, links) in unchecked.iter() {
         let Ok((path, _)) = store_dir.parse_prefix(target) else {
@@ -569,41 +502,6 @@ fn find_runtime_roots(
             }
         }
     }
-}
-
-fn read_proc(path: &str) -> Option<Vec<u8>> {
-    let f = File::open(path).ok()?;
-    let mut buf = Vec::new();
-    f.take(MAX_PROC_FILE).read_to_end(&mut buf).ok()?;
-    Some(buf)
-}
-
-/// Every `<store>/<hash-and-name>` in `text` (Nix's `<store>/[0-9a-z]+[0-9a-zA-Z+\-._?=]*`).
-fn store_paths_in(text: &[u8], prefix: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while let Some(pos) = find(text.get(i..).unwrap_or_default(), prefix) {
-        let start = i + pos;
-        let mut end = start + prefix.len();
-        let first = end;
-        while end < text.len() && (text[end].is_ascii_digit() || text[end].is_ascii_lowercase()) {
-            end += 1;
-        }
-        if end > first {
-            while end < text.len()
-                && (text[end].is_ascii_alphanumeric() || b"+-._?=".contains(&text[end]))
-            {
-                end += 1;
-            }
-            out.push(String::from_utf8_lossy(&text[start..end]).into_owned());
-        }
-        i = end.max(start + 1);
-    }
-    out
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 struct Walker<'a> {

@@ -5,8 +5,9 @@
 //!
 //! Every link has the same name in both instances (indirect roots live under /nix, not in the
 //! instance's work directory, whose name is random), so that nix-daemon itself answers the
-//! same way in both. Runtime roots (`/proc/...`) are filtered out: Stockade's store-writer
-//! cannot see other users' processes (see compat_session.rs).
+//! same way in both. Runtime roots (`/proc/...`) are filtered out: their pids differ between
+//! the runs, and any process on the machine holding the same paths (another test instance)
+//! adds some (daemon_runtime_roots.rs tests them).
 //!
 //! Needs root (and the newer Nix for the 2.26 test); fails loudly in CI without them.
 

@@ -25,6 +25,7 @@ const CAP_KILL: u32 = 5;
 const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
 const CAP_SETPCAP: u32 = 8;
+const CAP_SYS_PTRACE: u32 = 19;
 
 fn mask(caps: &[u32]) -> u64 {
     caps.iter().fold(0, |m, c| m | (1u64 << c))
@@ -83,11 +84,13 @@ fn process_privileges_with_clients_connected() {
     let writers = of("stockade-store-writer");
     let brokers = of("stockade-broker");
     let helpers = of("stockade-builder-helper");
+    let readers = of("stockade-roots-reader");
     assert_eq!(masters.len(), 1, "one master: {procs:#?}");
     assert_eq!(writers.len(), 1, "one store-writer: {procs:#?}");
     assert_eq!(helpers.len(), 1, "one builder-helper: {procs:#?}");
+    assert_eq!(readers.len(), 1, "one roots-reader: {procs:#?}");
     assert_eq!(brokers.len(), 2, "one broker per client: {procs:#?}");
-    assert_eq!(procs.len(), 5, "no other Stockade process: {procs:#?}");
+    assert_eq!(procs.len(), 6, "no other Stockade process: {procs:#?}");
 
     // Root: the master only. The store-writer runs under a uid of its own with four
     // capabilities (checked below).
@@ -181,6 +184,36 @@ fn process_privileges_with_clients_connected() {
         );
     }
     assert_eq!(h.no_new_privs, Some(1), "builder-helper NoNewPrivs: {h:?}");
+
+    // The roots-reader: a uid of its own, exactly the two capabilities that read every
+    // process's /proc entries, seccomp.
+    let r = readers[0];
+    assert!(
+        r.uids
+            .iter()
+            .all(|u| *u == r.uids[0] && *u != 0 && *u != w.uids[0] && *u != h.uids[0]),
+        "roots-reader ids: {r:?}"
+    );
+    let wanted = mask(&[CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH]);
+    for (name, set) in [
+        ("CapEff", r.cap_eff),
+        ("CapPrm", r.cap_prm),
+        ("CapBnd", r.cap_bnd),
+    ] {
+        assert_eq!(
+            set,
+            wanted,
+            "the roots-reader's {name} is not sys_ptrace/dac_read_search: {:?}",
+            caps_of(set)
+        );
+    }
+    assert_eq!(
+        r.cap_inh | r.cap_amb,
+        0,
+        "roots-reader inheritable/ambient: {r:?}"
+    );
+    assert_eq!(r.no_new_privs, Some(1), "roots-reader NoNewPrivs: {r:?}");
+    assert_eq!(r.seccomp, Some(2), "roots-reader Seccomp: {r:?}");
 
     // Brokers: own uid from the range, nothing else.
     let mut broker_uids = BTreeSet::new();

@@ -43,6 +43,7 @@ macro_rules! no_fds {
 
 pub mod builder;
 pub mod msg;
+pub mod roots;
 pub mod writer;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

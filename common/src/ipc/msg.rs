@@ -66,6 +66,16 @@ pub enum MasterToStoreWriter {
     /// The builder-helper is up. Carries one descriptor: the store-writer's end of the
     /// helper's channel (`BuilderToStoreWriter`), the only way build outputs come in.
     BuilderHelper,
+    /// Part of the answer to `FindRuntimeRoots { id }`: `(target, link)` pairs naming paths
+    /// under the store directory, in the order the roots-reader found them, checked and relayed
+    /// by the master (see [`super::roots`]). Chunks up to one with `last`; `error` (then with
+    /// `last`) when there is no complete answer, and the store-writer reads `/proc` itself.
+    RuntimeRoots {
+        id: u64,
+        roots: Vec<(String, String)>,
+        error: Option<String>,
+        last: bool,
+    },
 }
 
 /// The store-writer's configuration, decided by the master from nix.conf and the environment.
@@ -102,6 +112,9 @@ pub struct StoreWriterConfig {
     pub untrusted_bytes_per_hour: u64,
     /// How the garbage collector decides and when it runs by itself.
     pub gc: GcSettings,
+    /// Whether the master answers `FindRuntimeRoots` (it runs a roots-reader and reads this
+    /// channel); otherwise the store-writer reads `/proc` itself without asking.
+    pub runtime_roots_from_master: bool,
 }
 
 /// nix.conf's garbage-collection settings, as the store-writer uses them.
@@ -164,6 +177,11 @@ pub enum StoreWriterToMaster {
     /// stream socket, which it binds at `gc-socket/socket` and listens on, so processes
     /// outside Stockade can send it their new temp roots. → `GcSocket { id }`
     ListenGcSocket {
+        id: u64,
+    },
+    /// Which running processes use which store paths (runtime GC roots): the master asks its
+    /// roots-reader, which may read other users' `/proc/<pid>` files. → `RuntimeRoots { id }`
+    FindRuntimeRoots {
         id: u64,
     },
 }

@@ -1,8 +1,8 @@
 //! Self-confinement: what each Stockade service applies to itself right after setup, before it
 //! reads a byte from a less trusted peer (SECURITY.md §5, A47, A60, A61).
 //!
-//! [`apply_broker`] and [`apply_store_writer`] do everything in order ([`apply_master`] the
-//! same without Landlock):
+//! [`apply_broker`] and [`apply_store_writer`] do everything in order ([`apply_master`] and
+//! [`apply_roots_reader`] the same without Landlock):
 //!
 //! 1. capabilities: all dropped ([`drop_all_capabilities`]), or all but the store-writer's four
 //!    ([`keep_only_capabilities`]);
@@ -49,7 +49,7 @@ pub use policy::{landlock_ok, seccomp_ok, ConfinementPolicy, LockdownOptions};
 pub use privs::names as capability_names;
 pub use privs::{
     drop_all_capabilities, keep_only_capabilities, no_new_privs, set_not_dumpable,
-    STORE_WRITER_CAPS,
+    ROOTS_READER_CAPS, STORE_WRITER_CAPS,
 };
 pub use seccomp::{apply_seccomp, SeccompMode, SeccompProfile};
 pub use status::{parse_status, status, ProcStatus, StatusReader};
@@ -114,6 +114,7 @@ pub enum Profile {
     Broker,
     StoreWriter,
     Master,
+    RootsReader,
 }
 
 impl Profile {
@@ -123,6 +124,7 @@ impl Profile {
             Profile::Broker => "broker",
             Profile::StoreWriter => "store-writer",
             Profile::Master => "master",
+            Profile::RootsReader => "roots-reader",
         }
     }
 }
@@ -209,18 +211,23 @@ pub fn apply_store_writer(
     } else {
         drop_all_capabilities()?;
     }
+    let mut rules = vec![
+        (store_dir.to_path_buf(), Access::ReadWrite),
+        (state_dir.to_path_buf(), Access::ReadWrite),
+    ];
+    // Where its collector binds `gc-socket/socket` (made at start-up; without it, other
+    // processes wait for the GC lock instead of reaching the collector).
+    let gc_socket = state_dir.join("gc-socket");
+    if gc_socket.is_dir() {
+        rules.push((gc_socket, Access::ReadWriteSockets));
+    }
+    rules.push((log_dir.to_path_buf(), Access::ReadWrite));
+    // Runtime GC roots, when the roots-reader cannot be asked, are read in /proc.
+    rules.push((PathBuf::from("/proc"), Access::ReadOnly));
     finish(
         Profile::StoreWriter,
         reader,
-        &[
-            (store_dir.to_path_buf(), Access::ReadWrite),
-            (state_dir.to_path_buf(), Access::ReadWrite),
-            // Where its collector binds `gc-socket/socket` (made at start-up).
-            (state_dir.join("gc-socket"), Access::ReadWriteSockets),
-            (log_dir.to_path_buf(), Access::ReadWrite),
-            // Runtime GC roots are found in /proc/<pid>/{exe,cwd,fd,maps,environ}.
-            (PathBuf::from("/proc"), Access::ReadOnly),
-        ],
+        &rules,
         SeccompProfile::StoreWriter,
         opts,
     )
@@ -282,6 +289,48 @@ pub fn apply_master(
             },
             mode,
         ),
+        opts.confinement,
+    )?;
+    let status = reader.read()?;
+    Ok(Report {
+        profile,
+        landlock,
+        seccomp: installed.then_some(mode),
+        status,
+    })
+}
+
+/// Lock down the roots-reader: capabilities reduced to [`ROOTS_READER_CAPS`] (where permitted;
+/// none for a daemon run by an ordinary user), `no_new_privs`, not dumpable, the
+/// [`SeccompProfile::RootsReader`] allow-list with `control_fd` its one channel.
+///
+/// No Landlock domain: Landlock confines `ptrace` to the domain's own processes, and the
+/// kernel applies that to the ptrace access check of `/proc/<pid>/{exe,cwd,fd/*,maps,environ}`
+/// too, so a reader inside any domain would find no process but itself (nor would Landlock
+/// rules on `/proc` keep a process holding `CAP_SYS_PTRACE` out of the rest of the file system:
+/// `/proc/<pid>/root` leads there). The report says `landlock=none(…:not-taken)`; what the
+/// reader can read it can only send to the master, which checks every pair.
+pub fn apply_roots_reader(control_fd: u32, opts: LockdownOptions) -> Result<Report, LockdownError> {
+    let profile = Profile::RootsReader;
+    let reader = StatusReader::open()?;
+    warn_if_threaded(&reader);
+    keep_only_capabilities(&ROOTS_READER_CAPS)?;
+    no_new_privs()?;
+    set_not_dumpable()?;
+    let landlock = LandlockStatus {
+        enforcement: Enforcement::None,
+        abi: landlock_abi(),
+        note: Some("not-taken"),
+    };
+    let mode = opts.seccomp;
+    if mode == SeccompMode::Log {
+        log::warn!(
+            "--debug-seccomp-log: system calls outside the allow-list are logged, not refused"
+        );
+    }
+    let installed = seccomp_ok(
+        profile,
+        apply_seccomp(SeccompProfile::RootsReader { control_fd }, mode),
         opts.confinement,
     )?;
     let status = reader.read()?;

@@ -51,6 +51,13 @@ pub const STORE_WRITER_CAPS: [Capability; 4] = [
     Capability::CAP_DAC_READ_SEARCH,
 ];
 
+/// The capabilities the roots-reader keeps when the daemon runs as root, both needed to find
+/// the runtime roots of other users' processes: `CAP_SYS_PTRACE` for the ptrace access check
+/// of `/proc/<pid>/{exe,cwd,fd/*,maps,environ}`, `CAP_DAC_READ_SEARCH` to list
+/// `/proc/<pid>/fd` (mode 0500) and read `/proc/<pid>/environ` (mode 0400) of another uid.
+pub const ROOTS_READER_CAPS: [Capability; 2] =
+    [Capability::CAP_SYS_PTRACE, Capability::CAP_DAC_READ_SEARCH];
+
 fn caps_err(what: &'static str) -> impl FnOnce(caps::errors::CapsError) -> LockdownError {
     move |source| LockdownError::Caps {
         what,

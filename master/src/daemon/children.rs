@@ -95,6 +95,15 @@ impl Daemon {
                     log::warn!("cannot answer the store-writer's gc-socket request: {e}");
                 }
             }
+            Ok(StoreWriterToMaster::FindRuntimeRoots { id }) => match self.roots.as_mut() {
+                Some(r) => r.ask(id, &mut self.writer),
+                None => {
+                    let why = Some("no roots-reader runs".to_string());
+                    if let Err(e) = self.writer.runtime_roots(id, Vec::new(), why, true) {
+                        log::warn!("{e}");
+                    }
+                }
+            },
             Ok(StoreWriterToMaster::DatabaseHeld { holders }) => {
                 for h in holders {
                     self.database_held_by(h.pid);

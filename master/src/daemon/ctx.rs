@@ -2,7 +2,9 @@
 //! start audit line, and the ids taken from just below the broker range.
 
 use super::*;
+use crate::roots::RootsReader;
 use stockade_common::ipc::msg::GcSettings;
+use stockade_common::ipc::roots::RootsReaderConfig;
 use stockade_common::lockdown::{LockdownOptions, SeccompMode};
 
 /// Everything decided at start.
@@ -48,6 +50,9 @@ impl Ctx {
                 max_free: s.max_free,
                 min_free_check_interval: s.min_free_check_interval,
             },
+            // Only the daemon's loop relays runtime roots (not `--stdio`, which has no reader).
+            runtime_roots_from_master: !self.args.stdio
+                && self.launcher.programs.roots_reader.is_some(),
         }
     }
 
@@ -99,6 +104,29 @@ impl Ctx {
             config,
             helper_end.into_fd(),
         )
+    }
+
+    /// Start the roots-reader, when it is installed (roots.rs: once, before the master's
+    /// lockdown).
+    pub fn start_roots_reader(&self) -> Result<Option<RootsReader>> {
+        let Some(program) = &self.launcher.programs.roots_reader else {
+            log::warn!(
+                "no stockade-roots-reader next to the master: runtime roots of other users' \
+                 processes are not found"
+            );
+            return Ok(None);
+        };
+        let confinement = if self.as_root {
+            let id = roots_reader_uid(&self.cfg.broker_uid_range());
+            Confinement::RootsReaderCaps { uid: id, gid: id }
+        } else {
+            Confinement::SameUid
+        };
+        let config = RootsReaderConfig {
+            store_dir: self.paths.store_dir.to_string_lossy().into_owned(),
+            lockdown: self.lockdown(),
+        };
+        RootsReader::start(program, confinement, config).map(Some)
     }
 
     /// The start-up audit line: effective security settings.
@@ -164,6 +192,13 @@ pub fn store_writer_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
 /// broker range (after the store-writer's uid and the database readers' gid).
 pub fn builder_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
     brokers.first.saturating_sub(3).max(1)
+}
+
+/// The roots-reader's uid (and gid) when the daemon runs as root: the fourth just below the
+/// broker range (after the store-writer's uid, the database readers' gid and the
+/// builder-helper's uid).
+pub fn roots_reader_uid(brokers: &stockade_common::conf::UidRange) -> u32 {
+    brokers.first.saturating_sub(4).max(1)
 }
 
 /// The group that may enter the database directory: only brokers hold it (A69). Like the

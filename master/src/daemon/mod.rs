@@ -48,6 +48,7 @@ use crate::paths::Paths;
 use crate::peers::peer_facts;
 use crate::ratelimit::RateLimit;
 use crate::restart::{self, Checked, StoreWatch};
+use crate::roots::RootsReader;
 use crate::socket::{self, Listeners};
 use crate::spawn::Confinement;
 use crate::uids::UidPool;
@@ -106,6 +107,8 @@ struct Daemon {
     /// The helper died while the daemon was not shutting down: exit non-zero.
     helper_died: bool,
     build_uids: BuildUids,
+    /// The roots-reader, when installed (roots.rs).
+    roots: Option<RootsReader>,
     sigfd: SignalFd,
     uids: Option<UidPool>,
     conns: HashMap<i32, Conn>,
@@ -151,6 +154,8 @@ pub fn run(ctx: Ctx) -> Result<i32> {
     let mut writer = ctx.start_store_writer()?;
     // Started before the master drops its capabilities (it needs the helper's uid and caps).
     let helper = ctx.start_builder(&mut writer)?;
+    // Likewise: it needs CAP_SYS_PTRACE, which the master drops (roots.rs).
+    let roots = ctx.start_roots_reader()?;
     let build_uids = BuildUids::new(&ctx)?;
     let watch = StoreWatch::record(&ctx.paths);
     let listeners = socket::open(&ctx.paths, ctx.uid)?;
@@ -187,6 +192,12 @@ pub fn run(ctx: Ctx) -> Result<i32> {
             ),
             ("store-writer-pid", writer.pid.to_string()),
             ("builder-helper-pid", helper.pid.to_string()),
+            (
+                "roots-reader-pid",
+                roots
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), |r| r.pid.to_string()),
+            ),
             ("build-uids", build_uids.describe()),
         ]
         .into_iter()
@@ -211,6 +222,7 @@ pub fn run(ctx: Ctx) -> Result<i32> {
         helper_chan_open: true,
         helper_died: false,
         build_uids,
+        roots,
         sigfd,
         uids,
         conns: HashMap::new(),
@@ -252,7 +264,21 @@ impl Daemon {
             } else {
                 timeout
             };
-            let (sig, chan, helper, main, untrusted) = {
+            // A runtime-roots scan that must end by its deadline.
+            let timeout = match self.roots.as_ref().and_then(RootsReader::deadline) {
+                Some(d) => {
+                    let left = PollTimeout::try_from(d.saturating_duration_since(Instant::now()))
+                        .unwrap_or(PollTimeout::MAX);
+                    if timeout == PollTimeout::NONE || left < timeout {
+                        left
+                    } else {
+                        timeout
+                    }
+                }
+                None => timeout,
+            };
+            let (sig, chan, helper, roots, main, untrusted) = {
+                let roots_chan = self.roots.as_ref().and_then(RootsReader::channel);
                 let mut fds = vec![PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
                 if self.writer_chan_open {
                     fds.push(PollFd::new(
@@ -265,6 +291,9 @@ impl Daemon {
                         self.helper.channel().as_fd(),
                         PollFlags::POLLIN,
                     ));
+                }
+                if let Some(c) = roots_chan {
+                    fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
                 }
                 if let Some(l) = &self.listeners {
                     fds.push(PollFd::new(l.main.as_fd(), PollFlags::POLLIN));
@@ -283,18 +312,24 @@ impl Daemon {
                 let chan_i = if self.writer_chan_open { Some(1) } else { None };
                 let helper_i = 1 + usize::from(self.writer_chan_open);
                 let helper_i = self.helper_chan_open.then_some(helper_i);
-                let base =
+                let roots_i =
                     1 + usize::from(self.writer_chan_open) + usize::from(self.helper_chan_open);
+                let roots_i = roots_chan.is_some().then_some(roots_i);
+                let base = 1
+                    + usize::from(self.writer_chan_open)
+                    + usize::from(self.helper_chan_open)
+                    + usize::from(roots_chan.is_some());
                 let listening = self.listeners.is_some();
                 (
                     ready(0),
                     chan_i.is_some_and(ready),
                     helper_i.is_some_and(ready),
+                    roots_i.is_some_and(ready),
                     listening && ready(base),
                     listening && ready(base + 1),
                 )
             };
-            if !(sig || chan || helper || main || untrusted) {
+            if !(sig || chan || helper || roots || main || untrusted) {
                 if let Some(pool) = self.uids.as_mut() {
                     pool.verify_released();
                 }
@@ -308,6 +343,12 @@ impl Daemon {
             }
             if helper {
                 self.handle_helper_message();
+            }
+            if let Some(r) = self.roots.as_mut() {
+                if roots {
+                    r.handle_message(&mut self.writer);
+                }
+                r.check_timeout(&mut self.writer);
             }
             if main {
                 self.accept_batch(Source::Main);
@@ -358,6 +399,9 @@ impl Daemon {
                 log::error!("{e}");
                 let _ = kill(Pid::from_raw(self.helper.pid), Signal::SIGTERM);
             }
+        }
+        if let Some(r) = self.roots.as_mut() {
+            r.shutdown();
         }
         if let Err(e) = self.writer.shutdown() {
             log::error!("{e}");
@@ -411,6 +455,8 @@ impl Daemon {
             };
             if pid.as_raw() == self.helper.pid {
                 self.helper_exited(&how);
+            } else if let Some(r) = self.roots.as_mut().filter(|r| r.pid == pid.as_raw()) {
+                r.exited(&mut self.writer, &how, self.shutdown_deadline.is_some());
             } else if pid.as_raw() == self.writer.pid {
                 self.writer_exited = true;
                 if self.shutdown_deadline.is_some() {

@@ -49,6 +49,7 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         untrusted_max_nar_size: 0,
         untrusted_bytes_per_hour: 0,
         gc: Default::default(),
+        runtime_roots_from_master: false,
     }
 }
 

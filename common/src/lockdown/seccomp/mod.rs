@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use super::LockdownError;
 
 mod master;
+mod roots_reader;
 
 /// Which allow-list to install.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,10 @@ pub enum SeccompProfile {
     /// file for writing, remove, rename or chmod anything; it never makes any but AF_UNIX
     /// sockets.
     Master { store_writer_restarts: bool },
+    /// The roots-reader (`seccomp/roots_reader.rs`): reading `/proc`, answering on its
+    /// control channel (descriptor `control_fd`), nothing else. Single-threaded, no sockets, no
+    /// writes.
+    RootsReader { control_fd: u32 },
 }
 
 /// What happens to a call that is not on the allow-list.
@@ -317,6 +322,9 @@ fn allow_list(profile: SeccompProfile, pid: u32) -> Result<Rules, LockdownError>
     {
         return master::allow_list(pid, store_writer_restarts);
     }
+    if let SeccompProfile::RootsReader { control_fd } = profile {
+        return roots_reader::allow_list(pid, control_fd);
+    }
     let mut r = Rules::default();
     common(&mut r, pid)?;
     if profile == SeccompProfile::StoreWriter {
@@ -325,7 +333,7 @@ fn allow_list(profile: SeccompProfile, pid: u32) -> Result<Rules, LockdownError>
     Ok(r)
 }
 
-/// What both profiles need.
+/// What the broker and the store-writer need.
 fn common(r: &mut Rules, pid: u32) -> Result<(), LockdownError> {
     r.allow_all(&[
         // I/O on descriptors.

@@ -17,6 +17,7 @@ fn profiles_compile() {
         SeccompProfile::Master {
             store_writer_restarts: true,
         },
+        SeccompProfile::RootsReader { control_fd: 3 },
     ] {
         for mode in [SeccompMode::Enforce, SeccompMode::Log] {
             let programs = compile(profile, mode, 1234).unwrap();
@@ -39,6 +40,7 @@ fn lists_do_not_overlap_wrongly() {
         SeccompProfile::Master {
             store_writer_restarts: true,
         },
+        SeccompProfile::RootsReader { control_fd: 3 },
     ] {
         let deny = deny_list(profile).unwrap();
         let allow = allow_list(profile, 1).unwrap();
@@ -299,4 +301,96 @@ fn the_master_filter_refuses_in_the_kernel() {
         in_filtered_child(SeccompProfile::Broker, fork),
         Ok(libc::EPERM)
     );
+}
+
+#[test]
+fn the_roots_reader_filter_refuses_in_the_kernel() {
+    use std::ptr::null;
+    let p = SeccompProfile::RootsReader { control_fd: 3 };
+    // SAFETY (each closure): raw system calls with null or scalar arguments; the kernel
+    // validates them (and the filter answers first).
+    let ptrace: fn() -> libc::c_long =
+        || unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) };
+    let vm_read: fn() -> libc::c_long = || unsafe {
+        libc::syscall(
+            libc::SYS_process_vm_readv,
+            1,
+            null::<u8>(),
+            0,
+            null::<u8>(),
+            0,
+            0,
+        )
+    };
+    let by_handle: fn() -> libc::c_long =
+        || unsafe { libc::syscall(libc::SYS_open_by_handle_at, -1, null::<u8>(), 0) };
+    for (name, call) in [
+        ("ptrace", ptrace),
+        ("process_vm_readv", vm_read),
+        ("open_by_handle_at", by_handle),
+    ] {
+        assert_eq!(
+            in_filtered_child(p, call),
+            Err(libc::SIGSYS),
+            "{name} must kill"
+        );
+    }
+    let unix: fn() -> libc::c_long =
+        || unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    let write_open: fn() -> libc::c_long = || unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/dev/null".as_ptr(),
+            libc::O_WRONLY,
+            0,
+        )
+    };
+    let creat: fn() -> libc::c_long = || unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/tmp/stockade-roots-reader-seccomp-test".as_ptr(),
+            libc::O_RDONLY | libc::O_CREAT,
+            0o600,
+        )
+    };
+    let openat2: fn() -> libc::c_long =
+        || unsafe { libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, null::<u8>(), 0, 0) };
+    let write_other: fn() -> libc::c_long =
+        || unsafe { libc::syscall(libc::SYS_write, 5, null::<u8>(), 0) };
+    let send_other: fn() -> libc::c_long =
+        || unsafe { libc::syscall(libc::SYS_sendmsg, 4, null::<u8>(), 0) };
+    let fork: fn() -> libc::c_long = || unsafe { libc::fork() as libc::c_long };
+    let signal: fn() -> libc::c_long = || unsafe { libc::syscall(libc::SYS_kill, 1, 0) };
+    for (name, call) in [
+        ("socket(AF_UNIX)", unix),
+        ("openat O_WRONLY", write_open),
+        ("openat O_CREAT", creat),
+        ("openat2", openat2),
+        ("write to fd 5", write_other),
+        ("sendmsg on fd 4", send_other),
+        ("fork", fork),
+        ("kill", signal),
+    ] {
+        assert_eq!(
+            in_filtered_child(p, call),
+            Ok(libc::EPERM),
+            "{name} must fail with EPERM"
+        );
+    }
+    let read_open: fn() -> libc::c_long = || unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+            0,
+        )
+    };
+    let write_err: fn() -> libc::c_long =
+        || unsafe { libc::syscall(libc::SYS_write, 2, null::<u8>(), 0) };
+    for (name, call) in [("openat O_RDONLY", read_open), ("write to fd 2", write_err)] {
+        assert_eq!(in_filtered_child(p, call), Ok(0), "{name} must work");
+    }
 }
