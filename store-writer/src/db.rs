@@ -101,6 +101,10 @@ impl Db {
         conn.pragma_update(None, "foreign_keys", 1)?;
         // Temporary tables in memory: after lockdown nothing outside the state dir is writable.
         conn.pragma_update(None, "temp_store", "memory")?;
+        // Every write, and the collector's check of each path it deletes, looks up indexes of
+        // the whole store: with SQLite's default 2 MiB of cache, a store of tens of thousands
+        // of paths is read from the file (and searched for in the WAL) again and again.
+        conn.pragma_update(None, "cache_size", -65536)?;
         conn.execute_batch(if opts.fsync_metadata {
             "pragma synchronous = normal"
         } else {
