@@ -16,8 +16,9 @@ side=${3:-stockade}
 shift $(($# >= 3 ? 3 : 2))
 if [ -d "$HOME/.cargo/bin" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 cargo build --release -p stockade-master -p stockade-broker -p stockade-store-writer \
-  -p stockade-tests --bin stockade --bin stockade-broker --bin stockade-store-writer \
-  --bin stockade-bench >&2
+  -p stockade-builder-helper -p stockade-roots-reader -p stockade-tests --bin stockade \
+  --bin stockade-broker --bin stockade-store-writer --bin stockade-builder-helper \
+  --bin stockade-roots-reader --bin stockade-bench >&2
 out=$(mktemp -d "${TMPDIR:-/tmp}/stockade-profile.XXXXXX")
 hook="$out/hook.sh"
 export STOCKADE_BIN="$PWD/target/release/stockade" STOCKADE_BENCH_HOOK="$hook"

@@ -9,9 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d "$HOME/.cargo/bin" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 # Every program the master execs must be a release build too: `stockade` runs the broker and
-# the store-writer and the builder-helper found next to itself, in target/release/.
+# the store-writer, the builder-helper and the roots-reader found next to itself, in
+# target/release/.
 cargo build --release -p stockade-master -p stockade-broker -p stockade-store-writer \
-  -p stockade-builder-helper -p stockade-tests --bin stockade --bin stockade-broker \
+  -p stockade-builder-helper -p stockade-roots-reader -p stockade-tests --bin stockade \
+  --bin stockade-broker --bin stockade-roots-reader \
   --bin stockade-store-writer --bin stockade-builder-helper --bin stockade-bench >&2
 export STOCKADE_BIN="$PWD/target/release/stockade"
 exec target/release/stockade-bench "$@"

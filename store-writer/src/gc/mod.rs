@@ -34,6 +34,9 @@ const TALKATIVE: u32 = 4;
 
 const OP: &str = "collectGarbage";
 
+/// Deleted paths named per audit line.
+const AUDIT_CHUNK: usize = 32;
+
 /// Collects garbage for `client`, audited when it starts, for each path deleted, and when it
 /// ends (also when it fails).
 pub fn collect_garbage(
@@ -61,17 +64,23 @@ pub fn collect_garbage(
         ],
     );
     let mut deleted = 0u64;
-    let mut audit_each = |path: &str, freed: u64| {
-        deleted += 1;
-        store.audit.client_event(
-            Severity::Info,
-            client,
-            &[
-                ("op", "gcDelete"),
-                ("path", path),
-                ("freed", &freed.to_string()),
-            ],
-        );
+    // What was deleted, a line per AUDIT_CHUNK paths (a line per path would cost a collection
+    // of many paths as much as the deletions).
+    let mut audit_each = |batch: &[(String, u64)]| {
+        for chunk in batch.chunks(AUDIT_CHUNK) {
+            deleted += chunk.len() as u64;
+            let paths: Vec<&str> = chunk.iter().map(|(p, _)| p.as_str()).collect();
+            let freed: u64 = chunk.iter().map(|(_, n)| n).sum();
+            store.audit.client_event(
+                Severity::Info,
+                client,
+                &[
+                    ("op", "gcDelete"),
+                    ("paths", &paths.join(" ")),
+                    ("freed", &freed.to_string()),
+                ],
+            );
+        }
     };
     let res = run(store, req, log, &mut audit_each);
     let (outcome, freed, error) = match &res {
@@ -111,7 +120,7 @@ fn run(
     store: &Store,
     req: &CollectGarbage,
     log: &mut dyn FnMut(u32, String),
-    audit_each: &mut dyn FnMut(&str, u64),
+    audit_each: &mut dyn FnMut(&[(String, u64)]),
 ) -> Result<GcResult, ReqError> {
     let deleting = req.action.deletes();
     let _one = store.gc.run.lock().unwrap_or_else(|e| e.into_inner());
@@ -132,7 +141,7 @@ fn collect(
     req: &CollectGarbage,
     deleting: bool,
     log: &mut dyn FnMut(u32, String),
-    audit_each: &mut dyn FnMut(&str, u64),
+    audit_each: &mut dyn FnMut(&[(String, u64)]),
 ) -> Result<GcResult, ReqError> {
     // Known before the lock is ours, so a root added meanwhile is never missed (state.rs).
     let shared = store.gc.begin();

@@ -60,7 +60,7 @@ pub struct Walk<'a> {
     batch: Vec<Doomed>,
     batch_hashes: Vec<String>,
     pub log: &'a mut dyn FnMut(u32, String),
-    pub audit_each: &'a mut dyn FnMut(&str, u64),
+    pub audit_each: &'a mut dyn FnMut(&[(String, u64)]),
 }
 
 impl<'a> Walk<'a> {
@@ -73,7 +73,7 @@ impl<'a> Walk<'a> {
         only: Option<HashSet<StorePath>>,
         max_freed: u64,
         log: &'a mut dyn FnMut(u32, String),
-        audit_each: &'a mut dyn FnMut(&str, u64),
+        audit_each: &'a mut dyn FnMut(&[(String, u64)]),
     ) -> Walk<'a> {
         let alive = vec![false; graph.node_count()];
         Walk {
@@ -263,6 +263,7 @@ impl<'a> Walk<'a> {
         // One message for the batch's lines: the client prints the same text, and a
         // collection of many paths is not a message and a write per path at each hop.
         let mut lines: Vec<String> = Vec::new();
+        let mut gone: Vec<(String, u64)> = Vec::new();
         for d in batch {
             let name: OsString = match &d {
                 Doomed::Path(p) if kept.contains(p) => continue,
@@ -283,7 +284,7 @@ impl<'a> Walk<'a> {
                     0
                 }
             };
-            (self.audit_each)(&full, freed);
+            gone.push((full.clone(), freed));
             self.deleted.insert(full);
             self.result.bytes_freed = self.result.bytes_freed.saturating_add(freed);
             if self.result.bytes_freed > self.max_freed {
@@ -298,6 +299,7 @@ impl<'a> Walk<'a> {
         if !lines.is_empty() {
             (self.log)(INFO, lines.join("\n"));
         }
+        (self.audit_each)(&gone);
         self.shared.release(&hashes);
         res
     }
