@@ -99,6 +99,9 @@ pub struct StoreWriterConfig {
     /// in an hour.
     pub untrusted_max_nar_size: u64,
     pub untrusted_bytes_per_hour: u64,
+    /// `auto-optimise-store`: hard-link the files of each path added or built to identical
+    /// ones already in the store, as OptimiseStore does for the whole store.
+    pub auto_optimise_store: bool,
 }
 
 /// store-writer → master.

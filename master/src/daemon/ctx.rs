@@ -40,6 +40,7 @@ impl Ctx {
             lockdown: self.lockdown(),
             untrusted_max_nar_size: self.cfg.stockade.untrusted_max_nar_size.0,
             untrusted_bytes_per_hour: self.cfg.stockade.untrusted_bytes_per_hour.0,
+            auto_optimise_store: s.auto_optimise_store,
         }
     }
 

@@ -48,6 +48,7 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         lockdown: Default::default(),
         untrusted_max_nar_size: 0,
         untrusted_bytes_per_hour: 0,
+        auto_optimise_store: false,
     }
 }
 
