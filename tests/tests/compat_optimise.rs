@@ -7,7 +7,9 @@
 //! Needs root (and the newer Nix for the 2.26 test); fails loudly in CI without them.
 
 use stockade_tests::session::{compare, run_steps, step, Step, StepRun};
-use stockade_tests::{ensure_user, skip_unless_newer_nix, skip_unless_root, Daemon, DaemonKind};
+use stockade_tests::{
+    busybox_derivation, ensure_user, skip_unless_newer_nix, skip_unless_root, Daemon, DaemonKind,
+};
 
 /// Three trees sharing most of their files (a file twice within one tree, an executable, a
 /// symlink, an empty file), each with one file of its own, and two flat files with the same
@@ -95,6 +97,11 @@ fn auto_steps() -> Vec<Step> {
     let mut v = vec![add_all()];
     // Linked as they were added.
     v.extend(link_checks());
+    // A build output with the flat files' contents: linked to them as it is registered.
+    v.push(step(
+        "OUT=$(nix-build --no-out-link -E \"$EXPR\") && stat -c %i $OUT $(tail -2 $WORK/paths) \
+         | sort -u | wc -l",
+    ));
     v.push(step("nix-store --verify --check-contents"));
     v.push(step("nix-store --optimise"));
     v
@@ -115,7 +122,15 @@ fn run(reference: DaemonKind, newer: bool, conf: Option<&str>, steps: &[Step]) {
     let stockade = start(DaemonKind::Stockade);
     let session = |d: &Daemon| -> Vec<StepRun> {
         prepare(d);
+        let expr = match conf {
+            Some(_) => {
+                let bb = d.add_busybox();
+                busybox_derivation(&bb, "flat-built", "echo 'flat and the same' > $out")
+            }
+            None => String::new(),
+        };
         let env = [
+            ("EXPR", expr),
             ("WORK", d.work_dir().display().to_string()),
             (
                 "NIX_CONFIG",
@@ -147,6 +162,7 @@ fn linked_as_expected(a: &[StepRun], auto: bool, damage: bool) {
         assert_eq!(out(1 + k), *want, "step {}: {}", 1 + k, a[1 + k].out);
     }
     if auto {
+        assert_eq!(out(8), "1", "{}", a[8].out);
         return;
     }
     // 5 copies of shared, 2 each of empty, bin/tool, bin/shared and link, 1 flat file.
