@@ -216,3 +216,58 @@ fn optimise_as_nix_daemon_nix_2_26() {
         &optimise_steps(&user, false),
     );
 }
+
+/// A Stockade run by an ordinary user (no capabilities, Landlock and seccomp still on): the
+/// directories are read-only to their owner too, so each replacement makes its directory
+/// writable for a moment and canonical again (0555, mtime 1) afterwards.
+#[test]
+fn optimise_in_a_daemon_run_by_an_ordinary_user() {
+    skip_unless_root!();
+    use std::os::unix::fs::MetadataExt;
+    let owner = ensure_user("st-owner").unwrap();
+    let d = Daemon::builder(DaemonKind::Stockade)
+        .layout(stockade_tests::Layout::Redirected)
+        .run_as(&owner)
+        .stockade_conf(&stockade_tests::sec::private_broker_uids())
+        .start()
+        .expect("stockade as st-owner");
+    prepare(&d);
+    let dirs: Vec<String> = (0..3)
+        .map(|i| d.work_dir().join(format!("d{i}")).display().to_string())
+        .collect();
+    let out = d.run_as_ok(&owner, ["nix-store", "--add", &dirs[0], &dirs[1], &dirs[2]]);
+    let paths: Vec<std::path::PathBuf> = out.lines().map(|p| d.host_path(p)).collect();
+    assert_eq!(paths.len(), 3, "{out}");
+    let o = d
+        .cmd("nix-store")
+        .arg("--optimise")
+        .as_user(&owner)
+        .output();
+    assert!(o.success(), "{o}");
+    assert!(
+        o.stderr_str().contains("freed by hard-linking 13 files"),
+        "{o}"
+    );
+    let ino = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().ino();
+    for rel in ["shared", "sub/deep/shared", "bin/tool", "link", "empty"] {
+        let first = ino(&paths[0].join(rel));
+        assert!(paths.iter().all(|p| ino(&p.join(rel)) == first), "{rel}");
+    }
+    for p in &paths {
+        for dir in [p.clone(), p.join("sub/deep"), p.join("bin")] {
+            let md = std::fs::symlink_metadata(&dir).unwrap();
+            assert_eq!(
+                (md.mode() & 0o7777, md.mtime()),
+                (0o555, 1),
+                "{}",
+                dir.display()
+            );
+        }
+    }
+    let v = d
+        .cmd("nix-store")
+        .args(["--verify", "--check-contents"])
+        .as_user(&owner)
+        .output();
+    assert!(v.success() && !v.stderr_str().contains("modified"), "{v}");
+}
