@@ -170,6 +170,7 @@ pub fn optimise_added(store: &Store, client: &ClientIdentity, p: &StorePath, rep
     let full = store.full(p);
     let mut log = |level: u32, text: String| {
         if level <= LVL_WARN {
+            let text = text.replace("\x1b[35;1mwarning:\x1b[0m ", "");
             log::warn!("auto-optimise of {full}: {text}");
         }
     };
