@@ -22,6 +22,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use nix::errno::Errno;
@@ -41,6 +42,9 @@ static LINKS: Mutex<()> = Mutex::new(());
 
 /// How often an entry that a collector removed between two steps is made anew.
 const ATTEMPTS: usize = 3;
+
+/// Numbers the temporary links of this process.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A file or symlink, hashed.
 pub(super) struct Hashed<'f> {
@@ -164,26 +168,17 @@ impl Optimiser<'_> {
         entry: &FileStat,
     ) -> Result<Step, OptimiseError> {
         let path = n.path;
-        // Linked by another run since it was hashed, if its name holds the entry now.
-        if (entry.st_ino == n.st.st_ino && entry.st_dev == n.st.st_dev)
-            || is_inode(n.dir, n.name, entry)
-        {
-            self.say(LVL_DEBUG, || {
-                format!("'{path}' is already linked to '{link_path}'")
-            });
+        if entry.st_ino == n.st.st_ino && entry.st_dev == n.st.st_dev {
+            self.already_linked_to(path, link_path);
             return Ok(Step::Done);
         }
         self.say(LVL_TALKATIVE, || {
             format!("linking '{path}' to '{link_path}'")
         });
-        let _writable = if n.in_store_dir {
-            None
-        } else {
-            Some(Writable::new(n.dir, dir_of(path))?)
-        };
         let st = self.store;
         let store = st.store_fd();
-        let tmp = format!(".tmp-link-{}", st.unique_suffix());
+        let n_tmp = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = format!(".tmp-link-{}-{n_tmp}", self.pid);
         let tmp_name = OsStr::new(&tmp);
         let tmp_path = format!("{}/{tmp}", st.cfg.real_store_dir);
         match linkat(self.links.as_fd(), OsStr::new(b32), store, tmp_name) {
@@ -225,11 +220,33 @@ impl Optimiser<'_> {
             to: path.to_string(),
             errno,
         };
-        let moved = match exchange(RenameFlags::RENAME_EXCHANGE) {
+        let mut dir = (!n.in_store_dir).then(|| DirGuard {
+            dir: n.dir,
+            path: dir_of(path),
+            writable: false,
+        });
+        if let Some(d) = dir.as_mut().filter(|_| self.toggle_dirs) {
+            d.make_writable()?;
+        }
+        let mut swapped = exchange(RenameFlags::RENAME_EXCHANGE);
+        // Without CAP_DAC_OVERRIDE even the owner needs write permission on the directory.
+        if let (Err(Errno::EACCES), Some(d)) = (swapped, dir.as_mut()) {
+            if !d.writable {
+                d.make_writable()?;
+                self.toggle_dirs = true;
+                swapped = exchange(RenameFlags::RENAME_EXCHANGE);
+            }
+        }
+        let moved = match swapped {
             // What was swapped out must be the inode hashed, unchanged; else swap it back.
             Ok(()) => {
                 if is_inode(store, tmp_name, &n.st) && self.unchanged(n)? {
                     Ok(())
+                } else if is_inode(store, tmp_name, entry) {
+                    // The name held the entry already: another run linked it meanwhile.
+                    self.remove_tmp(&tmp, &tmp_path);
+                    self.already_linked_to(path, link_path);
+                    return Ok(Step::Done);
                 } else {
                     exchange(RenameFlags::RENAME_EXCHANGE).map_err(rename_err)?;
                     self.remove_tmp(&tmp, &tmp_path);
@@ -248,7 +265,11 @@ impl Optimiser<'_> {
                     )
                 } else {
                     self.remove_tmp(&tmp, &tmp_path);
-                    self.changed(path);
+                    if is_inode(n.dir, n.name, entry) {
+                        self.already_linked_to(path, link_path);
+                    } else {
+                        self.changed(path);
+                    }
                     return Ok(Step::Done);
                 }
             }
@@ -272,6 +293,12 @@ impl Optimiser<'_> {
         self.stats.files_linked += 1;
         self.stats.bytes_freed += u64::try_from(n.st.st_size).unwrap_or(0);
         Ok(Step::Done)
+    }
+
+    fn already_linked_to(&mut self, path: &str, link_path: &str) {
+        self.say(LVL_DEBUG, || {
+            format!("'{path}' is already linked to '{link_path}'")
+        });
     }
 
     /// Whether the inode behind `n.file` still holds what was hashed: the same status (a
@@ -299,29 +326,37 @@ impl Optimiser<'_> {
     }
 }
 
-/// A directory made writable for a replacement, made canonical again (0555, mtime 1) when
-/// dropped, as Nix does around each link.
-struct Writable<'d> {
+/// The directory of a replacement: its mtime, which the rename moves, is made 1 again when
+/// dropped, and its mode 0555 again if it had to be made writable, as Nix does around each
+/// link.
+struct DirGuard<'d> {
     dir: BorrowedFd<'d>,
+    /// For messages.
+    path: &'d str,
+    writable: bool,
 }
 
-impl<'d> Writable<'d> {
-    fn new(dir: BorrowedFd<'d>, path: &str) -> Result<Writable<'d>, OptimiseError> {
-        let st = sys::fstat(dir).map_err(OptimiseError::sys("getting status of", path))?;
+impl DirGuard<'_> {
+    fn make_writable(&mut self) -> Result<(), OptimiseError> {
+        let st =
+            sys::fstat(self.dir).map_err(OptimiseError::sys("getting status of", self.path))?;
         if st.st_mode & 0o200 == 0 {
             let mode = Mode::from_bits_truncate((st.st_mode & 0o777) | 0o200);
-            nix::sys::stat::fchmod(dir.as_raw_fd(), mode)
-                .map_err(OptimiseError::sys("changing writability of", path))?;
+            nix::sys::stat::fchmod(self.dir.as_raw_fd(), mode)
+                .map_err(OptimiseError::sys("changing writability of", self.path))?;
         }
-        Ok(Writable { dir })
+        self.writable = true;
+        Ok(())
     }
 }
 
-impl Drop for Writable<'_> {
+impl Drop for DirGuard<'_> {
     fn drop(&mut self) {
         // Best effort, as Nix: the replacement itself is done either way.
         let fd = self.dir.as_raw_fd();
-        let _ = nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(0o555));
+        if self.writable {
+            let _ = nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(0o555));
+        }
         let _ = nix::sys::stat::futimens(fd, &TimeSpec::UTIME_OMIT, &TimeSpec::new(MTIME, 0));
     }
 }

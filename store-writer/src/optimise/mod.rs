@@ -143,15 +143,19 @@ fn run(
     let mut opt = Optimiser::new(store, log, verbosity, false)?;
     opt.load_known()?;
     for p in &all {
-        // Dropped meanwhile (by a verify that found it missing): nothing to optimise.
-        if !store.db().is_valid(p)? {
-            continue;
-        }
         let full = store.full(p);
         opt.say(LVL_TALKATIVE, || format!("optimising path '{full}'..."));
         let res = opt.path(p.base_name());
         *stats = opt.stats;
-        res?;
+        match res {
+            // Dropped meanwhile (by a verify that found it missing): nothing to optimise. No
+            // collector runs, so only a missing path needs the database's word.
+            Err(OptimiseError::Sys {
+                errno: Errno::ENOENT,
+                ..
+            }) if !store.db().is_valid(p)? => continue,
+            other => other?,
+        }
     }
     let closing = format!(
         "{} freed by hard-linking {} files",

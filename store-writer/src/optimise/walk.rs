@@ -40,6 +40,10 @@ pub struct Optimiser<'a> {
     pub stats: Stats,
     /// Also check the contents of a `.links` entry before linking to it (Nix's repair flag).
     pub(super) repair: bool,
+    /// Directories must be made writable for a replacement (learnt at the first refusal).
+    pub(super) toggle_dirs: bool,
+    /// For the names of temporary links.
+    pub(super) pid: u32,
     buf: Vec<u8>,
 }
 
@@ -69,6 +73,8 @@ impl<'a> Optimiser<'a> {
             max_level,
             stats: Stats::default(),
             repair,
+            toggle_dirs: false,
+            pid: std::process::id(),
             buf: Vec::new(),
         })
     }
