@@ -215,6 +215,10 @@ impl Client for Conn {
         self.verbosity = level;
     }
 
+    fn verbosity(&self) -> Verbosity {
+        self.verbosity
+    }
+
     fn limits(&self) -> Limits {
         *self.r.limits()
     }

@@ -65,6 +65,9 @@ pub trait Client {
     /// The verbosity the client asked for with SetOptions.
     fn set_verbosity(&mut self, level: Verbosity);
 
+    /// The verbosity it asked for (Info until it sends SetOptions).
+    fn verbosity(&self) -> Verbosity;
+
     /// The reader's limits, for readers of data inside a stream.
     fn limits(&self) -> Limits;
 

@@ -9,7 +9,7 @@ fn small() -> BenchOptions {
         runs: 1,
         warmup: 0,
         // add-tree-200, add-file-10m, readd-tree-50, readd-file-10m, add-disk-20, query-*-50,
-        // concurrent-2.
+        // concurrent-2, optimise-5x20.
         scale: 0.01,
         ..BenchOptions::default()
     }
@@ -40,6 +40,7 @@ fn every_workload_runs_once_against_the_real_stockade() {
         "query-valid-50",
         "query-info-50",
         "concurrent-2",
+        "optimise-5x20",
     ] {
         assert!(report.contains(name), "{name} missing from\n{report}");
     }

@@ -76,7 +76,9 @@ pub fn collect_garbage(ctx: &mut Ctx<'_>, gc: &GcRequest) -> OpResult<Reply> {
 }
 
 pub fn optimise_store(ctx: &mut Ctx<'_>) -> OpResult<Reply> {
-    relay_logs_live(ctx, w::OptimiseStore {})?;
+    // Lines the client would drop are not even made (one per file at debug level).
+    let verbosity = ctx.client.verbosity() as u32;
+    relay_logs_live(ctx, w::OptimiseStore { verbosity })?;
     Ok(Reply::Int(1))
 }
 

@@ -115,6 +115,9 @@ pub struct StoreWriterConfig {
     /// Whether the master answers `FindRuntimeRoots` (it runs a roots-reader and reads this
     /// channel); otherwise the store-writer reads `/proc` itself without asking.
     pub runtime_roots_from_master: bool,
+    /// `auto-optimise-store`: hard-link the files of each path added or built to identical
+    /// ones already in the store, as OptimiseStore does for the whole store.
+    pub auto_optimise_store: bool,
 }
 
 /// nix.conf's garbage-collection settings, as the store-writer uses them.

@@ -158,8 +158,11 @@ requests! {
         paths: Vec<StorePath>,
         max_freed: u64,
     } -> GcResult;
-    /// Hard-link identical files through `.links`; progress goes out as `Log`.
-    OptimiseStore {} -> ();
+    /// Hard-link identical files through `.links`; progress goes out as `Log`, only the
+    /// lines up to the client's `verbosity` (one per file at debug level).
+    OptimiseStore {
+        verbosity: u32,
+    } -> ();
 }
 
 /// What a garbage collection does (the wire's GC action, 0 to 3).
@@ -500,7 +503,7 @@ mod tests {
                 max_freed: u64::MAX,
             }
             .into(),
-            OptimiseStore {}.into(),
+            OptimiseStore { verbosity: 7 }.into(),
         ];
         assert_eq!(all.len(), ReqKind::ALL.len());
         for (req, &kind) in all.iter().zip(ReqKind::ALL) {

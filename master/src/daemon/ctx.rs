@@ -53,6 +53,7 @@ impl Ctx {
             // Only the daemon's loop relays runtime roots (not `--stdio`, which has no reader).
             runtime_roots_from_master: !self.args.stdio
                 && self.launcher.programs.roots_reader.is_some(),
+            auto_optimise_store: s.auto_optimise_store,
         }
     }
 

@@ -121,6 +121,13 @@ pub fn commit(
     for it in &todo {
         ctx.added(op, &it.info, &it.evidence);
     }
+    // auto-optimise-store, still under the path locks. Nix does it just before registering;
+    // here a failure cannot undo an add that is complete (each replacement is atomic).
+    if store.cfg.auto_optimise_store {
+        for it in &todo {
+            crate::optimise::optimise_added(store, ctx.client, &it.info.path, it.repair);
+        }
+    }
     outcomes.extend(todo.into_iter().map(|it| Outcome::Added(it.info)));
     Ok(outcomes)
 }

@@ -120,7 +120,7 @@ fn run(
     store: &Store,
     req: &CollectGarbage,
     log: &mut dyn FnMut(u32, String),
-    audit_each: &mut dyn FnMut(&[(String, u64)]),
+    audit_each: walk::AuditDeleted<'_>,
 ) -> Result<GcResult, ReqError> {
     let deleting = req.action.deletes();
     let _one = store.gc.run.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,7 +141,7 @@ fn collect(
     req: &CollectGarbage,
     deleting: bool,
     log: &mut dyn FnMut(u32, String),
-    audit_each: &mut dyn FnMut(&[(String, u64)]),
+    audit_each: walk::AuditDeleted<'_>,
 ) -> Result<GcResult, ReqError> {
     // Known before the lock is ours, so a root added meanwhile is never missed (state.rs).
     let shared = store.gc.begin();
@@ -273,7 +273,8 @@ fn gc_lock(store: &Store, log: &mut dyn FnMut(u32, String)) -> Result<Flock<File
 /// hard-linking saves, in Nix's words.
 fn remove_unused_links(store: &Store, log: &mut dyn FnMut(u32, String)) -> Result<(), ReqError> {
     log(INFO, "deleting unused links...".into());
-    let _links = store.gc.links.lock().unwrap_or_else(|e| e.into_inner());
+    // A link count read here must not change under us from an optimiser in this process.
+    let _links = crate::optimise::links_lock();
     let links_path = format!("{}/.links", store.store_dir.as_str());
     let links = crate::sys::open_dir_at(store.store_fd(), ".links")
         .map_err(|e| ReqError::failed(format!("opening directory '{links_path}': {e}")))?;

@@ -12,9 +12,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 pub struct GcState {
     /// Held for a whole collection.
     pub(super) run: Mutex<()>,
-    /// Held while `.links` entries are removed or added (the collector's last step, the
-    /// optimiser): a link count read by one must not change under it from the other.
-    pub links: Mutex<()>,
     current: Mutex<Option<Arc<Shared>>>,
     /// The automatic collection's state, and its end.
     pub(super) auto: (Mutex<super::auto::AutoGc>, Condvar),

@@ -28,6 +28,9 @@ const BATCH: usize = 512;
 /// Nix's `lvlInfo`, at which it reports each deletion.
 pub const INFO: u32 = 3;
 
+/// Receives each flushed batch's deleted paths and the bytes each freed, for the audit.
+pub type AuditDeleted<'a> = &'a mut dyn FnMut(&[(String, u64)]);
+
 /// Deletion stopped: `max-freed` was reached.
 pub struct LimitReached;
 
@@ -60,7 +63,7 @@ pub struct Walk<'a> {
     batch: Vec<Doomed>,
     batch_hashes: Vec<String>,
     pub log: &'a mut dyn FnMut(u32, String),
-    pub audit_each: &'a mut dyn FnMut(&[(String, u64)]),
+    pub audit_each: AuditDeleted<'a>,
 }
 
 impl<'a> Walk<'a> {
@@ -73,7 +76,7 @@ impl<'a> Walk<'a> {
         only: Option<HashSet<StorePath>>,
         max_freed: u64,
         log: &'a mut dyn FnMut(u32, String),
-        audit_each: &'a mut dyn FnMut(&[(String, u64)]),
+        audit_each: AuditDeleted<'a>,
     ) -> Walk<'a> {
         let alive = vec![false; graph.node_count()];
         Walk {

@@ -276,12 +276,12 @@ impl Session {
         gc::collect_garbage(&store, &client, &r, &mut log)
     }
 
-    fn optimise_store(&mut self, _: w::OptimiseStore) -> Res<()> {
+    fn optimise_store(&mut self, r: w::OptimiseStore) -> Res<()> {
         let store = self.store.clone();
         let chan = &mut self.chan;
         let mut log = |level: u32, text: String| {
             let _ = chan.send(&Notice::Log { level, text }, &[]);
         };
-        optimise::optimise_store(&store, &mut log)
+        optimise::optimise_store(&store, &self.client, r.verbosity, &mut log)
     }
 }

@@ -50,6 +50,7 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         untrusted_bytes_per_hour: 0,
         gc: Default::default(),
         runtime_roots_from_master: false,
+        auto_optimise_store: false,
     }
 }
 

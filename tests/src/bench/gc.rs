@@ -1,7 +1,7 @@
 //! Garbage collection: what `nix-store --gc` costs when there is garbage to find and delete.
 //! Each run deletes what the untimed step before it made.
 
-use super::{expect_store_paths, failure, Iteration, Workload};
+use super::{expect_store_paths, failure, Iteration, Setup, Workload};
 use crate::daemon::Daemon;
 use crate::HarnessError;
 
@@ -59,8 +59,22 @@ impl Workload for GcDead {
         Ok((0..runs).map(|_| collect(d, self.paths)).collect())
     }
 
-    fn before_run(&self, d: &Daemon, run: usize) -> Result<(), HarnessError> {
-        add_garbage(d, &format!("dead-{run}"), self.paths).map(|_| ())
+    fn prepare_runs<'d>(
+        &self,
+        d: &'d Daemon,
+        runs: usize,
+    ) -> Result<Vec<(Option<Setup<'d>>, Iteration<'d>)>, HarnessError> {
+        let n = self.paths;
+        Ok(self
+            .prepare(d, runs)?
+            .into_iter()
+            .enumerate()
+            .map(|(run, it)| {
+                let setup: Setup<'d> =
+                    Box::new(move || add_garbage(d, &format!("dead-{run}"), n).map(|_| ()));
+                (Some(setup), it)
+            })
+            .collect())
     }
 }
 
@@ -117,9 +131,22 @@ impl Workload for GcMixed {
         Ok((0..runs).map(|_| collect(d, garbage - 1)).collect())
     }
 
-    fn before_run(&self, d: &Daemon, run: usize) -> Result<(), HarnessError> {
+    fn prepare_runs<'d>(
+        &self,
+        d: &'d Daemon,
+        runs: usize,
+    ) -> Result<Vec<(Option<Setup<'d>>, Iteration<'d>)>, HarnessError> {
         // One fewer: the profile itself is the other half's last path.
-        let garbage = self.paths - self.paths / 2;
-        add_garbage(d, &format!("mixed-{run}"), garbage - 1).map(|_| ())
+        let n = self.paths - self.paths / 2 - 1;
+        Ok(self
+            .prepare(d, runs)?
+            .into_iter()
+            .enumerate()
+            .map(|(run, it)| {
+                let setup: Setup<'d> =
+                    Box::new(move || add_garbage(d, &format!("mixed-{run}"), n).map(|_| ()));
+                (Some(setup), it)
+            })
+            .collect())
     }
 }

@@ -14,6 +14,7 @@ mod build;
 mod concurrent;
 mod disk;
 mod gc;
+mod optimise;
 mod query;
 
 pub use add::{AddFile, AddTree, ReAddFile, ReAddTree};
@@ -21,10 +22,14 @@ pub use build::{BuildMany, BuildTree};
 pub use concurrent::Concurrent;
 pub use disk::{disk_dir, AddDisk};
 pub use gc::{GcDead, GcMixed};
+pub use optimise::Optimise;
 pub use query::{QueryInfo, QueryValid};
 
 /// One timed run of a workload.
 pub type Iteration<'d> = Box<dyn FnOnce() -> Result<(), HarnessError> + 'd>;
+
+/// Untimed work just before one timed run (the state that run consumes).
+pub type Setup<'d> = Box<dyn FnOnce() -> Result<(), HarnessError> + 'd>;
 
 pub trait Workload {
     /// Short name used on the command line and in the report.
@@ -37,6 +42,20 @@ pub trait Workload {
         daemon: &'d Daemon,
         runs: usize,
     ) -> Result<Vec<Iteration<'d>>, HarnessError>;
+    /// [`Workload::prepare`] with untimed work before each run, for a workload whose runs
+    /// consume state that must be made anew for the next; by default none. The runner calls
+    /// this one.
+    fn prepare_runs<'d>(
+        &self,
+        daemon: &'d Daemon,
+        runs: usize,
+    ) -> Result<Vec<(Option<Setup<'d>>, Iteration<'d>)>, HarnessError> {
+        Ok(self
+            .prepare(daemon, runs)?
+            .into_iter()
+            .map(|it| (None, it))
+            .collect())
+    }
     /// The directory in which both daemons' instance directories (their `/nix`) are made;
     /// None: the harness's default (`$STOCKADE_TEST_TMPDIR`, else the system temp dir).
     fn parent_dir(&self) -> Result<Option<std::path::PathBuf>, HarnessError> {
@@ -45,11 +64,6 @@ pub trait Workload {
     /// nix.conf lines this workload needs on both daemons (e.g. `max-jobs`).
     fn conf_lines(&self) -> Vec<String> {
         Vec::new()
-    }
-    /// Untimed work before run `run` (counting warm-ups) on `daemon`: what a run consumes
-    /// (the garbage a collection deletes).
-    fn before_run(&self, _daemon: &Daemon, _run: usize) -> Result<(), HarnessError> {
-        Ok(())
     }
 }
 
@@ -72,6 +86,10 @@ pub fn workloads(scale: f64) -> Vec<Box<dyn Workload>> {
         Box::new(BuildTree { files: n(10_000) }),
         Box::new(GcDead { paths: n(2000) }),
         Box::new(GcMixed { paths: n(50_000) }),
+        Box::new(Optimise {
+            paths: n(500).max(2),
+            files: 20,
+        }),
     ]
 }
 
@@ -240,13 +258,13 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
             None
         };
         let nix = builder(&opts.baseline).start()?;
-        let mut nix_iters = w.prepare(&nix, total)?.into_iter();
+        let mut nix_iters = w.prepare_runs(&nix, total)?.into_iter();
         let stockade = match early {
             Some(s) => s,
             None => start_stockade(),
         };
         let (mut st_iters, mut st_err) = match &stockade {
-            Ok(d) => match w.prepare(d, total) {
+            Ok(d) => match w.prepare_runs(d, total) {
                 Ok(v) => (v.into_iter(), None),
                 Err(e) => (Vec::new().into_iter(), Some(e.to_string())),
             },
@@ -260,7 +278,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
             let nix_it = nix_iters.next().ok_or_else(|| {
                 HarnessError::Other(format!("{} prepared too few runs", w.name()))
             })?;
-            let mut order: Vec<(bool, Iteration<'_>)> = vec![(true, nix_it)];
+            let mut order: Vec<(bool, (Option<Setup<'_>>, Iteration<'_>))> = vec![(true, nix_it)];
             if st_err.is_none() {
                 match st_iters.next() {
                     Some(s) => order.push((false, s)),
@@ -270,19 +288,15 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
             if i % 2 == 1 {
                 order.reverse();
             }
-            for (is_nix, it) in order {
-                let d = if is_nix {
-                    Some(&nix)
-                } else {
-                    stockade.as_ref().ok()
-                };
-                if let Some(d) = d {
-                    if let Err(e) = w.before_run(d, i) {
-                        if is_nix {
-                            return Err(e);
+            for (is_nix, (setup, it)) in order {
+                if let Some(setup) = setup {
+                    match (is_nix, setup()) {
+                        (_, Ok(())) => {}
+                        (true, Err(e)) => return Err(e),
+                        (false, Err(e)) => {
+                            st_err = Some(e.to_string());
+                            continue;
                         }
-                        st_err = Some(e.to_string());
-                        continue;
                     }
                 }
                 // Write back what setup and the previous run left dirty, so that no run pays
