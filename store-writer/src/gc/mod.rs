@@ -5,6 +5,7 @@
 //! bytes freed.
 
 mod auto;
+mod delete;
 mod graph;
 mod server;
 mod state;
@@ -183,14 +184,14 @@ fn collect(
         req.max_freed,
         log,
         audit_each,
-    );
+    )?;
     for (p, _) in found.iter().chain(temp.iter()) {
         walk.mark_alive(p);
     }
 
     if req.action == GcAction::DeleteSpecific {
         for p in &req.paths {
-            let stopped = walk.visit(p).and_then(|()| walk.flush()).is_err();
+            let stopped = walk.visit(p).and_then(|()| walk.finish()).is_err();
             if !walk.dead.contains(p) && !stopped {
                 return Err(ReqError::failed(format!(
                     "Cannot delete path '{}' since it is still alive. To find out why, use: nix-store --query --roots",
@@ -227,10 +228,10 @@ fn collect(
                     _ => walk.stray(&name)?,
                 }
             }
-            walk.flush()
+            walk.finish()
         })();
     }
-    let _ = walk.flush();
+    let _ = walk.finish();
 
     let mut result = std::mem::take(&mut walk.result);
     match req.action {

@@ -10,12 +10,14 @@
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
 
 use std::os::unix::ffi::OsStrExt;
 
 use stockade_common::ipc::writer::GcResult;
 use stockade_common::store_path::StorePath;
 
+use super::delete::{self, Done, Job};
 use super::graph::{Graph, Node};
 use super::state::Shared;
 use crate::db::Invalidated;
@@ -62,6 +64,10 @@ pub struct Walk<'a> {
     pub deleted: BTreeSet<String>,
     batch: Vec<Doomed>,
     batch_hashes: Vec<String>,
+    /// The store directory, for removing.
+    store_fd: OwnedFd,
+    /// The removing thread, for a collection with no byte limit.
+    pipeline: Option<delete::Pipeline>,
     pub log: &'a mut dyn FnMut(u32, String),
     pub audit_each: AuditDeleted<'a>,
 }
@@ -77,9 +83,21 @@ impl<'a> Walk<'a> {
         max_freed: u64,
         log: &'a mut dyn FnMut(u32, String),
         audit_each: AuditDeleted<'a>,
-    ) -> Walk<'a> {
+    ) -> std::io::Result<Walk<'a>> {
         let alive = vec![false; graph.node_count()];
-        Walk {
+        let store_fd = store.store_fd.try_clone()?;
+        let pipeline = if deleting && max_freed == u64::MAX {
+            match store.store_fd.try_clone().and_then(delete::Pipeline::start) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    log::warn!("collecting garbage without a removing thread: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Walk {
             store,
             shared,
             graph,
@@ -95,9 +113,18 @@ impl<'a> Walk<'a> {
             deleted: BTreeSet::new(),
             batch: Vec::new(),
             batch_hashes: Vec::new(),
+            store_fd,
+            pipeline,
             log,
             audit_each,
-        }
+        })
+    }
+
+    /// Deletes what is still batched and waits for every removal.
+    pub fn finish(&mut self) -> Result<(), LimitReached> {
+        let flushed = self.flush();
+        let drained = self.take_done(true);
+        flushed.and(drained)
     }
 
     /// Marks `p` and what it keeps alive.
@@ -262,11 +289,7 @@ impl<'a> Walk<'a> {
         if !paths.is_empty() {
             kept = self.invalidate(&paths);
         }
-        let mut res = Ok(());
-        // One message for the batch's lines: the client prints the same text, and a
-        // collection of many paths is not a message and a write per path at each hop.
-        let mut lines: Vec<String> = Vec::new();
-        let mut gone: Vec<(String, u64)> = Vec::new();
+        let mut entries = Vec::with_capacity(batch.len());
         for d in batch {
             let name: OsString = match &d {
                 Doomed::Path(p) if kept.contains(p) => continue,
@@ -278,18 +301,42 @@ impl<'a> Walk<'a> {
                 self.store.store_dir.as_str(),
                 name.to_string_lossy()
             );
+            entries.push((name, full));
+        }
+        let job = Job { entries, hashes };
+        if self.max_freed == u64::MAX {
+            if let Some(p) = self.pipeline.as_mut() {
+                let job = match p.send(job) {
+                    Ok(()) => return self.take_done(false),
+                    Err(job) => job,
+                };
+                return self.account(delete::run(&self.store_fd, job));
+            }
+        }
+        let done = delete::run(&self.store_fd, job);
+        self.account(done)
+    }
+
+    /// Accounts for the jobs the removing thread has finished (all of them, with `wait`).
+    pub fn take_done(&mut self, wait: bool) -> Result<(), LimitReached> {
+        while let Some(done) = self.pipeline.as_mut().and_then(|p| p.next(wait)) {
+            self.account(done)?;
+        }
+        Ok(())
+    }
+
+    /// Reports a removed job: the client's lines, the audit, the bytes; stops at `max-freed`.
+    fn account(&mut self, done: Done) -> Result<(), LimitReached> {
+        let mut res = Ok(());
+        // One message for the batch's lines: the client prints the same text, and a
+        // collection of many paths is not a message and a write per path at each hop.
+        let mut lines: Vec<String> = Vec::with_capacity(done.gone.len());
+        let mut counted = 0;
+        for (full, freed) in &done.gone {
             lines.push(format!("deleting '{full}'"));
-            let freed = match sys::remove_tree_freeing(self.store.store_fd(), &name) {
-                Ok(n) => n,
-                Err(e) => {
-                    // Invalid already: a later collection removes what is left.
-                    log::warn!("deleting {full}: {e}");
-                    0
-                }
-            };
-            gone.push((full.clone(), freed));
-            self.deleted.insert(full);
-            self.result.bytes_freed = self.result.bytes_freed.saturating_add(freed);
+            counted += 1;
+            self.deleted.insert(full.clone());
+            self.result.bytes_freed = self.result.bytes_freed.saturating_add(*freed);
             if self.result.bytes_freed > self.max_freed {
                 lines.push(format!(
                     "deleted more than {} bytes; stopping",
@@ -302,8 +349,8 @@ impl<'a> Walk<'a> {
         if !lines.is_empty() {
             (self.log)(INFO, lines.join("\n"));
         }
-        (self.audit_each)(&gone);
-        self.shared.release(&hashes);
+        (self.audit_each)(&done.gone[..counted]);
+        self.shared.release(&done.hashes);
         res
     }
 
