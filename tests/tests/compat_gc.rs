@@ -69,6 +69,26 @@ fn steps(variant: &str) -> Vec<Step> {
         // Dropping the roots makes everything garbage.
         step("rm /nix/var/nix/gcroots/perm-c /nix/var/links/r3; nix-store --gc"),
         step("ls /nix/store | grep -v '^tmp-' | sort; nix-store --verify --check-contents"),
+        // Runtime roots: a root process with r1 open, another user's process naming r2 in its
+        // environment. Both are listed (pids hidden) and both paths survive a collection.
+        step(format!(
+            "set -e; for n in 1 2; do echo \"{variant} runtime $n\" > $WORK/rt$n; \
+             nix-store --add $WORK/rt$n > $WORK/p/r$n; done; r1=$(cat $WORK/p/r1); \
+             r2=$(cat $WORK/p/r2); (exec sleep 300 < $r1) & echo $! > $WORK/h1; \
+             setpriv --reuid 65534 --regid 65534 --clear-groups env HOLD=$r2 sleep 300 & \
+             echo $! > $WORK/h2; \
+             until readlink /proc/$(cat $WORK/h1)/fd/0 | grep -qF $r1; do :; done; \
+             until grep -qF HOLD=$r2 /proc/$(cat $WORK/h2)/environ 2>/dev/null; do :; done; \
+             nix-store --gc --print-roots | grep -F -e $r1 -e $r2 \
+             | sed -E 's|/proc/[0-9]+/|/proc/PID/|' | sort"
+        )),
+        step("nix-store --gc --print-dead | grep -F -e $(cat $WORK/p/r1) -e $(cat $WORK/p/r2) || true"),
+        step("nix-store --gc; nix-store --check-validity $(cat $WORK/p/r1) $(cat $WORK/p/r2)"),
+        // Once they are gone (a zombie has neither descriptors nor environment), so are the
+        // paths.
+        step("h1=$(cat $WORK/h1); h2=$(cat $WORK/h2); kill $h1 $h2; \
+              while [ -e /proc/$h1/fd/0 ] || grep -q HOLD /proc/$h2/environ 2>/dev/null; \
+              do :; done; nix-store --gc"),
     ]
 }
 
@@ -79,26 +99,32 @@ fn run(reference: DaemonKind, newer: bool, variant: &str) {
         let b = if newer { b.newer_clients() } else { b };
         b.start().unwrap_or_else(|e| panic!("{name}: {e}"))
     };
-    let nix = start(reference);
-    let stockade = start(DaemonKind::Stockade);
     let steps = steps(variant);
     let session = |d: &Daemon| {
         let env = [("WORK", d.work_dir().display().to_string())];
         run_steps(d, &steps, &env)
     };
-    let a = session(&nix);
-    let b = session(&stockade);
     let norm = |d: &Daemon| {
         let base = d.base_dir().display().to_string();
         move |s: &str| s.replace(&base, "<base>")
     };
+    // One daemon at a time: runtime roots are found in every process on the machine, and a
+    // process of the other daemon's instance holding a path of the same name would keep it.
+    let nix = start(reference);
+    let a = session(&nix);
+    let norm_nix = norm(&nix);
+    drop(nix);
+    let stockade = start(DaemonKind::Stockade);
+    let b = session(&stockade);
     // The session really collects: the full collection deleted paths on the reference.
     assert!(
         a[13].out.stdout_str().contains("store paths deleted"),
         "{}",
         a[13].out
     );
-    if let Err(report) = compare(&a, &b, &norm(&nix), &norm(&stockade)) {
+    // Both runtime roots are there on the reference, a root process's and another user's.
+    assert_eq!(a[19].out.stdout_str().lines().count(), 2, "{}", a[19].out);
+    if let Err(report) = compare(&a, &b, &norm_nix, &norm(&stockade)) {
         panic!("{report}");
     }
 }

@@ -278,6 +278,43 @@ impl<'a> Walk<'a> {
         }
         let batch = std::mem::take(&mut self.batch);
         let hashes = std::mem::take(&mut self.batch_hashes);
+        if self.max_freed != u64::MAX {
+            // With a limit, as Nix: each path invalidated and removed before the next is
+            // touched, so the collection stops right after the one that reaches the limit and
+            // everything after it stays registered and whole.
+            let mut res = Ok(());
+            for d in batch {
+                let Some(entry) = self.invalidated_entries(vec![d]).pop() else {
+                    continue;
+                };
+                let job = Job {
+                    entries: vec![entry],
+                    hashes: Vec::new(),
+                };
+                res = self.account(delete::run(&self.store_fd, job));
+                if res.is_err() {
+                    break;
+                }
+            }
+            self.shared.release(&hashes);
+            return res;
+        }
+        let entries = self.invalidated_entries(batch);
+        let job = Job { entries, hashes };
+        if let Some(p) = self.pipeline.as_mut() {
+            let job = match p.send(job) {
+                Ok(()) => return self.take_done(false),
+                Err(job) => job,
+            };
+            return self.account(delete::run(&self.store_fd, job));
+        }
+        let done = delete::run(&self.store_fd, job);
+        self.account(done)
+    }
+
+    /// Invalidates the registered paths of `batch` (one transaction) and returns what is to
+    /// be removed, in order: (name in the store, full path), without the paths kept.
+    fn invalidated_entries(&mut self, batch: Vec<Doomed>) -> Vec<(OsString, String)> {
         let paths: Vec<StorePath> = batch
             .iter()
             .filter_map(|d| match d {
@@ -285,10 +322,11 @@ impl<'a> Walk<'a> {
                 Doomed::Other(_) => None,
             })
             .collect();
-        let mut kept: HashSet<StorePath> = HashSet::new();
-        if !paths.is_empty() {
-            kept = self.invalidate(&paths);
-        }
+        let kept = if paths.is_empty() {
+            HashSet::new()
+        } else {
+            self.invalidate(&paths)
+        };
         let mut entries = Vec::with_capacity(batch.len());
         for d in batch {
             let name: OsString = match &d {
@@ -303,18 +341,7 @@ impl<'a> Walk<'a> {
             );
             entries.push((name, full));
         }
-        let job = Job { entries, hashes };
-        if self.max_freed == u64::MAX {
-            if let Some(p) = self.pipeline.as_mut() {
-                let job = match p.send(job) {
-                    Ok(()) => return self.take_done(false),
-                    Err(job) => job,
-                };
-                return self.account(delete::run(&self.store_fd, job));
-            }
-        }
-        let done = delete::run(&self.store_fd, job);
-        self.account(done)
+        entries
     }
 
     /// Accounts for the jobs the removing thread has finished (all of them, with `wait`).
