@@ -94,6 +94,9 @@ fn relay_logs_live<R: w::StoreRequest>(ctx: &mut Ctx<'_>, req: R) -> OpResult<R:
     })
 }
 
+/// VerifyStore. The store-writer checks the store; with `repair` it removes corrupt `.links`
+/// entries and names the damaged paths, which are repaired here after its check (see
+/// [`super::repair`]). The reply is whether errors remain.
 pub fn verify_store(ctx: &mut Ctx<'_>, check_contents: bool, repair: bool) -> OpResult<Reply> {
     pops::op_allowed(pops::Op::VerifyStore { repair }, ctx.trusted())
         .map_err(|d| ctx.deny("VerifyStore", d.0))?;
@@ -101,7 +104,9 @@ pub fn verify_store(ctx: &mut Ctx<'_>, check_contents: bool, repair: bool) -> Op
         check_contents,
         repair,
     };
-    Ok(Reply::Bool(call_relaying_logs(ctx, req)?))
+    let found = call_relaying_logs(ctx, req)?;
+    let repaired = !repair || super::repair::repair_paths(ctx, &found.repair)?;
+    Ok(Reply::Bool(found.errors || !repaired))
 }
 
 pub fn add_signatures(
