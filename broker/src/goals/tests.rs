@@ -32,10 +32,15 @@ fn path(name: &str) -> StorePath {
         .unwrap()
 }
 
-/// Derivations `name.drv` with one output `name`, inputs by name; `valid` outputs exist.
+/// Derivations `name.drv` with one output `name`, inputs by name; `valid` outputs exist,
+/// `damaged` ones no longer hash to their NAR hash, `refs` are the outputs' references.
+#[derive(Default)]
 struct Store {
     drvs: HashMap<StorePath, Derivation>,
     valid: BTreeSet<StorePath>,
+    damaged: BTreeSet<StorePath>,
+    refs: HashMap<StorePath, BTreeSet<StorePath>>,
+    said: Vec<String>,
 }
 
 impl Store {
@@ -66,7 +71,11 @@ impl Store {
             drvs.insert(path(&format!("{name}.drv")), d);
         }
         let valid = valid.iter().map(|n| path(n)).collect();
-        Store { drvs, valid }
+        Store {
+            drvs,
+            valid,
+            ..Store::default()
+        }
     }
 }
 
@@ -76,6 +85,22 @@ impl DrvSource for Store {
     }
     fn derivation(&mut self, p: &StorePath) -> OpResult<Derivation> {
         Ok(self.drvs[p].clone())
+    }
+    fn intact(&mut self, p: &StorePath) -> OpResult<bool> {
+        Ok(!self.damaged.contains(p))
+    }
+    fn references(&mut self, p: &StorePath) -> OpResult<BTreeSet<StorePath>> {
+        Ok(match self.drvs.get(p) {
+            Some(d) => d.input_drvs.keys().cloned().collect(),
+            None => self.refs.get(p).cloned().unwrap_or_default(),
+        })
+    }
+    fn output_map(&mut self, drv: &StorePath) -> OpResult<BTreeMap<String, StorePath>> {
+        Ok(BTreeMap::from([("out".into(), path(&name_of(drv)))]))
+    }
+    fn say(&mut self, _level: Verbosity, text: &str) -> OpResult<()> {
+        self.said.push(text.into());
+        Ok(())
     }
 }
 
@@ -231,6 +256,8 @@ struct Run {
     outcomes: BTreeMap<String, Outcome>,
     events: Vec<Event>,
     frames: Vec<Frame>,
+    /// What planning said.
+    said: Vec<String>,
 }
 
 fn build(
@@ -240,12 +267,22 @@ fn build(
     failing: Vec<&'static str>,
     keep_going: bool,
 ) -> Run {
-    let mut store = Store::new(graph, valid);
+    let store = Store::new(graph, valid);
+    build_in(store, targets, BuildKind::Normal, failing, keep_going)
+}
+
+fn build_in(
+    mut store: Store,
+    targets: &[&str],
+    kind: BuildKind,
+    failing: Vec<&'static str>,
+    keep_going: bool,
+) -> Run {
     let sd = StoreDir::default();
     let mut plan = Plan::default();
     for t in targets {
         let drv = path(&format!("{t}.drv"));
-        plan.add(&mut store, &sd, &drv, &BTreeSet::new(), BuildKind::Normal)
+        plan.add(&mut store, &sd, &drv, &BTreeSet::new(), kind)
             .unwrap();
     }
     let (ours, theirs) = ipc::socketpair().unwrap();
@@ -278,6 +315,7 @@ fn build(
         outcomes,
         events,
         frames: rec.frames,
+        said: store.said,
     }
 }
 
@@ -452,4 +490,110 @@ fn log_lines_are_results_of_the_build_activity() {
         ]
     );
     assert_eq!(r.frames.last(), Some(&Frame::Stop(1)));
+}
+
+/// A repair target with `damaged` outputs (of the named derivations); `refs`: output
+/// references by name.
+fn repair(
+    graph: &[(&str, &[&str])],
+    damaged: &[&str],
+    refs: &[(&str, &[&str])],
+    failing: Vec<&'static str>,
+) -> Run {
+    let names: Vec<&str> = graph.iter().map(|(n, _)| *n).collect();
+    let mut store = Store::new(graph, &names);
+    store.damaged = damaged.iter().map(|n| path(n)).collect();
+    for (from, to) in refs {
+        store
+            .refs
+            .insert(path(from), to.iter().map(|n| path(n)).collect());
+    }
+    build_in(store, &["top"], BuildKind::Repair, failing, false)
+}
+
+fn shown(name: &str) -> String {
+    StoreDir::default().display(&path(name))
+}
+
+#[test]
+fn a_repair_rebuilds_a_damaged_output_and_checks_its_inputs() {
+    let r = repair(&[("top", &["dep"]), ("dep", &[])], &["top"], &[], vec![]);
+    assert_eq!(r.events, vec![built("top", &[])]);
+    assert_eq!(
+        r.said,
+        [
+            format!("checking path '{}'...", shown("top")),
+            format!("path '{}' is corrupted or missing!", shown("top")),
+            format!("checking path '{}'...", shown("dep")),
+        ]
+    );
+    assert!(matches!(r.outcomes["dep"], Outcome::Valid));
+    let activity = format!("repairing outputs of '{}'", shown("top.drv"));
+    assert!(
+        r.frames
+            .iter()
+            .any(|f| matches!(f, Frame::Start(_, ActivityType::BUILD, t, _) if *t == activity)),
+        "{:?}",
+        r.frames
+    );
+}
+
+#[test]
+fn intact_outputs_have_their_closure_repaired_instead() {
+    // top's output refers to lib's, which is damaged; lib.drv is an input of top.drv.
+    let graph: &[(&str, &[&str])] = &[("top", &["lib"]), ("lib", &[])];
+    let r = repair(graph, &["lib"], &[("top", &["lib"])], vec![]);
+    assert_eq!(r.events, vec![built("lib", &[])]);
+    assert_eq!(
+        r.said,
+        [
+            format!("checking path '{}'...", shown("top")),
+            format!("checking path '{}'...", shown("lib")),
+            format!("path '{}' is corrupted or missing!", shown("lib")),
+            format!(
+                "found corrupted or missing path '{}' in the output closure of '{}'",
+                shown("lib"),
+                shown("top.drv")
+            ),
+        ]
+    );
+    assert!(
+        matches!(r.outcomes["top"], Outcome::Valid),
+        "{:?}",
+        r.outcomes
+    );
+
+    // Nothing damaged: nothing built.
+    let r = repair(graph, &[], &[("top", &["lib"])], vec![]);
+    assert_eq!(r.events, vec![]);
+    assert!(r.outcomes.values().all(|o| matches!(o, Outcome::Valid)));
+
+    // The repair fails: so does the target.
+    let r = repair(graph, &["lib"], &[("top", &["lib"])], vec!["lib"]);
+    let Outcome::Failed { message, .. } = &r.outcomes["top"] else {
+        panic!("{:?}", r.outcomes);
+    };
+    assert!(message.contains("could not be repaired"), "{message}");
+}
+
+#[test]
+fn a_damaged_closure_path_nothing_made_cannot_be_repaired() {
+    // `stray` is in top's closure, but no derivation of top's inputs made it.
+    let r = repair(
+        &[("top", &[]), ("stray", &[])],
+        &["stray"],
+        &[("top", &["stray"])],
+        vec![],
+    );
+    assert_eq!(r.events, vec![]);
+    let Outcome::Failed { message, .. } = &r.outcomes["top"] else {
+        panic!("{:?}", r.outcomes);
+    };
+    assert_eq!(
+        *message,
+        format!(
+            "some paths in the output closure of derivation '\x1b[35;1m{}\x1b[0m' could not be repaired",
+            shown("top.drv")
+        )
+    );
 }
