@@ -4,10 +4,14 @@
 //! goal machinery as `nix-store --realise --repair` (the store-writer then puts the new outputs
 //! in place of the damaged ones and registers them anew); otherwise "cannot repair path".
 //!
-//! Nix repairs each path as its check meets it; here the repairs follow the whole check, so
-//! with several damaged paths the messages come in another order (with one, they are the
-//! same). Unlike Nix 2.8, which ignores how the rebuild ended, a failed rebuild is logged and
-//! counts as an error, so the client's exit status says the store is still damaged.
+//! Nix repairs each path as its check meets it; here the repairs follow the whole check (the
+//! store-writer runs no builds, and holds the collector's lock while it checks). With one
+//! damaged path the messages are the same, except for a vanished path in a run that also
+//! checks contents: Nix repairs it before "checking link hashes...", here after the content
+//! check. With several, Nix's messages of each repair come right after its finding, here
+//! after all findings. Unlike Nix 2.8, which ignores how the rebuild ended, a failed rebuild
+//! is logged and counts as an error, so the client's exit status says the store is still
+//! damaged.
 
 use std::collections::HashMap;
 
