@@ -127,6 +127,21 @@ fn a_tampered_output_is_rebuilt_from_its_deriver() {
         line.contains(&format!("path={out} result=repaired drv={drv}")),
         "{line}"
     );
+
+    // Tampered and made unreadable to others (the broker, which plans the rebuild, reads
+    // the store as nobody in particular): damaged all the same.
+    tamper(&d, &out, "f", "hidden\n");
+    std::fs::set_permissions(host.join("f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let repaired = verify(&d, true);
+    assert!(repaired.success(), "{repaired}");
+    assert!(
+        stderr(&repaired).contains(&format!("path '{out}' is corrupted or missing!")),
+        "{repaired}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.join("f")).unwrap(),
+        "original\n"
+    );
     assert!(
         audit
             .wait_for(WAIT, |l| l.contains("op=verifyStore outcome=needsRepair")
