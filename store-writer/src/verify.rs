@@ -1,7 +1,11 @@
-//! VerifyStore, as Nix 2.8's `LocalStore::verifyStore` (without repair): every valid path must
-//! exist (missing ones are dropped from the database unless a valid path still refers to them),
-//! and with `check_contents` every path must still hash to its NAR hash. Progress and findings
-//! go to the client as log lines with Nix's texts.
+//! VerifyStore, as Nix 2.8's `LocalStore::verifyStore`: every valid path must exist (missing
+//! ones are dropped from the database unless a valid path still refers to them), and with
+//! `check_contents` every path must still hash to its NAR hash. Progress and findings go to the
+//! client as log lines with Nix's texts.
+//!
+//! With `repair`, `.links` entries that do not hash to their name are removed, and the damaged
+//! valid paths (modified, or gone while still referred to) are not counted as errors but
+//! returned: the store-writer runs no builds, so the broker repairs them afterwards.
 //!
 //! Unlike Nix 2.8, a path is only dropped after a second look under its path lock (A71): the
 //! store directory is listed before the database, so a path added between the two listings
@@ -10,31 +14,35 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsStr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use nix::errno::Errno;
+use nix::unistd::UnlinkatFlags;
 use stockade_common::hash::{Encoding, HashAlgo};
 use stockade_common::ipc::msg::ClientIdentity;
+use stockade_common::ipc::writer::{Damage, RepairWanted, VerifyOutcome};
 use stockade_common::nar;
 use stockade_common::store_path::StorePath;
 
 use crate::audit::Severity;
-use crate::error::ReqError;
+use crate::error::{hl, ReqError};
 use crate::session::{LVL_ERROR, LVL_INFO};
 use crate::store::Store;
 use crate::sys;
 
 const OP: &str = "verifyStore";
 
-/// Verifies the store for `client`; returns whether errors were found. The run is audited when
-/// it starts and when it ends (also when it fails), with what it checked and found.
+/// Verifies the store for `client`: whether errors were found, and with `repair` what needs
+/// repairing. The run is audited when it starts and when it ends (also when it fails), with
+/// what it checked and found, and each path it changed or found damaged.
 pub fn verify_store(
     store: &Store,
     client: &ClientIdentity,
     check_contents: bool,
+    repair: bool,
     log: &mut dyn FnMut(u32, String),
-) -> Result<bool, ReqError> {
+) -> Result<VerifyOutcome, ReqError> {
     store.audit.client_event(
         Severity::Info,
         client,
@@ -42,6 +50,7 @@ pub fn verify_store(
             ("op", OP),
             ("outcome", "started"),
             ("checkContents", yes_no(check_contents)),
+            ("repair", yes_no(repair)),
         ],
     );
     let mut run = Run {
@@ -49,20 +58,26 @@ pub fn verify_store(
         client,
         log,
         check_contents,
+        repair,
         paths: 0,
         errors: 0,
         invalidated: 0,
         updated: 0,
+        links_removed: 0,
+        to_repair: Vec::new(),
         failure: None,
     };
     let res = run.verify();
     if let Err(e) = &res {
         run.failure = Some(e.to_string());
     }
-    let errors = run.errors > 0;
+    let outcome = VerifyOutcome {
+        errors: run.errors > 0,
+        repair: run.to_repair.clone(),
+    };
     // Writes the end line.
     drop(run);
-    res.map(|()| errors)
+    res.map(|()| outcome)
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -80,6 +95,7 @@ struct Run<'a> {
     client: &'a ClientIdentity,
     log: &'a mut dyn FnMut(u32, String),
     check_contents: bool,
+    repair: bool,
     /// Valid paths in the database when the run listed them.
     paths: usize,
     /// Findings reported as errors (Nix only says whether there were any).
@@ -87,6 +103,9 @@ struct Run<'a> {
     invalidated: u64,
     /// NAR size fields filled in.
     updated: u64,
+    links_removed: u64,
+    /// Damaged paths for the broker to repair (with `repair` only).
+    to_repair: Vec<RepairWanted>,
     /// Why the run ended early, if it did.
     failure: Option<String>,
 }
@@ -103,6 +122,8 @@ impl Drop for Run<'_> {
             self.errors.to_string(),
             self.invalidated.to_string(),
             self.updated.to_string(),
+            self.links_removed.to_string(),
+            self.to_repair.len().to_string(),
         ];
         let mut fields = vec![
             ("op", OP),
@@ -115,12 +136,19 @@ impl Drop for Run<'_> {
                 },
             ),
             ("checkContents", yes_no(self.check_contents)),
+            ("repair", yes_no(self.repair)),
             ("paths", counts[0].as_str()),
             ("errors", counts[1].as_str()),
             ("invalidated", counts[2].as_str()),
             ("sizesUpdated", counts[3].as_str()),
+            ("linksRemoved", counts[4].as_str()),
+            ("toRepair", counts[5].as_str()),
         ];
-        let notable = self.errors > 0 || self.invalidated > 0 || self.updated > 0;
+        let notable = self.errors > 0
+            || self.invalidated > 0
+            || self.updated > 0
+            || self.links_removed > 0
+            || !self.to_repair.is_empty();
         let sev = match &failure {
             Some(why) => {
                 fields.push(("reason", why.as_str()));
@@ -149,6 +177,24 @@ impl Run<'_> {
     fn error(&mut self, text: String) {
         (self.log)(LVL_ERROR, text);
         self.errors += 1;
+    }
+
+    /// Damage to a valid path: an error, or with `repair` a path for the broker to repair
+    /// (Nix prints the same line either way).
+    fn damaged(&mut self, p: &StorePath, damage: Damage, text: String) {
+        if !self.repair {
+            return self.error(text);
+        }
+        (self.log)(LVL_ERROR, text);
+        let what = match damage {
+            Damage::Modified => "modified",
+            Damage::Disappeared => "disappeared",
+        };
+        self.audit_change(p, "needsRepair", &[("damage", what)]);
+        self.to_repair.push(RepairWanted {
+            path: p.clone(),
+            damage,
+        });
     }
 
     /// An audit line for a change this run made to `p`'s registration.
@@ -182,7 +228,7 @@ impl Run<'_> {
 
         if self.check_contents {
             self.info("checking link hashes...".into());
-            self.check_links();
+            self.check_links()?;
             self.info("checking store hashes...".into());
             for p in &valid {
                 self.check_contents(p)?;
@@ -205,11 +251,12 @@ impl Run<'_> {
         }
         let (current, size, _) = h.finish();
         if info.nar_hash.algo() == HashAlgo::Sha256 && info.nar_hash != current {
-            self.error(format!(
+            let text = format!(
                 "path '{full}' was modified! expected hash '{}', got '{}'",
                 info.nar_hash.to_typed(Encoding::Base32),
                 current.to_typed(Encoding::Base32)
-            ));
+            );
+            self.damaged(p, Damage::Modified, text);
         } else if info.nar_size == 0 {
             self.info(format!("updating size field on '{full}' to {size}"));
             store.write("recording a NAR size", |db| db.set_nar_size(p, size))?;
@@ -308,9 +355,8 @@ impl Run<'_> {
                 Err(e) => self.error(e.to_string()),
             }
         } else {
-            self.error(format!(
-                "path '{full}' disappeared, but it still has valid referrers!"
-            ));
+            let text = format!("path '{full}' disappeared, but it still has valid referrers!");
+            self.damaged(p, Damage::Disappeared, text);
         }
         Ok(Settled::NotValid)
     }
@@ -338,29 +384,80 @@ impl Run<'_> {
         }
     }
 
-    /// `.links/<b32>` must hash (as a NAR) to its own name.
-    fn check_links(&mut self) {
+    /// `.links/<b32>` must hash (as a NAR) to its own name; with `repair` one that does not
+    /// is removed (the store files linked to it are damaged too, and repaired as such).
+    fn check_links(&mut self) -> Result<(), ReqError> {
         let store = self.store;
         let Ok(links) = sys::open_dir_at(store.store_fd(), ".links") else {
-            return;
+            return Ok(());
         };
         let Ok(entries) = sys::read_dir(links.as_fd()) else {
-            return;
+            return Ok(());
         };
         for (name, _) in entries {
+            let Ok(before) = sys::lstat_at(links.as_fd(), name.as_os_str()) else {
+                continue;
+            };
             let mut h = nar::HashingWriter::sink(HashAlgo::Sha256);
             if nar::dump_at(links.as_fd(), &name, &mut h).is_err() {
                 continue;
             }
             let got = h.finish().0.to_base32();
-            if got.as_bytes() != name.as_bytes() {
-                self.error(format!(
-                    "link '{}/.links/{}' was modified! expected hash '{}', got '{got}'",
-                    store.cfg.real_store_dir,
-                    name.to_string_lossy(),
-                    name.to_string_lossy()
-                ));
+            if got.as_bytes() == name.as_bytes() {
+                continue;
             }
+            let link_path = format!(
+                "{}/.links/{}",
+                store.cfg.real_store_dir,
+                name.to_string_lossy()
+            );
+            let text = format!(
+                "link '{link_path}' was modified! expected hash '{}', got '{got}'",
+                name.to_string_lossy()
+            );
+            if !self.repair {
+                self.error(text);
+                continue;
+            }
+            (self.log)(LVL_ERROR, text);
+            self.remove_link(links.as_fd(), &name, &before, &link_path)?;
         }
+        Ok(())
+    }
+
+    /// Removes the corrupt `.links` entry `name` (as Nix: a failure ends the run), unless it
+    /// is no longer the file that was hashed.
+    fn remove_link(
+        &mut self,
+        links: std::os::fd::BorrowedFd<'_>,
+        name: &OsStr,
+        hashed: &nix::sys::stat::FileStat,
+        link_path: &str,
+    ) -> Result<(), ReqError> {
+        // No optimiser of this process links to it, nor collector removes it, meanwhile.
+        let _links = crate::optimise::links_lock();
+        match sys::lstat_at(links, name) {
+            Ok(st) if (st.st_dev, st.st_ino) == (hashed.st_dev, hashed.st_ino) => {}
+            // Replaced or removed since: not the corrupt file any more.
+            _ => return Ok(()),
+        }
+        nix::unistd::unlinkat(Some(links.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir).map_err(
+            |e| {
+                ReqError::failed(format!(
+                    "removing corrupt link '{}': {}",
+                    hl(link_path),
+                    std::io::Error::from(e)
+                ))
+            },
+        )?;
+        self.info(format!("removed link '{link_path}'"));
+        self.links_removed += 1;
+        let file = name.to_string_lossy();
+        self.store.audit.client_event(
+            Severity::Notice,
+            self.client,
+            &[("op", OP), ("outcome", "linkRemoved"), ("link", &file)],
+        );
+        Ok(())
     }
 }

@@ -404,13 +404,16 @@ fn privileged_requests_check_trust() {
         "you are not privileged to create perm roots"
     );
     assert_eq!(
-        error_of(u.call(
-            Req::VerifyStore {
-                check_contents: false,
-                repair: true
-            },
-            None
-        )),
+        error_of(
+            u.call(
+                Req::VerifyStore {
+                    check_contents: false,
+                    repair: true
+                },
+                None
+            )
+            .map(|o| o.errors)
+        ),
         "you are not privileged to repair paths"
     );
     let drv: StorePath = "hv2lxdwpbmd9zfj87n6n7z5wxhnswizx-foo.drv".parse().unwrap();
@@ -520,7 +523,8 @@ fn verify_store() {
                 repair: false
             },
             None
-        ),
+        )
+        .map(|o| o.errors),
         Ok(false)
     );
     let texts: Vec<&str> = b.logs.iter().map(|(_, t)| t.as_str()).collect();
@@ -545,7 +549,8 @@ fn verify_store() {
                 repair: false
             },
             None
-        ),
+        )
+        .map(|o| o.errors),
         Ok(true)
     );
     let full = |p: &StorePath| format!("/nix/store/{}", p.base_name());
@@ -588,7 +593,8 @@ fn verify_store() {
                 repair: false
             },
             None
-        ),
+        )
+        .map(|o| o.errors),
         Ok(true)
     );
     assert!(

@@ -2,8 +2,16 @@
 //! without the substitution goals (no substituters here). A derivation whose wanted outputs
 //! are all valid is done at once and its inputs are not looked at; otherwise every input
 //! derivation is planned for the outputs it provides to it.
+//!
+//! In repair mode (Nix's `bmRepair`) a valid output must also still hash to its NAR hash; a
+//! derivation with a damaged output is rebuilt and its inputs are planned in repair mode too.
+//! One whose outputs are intact instead has its output closure checked (`repairClosure`): the
+//! derivations that made its damaged paths are repaired first, and it fails if any damaged
+//! path has none. Each check says what it finds, with Nix's words.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use stockade_common::worker::Verbosity;
 
 use stockade_common::derivation::Derivation;
 use stockade_common::ipc::builder::BuildKind;
@@ -16,6 +24,14 @@ pub trait DrvSource {
     fn is_valid(&mut self, path: &StorePath) -> OpResult<bool>;
     /// The derivation at `path`, which must be valid.
     fn derivation(&mut self, path: &StorePath) -> OpResult<Derivation>;
+    /// Whether the valid `path` is on disk and hashes to its registered NAR hash.
+    fn intact(&mut self, path: &StorePath) -> OpResult<bool>;
+    /// The references of a valid path (none for one that is not).
+    fn references(&mut self, path: &StorePath) -> OpResult<BTreeSet<StorePath>>;
+    /// The outputs registered for a valid derivation.
+    fn output_map(&mut self, drv: &StorePath) -> OpResult<BTreeMap<String, StorePath>>;
+    /// A message for the client, as nix-daemon's worker prints it.
+    fn say(&mut self, level: Verbosity, text: &str) -> OpResult<()>;
 }
 
 /// One derivation of the graph.
@@ -29,10 +45,15 @@ pub struct Node {
     pub paths: BTreeMap<String, StorePath>,
     /// `None`: the wanted outputs are valid, nothing to do.
     pub build: Option<BuildKind>,
+    /// Repair mode with intact outputs: nothing to build, but `deps` repair its output
+    /// closure first; the number of damaged paths in it that nothing can repair.
+    pub closure_repair: Option<usize>,
     /// Nodes that must be done before this one is built.
     pub deps: Vec<usize>,
     drv_inputs: Vec<(StorePath, BTreeSet<String>)>,
     expanded: bool,
+    /// Looked at in repair mode already.
+    repair_checked: bool,
 }
 
 impl Node {
@@ -50,6 +71,9 @@ impl Node {
 pub struct Plan {
     pub nodes: Vec<Node>,
     index: HashMap<StorePath, usize>,
+    /// Paths whose contents were checked, and whether they were intact (Nix's worker asks
+    /// once per path).
+    intact: HashMap<StorePath, bool>,
 }
 
 struct Want {
@@ -80,7 +104,7 @@ impl Plan {
         }]);
         let mut top = None;
         while let Some(w) = queue.pop_front() {
-            let idx = self.visit(src, sd, &w)?;
+            let (idx, repairs) = self.visit(src, sd, &w)?;
             top.get_or_insert(idx);
             if let Some(parent) = w.parent.and_then(|p| self.nodes.get_mut(p)) {
                 if !parent.deps.contains(&idx) {
@@ -92,21 +116,40 @@ impl Plan {
             };
             if node.build.is_some() && !node.expanded {
                 node.expanded = true;
+                // A repair repairs what it builds from too.
+                let kind = match node.build {
+                    Some(BuildKind::Repair) => BuildKind::Repair,
+                    _ => BuildKind::Normal,
+                };
                 for (input, outs) in &node.drv_inputs {
                     queue.push_back(Want {
                         drv: input.clone(),
                         outputs: outs.clone(),
-                        kind: BuildKind::Normal,
+                        kind,
                         parent: Some(idx),
                     });
                 }
+            }
+            for drv in repairs {
+                queue.push_back(Want {
+                    drv,
+                    outputs: BTreeSet::new(),
+                    kind: BuildKind::Repair,
+                    parent: Some(idx),
+                });
             }
         }
         top.ok_or_else(|| OpError::fatal("planning produced no goal"))
     }
 
-    /// The node of `w.drv`, created or widened to `w`'s outputs and kind.
-    fn visit(&mut self, src: &mut dyn DrvSource, sd: &StoreDir, w: &Want) -> OpResult<usize> {
+    /// The node of `w.drv`, created or widened to `w`'s outputs and kind, and the derivations
+    /// to repair before it (see [`Plan::repair`]).
+    fn visit(
+        &mut self,
+        src: &mut dyn DrvSource,
+        sd: &StoreDir,
+        w: &Want,
+    ) -> OpResult<(usize, Vec<StorePath>)> {
         let idx = match self.index.get(&w.drv) {
             Some(&i) => i,
             None => {
@@ -124,8 +167,10 @@ impl Plan {
                     paths,
                     build: None,
                     deps: Vec::new(),
+                    closure_repair: None,
                     drv_inputs: d.input_drvs.into_iter().collect(),
                     expanded: false,
+                    repair_checked: false,
                 });
                 let i = self.nodes.len() - 1;
                 self.index.insert(w.drv.clone(), i);
@@ -133,14 +178,20 @@ impl Plan {
             }
         };
         let Some(node) = self.nodes.get_mut(idx) else {
-            return Ok(idx);
+            return Ok((idx, Vec::new()));
         };
         node.all |= w.outputs.is_empty();
         node.wanted.extend(w.outputs.iter().cloned());
-        if w.kind != BuildKind::Normal {
-            node.build = Some(w.kind);
+        match w.kind {
+            BuildKind::Check => node.build = Some(BuildKind::Check),
+            BuildKind::Repair if !node.repair_checked => {
+                node.repair_checked = true;
+                let repairs = self.repair(src, sd, idx)?;
+                return Ok((idx, repairs));
+            }
+            _ => {}
         }
-        if node.build.is_none() {
+        if node.build.is_none() && node.closure_repair.is_none() {
             let mut missing = false;
             let wanted: Vec<String> = if node.all {
                 node.paths.keys().cloned().collect()
@@ -158,10 +209,121 @@ impl Plan {
                 node.build = Some(BuildKind::Normal);
             }
         }
-        Ok(idx)
+        Ok((idx, Vec::new()))
+    }
+
+    /// Node `idx` in repair mode, as Nix's `checkPathValidity` with `checkHash`: every valid
+    /// output is checked (wanted or not); one wanted output missing or damaged rebuilds it.
+    /// Otherwise its output closure is checked as Nix's `repairClosure` does; the derivations
+    /// (of its input closure) that made the damaged paths are returned, to be repaired first.
+    fn repair(
+        &mut self,
+        src: &mut dyn DrvSource,
+        sd: &StoreDir,
+        idx: usize,
+    ) -> OpResult<Vec<StorePath>> {
+        let Some(node) = self.nodes.get(idx) else {
+            return Ok(Vec::new());
+        };
+        let (drv, paths) = (node.drv.clone(), node.paths.clone());
+        let wanted: BTreeSet<String> = if node.all {
+            paths.keys().cloned().collect()
+        } else {
+            node.wanted.clone()
+        };
+        let mut intact = wanted.iter().all(|name| paths.contains_key(name));
+        for (name, p) in &paths {
+            let good = src.is_valid(p)? && self.check(src, sd, p)?;
+            intact &= good || !wanted.contains(name);
+        }
+        if !intact {
+            if let Some(node) = self.nodes.get_mut(idx) {
+                node.build = Some(BuildKind::Repair);
+            }
+            return Ok(Vec::new());
+        }
+        let mut closure = BTreeSet::new();
+        for name in &wanted {
+            if let Some(p) = paths.get(name) {
+                closure.extend(closure_of(src, p)?);
+            }
+        }
+        for p in paths.values() {
+            closure.remove(p);
+        }
+        // Which derivation of its input closure made each path (the last one named wins).
+        let mut makers = BTreeMap::new();
+        for d in closure_of(src, &drv)? {
+            if d.name().ends_with(".drv") {
+                for p in src.output_map(&d)?.into_values() {
+                    makers.insert(p, d.clone());
+                }
+            }
+        }
+        let (mut repairs, mut unrepairable) = (Vec::new(), 0);
+        for p in &closure {
+            if self.check(src, sd, p)? {
+                continue;
+            }
+            src.say(
+                Verbosity::Error,
+                &format!(
+                    "found corrupted or missing path '{}' in the output closure of '{}'",
+                    sd.display(p),
+                    sd.display(&drv)
+                ),
+            )?;
+            match makers.get(p) {
+                Some(d) if !repairs.contains(d) => repairs.push(d.clone()),
+                Some(_) => {}
+                None => unrepairable += 1,
+            }
+        }
+        if !repairs.is_empty() || unrepairable > 0 {
+            if let Some(node) = self.nodes.get_mut(idx) {
+                node.closure_repair = Some(unrepairable);
+            }
+        }
+        Ok(repairs)
+    }
+
+    /// Nix's `Worker::pathContentsGood`: whether the valid `p` is intact, said once per path.
+    fn check(&mut self, src: &mut dyn DrvSource, sd: &StoreDir, p: &StorePath) -> OpResult<bool> {
+        if let Some(&good) = self.intact.get(p) {
+            return Ok(good);
+        }
+        src.say(
+            Verbosity::Info,
+            &format!("checking path '{}'...", sd.display(p)),
+        )?;
+        let good = src.intact(p)?;
+        self.intact.insert(p.clone(), good);
+        if !good {
+            let text = format!("path '{}' is corrupted or missing!", sd.display(p));
+            src.say(Verbosity::Error, &text)?;
+        }
+        Ok(good)
     }
 
     pub fn needs_building(&self) -> usize {
         self.nodes.iter().filter(|n| n.build.is_some()).count()
     }
+}
+
+/// `start` and every path it refers to, directly or not.
+fn closure_of(src: &mut dyn DrvSource, start: &StorePath) -> OpResult<BTreeSet<StorePath>> {
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![start.clone()];
+    while let Some(p) = todo.pop() {
+        if seen.contains(&p) {
+            continue;
+        }
+        todo.extend(
+            src.references(&p)?
+                .into_iter()
+                .filter(|r| !seen.contains(r)),
+        );
+        seen.insert(p);
+    }
+    Ok(seen)
 }

@@ -65,9 +65,9 @@ pub fn run(
     let state = plan
         .nodes
         .iter()
-        .map(|n| match n.build {
-            None => State::Ended(Outcome::Valid),
-            Some(_) => State::Waiting,
+        .map(|n| match (n.build, n.closure_repair) {
+            (None, None) => State::Ended(Outcome::Valid),
+            _ => State::Waiting,
         })
         .collect();
     let mut r = Runner {
@@ -173,7 +173,25 @@ impl Runner<'_> {
                     }
                 }
                 // Without keep-going the first failure is enough to give up on a node.
-                if failed > 0 && (pending == 0 || !self.opts.keep_going) {
+                let give_up = failed > 0 && (pending == 0 || !self.opts.keep_going);
+                if let (None, Some(unrepairable)) = (node.build, node.closure_repair) {
+                    if give_up || (pending == 0 && unrepairable > 0) {
+                        let drv = self.sd.display(&node.drv);
+                        self.end(
+                            i,
+                            BuildStatus::MiscFailure,
+                            text::closure_unrepaired(&drv),
+                            None,
+                        )?;
+                        changed = true;
+                    } else if pending == 0 {
+                        // Its closure is repaired: nothing of its own to build.
+                        if let Some(s) = self.state.get_mut(i) {
+                            *s = State::Ended(Outcome::Valid);
+                        }
+                        changed = true;
+                    }
+                } else if give_up {
                     let drv = self.sd.display(&node.drv);
                     let message = text::dependency_failed(failed, &drv);
                     self.end(i, BuildStatus::DependencyFailed, message, None)?;
@@ -234,10 +252,13 @@ impl Runner<'_> {
         if waited_for {
             self.out.log_error(&message)?;
         }
-        if status != BuildStatus::DependencyFailed {
-            self.failed += 1;
+        // Only builds count in the progress (a closure repair builds nothing itself).
+        if self.plan.nodes.get(i).is_some_and(|n| n.build.is_some()) {
+            if status != BuildStatus::DependencyFailed {
+                self.failed += 1;
+            }
+            self.gone += 1;
         }
-        self.gone += 1;
         if let Some(s) = self.state.get_mut(i) {
             *s = State::Ended(Outcome::Failed {
                 status,

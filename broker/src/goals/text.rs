@@ -72,6 +72,14 @@ pub fn dependency_failed(failed: usize, drv: &str) -> String {
     )
 }
 
+/// A repair whose outputs were intact but not all of their closure could be repaired.
+pub fn closure_unrepaired(drv: &str) -> String {
+    format!(
+        "some paths in the output closure of derivation '{}' could not be repaired",
+        hl(drv)
+    )
+}
+
 /// A BuildDerivation whose inputs are not all valid.
 pub fn dependencies_missing(drv: &str) -> String {
     format!("some dependencies of '{}' are missing", hl(drv))

@@ -8,6 +8,7 @@ mod export;
 mod options;
 mod query;
 mod realise;
+mod repair;
 mod roots;
 
 use std::io::{Read, Write};

@@ -1,11 +1,13 @@
 //! Realising a build request's targets through the goal graph, and turning each target's
 //! outcome into Nix's BuildResult.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsFd, AsRawFd};
 
 use stockade_common::derivation::Derivation;
 use stockade_common::ipc::builder::{BuildKind, BuildSettings, BuildStatus};
 use stockade_common::ipc::writer::BrokerEvent;
+use stockade_common::nar;
 use stockade_common::store_path::StorePath;
 use stockade_common::worker::request::DerivedPath;
 use stockade_common::worker::{ActivityType, Verbosity};
@@ -46,6 +48,48 @@ impl DrvSource for CtxSource<'_, '_> {
     }
     fn derivation(&mut self, path: &StorePath) -> OpResult<Derivation> {
         read_derivation(self.0, path)
+    }
+    fn intact(&mut self, path: &StorePath) -> OpResult<bool> {
+        let Some(info) = self.0.store.path_info(path)? else {
+            return Err(super::invalid_path(self.0, path));
+        };
+        let store = std::fs::File::open(&self.0.cfg.real_store_dir)?;
+        let name = std::ffi::OsStr::new(path.base_name());
+        match nix::sys::stat::fstatat(
+            Some(store.as_raw_fd()),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Err(nix::errno::Errno::ENOENT) => return Ok(false),
+            Err(e) => return Err(OpError::client(std::io::Error::from(e).to_string())),
+            Ok(_) => {}
+        }
+        let mut h = nar::HashingWriter::sink(info.nar_hash.algo());
+        match nar::dump_at(store.as_fd(), name, &mut h) {
+            Ok(_) => Ok(h.finish().0 == info.nar_hash),
+            // Canonical store files are readable by all: one the broker may not read has been
+            // tampered with (nix-daemon, as root, would read it and find it changed).
+            Err(nar::DumpError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(OpError::client(e.to_string())),
+        }
+    }
+    fn references(&mut self, path: &StorePath) -> OpResult<BTreeSet<StorePath>> {
+        Ok(self
+            .0
+            .store
+            .path_info(path)?
+            .map(|i| i.references)
+            .unwrap_or_default())
+    }
+    fn output_map(&mut self, drv: &StorePath) -> OpResult<BTreeMap<String, StorePath>> {
+        self.0.store.output_map(drv)
+    }
+    fn say(&mut self, level: Verbosity, text: &str) -> OpResult<()> {
+        self.0.client.log(level, text)
     }
 }
 

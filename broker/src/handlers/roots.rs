@@ -94,6 +94,9 @@ fn relay_logs_live<R: w::StoreRequest>(ctx: &mut Ctx<'_>, req: R) -> OpResult<R:
     })
 }
 
+/// VerifyStore. The store-writer checks the store; with `repair` it removes corrupt `.links`
+/// entries and names the damaged paths, which are repaired here after its check (see
+/// [`super::repair`]). The reply is whether errors remain.
 pub fn verify_store(ctx: &mut Ctx<'_>, check_contents: bool, repair: bool) -> OpResult<Reply> {
     pops::op_allowed(pops::Op::VerifyStore { repair }, ctx.trusted())
         .map_err(|d| ctx.deny("VerifyStore", d.0))?;
@@ -101,7 +104,53 @@ pub fn verify_store(ctx: &mut Ctx<'_>, check_contents: bool, repair: bool) -> Op
         check_contents,
         repair,
     };
-    Ok(Reply::Bool(call_relaying_logs(ctx, req)?))
+    let newer = ctx.client.minor() >= 38;
+    let mut lines = Vec::new();
+    let found = ctx
+        .store
+        .call_logged(req, &mut |level, text| lines.push((level, text)));
+    for (level, text) in lines {
+        let text = match newer {
+            true => quoted_link_line(&text).unwrap_or(text),
+            false => text,
+        };
+        ctx.client.log(Verbosity::from_wire(level), &text)?;
+    }
+    let found = found?;
+    let repaired = !repair || super::repair::repair_paths(ctx, &found.repair)?;
+    Ok(Reply::Bool(found.errors || !repaired))
+}
+
+/// A `.links` line of the check as Nix 2.24 and later print it: they format the link's path
+/// and name as C++ does a `std::filesystem::path`, in double quotes.
+fn quoted_link_line(text: &str) -> Option<String> {
+    if let Some(rest) = text.strip_prefix("removed link '") {
+        let path = rest.strip_suffix('\'')?;
+        return Some(format!("removed link '{}'", cxx_quoted(path)));
+    }
+    let rest = text.strip_prefix("link '")?;
+    let (path, rest) = rest.split_once("' was modified! expected hash '")?;
+    let (name, got) = rest.split_once("', got '")?;
+    let got = got.strip_suffix('\'')?;
+    Some(format!(
+        "link '{}' was modified! expected hash '{}', got '{got}'",
+        cxx_quoted(path),
+        cxx_quoted(name)
+    ))
+}
+
+/// `std::quoted`: in double quotes, with `"` and `\` escaped by a backslash.
+fn cxx_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
 }
 
 pub fn add_signatures(
@@ -116,4 +165,32 @@ pub fn add_signatures(
         sigs: sigs.into_iter().collect(),
     })?;
     Ok(Reply::Int(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quoted_link_line;
+
+    #[test]
+    fn link_lines_get_the_newer_quotes() {
+        let l = "/nix/store/.links/0bxn";
+        assert_eq!(
+            quoted_link_line(&format!(
+                "link '{l}' was modified! expected hash '0bxn', got '00lm'"
+            ))
+            .as_deref(),
+            Some(
+                r#"link '"/nix/store/.links/0bxn"' was modified! expected hash '"0bxn"', got '00lm'"#
+            )
+        );
+        assert_eq!(
+            quoted_link_line(&format!("removed link '{l}'")).as_deref(),
+            Some(r#"removed link '"/nix/store/.links/0bxn"'"#)
+        );
+        assert_eq!(quoted_link_line("checking link hashes..."), None);
+        assert_eq!(
+            quoted_link_line(r#"removed link '/a"b\c'"#).as_deref(),
+            Some(r#"removed link '"/a\"b\\c"'"#)
+        );
+    }
 }

@@ -134,8 +134,9 @@ requests! {
     /// The reply is the realisation's JSON.
     QueryRealisation { id: String } -> Option<String>;
     /// Check that every valid path exists (and, with `check_contents`, hashes to its NAR
-    /// hash); progress goes out as `Log`. The reply says whether errors were found.
-    VerifyStore { check_contents: bool, repair: bool } -> bool;
+    /// hash); progress goes out as `Log`. The reply says whether errors were found and, with
+    /// `repair`, which paths the broker must rebuild (the store-writer runs no builds).
+    VerifyStore { check_contents: bool, repair: bool } -> VerifyOutcome;
     /// AddToStore with its data inside the request instead of an upload pipe: the broker
     /// sends it when the client's whole stream ended within [`INLINE_REQUEST_MAX`] bytes of
     /// request, which saves a round trip and a pipe per small add. The store-writer adds it
@@ -199,6 +200,30 @@ pub struct GcResult {
     pub bytes_freed: u64,
 }
 
+/// What a verify run found. `repair` is empty unless the request asked for repair; then the
+/// damage it lists is not counted in `errors` (Nix counts a path only once its repair fails).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VerifyOutcome {
+    pub errors: bool,
+    /// In the order the run met them.
+    pub repair: Vec<RepairWanted>,
+}
+
+/// A valid path a verify run found damaged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairWanted {
+    pub path: StorePath,
+    pub damage: Damage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Damage {
+    /// Its contents no longer hash to its NAR hash.
+    Modified,
+    /// Gone from disk while valid paths still refer to it.
+    Disappeared,
+}
+
 /// What a broker reports for the audit trail; the receiver adds who it is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -209,6 +234,13 @@ pub enum BrokerEvent {
     Overrides { names: Vec<(String, bool)> },
     /// How a build this connection asked for ended.
     Build { drv: StorePath, result: String },
+    /// How the repair of a path a verify run found damaged ended: `drv` is the derivation
+    /// rebuilt for it, if any.
+    Repair {
+        path: StorePath,
+        drv: Option<StorePath>,
+        result: String,
+    },
 }
 
 /// Most settings named in one [`BrokerEvent::Overrides`]; a SetOptions with more is sent as

@@ -78,6 +78,23 @@ impl Session {
                     ("result", &result),
                 ],
             ),
+            BrokerEvent::Repair { path, drv, result } => {
+                let (path, drv) = (self.store.full(&path), drv.map(|d| self.store.full(&d)));
+                let mut fields = vec![
+                    ("op", "repairPath"),
+                    ("path", path.as_str()),
+                    ("result", result.as_str()),
+                ];
+                if let Some(d) = &drv {
+                    fields.push(("drv", d));
+                }
+                let sev = if result == "repaired" {
+                    Severity::Notice
+                } else {
+                    Severity::Warning
+                };
+                audit.client_event(sev, &self.client, &fields);
+            }
             BrokerEvent::Overrides { names } => {
                 if names.len() > AUDIT_OVERRIDES_MAX {
                     return Err(ReqError::Violation(

@@ -250,20 +250,17 @@ impl Session {
         Ok(())
     }
 
-    fn verify_store(&mut self, r: w::VerifyStore) -> Res<bool> {
-        if r.repair {
-            let op = Op::VerifyStore { repair: true };
-            if let Err(denied) = op_allowed(op, self.client.trusted) {
-                return Err(self.refuse(ReqKind::VerifyStore, denied.0));
-            }
-            return Err(self.refuse(ReqKind::VerifyStore, "repairing is not supported yet"));
+    fn verify_store(&mut self, r: w::VerifyStore) -> Res<w::VerifyOutcome> {
+        let op = Op::VerifyStore { repair: r.repair };
+        if let Err(denied) = op_allowed(op, self.client.trusted) {
+            return Err(self.refuse(ReqKind::VerifyStore, denied.0));
         }
         let store = self.store.clone();
         let chan = &mut self.chan;
         let mut log = |level: u32, text: String| {
             let _ = chan.send(&Notice::Log { level, text }, &[]);
         };
-        verify::verify_store(&store, &self.client, r.check_contents, &mut log)
+        verify::verify_store(&store, &self.client, r.check_contents, r.repair, &mut log)
     }
 
     fn collect_garbage(&mut self, r: w::CollectGarbage) -> Res<w::GcResult> {

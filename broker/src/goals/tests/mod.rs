@@ -20,6 +20,8 @@ use super::{run, Frames, Outcome, RunOptions, WorkerActs};
 use crate::builder::Builder;
 use crate::error::OpResult;
 
+mod repair;
+
 fn path(name: &str) -> StorePath {
     let hash: String = name
         .chars()
@@ -32,10 +34,15 @@ fn path(name: &str) -> StorePath {
         .unwrap()
 }
 
-/// Derivations `name.drv` with one output `name`, inputs by name; `valid` outputs exist.
+/// Derivations `name.drv` with one output `name`, inputs by name; `valid` outputs exist,
+/// `damaged` ones no longer hash to their NAR hash, `refs` are the outputs' references.
+#[derive(Default)]
 struct Store {
     drvs: HashMap<StorePath, Derivation>,
     valid: BTreeSet<StorePath>,
+    damaged: BTreeSet<StorePath>,
+    refs: HashMap<StorePath, BTreeSet<StorePath>>,
+    said: Vec<String>,
 }
 
 impl Store {
@@ -66,7 +73,11 @@ impl Store {
             drvs.insert(path(&format!("{name}.drv")), d);
         }
         let valid = valid.iter().map(|n| path(n)).collect();
-        Store { drvs, valid }
+        Store {
+            drvs,
+            valid,
+            ..Store::default()
+        }
     }
 }
 
@@ -76,6 +87,22 @@ impl DrvSource for Store {
     }
     fn derivation(&mut self, p: &StorePath) -> OpResult<Derivation> {
         Ok(self.drvs[p].clone())
+    }
+    fn intact(&mut self, p: &StorePath) -> OpResult<bool> {
+        Ok(!self.damaged.contains(p))
+    }
+    fn references(&mut self, p: &StorePath) -> OpResult<BTreeSet<StorePath>> {
+        Ok(match self.drvs.get(p) {
+            Some(d) => d.input_drvs.keys().cloned().collect(),
+            None => self.refs.get(p).cloned().unwrap_or_default(),
+        })
+    }
+    fn output_map(&mut self, drv: &StorePath) -> OpResult<BTreeMap<String, StorePath>> {
+        Ok(BTreeMap::from([("out".into(), path(&name_of(drv)))]))
+    }
+    fn say(&mut self, _level: Verbosity, text: &str) -> OpResult<()> {
+        self.said.push(text.into());
+        Ok(())
     }
 }
 
@@ -231,6 +258,8 @@ struct Run {
     outcomes: BTreeMap<String, Outcome>,
     events: Vec<Event>,
     frames: Vec<Frame>,
+    /// What planning said.
+    said: Vec<String>,
 }
 
 fn build(
@@ -240,12 +269,22 @@ fn build(
     failing: Vec<&'static str>,
     keep_going: bool,
 ) -> Run {
-    let mut store = Store::new(graph, valid);
+    let store = Store::new(graph, valid);
+    build_in(store, targets, BuildKind::Normal, failing, keep_going)
+}
+
+fn build_in(
+    mut store: Store,
+    targets: &[&str],
+    kind: BuildKind,
+    failing: Vec<&'static str>,
+    keep_going: bool,
+) -> Run {
     let sd = StoreDir::default();
     let mut plan = Plan::default();
     for t in targets {
         let drv = path(&format!("{t}.drv"));
-        plan.add(&mut store, &sd, &drv, &BTreeSet::new(), BuildKind::Normal)
+        plan.add(&mut store, &sd, &drv, &BTreeSet::new(), kind)
             .unwrap();
     }
     let (ours, theirs) = ipc::socketpair().unwrap();
@@ -278,6 +317,7 @@ fn build(
         outcomes,
         events,
         frames: rec.frames,
+        said: store.said,
     }
 }
 
