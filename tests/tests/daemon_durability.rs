@@ -190,3 +190,74 @@ fn nix_works_on_a_database_with_the_table() {
     local(&d, &["--verify", "--check-contents"]);
     assert!(valid(&d, &by_nix));
 }
+
+/// Issue 20: a collection killed half-way (the store-writer stopped hard after its first batch
+/// of deletions; the next batch may be invalidated and half removed) leaves a store in which
+/// every registered path is whole and every root valid. The collector stalls there on
+/// `STOCKADE_TEST_GC_STALL` (debug builds only).
+#[test]
+fn a_collection_killed_half_way_leaves_a_valid_store() {
+    skip_unless_root!();
+    let audit = AuditCollector::new();
+    let mut d = stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
+        .env("STOCKADE_TEST_GC_STALL", "1")
+        .start()
+        .expect("stockade");
+    let add_many = |what: &str, n: usize| -> Vec<String> {
+        let mut out = Vec::new();
+        let files: Vec<PathBuf> = (0..n)
+            .map(|i| d.write_work_file(&format!("{what}/{i}"), format!("{what} {i}\n").as_bytes()))
+            .collect();
+        for chunk in files.chunks(500) {
+            let o = d.cmd("nix-store").arg("--add").args(chunk).output();
+            assert!(o.success(), "{o}");
+            out.extend(o.stdout_str().lines().map(str::to_string));
+        }
+        out
+    };
+    let live = add_many("live", 40);
+    let garbage = add_many("garbage", 1500);
+    let roots = d.host_path("/nix/var/nix/gcroots");
+    for (i, p) in live.iter().enumerate() {
+        std::os::unix::fs::symlink(p, roots.join(format!("live-{i}"))).unwrap();
+    }
+    std::thread::scope(|s| {
+        let gc = s.spawn(|| d.cmd("nix-store").arg("--gc").output());
+        audit
+            .wait_for(Duration::from_secs(120), |l| l.contains("op=gcDelete"))
+            .expect("the collection deleted its first batch");
+        let writers = instance_processes(&d, "stockade-store-writer");
+        assert_eq!(writers.len(), 1, "one store-writer: {writers:?}");
+        kill(Pid::from_raw(writers[0].pid), Signal::SIGKILL).unwrap();
+        let o = gc.join().unwrap();
+        assert!(!o.success(), "the collection was cut short: {o}");
+    });
+    let status = d.wait_exit(Duration::from_secs(60));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    d.start_again().expect("the daemon starts again");
+    let v = d
+        .cmd("nix-store")
+        .args(["--verify", "--check-contents"])
+        .output();
+    assert!(v.success() && !v.stderr_str().contains("error"), "{v}");
+    for p in &live {
+        assert!(valid(&d, p), "root {p} lost");
+    }
+    // Stopped half-way: some garbage still registered, some no longer registered but still on
+    // disk (invalidated, then the store-writer died before removing it).
+    let o = d
+        .cmd("nix-store")
+        .args(["--check-validity", "--print-invalid"])
+        .args(&garbage)
+        .output();
+    assert!(o.success(), "{o}");
+    let invalid: std::collections::HashSet<String> =
+        o.stdout_str().lines().map(str::to_string).collect();
+    let left = garbage.len() - invalid.len();
+    let stranded = invalid.iter().filter(|p| d.host_path(p).exists()).count();
+    assert!(
+        left > 0 && stranded > 0,
+        "not stopped half-way: {left} registered, {stranded} unregistered on disk, of {}",
+        garbage.len()
+    );
+}

@@ -5,6 +5,9 @@
 //! the end of its work and fails if it is gone, so a collection that deleted a build's input
 //! mid-build fails the build.
 //!
+//! `STOCKADE_GC_STRESS_SCALE=<n>` multiplies the clients' work, for a run of minutes rather
+//! than seconds.
+//!
 //! Needs root; fails loudly in CI without it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +30,11 @@ fn collections_racing_adds_and_builds_lose_nothing() {
     let bb = d.add_busybox();
     let bb_root = roots.join("busybox").display().to_string();
     d.run_ok(["nix-store", "--add-root", &bb_root, "-r", &bb]);
+    let scale: usize = std::env::var("STOCKADE_GC_STRESS_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let (adds, builds) = (ADDS * scale, BUILDS * scale);
     let stop = AtomicBool::new(false);
     let (collections, failures) = std::thread::scope(|s| {
         let gc = s.spawn(|| {
@@ -51,7 +59,7 @@ fn collections_racing_adds_and_builds_lose_nothing() {
             let d = &d;
             clients.push(s.spawn(move || {
                 let mut failed = Vec::new();
-                for i in 0..ADDS {
+                for i in 0..adds {
                     let expr = format!(
                         "derivation {{ name = \"a-{t}-{i}\"; system = builtins.currentSystem; \
                          builder = \"/bin/sh\"; src = builtins.toFile \"s-{t}-{i}\" \"input {t} {i}\"; }}"
@@ -73,7 +81,7 @@ fn collections_racing_adds_and_builds_lose_nothing() {
             let (roots, d, bb) = (&roots, &d, &bb);
             clients.push(s.spawn(move || {
                 let mut failed = Vec::new();
-                for i in 0..BUILDS {
+                for i in 0..builds {
                     // Busy for a while, then the input must still be there.
                     let script = "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; \
                                   cat $src > $out || exit 1";
@@ -126,7 +134,7 @@ fn collections_racing_adds_and_builds_lose_nothing() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 1 + ADDERS * ADDS + BUILDERS * BUILDS);
+    assert_eq!(checked, 1 + ADDERS * adds + BUILDERS * builds);
     let v = d
         .cmd("nix-store")
         .args(["--verify", "--check-contents"])

@@ -68,6 +68,8 @@ pub struct Walk<'a> {
     store_fd: OwnedFd,
     /// The removing thread, for a collection with no byte limit.
     pipeline: Option<delete::Pipeline>,
+    /// Batches flushed (for [`Walk::stall_for_test`]).
+    flushes: usize,
     pub log: &'a mut dyn FnMut(u32, String),
     pub audit_each: AuditDeleted<'a>,
 }
@@ -115,6 +117,7 @@ impl<'a> Walk<'a> {
             batch_hashes: Vec::new(),
             store_fd,
             pipeline,
+            flushes: 0,
             log,
             audit_each,
         })
@@ -300,6 +303,7 @@ impl<'a> Walk<'a> {
             return res;
         }
         let entries = self.invalidated_entries(batch);
+        self.stall_for_test();
         let job = Job { entries, hashes };
         if let Some(p) = self.pipeline.as_mut() {
             let job = match p.send(job) {
@@ -379,6 +383,22 @@ impl<'a> Walk<'a> {
         (self.audit_each)(&done.gone[..counted]);
         self.shared.release(&done.hashes);
         res
+    }
+
+    /// For a test: once a batch is removed and audited and the next one invalidated but not
+    /// removed, stop for good (the test kills the store-writer here).
+    fn stall_for_test(&mut self) {
+        if !stalled_by_test() {
+            return;
+        }
+        self.flushes += 1;
+        if self.flushes < 2 {
+            return;
+        }
+        let _ = self.take_done(true);
+        loop {
+            std::thread::park();
+        }
     }
 
     /// Invalidates `paths` (one durable transaction; one by one when a path has gained a
@@ -487,6 +507,12 @@ impl<'a> Walk<'a> {
         kids.reverse();
         kids
     }
+}
+
+/// Whether a test asked the collector to stop for good after its first deletions
+/// (`STOCKADE_TEST_GC_STALL`, honoured by debug builds only), so that it can be killed there.
+fn stalled_by_test() -> bool {
+    cfg!(debug_assertions) && std::env::var_os("STOCKADE_TEST_GC_STALL").is_some()
 }
 
 enum Verdict {
