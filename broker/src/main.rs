@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("stockade-broker: {e}");
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -52,7 +52,6 @@ fn run(args: &Args) -> Result<(), String> {
         builder,
         db,
     } = start::start(args.control_fd)?;
-    let conn_id = cfg.client.conn_id;
     let mut store = store::Store::new(writer, db);
     store
         .hello()
@@ -63,7 +62,7 @@ fn run(args: &Args) -> Result<(), String> {
     match session.serve() {
         session::End::Eof => Ok(()),
         session::End::Error(e) => {
-            log::info!("conn={conn_id} ended: {e}");
+            log::info!("connection ended: {e}");
             Ok(())
         }
     }

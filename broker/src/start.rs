@@ -60,8 +60,7 @@ pub fn start(control_fd: i32) -> Result<Started, String> {
     let db = open_db(&cfg);
     let summary = lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
     log::debug!(
-        "conn={} locked down: {summary} db={}",
-        cfg.client.conn_id,
+        "locked down: {summary} db={}",
         if db.is_some() { "ro" } else { "none" }
     );
 
@@ -100,8 +99,7 @@ fn open_db(cfg: &BrokerConfig) -> Option<StoreDb> {
             // descriptor, so it gives the connection up.
             Some(file) => {
                 log::info!(
-                    "conn={}: {file} is writable by the broker's uid; queries go to the store-writer",
-                    cfg.client.conn_id
+                    "{file} is writable by the broker's uid; queries go to the store-writer"
                 );
                 None
             }
@@ -109,8 +107,7 @@ fn open_db(cfg: &BrokerConfig) -> Option<StoreDb> {
         },
         Err(e) => {
             log::info!(
-                "conn={}: not reading {} directly ({e}); queries go to the store-writer",
-                cfg.client.conn_id,
+                "not reading {} directly ({e}); queries go to the store-writer",
                 dir.display()
             );
             None
@@ -153,7 +150,8 @@ fn writable_descriptor_in(dir: &std::path::Path) -> Option<String> {
     None
 }
 
-/// Log lines go to stderr, which the master collects.
+/// Log lines go to stderr, a pipe the master relays to its own, each line prefixed with this
+/// broker's pid and connection id (master/src/daemon/relay.rs), so they carry neither here.
 fn init_logging(level: stockade_common::worker::Verbosity) {
     struct Stderr(log::LevelFilter);
     impl log::Log for Stderr {
@@ -162,7 +160,7 @@ fn init_logging(level: stockade_common::worker::Verbosity) {
         }
         fn log(&self, r: &log::Record<'_>) {
             if self.enabled(r.metadata()) {
-                eprintln!("stockade-broker[{}]: {}", std::process::id(), r.args());
+                eprintln!("{}", r.args());
             }
         }
         fn flush(&self) {}

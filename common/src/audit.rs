@@ -272,6 +272,34 @@ fn is_invisible_format(c: char) -> bool {
     )
 }
 
+/// Append `c` to `out` escaped as text that can neither end a line nor hide or reorder what is
+/// around it: `\` as `\\`, newline, carriage return and tab as `\n`, `\r`, `\t`, other control
+/// characters as `\xNN`, characters that reorder or hide text (bidi controls, zero-width marks,
+/// line separators) as `\u{XXXX}`, anything else as itself. A value's quoting comes on top
+/// ([`escape_value`]); the master uses it alone for the lines brokers write to standard error.
+pub fn push_escaped(out: &mut String, c: char) {
+    match c {
+        '\\' => out.push_str("\\\\"),
+        '\n' => out.push_str("\\n"),
+        '\r' => out.push_str("\\r"),
+        '\t' => out.push_str("\\t"),
+        // Every control character is below U+00A0, so two hex digits suffice.
+        c if c.is_control() => push_hex_byte(out, u32::from(c) as u8),
+        c if is_invisible_format(c) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
+        }
+        c => out.push(c),
+    }
+}
+
+/// Append `\xNN` for a byte: a control character, or a byte that is not UTF-8.
+pub fn push_hex_byte(out: &mut String, b: u8) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let _ = write!(out, "\\x{b:02x}");
+}
+
 /// Escape one value as described in the module documentation.
 pub fn escape_value(value: &str) -> String {
     let truncated = value.chars().nth(MAX_VALUE_CHARS).is_some();
@@ -279,24 +307,15 @@ pub fn escape_value(value: &str) -> String {
     let mut quote = value.is_empty() || truncated;
     for c in value.chars().take(MAX_VALUE_CHARS) {
         match c {
-            '\\' => out.push_str("\\\\"),
             '"' => {
                 quote = true;
                 out.push_str("\\\"");
             }
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
             ' ' | '=' => {
                 quote = true;
                 out.push(c);
             }
-            c if c.is_control() => {
-                // Every control character is below U+00A0, so two hex digits suffice.
-                out.push_str(&format!("\\x{:02x}", u32::from(c)));
-            }
-            c if is_invisible_format(c) => out.push_str(&format!("\\u{{{:04x}}}", u32::from(c))),
-            c => out.push(c),
+            c => push_escaped(&mut out, c),
         }
     }
     if truncated {

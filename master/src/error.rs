@@ -39,6 +39,8 @@ pub enum Error {
     VersionMismatch { got: u32, want: u32 },
     #[error("unexpected message from the store-writer: {0}")]
     Unexpected(String),
+    #[error(transparent)]
+    Relay(#[from] crate::daemon::relay::RelayError),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]

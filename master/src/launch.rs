@@ -5,7 +5,8 @@
 //! (`NewClient`), and execs the broker with a start channel on fd 3 over which the `Start`
 //! message and two descriptors are already queued: the client's socket and the broker's end of
 //! the store-writer channel. The master keeps none of these descriptors afterwards (A7), only
-//! the broker's pid.
+//! the broker's pid and the read end of the pipe that is the broker's standard output and
+//! error, which it relays until the broker is reaped (daemon/relay.rs).
 //!
 //! The broker's build channel is made the same way: one end goes to the builder-helper with
 //! `MasterToBuilder::NewClient`, the other travels in the broker's `Start`. Without a helper
@@ -21,9 +22,10 @@ use stockade_common::lockdown::LockdownOptions;
 
 use crate::builder::BuilderHelper;
 use crate::config::Config;
+use crate::daemon::relay;
 use crate::error::{Error, Result};
 use crate::paths::Paths;
-use crate::spawn::{self, Confinement};
+use crate::spawn::{self, Confinement, Output};
 use crate::writer::StoreWriter;
 
 /// The programs the master starts.
@@ -105,6 +107,15 @@ fn check_program(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A broker started.
+#[derive(Debug)]
+pub struct Launched {
+    pub pid: i32,
+    /// The read end of its output pipe, for [`crate::daemon::relay::Relay::add`]; `None`
+    /// only in a build with the test-only `without-stderr-relay` feature.
+    pub output: Option<OwnedFd>,
+}
+
 /// Everything per-connection that does not change between connections.
 #[derive(Debug, Clone)]
 pub struct Launcher {
@@ -162,7 +173,7 @@ impl Launcher {
     }
 
     /// Register the client with the store-writer and exec its broker. `broker_uid` is the
-    /// broker's own uid when the daemon runs as root. Returns the broker's pid.
+    /// broker's own uid when the daemon runs as root.
     pub fn launch(
         &self,
         writer: &mut StoreWriter,
@@ -170,7 +181,14 @@ impl Launcher {
         client: OwnedFd,
         identity: &ClientIdentity,
         broker_uid: Option<u32>,
-    ) -> Result<i32> {
+    ) -> Result<Launched> {
+        // First what can fail for want of descriptors, before the services hear of the client.
+        let (relayed, output) = if cfg!(feature = "without-stderr-relay") {
+            (None, Output::MasterStderr)
+        } else {
+            let (read, write) = relay::pipe()?;
+            (Some(read), Output::Pipe(write))
+        };
         let (to_writer_broker_end, to_writer_writer_end) =
             ipc::socketpair().map_err(Error::ipc("socketpair"))?;
         let (mut start_ours, start_theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
@@ -214,8 +232,11 @@ impl Launcher {
             None => Confinement::SameUid,
         };
         let start_fd = start_theirs.into_fd();
-        match spawn::spawn(&self.programs.broker, &start_fd, confinement, false) {
-            Ok(pid) => Ok(pid),
+        match spawn::spawn(&self.programs.broker, &start_fd, confinement, output, false) {
+            Ok(pid) => Ok(Launched {
+                pid,
+                output: relayed,
+            }),
             Err(e) => {
                 // The store-writer already knows the client; tell it the client is gone.
                 if let Err(e2) = writer.client_gone(identity.conn_id) {

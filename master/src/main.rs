@@ -149,5 +149,8 @@ fn check_protected_hardlinks() -> Result<()> {
 }
 
 // Test-only switches that turn a defence off (scripts/defences-off.sh). Never in a release build.
-#[cfg(all(not(debug_assertions), feature = "without-a75"))]
+#[cfg(all(
+    not(debug_assertions),
+    any(feature = "without-a75", feature = "without-stderr-relay")
+))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

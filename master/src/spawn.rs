@@ -2,7 +2,8 @@
 //! extra descriptor, the control channel, as fd 3, and the confinement decided by the master.
 //!
 //! What every child gets:
-//! - fd 0 `/dev/null`, fds 1 and 2 the master's standard error (in `--stdio` mode the master's
+//! - fd 0 `/dev/null`, fds 1 and 2 the master's standard error or, for a broker, a pipe the
+//!   master relays line by line ([`Output`], daemon/relay.rs) (in `--stdio` mode the master's
 //!   standard output is the client's channel and must never reach a child), fd 3 the control
 //!   channel, and nothing else: every other descriptor is marked close-on-exec in the child
 //!   (`close_range(4, ~0, CLOSE_RANGE_CLOEXEC)`) on top of the master opening everything
@@ -119,6 +120,15 @@ pub enum Confinement {
     SameUid,
 }
 
+/// Where a child's standard output and error go.
+#[derive(Debug)]
+pub enum Output {
+    /// The master's own standard error: the trusted services (daemon/relay.rs says why).
+    MasterStderr,
+    /// The write end of a pipe whose other end the master relays: brokers.
+    Pipe(OwnedFd),
+}
+
 /// The environment children get.
 pub fn child_env() -> Vec<(OsString, OsString)> {
     std::env::vars_os()
@@ -146,12 +156,13 @@ struct Plan {
     keep: CapsHashSet,
 }
 
-/// Start `program --control-fd 3` with `control` as fd 3. Returns the child's pid; the caller
-/// reaps it (`waitpid`), the `Child` handle is not kept.
+/// Start `program --control-fd 3` with `control` as fd 3 and `output` as fds 1 and 2. Returns
+/// the child's pid; the caller reaps it (`waitpid`), the `Child` handle is not kept.
 pub fn spawn(
     program: &Path,
     control: &OwnedFd,
     confinement: Confinement,
+    output: Output,
     new_process_group: bool,
 ) -> Result<i32> {
     let kept: &[Capability] = match confinement {
@@ -176,8 +187,13 @@ pub fn spawn(
         drop_bounding,
         keep,
     };
-    let err_out = dup_stderr()?;
-    let err_err = dup_stderr()?;
+    let (err_out, err_err) = match output {
+        Output::MasterStderr => (dup_stderr()?, dup_stderr()?),
+        Output::Pipe(w) => {
+            let w2 = w.try_clone().map_err(Error::io("duplicating a pipe"))?;
+            (w, w2)
+        }
+    };
 
     let mut cmd = Command::new(program);
     cmd.arg("--control-fd")

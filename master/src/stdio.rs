@@ -31,6 +31,7 @@ use stockade_common::ipc::{peer_cred, PeerCred};
 use stockade_policy::TrustOverride;
 
 use crate::cli::DaemonArgs;
+use crate::daemon::relay::Relay;
 use crate::daemon::{unprivileged_notice, yes_no, Ctx};
 use crate::error::{Error, Result};
 use crate::paths::Paths;
@@ -103,13 +104,20 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
         let (ours, theirs) = UnixStream::pair().map_err(Error::io("socketpair"))?;
         (theirs.into(), Some(ours))
     };
-    let broker = ctx.launcher.launch(
+    let launched = ctx.launcher.launch(
         &mut writer,
         Some(&mut helper),
         client,
         &identity,
         broker_uid,
     )?;
+    let broker = launched.pid;
+    // The broker's output, relayed as the daemon relays it (on standard error, which is not
+    // the client's channel).
+    let mut relay = Relay::new();
+    if let Some(fd) = launched.output {
+        relay.add(conn_id, broker, fd);
+    }
     ctx.audit.event_at(
         Facility::AuthPriv,
         Severity::Info,
@@ -125,7 +133,14 @@ pub fn serve_locally(ctx: Ctx) -> Result<i32> {
     );
     // Threads only from here on: every child has been forked.
     let output = splice.map(start_splice).transpose()?;
-    let status = serve_helper_until(&ctx, &mut helper, &mut build_uids, broker, &identity);
+    let status = serve_until(
+        &ctx,
+        &mut helper,
+        &mut build_uids,
+        &mut relay,
+        broker,
+        &identity,
+    );
     if let Some(out) = output {
         let _ = out.join();
     }
@@ -263,37 +278,76 @@ fn same_unix_stream_socket(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// Wait for a child; a description of how it ended.
-/// Answers the helper (build uids, audit lines) until the broker exits; returns how it
-/// exited.
-fn serve_helper_until(
+/// Answers the helper (build uids, audit lines) and relays the broker's output until the
+/// broker exits; returns how it exited.
+fn serve_until(
     ctx: &Ctx,
     helper: &mut crate::builder::BuilderHelper,
     uids: &mut crate::builders::BuildUids,
+    relay: &mut Relay,
     broker: i32,
     client: &ClientIdentity,
 ) -> String {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use stockade_common::ipc::builder::BuilderToMaster;
+    let exited = |relay: &mut Relay, status: String| {
+        if let Err(e) = relay.exited(client.conn_id, &mut io::stderr()) {
+            log::warn!("{e}");
+        }
+        status
+    };
     let mut open = true;
     loop {
         match waitpid(
             Pid::from_raw(broker),
             Some(nix::sys::wait::WaitPidFlag::WNOHANG),
         ) {
-            Ok(WaitStatus::Exited(_, code)) => return format!("exit:{code}"),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return format!("signal:{}", sig.as_str()),
+            Ok(WaitStatus::Exited(_, code)) => return exited(relay, format!("exit:{code}")),
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                return exited(relay, format!("signal:{}", sig.as_str()))
+            }
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return format!("unknown ({e})"),
-        }
-        if !open {
-            return wait_for(broker);
+            Err(e) => return exited(relay, format!("unknown ({e})")),
         }
         // The broker's exit is seen within this long (there is no signalfd in this mode).
-        let ready = {
-            let mut fds = [PollFd::new(helper.channel().as_fd(), PollFlags::POLLIN)];
-            matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0)
+        let (ready, relayed) = {
+            let mut fds = Vec::new();
+            if open {
+                fds.push(PollFd::new(helper.channel().as_fd(), PollFlags::POLLIN));
+            }
+            let relay_base = fds.len();
+            let ids: Vec<u64> = relay
+                .fds()
+                .map(|(id, fd)| {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                    id
+                })
+                .collect();
+            if fds.is_empty() {
+                let status = wait_for(broker);
+                return exited(relay, status);
+            }
+            if !matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0) {
+                continue;
+            }
+            let ready = |i: usize| {
+                fds.get(i)
+                    .and_then(|f| f.revents())
+                    .is_some_and(|r| !r.is_empty())
+            };
+            let relayed: Vec<u64> = ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| ready(relay_base + i))
+                .map(|(_, id)| *id)
+                .collect();
+            (open && ready(0), relayed)
         };
+        for id in relayed {
+            if let Err(e) = relay.ready(id, &mut io::stderr()) {
+                log::warn!("{e}");
+            }
+        }
         if !ready {
             continue;
         }
@@ -328,6 +382,7 @@ fn serve_helper_until(
     }
 }
 
+/// Wait for a child; a description of how it ended.
 fn wait_for(pid: i32) -> String {
     loop {
         match waitpid(Pid::from_raw(pid), None) {

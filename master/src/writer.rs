@@ -44,7 +44,13 @@ impl StoreWriter {
         let theirs = theirs.into_fd();
         // Its own process group: a terminal's ^C reaches the master, which then shuts the
         // store-writer down in order instead of interrupting it.
-        let pid = spawn::spawn(program, &theirs, confinement, true)?;
+        let pid = spawn::spawn(
+            program,
+            &theirs,
+            confinement,
+            spawn::Output::MasterStderr,
+            true,
+        )?;
         drop(theirs);
         ours.set_read_timeout(Some(START_TIMEOUT))
             .map_err(Error::ipc("store-writer channel"))?;

@@ -117,7 +117,16 @@ impl Evil {
 
     /// The outcome of `attack`; `None` when the connection closed instead.
     fn ask(&mut self, attack: &str) -> Option<String> {
+        self.send(attack);
+        self.answer(attack)
+    }
+
+    fn send(&mut self, attack: &str) {
         writeln!(self.w, "{attack}").expect("sending an attack");
+    }
+
+    /// The outcome of `attack`, sent before; `None` when the connection closed instead.
+    fn answer(&mut self, attack: &str) -> Option<String> {
         let mut line = String::new();
         let n = self.r.read_line(&mut line).expect("reading an outcome");
         if n == 0 {
@@ -250,5 +259,146 @@ fn a_compromised_broker_gets_no_more_than_its_client() {
         "{:#?}",
         audit.lines()
     );
+    assert!(stockade_tests::process_alive(d.pid()), "the master exited");
+}
+
+/// What the evil broker's `stderr-forge` writes at the start of a line: the master's audit
+/// fallback on standard error.
+const FORGED: &str = "stockade[1]: audit: conn=0 uid=0 accepted pid=1 user=root trusted=yes";
+/// The master's bound on what one broker may write (master/src/daemon/relay.rs).
+const RELAY_MAX_TOTAL: usize = 1 << 20;
+
+/// The daemon's log once `pred` holds for it (or panics after `WAIT`).
+fn log_when(d: &Daemon, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    d.wait_for_log(WAIT, pred)
+        .unwrap_or_else(|| panic!("the daemon's log never showed {what}:\n{}", d.log_tail(40)))
+}
+
+/// A compromised broker's standard output and error reach the daemon's log only through the
+/// master: each line prefixed with the broker's pid and connection and escaped (no forged
+/// line, no raw escape), long lines in marked pieces, and no more than the bound in all, after
+/// which one line of the master's says it was cut. Its flood blocks neither it nor the master,
+/// which serves another client meanwhile.
+#[test]
+fn a_broker_reaches_the_log_only_prefixed_escaped_and_bounded() {
+    skip_unless_root!();
+    let Some(evil) = evil_broker() else {
+        return;
+    };
+    let mallory = ensure_user("st-mallory").unwrap();
+    let libexec = libexec_with(&evil);
+    let d = stockade_with("")
+        .env("STOCKADE_LIBEXEC_DIR", libexec.path().to_str().unwrap())
+        .start()
+        .expect("stockade with the evil broker");
+
+    let mut m = Evil::connect(&d, &mallory);
+    let sent = m.ask("stderr-forge").expect("an answer to stderr-forge");
+    let pid = sent
+        .strip_prefix("sent pid=")
+        .unwrap_or_else(|| panic!("stderr-forge: {sent}"))
+        .to_string();
+    let prefix = format!("stockade-broker[{pid}] conn={}: ", m.conn);
+    let log = log_when(&d, "the forged lines", |l| l.contains("evil-long LLL"));
+    let raw: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(['\x1b', '\r', '\u{85}', '\u{2028}']))
+        .collect();
+    assert!(
+        raw.is_empty(),
+        "raw control characters in the log: {raw:#?}"
+    );
+    for line in log.lines() {
+        assert!(!line.starts_with("stockade[1]:"), "a forged line: {line:?}");
+        if ["evil-", "harmless", "stockade[1]"]
+            .iter()
+            .any(|w| line.contains(w))
+        {
+            assert!(
+                line.starts_with(&prefix),
+                "not the broker's prefix: {line:?}"
+            );
+            assert!(line.len() < 4096, "{} bytes: {line:.80}…", line.len());
+        }
+    }
+    let mine: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .collect();
+    for want in [
+        FORGED.to_string(),
+        format!("{FORGED} via-stdout"),
+        format!(r"evil-escape \x1b[2K\x1b[1G\r{FORGED} via-cr"),
+        format!(r"evil-nel \x85{FORGED} via-nel\u{{2028}}{FORGED} via-ls"),
+        r"evil-bytes \xff\xfe\xc3".to_string(),
+    ] {
+        assert!(
+            mine.contains(&want.as_str()),
+            "no line {want:?} in {mine:#?}"
+        );
+    }
+    // The 6,000-byte line, in pieces each marked but the last.
+    let start = mine
+        .iter()
+        .position(|l| l.starts_with("evil-long "))
+        .expect("the long line");
+    let mut long = String::new();
+    for piece in mine.iter().skip(start) {
+        match piece.strip_suffix(" …[continued]") {
+            Some(p) => long.push_str(p),
+            None => {
+                long.push_str(piece);
+                break;
+            }
+        }
+    }
+    assert_eq!(long, format!("evil-long {}", "L".repeat(6000)));
+
+    // A flood: cut at the bound, and the master serves on.
+    m.send("stderr-flood");
+    let notice = format!(
+        "warning: the broker of connection {} (pid {pid}) wrote more than {RELAY_MAX_TOTAL} bytes",
+        m.conn
+    );
+    log_when(&d, "the notice of the cut", |l| l.contains(&notice));
+    let mut other = Evil::connect(&d, &mallory);
+    // Stops the flood, which was still going on while `other` was served.
+    m.send("stop");
+    let flood = m.answer("stderr-flood").expect("an answer to stderr-flood");
+    assert!(flood.starts_with("stopped "), "{flood}");
+    assert_eq!(m.answer("stop").as_deref(), Some("stopped"));
+    let written: usize = field(&flood, "lines")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{flood}"));
+    assert_eq!(other.ask("stop").as_deref(), Some("stopped"));
+    drop(other);
+    drop(m);
+
+    let log = d.log();
+    let relayed: Vec<usize> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| l.strip_prefix("evil-flood "))
+        .map(|l| {
+            l.split(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("a number")
+        })
+        .collect();
+    assert!(!relayed.is_empty(), "no flood line relayed");
+    assert!(
+        relayed.iter().enumerate().all(|(i, n)| i == *n),
+        "flood lines out of order or missing"
+    );
+    // Each flood line is 122 bytes; the bound is what the broker wrote, the forged lines too.
+    assert!(relayed.len() * 122 <= RELAY_MAX_TOTAL, "{}", relayed.len());
+    assert!(
+        relayed.len() * 122 > RELAY_MAX_TOTAL / 2,
+        "{}",
+        relayed.len()
+    );
+    assert!(written > 2 * relayed.len(), "{written} lines written");
+    assert_eq!(log.matches(&notice).count(), 1, "{}", d.log_tail(20));
     assert!(stockade_tests::process_alive(d.pid()), "the master exited");
 }

@@ -595,7 +595,9 @@ fn queries_work_when_brokers_cannot_read_the_database() {
     assert_eq!(refs, "", "no references");
     assert_eq!(valid, "");
     assert!(
-        d.log().contains("queries go to the store-writer"),
+        d.wait_for_log(Duration::from_secs(10), |l| l
+            .contains("queries go to the store-writer"))
+            .is_some(),
         "the broker said why it did not read the database: {}",
         d.log_tail(30)
     );

@@ -50,7 +50,10 @@ fn idle_untrusted_connection_is_closed_trusted_one_stays() {
     let hangup = idle.read_to_hangup();
     assert!(hangup.closed, "the broker should close an idle connection");
     assert!(hangup.bytes.is_empty(), "{:?}", hangup.bytes);
-    // The broker wrote why before it exited (and so before the client saw end of file).
-    assert!(d.log().contains("(idle-timeout); closing"), "{}", d.log());
+    // The broker wrote why before it exited; the master relays it a moment later.
+    let said = d.wait_for_log(Duration::from_secs(10), |l| {
+        l.contains("(idle-timeout); closing")
+    });
+    assert!(said.is_some(), "{}", d.log());
     assert!(root.set_options(&[]).expect("root's connection").is_ok());
 }

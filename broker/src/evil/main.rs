@@ -9,7 +9,13 @@
 //!   refusal);
 //! - `closed`: the peer closed the channel;
 //! - `SUCCEEDED <details>`: an attempt worked (a finding);
-//! - `sent` (`audit-forge`), `conn=… uid=… trusted=…` (`whoami`), `unknown`.
+//! - `sent` (`audit-forge`), `conn=… uid=… trusted=…` (`whoami`), `unknown`;
+//! - `sent pid=<pid>` (`stderr-forge`: lines on standard output and error that pass for the
+//!   master's or an audit line, with escapes, bytes that are not UTF-8 and a long line);
+//! - `stopped|timeout lines=<n> bytes=<n>` (`stderr-flood`: numbered lines on standard error
+//!   until the client sends another line, which is then answered as usual; `stop` is answered
+//!   `stopped`). Past [`FLOOD_FAST`] bytes it paces itself, so a log that takes it all does not
+//!   fill the disk.
 //!
 //! `exec`, `unshare` and `ptrace` are on seccomp's deny-list, which kills the process: the
 //! client sees the connection close without an answer (brokers may not fork, so nothing can
@@ -25,7 +31,7 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::fmt::Debug;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use clap::Parser;
 use nix::errno::Errno;
@@ -64,6 +70,9 @@ fn main() {
         sd,
         writer,
         builder: s.builder,
+        client: std::os::fd::AsFd::as_fd(&s.client)
+            .try_clone_to_owned()
+            .expect("dup of the client socket"),
     };
     let hello = evil.call(w::Hello { version: VERSION });
     assert!(
@@ -83,7 +92,16 @@ struct Evil {
     sd: StoreDir,
     writer: Channel,
     builder: Channel,
+    /// The client socket, to see whether the client sent a line (`stderr-flood`).
+    client: std::os::fd::OwnedFd,
 }
+
+/// A forged line: what the master's audit fallback writes on standard error.
+const FORGED: &str = "stockade[1]: audit: conn=0 uid=0 accepted pid=1 user=root trusted=yes";
+/// `stderr-flood` writes this much at full speed, then paces itself.
+const FLOOD_FAST: u64 = 4 << 20;
+/// `stderr-flood` ends after this long without a line from the client.
+const FLOOD_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Evil {
     fn run(&mut self, name: &str) -> String {
@@ -112,6 +130,9 @@ impl Evil {
             "signal-master" => signal_master(),
             "sendto-syslog" => sendto_syslog(),
             "build-missing-drv" => self.build_missing_drv(),
+            "stderr-forge" => stderr_forge(),
+            "stderr-flood" => self.stderr_flood(),
+            "stop" => "stopped".into(),
             _ => "unknown".into(),
         }
     }
@@ -242,6 +263,38 @@ impl Evil {
             Err(e) if channel_closed(&e) => "closed".into(),
             other => verdict(&[("", ipc_attempt(other))]),
         }
+    }
+
+    /// Numbered lines on standard error as fast as they are taken, until the client sends a
+    /// line (or [`FLOOD_MAX`]); past [`FLOOD_FAST`] bytes, one chunk a millisecond.
+    fn stderr_flood(&mut self) -> String {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let started = std::time::Instant::now();
+        let (mut lines, mut bytes) = (0u64, 0u64);
+        let mut err = std::io::stderr().lock();
+        let how = loop {
+            let mut fds = [PollFd::new(self.client.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+                break "stopped";
+            }
+            if started.elapsed() > FLOOD_MAX {
+                break "timeout";
+            }
+            let mut chunk = String::with_capacity(64 * 1024);
+            while chunk.len() < 60 * 1024 {
+                chunk.push_str(&format!("evil-flood {lines:09} {}\n", "f".repeat(100)));
+                lines += 1;
+            }
+            // Blocking: it returns only as the master reads (or a log file takes it).
+            if err.write_all(chunk.as_bytes()).is_err() {
+                break "write-failed";
+            }
+            bytes += chunk.len() as u64;
+            if bytes > FLOOD_FAST {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        format!("{how} lines={lines} bytes={bytes}")
     }
 
     /// A62: a derivation that is not in the store.
@@ -403,6 +456,27 @@ fn open_read(path: &str) -> Attempt {
         nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     ))
+}
+
+/// Lines that would pass for the master's or an audit line, were they written as they are.
+fn stderr_forge() -> String {
+    let long = "L".repeat(6000);
+    let (nel, ls) = ('\u{85}', '\u{2028}');
+    let stdout = format!("harmless\n{FORGED} via-stdout\n");
+    let stderr = format!(
+        "{FORGED}\n\
+         evil-escape \x1b[2K\x1b[1G\r{FORGED} via-cr\n\
+         evil-nel {nel}{FORGED} via-nel{ls}{FORGED} via-ls\n\
+         evil-long {long}\n"
+    );
+    let mut bytes = b"evil-bytes \xff\xfe\xc3\n".to_vec();
+    bytes.extend_from_slice(stderr.as_bytes());
+    let out = std::io::stdout().lock().write_all(stdout.as_bytes());
+    let err = std::io::stderr().lock().write_all(&bytes);
+    match (out, err) {
+        (Ok(()), Ok(())) => format!("sent pid={}", std::process::id()),
+        (o, e) => format!("refused {o:?} {e:?}"),
+    }
 }
 
 /// A60: a new file in the store and in /tmp (removed again should it be made).

@@ -226,14 +226,14 @@ impl Daemon {
             user_name: facts.user_name.clone(),
         };
         let client: OwnedFd = stream.into();
-        let pid = match self.ctx.launcher.launch(
+        let launched = match self.ctx.launcher.launch(
             &mut self.writer,
             self.helper_chan_open.then_some(&mut self.helper),
             client,
             &identity,
             broker_uid,
         ) {
-            Ok(pid) => pid,
+            Ok(l) => l,
             Err(e) => {
                 log::error!("error processing connection: {e}");
                 if let (Some(pool), Some(uid)) = (self.uids.as_mut(), broker_uid) {
@@ -250,6 +250,10 @@ impl Daemon {
                 return;
             }
         };
+        let pid = launched.pid;
+        if let Some(fd) = launched.output {
+            self.relay.add(conn_id, pid, fd);
+        }
         self.conns.insert(
             pid,
             Conn {

@@ -1,8 +1,10 @@
 //! The accept loop and supervision.
 //!
 //! One thread, one `poll` over: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP), the
-//! store-writer's control channel, and the two listening sockets. Being single-threaded is what
-//! makes forking children safe (spawn.rs) and keeps the state below free of locks.
+//! store-writer's control channel, the two listening sockets, and each broker's output pipe
+//! (relay.rs: what a broker writes reaches the log only prefixed, escaped and bounded). Being
+//! single-threaded is what makes forking children safe (spawn.rs) and keeps the state below
+//! free of locks.
 //!
 //! For each connection: `SO_PEERCRED` → passwd/group look-ups → `policy::admit` (allowed-users,
 //! trusted-users, build-users-group; connections on the untrusted socket are never trusted) →
@@ -53,10 +55,12 @@ use crate::socket::{self, Listeners};
 use crate::spawn::Confinement;
 use crate::uids::UidPool;
 use crate::writer::StoreWriter;
+use relay::Relay;
 
 mod accept;
 mod children;
 mod ctx;
+pub(crate) mod relay;
 pub use ctx::{db_reader_gid, unprivileged_notice, yes_no, Ctx};
 
 /// How long the store-writer has to finish after `Shutdown` before it is killed.
@@ -112,6 +116,8 @@ struct Daemon {
     sigfd: SignalFd,
     uids: Option<UidPool>,
     conns: HashMap<i32, Conn>,
+    /// The brokers' output (relay.rs).
+    relay: Relay,
     per_uid: HashMap<u32, u32>,
     next_conn: u64,
     groups: Vec<String>,
@@ -226,6 +232,7 @@ pub fn run(ctx: Ctx) -> Result<i32> {
         sigfd,
         uids,
         conns: HashMap::new(),
+        relay: Relay::new(),
         per_uid: HashMap::new(),
         next_conn: 1,
         groups,
@@ -277,7 +284,7 @@ impl Daemon {
                 }
                 None => timeout,
             };
-            let (sig, chan, helper, roots, main, untrusted) = {
+            let (sig, chan, helper, roots, main, untrusted, relayed) = {
                 let roots_chan = self.roots.as_ref().and_then(RootsReader::channel);
                 let mut fds = vec![PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
                 if self.writer_chan_open {
@@ -299,6 +306,15 @@ impl Daemon {
                     fds.push(PollFd::new(l.main.as_fd(), PollFlags::POLLIN));
                     fds.push(PollFd::new(l.untrusted.as_fd(), PollFlags::POLLIN));
                 }
+                let relay_base = fds.len();
+                let relay_ids: Vec<u64> = self
+                    .relay
+                    .fds()
+                    .map(|(id, fd)| {
+                        fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                        id
+                    })
+                    .collect();
                 match poll(&mut fds, timeout) {
                     Ok(_) => {}
                     Err(Errno::EINTR) => continue,
@@ -320,6 +336,13 @@ impl Daemon {
                     + usize::from(self.helper_chan_open)
                     + usize::from(roots_chan.is_some());
                 let listening = self.listeners.is_some();
+                // POLLHUP too: a broker that closed its end, or exited.
+                let relayed: Vec<u64> = relay_ids
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| ready(relay_base + i))
+                    .map(|(_, id)| *id)
+                    .collect();
                 (
                     ready(0),
                     chan_i.is_some_and(ready),
@@ -327,9 +350,10 @@ impl Daemon {
                     roots_i.is_some_and(ready),
                     listening && ready(base),
                     listening && ready(base + 1),
+                    relayed,
                 )
             };
-            if !(sig || chan || helper || roots || main || untrusted) {
+            if !(sig || chan || helper || roots || main || untrusted || !relayed.is_empty()) {
                 if let Some(pool) = self.uids.as_mut() {
                     pool.verify_released();
                 }
@@ -355,6 +379,12 @@ impl Daemon {
             }
             if untrusted {
                 self.accept_batch(Source::Untrusted);
+            }
+            // Reaped brokers' streams are gone already (`closed`): nothing to do for those.
+            for id in relayed {
+                if let Err(e) = self.relay.ready(id, &mut io::stderr()) {
+                    log::warn!("{e}");
+                }
             }
         }
     }
@@ -484,6 +514,11 @@ impl Daemon {
 
     /// `how`: `("exit", code)` or `("signal", name)`.
     fn closed(&mut self, broker_pid: i32, conn: Conn, how: &(&str, String)) {
+        // Its last lines before the `closed` line; then its pipe is closed, whoever else may
+        // hold the write end.
+        if let Err(e) = self.relay.exited(conn.conn_id, &mut io::stderr()) {
+            log::warn!("{e}");
+        }
         if self.helper_chan_open {
             if let Err(e) = self.helper.client_gone(conn.conn_id) {
                 log::debug!("{e}");

@@ -87,7 +87,13 @@ impl RootsReader {
         let (ours, theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
         let theirs = theirs.into_fd();
         // Its own process group, as the store-writer: ^C reaches the master only.
-        let pid = spawn::spawn(program, &theirs, confinement, true)?;
+        let pid = spawn::spawn(
+            program,
+            &theirs,
+            confinement,
+            spawn::Output::MasterStderr,
+            true,
+        )?;
         drop(theirs);
         let what = "roots-reader channel";
         ours.set_read_timeout(Some(START_TIMEOUT))

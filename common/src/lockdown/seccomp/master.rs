@@ -4,6 +4,8 @@
 //! - accepting on its two listening sockets (`accept4`), reading `SO_PEERCRED`, passing
 //!   descriptors over its seqpacket channels (`sendmsg`/`recvmsg` with `SCM_RIGHTS`, memfds for
 //!   large messages), `poll` on a signalfd and the channels;
+//! - per connection, a pipe for the broker's output (`pipe2`, `fcntl(F_SETFL)` for
+//!   `O_NONBLOCK`, both allowed by `common`), read in its loop (master/src/daemon/relay.rs);
 //! - per connection, `fork` (`clone` without namespace flags; the deny-list kills those) and in
 //!   the child `setgroups`, `setresgid`, `setresuid`, `capset`, `prctl(PR_CAPBSET_DROP,
 //!   PR_CAP_AMBIENT clear, PR_SET_NO_NEW_PRIVS)`, `close_range`, `dup2`, `chdir`, `execve`;
