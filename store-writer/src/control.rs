@@ -248,7 +248,9 @@ fn new_client(
             ),
         }
     }
-    let roots = Arc::new(Mutex::new(TempRoots::new(&store.state_dir, client.conn_id)));
+    let roots = TempRoots::new(&store.state_dir, client.conn_id)
+        .with_charge(store.root_budgets.charge_for(&client));
+    let roots = Arc::new(Mutex::new(roots));
     let conn_id = client.conn_id;
     let thread = {
         let store = store.clone();
@@ -336,8 +338,9 @@ fn stop_helper(h: Helper) {
 pub fn spawn_session(store: &Arc<Store>, client: ClientIdentity, chan: Channel) -> JoinHandle<()> {
     let store = store.clone();
     std::thread::spawn(move || {
-        let roots = Arc::new(Mutex::new(TempRoots::new(&store.state_dir, client.conn_id)));
-        session::serve(store, client, chan, roots);
+        let roots = TempRoots::new(&store.state_dir, client.conn_id)
+            .with_charge(store.root_budgets.charge_for(&client));
+        session::serve(store, client, chan, Arc::new(Mutex::new(roots)));
     })
 }
 

@@ -21,6 +21,7 @@ pub mod optimise;
 pub mod pathlocks;
 pub mod phase;
 pub mod quota;
+pub mod rootbudget;
 pub mod roots;
 pub mod roots_runtime;
 pub mod session;
@@ -39,6 +40,7 @@ pub mod verify;
         feature = "without-a70",
         feature = "without-a71",
         feature = "without-a72",
+        feature = "without-a29",
         feature = "without-a75",
         feature = "without-nofollow",
         feature = "without-roots-reader",

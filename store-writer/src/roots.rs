@@ -54,6 +54,8 @@ pub enum RootError {
     Io(#[from] std::io::Error),
     #[error("too many temporary roots on this connection (at most {MAX_TEMP_ROOTS})")]
     TooMany,
+    #[error("{0}")]
+    Budget(#[from] crate::rootbudget::BudgetHit),
     #[error("a garbage collector is running and cannot be told about a temporary root: {0}")]
     GcUnreachable(String),
     #[error("invalid root link '{0}'")]
@@ -83,6 +85,8 @@ pub struct TempRoots {
     gc_lock: Option<File>,
     roots: HashSet<StorePath>,
     closed: bool,
+    /// An untrusted connection's roots, counted against its budgets.
+    charge: Option<crate::rootbudget::Charge>,
 }
 
 /// `gc.lock` while a root is added: share-locked (no collector runs), or only open (a running
@@ -101,7 +105,14 @@ impl TempRoots {
             gc_lock: None,
             roots: HashSet::new(),
             closed: false,
+            charge: None,
         }
+    }
+
+    /// Counts this connection's roots against `charge` (an untrusted client's budgets).
+    pub fn with_charge(mut self, charge: Option<crate::rootbudget::Charge>) -> TempRoots {
+        self.charge = charge;
+        self
     }
 
     /// The roots of one build of the builder-helper: `<pid>-build-<id>` (Nix's collector
@@ -196,6 +207,9 @@ impl TempRoots {
         }
         self.gc_lock = None;
         self.roots.clear();
+        if let Some(c) = self.charge.as_mut() {
+            c.release();
+        }
     }
 }
 
@@ -218,6 +232,9 @@ pub fn add_temp_root(
     }
     if roots.roots.len() >= MAX_TEMP_ROOTS {
         return Err(RootError::TooMany);
+    }
+    if let Some(c) = roots.charge.as_ref() {
+        c.check()?;
     }
     roots.open()?;
     let full = store.full(path);
@@ -264,7 +281,31 @@ pub fn add_temp_root(
     };
     written?;
     roots.roots.insert(path.clone());
+    if let Some(c) = roots.charge.as_mut() {
+        c.count();
+    }
     Ok(())
+}
+
+/// Audits an untrusted client's temp-root budget hit (issue 19: every limit hit is audited).
+pub fn audit_budget(
+    store: &Store,
+    client: &stockade_common::ipc::msg::ClientIdentity,
+    hit: &crate::rootbudget::BudgetHit,
+) {
+    let limit = match hit {
+        crate::rootbudget::BudgetHit::Connection(_) => "untrusted-temp-roots",
+        crate::rootbudget::BudgetHit::Uid(_) => "untrusted-temp-roots-per-uid",
+    };
+    store.audit.client_event(
+        crate::audit::Severity::Warning,
+        client,
+        &[
+            ("op", "addTempRoot"),
+            ("outcome", "limit"),
+            ("limit", limit),
+        ],
+    );
 }
 
 /// How long a temp root keeps trying to reach a running collector.

@@ -96,6 +96,8 @@ pub struct Store {
     pub staging_pool: Mutex<Vec<crate::add::stage::StagingDir>>,
     /// Our garbage collector, when one runs.
     pub gc: crate::gc::GcState,
+    /// Untrusted clients' temp-root budgets.
+    pub root_budgets: crate::rootbudget::RootBudgets,
 }
 
 impl Store {
@@ -237,6 +239,10 @@ impl Store {
             db_fs,
             staging_pool: Mutex::new(Vec::new()),
             gc: Default::default(),
+            root_budgets: crate::rootbudget::RootBudgets::new(
+                cfg.untrusted_temp_roots,
+                cfg.untrusted_temp_roots_per_uid,
+            ),
             cfg,
         };
         crate::add::stage::remove_stale(store.store_fd());

@@ -539,6 +539,20 @@ impl RawConn {
         }
     }
 
+    /// AddTempRoot: `Ok(())` or the error.
+    pub fn add_temp_root(&mut self, path: &str) -> io::Result<Result<(), String>> {
+        self.send_u64(Op::AddTempRoot.into())?;
+        self.send_str(path)?;
+        self.flush()?;
+        match self.response()?.outcome {
+            Outcome::Last => {
+                self.r.read_u64("result").map_err(wire)?;
+                Ok(Ok(()))
+            }
+            Outcome::Error(e) => Ok(Err(e)),
+        }
+    }
+
     /// QueryAllValidPaths.
     pub fn query_all_valid_paths(&mut self) -> io::Result<BTreeSet<String>> {
         self.send_u64(Op::QueryAllValidPaths.into())?;

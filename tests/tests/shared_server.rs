@@ -350,3 +350,92 @@ fn an_untrusted_user_cannot_fill_the_disk() {
     assert!(add(&alice, &big).success());
     d.run_ok(["nix-store", "--verify", "--check-contents"]);
 }
+
+/// A29 and issue 19's temp-root budgets: an untrusted connection holds at most
+/// `untrusted-temp-roots`, an untrusted uid at most `untrusted-temp-roots-per-uid` over all its
+/// connections; a hit is refused in words naming the setting and audited; a closed
+/// connection gives its roots back; another untrusted user and a trusted one are not held back.
+#[test]
+fn a29_an_untrusted_user_cannot_hold_unbounded_temp_roots() {
+    skip_unless_root!();
+    let alice = ensure_user("st-alice").unwrap();
+    let bob = ensure_user("st-bob").unwrap();
+    let mallory = ensure_user("st-mallory").unwrap();
+    let audit = AuditCollector::new();
+    let d = stockade_with(&format!(
+        "audit-socket = {}\nuntrusted-temp-roots = 20\nuntrusted-temp-roots-per-uid = 30\n",
+        audit.path().display()
+    ))
+    .conf_line("trusted-users = root st-alice")
+    .start()
+    .expect("stockade");
+    let files = |tag: &str, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let f = d.write_work_file(&format!("{tag}/{i}"), format!("{tag} {i}\n").as_bytes());
+                std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                    .unwrap();
+                f.to_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let add = |user: &User, f: &[String]| {
+        d.cmd("nix-store")
+            .arg("--add")
+            .args(f)
+            .as_user(user)
+            .output()
+    };
+    // One connection: the 21st add needs a 21st root.
+    let out = add(&mallory, &files("m", 25));
+    assert!(!out.success(), "25 roots on one connection: {out}");
+    assert!(out.stderr_str().contains("untrusted-temp-roots"), "{out}");
+    assert_eq!(out.stdout_str().lines().count(), 20, "{out}");
+    // Over her connections: 20 held on one, so the second gets 10.
+    let held = files("h", 20);
+    let held_paths = d
+        .cmd("nix-store")
+        .arg("--add")
+        .args(&held)
+        .output()
+        .stdout_str()
+        .lines()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    let mut conn = RawConn::session(&d, Some(&mallory));
+    for p in &held_paths {
+        conn.add_temp_root(p)
+            .unwrap()
+            .expect("a root within the budget");
+    }
+    let out = add(&mallory, &files("n", 12));
+    assert!(!out.success(), "30 roots over two connections: {out}");
+    assert!(
+        out.stderr_str().contains("untrusted-temp-roots-per-uid"),
+        "{out}"
+    );
+    assert_eq!(out.stdout_str().lines().count(), 10, "{out}");
+    // Others are not held back meanwhile.
+    assert!(add(&bob, &files("b", 20)).success());
+    assert!(add(&alice, &files("a", 40)).success());
+    // A closed connection gives its roots back (once the store-writer hears it is gone: the
+    // teardown is asynchronous, so the add is tried until it fits, at most 50 times).
+    drop(conn);
+    let again = files("again", 15);
+    let out = (0..50)
+        .map(|_| add(&mallory, &again))
+        .find(|o| o.success())
+        .expect("mallory's roots were given back once her connection closed");
+    assert_eq!(out.stdout_str().lines().count(), 15);
+    for limit in ["untrusted-temp-roots", "untrusted-temp-roots-per-uid"] {
+        assert!(
+            audit.lines().iter().any(|l| {
+                let l = audit_line(l);
+                let want = format!("limit={limit}");
+                l.contains("op=addTempRoot") && l.split(' ').any(|f| f == want)
+            }),
+            "no audit line for {limit}: {:#?}",
+            audit.lines()
+        );
+    }
+}

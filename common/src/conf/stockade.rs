@@ -67,6 +67,12 @@ define_settings! {
         /// connections, so that one account cannot fill the disk for everyone at once; 0: no
         /// limit. Counted on what is added (a path already valid costs nothing).
         untrusted_bytes_per_hour: ByteSize = "untrusted-bytes-per-hour" => ByteSize(128 << 30);
+        /// Temporary roots one untrusted connection may hold (each a line in its roots file
+        /// and an entry in the store-writer's memory); 0: only the hard cap of 262144.
+        untrusted_temp_roots: u64 = "untrusted-temp-roots" => 262_144;
+        /// Temporary roots one untrusted uid may hold over all its connections at once; 0: no
+        /// limit.
+        untrusted_temp_roots_per_uid: u64 = "untrusted-temp-roots-per-uid" => 1_048_576;
         /// Brokers answer queries from a read-only connection to `db.sqlite` of their own
         /// (one process hop less per query). Off: every query goes through the store-writer,
         /// and brokers never touch the database file, e.g. where it is not world-readable or

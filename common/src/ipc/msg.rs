@@ -118,6 +118,9 @@ pub struct StoreWriterConfig {
     /// `auto-optimise-store`: hard-link the files of each path added or built to identical
     /// ones already in the store, as OptimiseStore does for the whole store.
     pub auto_optimise_store: bool,
+    /// Untrusted clients' temp-root budgets (0: none): per connection, per uid.
+    pub untrusted_temp_roots: u64,
+    pub untrusted_temp_roots_per_uid: u64,
 }
 
 /// nix.conf's garbage-collection settings, as the store-writer uses them.

@@ -54,6 +54,8 @@ impl Ctx {
             runtime_roots_from_master: !self.args.stdio
                 && self.launcher.programs.roots_reader.is_some(),
             auto_optimise_store: s.auto_optimise_store,
+            untrusted_temp_roots: self.cfg.stockade.untrusted_temp_roots,
+            untrusted_temp_roots_per_uid: self.cfg.stockade.untrusted_temp_roots_per_uid,
         }
     }
 

@@ -53,7 +53,11 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     fn temp_root(&self, p: &StorePath) -> Result<(), ReqError> {
         let mut roots = self.roots.lock().unwrap_or_else(|e| e.into_inner());
-        add_temp_root(self.store, &mut roots, p)?;
+        let res = add_temp_root(self.store, &mut roots, p);
+        if let Err(crate::roots::RootError::Budget(hit)) = &res {
+            crate::roots::audit_budget(self.store, self.client, hit);
+        }
+        res?;
         Ok(())
     }
 

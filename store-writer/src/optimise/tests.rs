@@ -45,6 +45,8 @@ fn env() -> Env {
         untrusted_max_nar_size: 0,
         untrusted_bytes_per_hour: 0,
         auto_optimise_store: false,
+        untrusted_temp_roots: 0,
+        untrusted_temp_roots_per_uid: 0,
         gc: Default::default(),
         runtime_roots_from_master: false,
     };

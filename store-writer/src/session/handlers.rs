@@ -48,7 +48,11 @@ impl Session {
             Req::AbortBatch(r) => self.answer(r, Self::abort_batch),
             Req::AddTempRoot(r) => self.answer(r, |s, r| {
                 let mut roots = s.roots.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(roots::add_temp_root(&s.store, &mut roots, &r.path)?)
+                let res = roots::add_temp_root(&s.store, &mut roots, &r.path);
+                if let Err(roots::RootError::Budget(hit)) = &res {
+                    roots::audit_budget(&s.store, &s.client, hit);
+                }
+                Ok(res?)
             }),
             Req::AddIndirectRoot(r) => self.answer(r, Self::add_indirect_root),
             Req::AddPermRoot(r) => self.answer(r, Self::add_perm_root),

@@ -51,6 +51,8 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         gc: Default::default(),
         runtime_roots_from_master: false,
         auto_optimise_store: false,
+        untrusted_temp_roots: 0,
+        untrusted_temp_roots_per_uid: 0,
     }
 }
 
