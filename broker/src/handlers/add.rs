@@ -15,7 +15,8 @@ use stockade_common::worker::{FramedReader, WireError};
 use stockade_policy::ops as pops;
 
 use super::copy_framed;
-use crate::ctx::Ctx;
+use super::pump::pump_framed;
+use crate::ctx::{ClientIn, Ctx};
 use crate::error::{OpError, OpResult};
 use crate::reply::Reply;
 use crate::store::Store;
@@ -86,7 +87,7 @@ pub fn add_to_store(ctx: &mut Ctx<'_>, req: AddToStore) -> OpResult<Reply> {
 fn add_framed(
     store: &mut Store,
     req: w::AddToStore,
-    mut fr: FramedReader<impl Read>,
+    mut fr: FramedReader<&mut ClientIn>,
 ) -> OpResult<PathInfo> {
     let (ended, head) = read_head(&mut fr, w::INLINE_REQUEST_MAX)?;
     add_with_head(store, req, head, (!ended).then_some(fr))
@@ -98,7 +99,7 @@ fn add_with_head(
     store: &mut Store,
     req: w::AddToStore,
     head: Vec<u8>,
-    rest: Option<FramedReader<impl Read>>,
+    rest: Option<FramedReader<&mut ClientIn>>,
 ) -> OpResult<PathInfo> {
     let (req, head) = match rest {
         None => match req.with_data(head) {
@@ -112,7 +113,7 @@ fn add_with_head(
     // the client's stream; the reply says why.
     let _ = up.tx.write_all(&head);
     if let Some(fr) = rest {
-        copy_framed(fr, &mut up.tx)?;
+        pump_framed(fr, &mut up.tx)?;
     }
     store.finish_upload(up)
 }
@@ -143,12 +144,7 @@ pub fn add_text(
         references: references.into_iter().collect(),
         repair: false,
     };
-    let info = add_with_head(
-        ctx.store,
-        req,
-        text.to_vec(),
-        None::<FramedReader<io::Empty>>,
-    )?;
+    let info = add_with_head(ctx.store, req, text.to_vec(), None)?;
     Ok(Reply::Str(ctx.sd.display(&info.path)))
 }
 
@@ -170,7 +166,7 @@ pub fn add_nar(
     match payload {
         NarPayload::Framed(payload) => {
             let mut up = ctx.store.start_upload(req)?;
-            copy_framed(ctx.client.framed(payload), &mut up.tx)?;
+            pump_framed(ctx.client.framed(payload), &mut up.tx)?;
             ctx.store.finish_upload(up)?;
         }
         NarPayload::Tunnelled(payload) => {

@@ -6,6 +6,7 @@ mod add;
 mod build;
 mod export;
 mod options;
+mod pump;
 mod query;
 mod realise;
 mod repair;

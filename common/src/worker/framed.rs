@@ -148,6 +148,50 @@ impl<R: Read> FramedReader<R> {
         Ok(n)
     }
 
+    /// Moves the rest of the payload with `step(inner, max)`, which moves at most `max` bytes
+    /// of the current chunk out of `inner` to wherever the caller wants them and returns how
+    /// many (0: the peer's stream ended): for moving payload without copying it through this
+    /// process (splice). Chunk headers are read here, with the limits of [`FramedReader::new`].
+    pub fn pump(
+        &mut self,
+        mut step: impl FnMut(&mut R, u64) -> io::Result<u64>,
+    ) -> Result<(), WireError> {
+        loop {
+            match self.state {
+                State::Failed => return Err(WireError::FramedFailed),
+                State::Done => return Ok(()),
+                State::Open if self.remaining == 0 => {
+                    self.next_chunk()?;
+                    continue;
+                }
+                State::Open => {}
+            }
+            let offset = self.pos;
+            let n = match step(&mut self.inner, self.remaining) {
+                Ok(0) => {
+                    return Err(self.fail(WireError::Eof {
+                        what: "framed stream chunk",
+                        offset,
+                    }))
+                }
+                Ok(n) if n <= self.remaining => n,
+                Ok(_) => {
+                    return Err(self.fail(WireError::from_io(
+                        io::Error::other("moved more than the chunk holds"),
+                        "framed stream chunk",
+                        offset,
+                    )))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(self.fail(WireError::from_io(e, "framed stream chunk", offset)))
+                }
+            };
+            self.remaining -= n;
+            self.pos += n;
+        }
+    }
+
     /// Discards everything up to and including the terminator; returns the number of payload
     /// bytes discarded. Limits still apply, so a peer cannot make us read forever.
     pub fn drain(&mut self) -> Result<u64, WireError> {
@@ -277,6 +321,42 @@ mod tests {
         expect.extend(b"ij");
         expect.extend([0; 8]);
         assert_eq!(out, expect);
+    }
+
+    #[test]
+    fn pump_moves_every_chunk_in_steps_and_stops_at_the_terminator() {
+        let mut bytes = frame(&[b"abcde", b"fg", b"hijkl"]);
+        bytes.extend(b"after");
+        let mut r = reader(&bytes);
+        let mut got = Vec::new();
+        // At most 3 bytes a step, never past the chunk.
+        r.pump(|inner, max| {
+            let n = max.min(3) as usize;
+            got.extend_from_slice(&inner[..n]);
+            *inner = &inner[n..];
+            Ok(n as u64)
+        })
+        .unwrap();
+        assert_eq!(got, b"abcdefghijkl");
+        assert!(r.is_done());
+        assert_eq!(r.total(), 12);
+        assert_eq!(r.into_inner(), b"after");
+        // A peer that stops mid-chunk, or a step that claims too much, fails the stream.
+        let cut = &frame(&[b"abcde"])[..10];
+        let mut r = reader(cut);
+        let e = r.pump(|inner, max| {
+            let n = (max as usize).min(inner.len());
+            *inner = &inner[n..];
+            Ok(n as u64)
+        });
+        assert!(matches!(e, Err(WireError::Eof { .. })), "{e:?}");
+        let bytes = frame(&[b"abc"]);
+        let mut r = reader(&bytes);
+        assert!(r.pump(|_, max| Ok(max + 1)).is_err());
+        assert!(matches!(
+            r.pump(|_, max| Ok(max)),
+            Err(WireError::FramedFailed)
+        ));
     }
 
     #[test]
