@@ -23,7 +23,7 @@ const STEP: usize = 1 << 20;
 /// the client's stream stays in step; the reply says why.
 pub fn pump_framed(mut fr: FramedReader<&mut ClientIn>, tx: &mut UploadTx) -> OpResult<()> {
     let mut out: Option<&File> = match tx {
-        UploadTx::Pipe(w) => w.flush().is_ok().then(|| &*w.get_ref()),
+        UploadTx::Pipe(w) => w.flush().is_ok().then(|| w.get_ref()),
         UploadTx::Refused => None,
     };
     let mut can_splice = true;
