@@ -6,9 +6,11 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{splice, SpliceFFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use stockade_common::worker::{FramedReader, WireError};
 
 use crate::ctx::ClientIn;
@@ -42,16 +44,20 @@ pub fn pump_framed(mut fr: FramedReader<&mut ClientIn>, tx: &mut UploadTx) -> Op
             return Ok(k as u64);
         }
         if let (Some(f), true) = (out, can_splice) {
-            match splice(
-                inner.get_ref(),
-                None,
-                f,
-                None,
-                max.min(STEP),
-                SpliceFFlags::empty(),
-            ) {
+            // Non-blocking: a blocking splice waits for the socket while holding the pipe's
+            // lock, so the store-writer could not read what was already moved until the
+            // client sent the rest of its chunk. Wait with poll instead, for each side.
+            let sock = inner.get_ref();
+            let flags = SpliceFFlags::SPLICE_F_NONBLOCK;
+            match splice(sock, None, f, None, max.min(STEP), flags) {
                 Ok(n) => return Ok(n as u64),
                 Err(Errno::EINTR) => return Err(io::ErrorKind::Interrupted.into()),
+                Err(Errno::EAGAIN) => {
+                    wait_for(sock.as_fd(), PollFlags::POLLIN)?;
+                    wait_for(f.as_fd(), PollFlags::POLLOUT)?;
+                    // Nothing moved yet: the pump calls again.
+                    return Err(io::ErrorKind::Interrupted.into());
+                }
                 // The store-writer stopped reading: the rest is dropped below.
                 Err(Errno::EPIPE) => out = None,
                 // Not possible here (an old kernel, a filter): copy instead.
@@ -72,4 +78,13 @@ pub fn pump_framed(mut fr: FramedReader<&mut ClientIn>, tx: &mut UploadTx) -> Op
     });
     // Whatever breaks a frame leaves the client's stream out of step: report it, then close.
     res.map_err(|e: WireError| OpError::fatal(e.to_string()))
+}
+
+/// Waits until `fd` is ready for `what` (or has hung up: the next call then says so).
+fn wait_for(fd: BorrowedFd<'_>, what: PollFlags) -> io::Result<()> {
+    let mut fds = [PollFd::new(fd, what)];
+    match poll(&mut fds, PollTimeout::NONE) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
