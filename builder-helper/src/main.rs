@@ -1,7 +1,7 @@
 //! `stockade-builder-helper`: sandbox construction and build supervision. Started by the
 //! master with its control channel as a descriptor (`--control-fd 3`), never by hand.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 use clap::Parser;
 use stockade_common::ipc::Channel;
@@ -12,34 +12,6 @@ struct Args {
     /// File descriptor of the control channel the master hands over.
     #[arg(long)]
     control_fd: RawFd,
-}
-
-/// Plain stderr logger (the master collects our stderr into its journal).
-struct StderrLog;
-
-impl log::Log for StderrLog {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            eprintln!("stockade-builder-helper: {}: {}", r.level(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-static LOGGER: StderrLog = StderrLog;
-
-/// Takes ownership of the inherited control descriptor after checking it is open.
-fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
-    if fd < 3 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-        return None;
-    }
-    // SAFETY: the master passes this descriptor to us at exec and nothing else in this
-    // process has taken ownership of it (we checked it is open and not stdio); from here on
-    // the `OwnedFd` is its only owner.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `--builtin NAME ARGS…`: the helper exec'd as a builtin builder, in the sandbox (or on
@@ -71,10 +43,9 @@ fn main() {
     if argv.get(1).is_some_and(|a| a == "--builtin") {
         std::process::exit(run_builtin(&argv[2..]));
     }
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Info);
+    stockade_common::child::init_logging("stockade-builder-helper");
     let args = Args::parse();
-    let Some(fd) = inherited_fd(args.control_fd) else {
+    let Some(fd) = stockade_common::child::inherited_fd(args.control_fd) else {
         eprintln!(
             "stockade-builder-helper: descriptor {} is not an open control channel",
             args.control_fd

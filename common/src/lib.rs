@@ -10,6 +10,7 @@ compile_error!("the without-* features switch defences off; they are for test bu
 
 pub mod audit;
 pub mod base32;
+pub mod child;
 pub mod conf;
 pub mod content_address;
 #[cfg(feature = "db")]

@@ -1,7 +1,7 @@
 //! `stockade-store-writer`: the only process that writes the store and its database. Started
 //! by the master with its control channel as a descriptor (`--control-fd 3`), never by hand.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 use clap::Parser;
 use stockade_common::ipc::Channel;
@@ -14,41 +14,12 @@ struct Args {
     control_fd: RawFd,
 }
 
-/// Plain stderr logger (the master collects our stderr into its journal).
-struct StderrLog;
-
-impl log::Log for StderrLog {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            eprintln!("stockade-store-writer: {}: {}", r.level(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-static LOGGER: StderrLog = StderrLog;
-
-/// Takes ownership of the inherited control descriptor after checking it is open.
-fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
-    if fd < 3 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-        return None;
-    }
-    // SAFETY: the master passes this descriptor to us at exec and nothing else in this
-    // process has taken ownership of it (we checked it is open and not stdio); from here on
-    // the `OwnedFd` is its only owner.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn main() {
     // Staged files are created with their final modes (0444, 0555): nothing may mask them.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Info);
+    stockade_common::child::init_logging("stockade-store-writer");
     let args = Args::parse();
-    let Some(fd) = inherited_fd(args.control_fd) else {
+    let Some(fd) = stockade_common::child::inherited_fd(args.control_fd) else {
         eprintln!(
             "stockade-store-writer: descriptor {} is not an open control channel",
             args.control_fd
