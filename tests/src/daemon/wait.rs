@@ -33,7 +33,10 @@ impl Daemon {
         let mut backoff = Duration::from_millis(1);
         loop {
             let retry = match UnixStream::connect(&sock) {
-                Ok(_) => return Ok(()),
+                Ok(s) => {
+                    settle(s, deadline);
+                    return Ok(());
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     let b = backoff;
@@ -105,4 +108,18 @@ impl Daemon {
             let _ = poll(&mut fds, proc::poll_timeout(deadline - now));
         }
     }
+}
+
+/// Waits for the daemon's answer to the first half of a handshake on the probe's connection,
+/// best effort: nix-daemon's worker opens (and on a fresh store creates) the database before it
+/// answers, and a second worker doing that at the same moment fails with "database is busy".
+fn settle(mut s: UnixStream, deadline: Instant) {
+    use std::io::{Read, Write};
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+        return;
+    }
+    let magic = stockade_common::worker::WORKER_MAGIC_1.to_le_bytes();
+    let mut answer = [0u8; 8];
+    let _ = s.write_all(&magic).and_then(|()| s.read_exact(&mut answer));
 }
