@@ -5,7 +5,8 @@
 #       perf record -a -g (cpu-clock); prints time per process and per symbol.
 #   bench/profile.sh strace WORKLOAD [stockade|nix] [stockade-bench options...]
 #       strace -c -f of the daemon's processes (all of them, attached before each timed run);
-#       prints syscall counts and times per daemon.
+#       prints syscall counts and times per daemon. STRACE_OPTS=-ttt instead: a timestamped
+#       trace of every call (the tail of an add: what runs after the last byte arrives).
 # e.g. bench/profile.sh perf query-info stockade --runs 5
 # Needs root, and perf or strace. Results stay in the printed directory.
 set -euo pipefail
@@ -59,7 +60,7 @@ if [ "\$1" = start ]; then
   args=()
   for p in \$("$out/tree.sh" "\$3"); do args+=(-p "\$p"); done
   n=\$(ls "$out" | grep -c '^strace-' || true)
-  strace -f -c -S calls -o "$out/strace-\$2-\$n.txt" "\${args[@]}" 2>/dev/null &
+  strace -f ${STRACE_OPTS:--c -S calls} -o "$out/strace-\$2-\$n.txt" "\${args[@]}" 2>/dev/null &
   echo \$! >"$out/strace.pid"
   # strace attaches before it prints anything; wait until every task is attached.
   for _ in \$(seq 200); do

@@ -467,3 +467,45 @@ fn add_multiple_with_no_or_unparsable_entries() {
     assert_eq!(nix[3], "Ok(true)", "{answers:?}");
     assert_eq!(nix, ours, "nix-daemon, then Stockade");
 }
+
+/// The same archives through AddToStore (`nix-store --add`'s request), where the store-writer
+/// computes the path itself: each is refused with the archive's fault, nothing is left behind,
+/// and the connection carries on. A small one is held in memory and parsed only when it would
+/// be written; a large one (over 32 MiB, Nix's `narBufferSize`) is parsed as it streams to disk.
+#[test]
+fn hostile_archives_through_add_to_store_are_refused() {
+    skip_unless_root!();
+    let d = builder(DaemonKind::Stockade).start().expect("daemon");
+    let f = d.write_work_file("existing.txt", b"existing\n");
+    let existing = d.run_ok(["nix-store", "--add", f.to_str().unwrap()]);
+    let mut c = RawConn::connect(&d).expect("connect");
+    c.handshake().expect("handshake");
+    let before = snapshot(&d);
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = cases()
+        .into_iter()
+        .filter(|c| !c.expect.contains("hash") && !c.name.starts_with("narSize"))
+        .filter(|c| !c.name.starts_with("ca-") && !c.name.starts_with("file-size"))
+        .map(|c| (c.name, c.nar, c.expect))
+        .collect();
+    let mut big = flat_nar(&vec![b'x'; 33 << 20]);
+    big.extend_from_slice(&nar_from_tokens(&[b"garbage!"]));
+    cases.push((
+        "33MiB-trailing-bytes",
+        big,
+        "data follows the end of the archive",
+    ));
+    assert!(cases.len() > 10, "{}", cases.len());
+    for (name, nar, expect) in cases {
+        let (resp, path) = c
+            .add_to_store("hostile", "fixed:r:sha256", &[], &nar)
+            .unwrap_or_else(|e| panic!("{name}: the connection broke: {e}"));
+        assert_eq!(path, None, "{name}: added");
+        let err = resp.error(name);
+        assert!(
+            err.contains(expect),
+            "{name}: expected {expect:?}, got {err:?}"
+        );
+        assert_unchanged(&d, &before, name);
+        assert_eq!(c.is_valid_path(&existing).unwrap(), Ok(true), "{name}");
+    }
+}

@@ -123,16 +123,15 @@ pub fn receive(
             })
         }
         ContentAddressMethod::Fixed(FileIngestion::Recursive) => {
-            let (head, complete) = read_upto(&mut input, IN_MEMORY)?;
+            // Hashed as the bytes arrive, as nix-daemon does: once the last byte is in, a
+            // re-add of a valid path only looks the path up. A NAR held in memory is parsed
+            // when it is written out (`materialise`), which refuses a bad archive before
+            // anything is installed; a valid path's hash cannot match a bad archive.
             let ca = (algo != HashAlgo::Sha256).then(|| CaHasher::Plain(Hasher::new(algo)));
+            let mut tee = Tee::new(input, ca);
+            let (head, complete) = read_upto(&mut tee, IN_MEMORY)?;
             if complete {
-                // Parsed (so a bad archive is refused before anything is written) and hashed.
-                let tee = Tee::new(head.as_slice(), ca);
-                let mut reader = NarReader::with_limits(tee, Limits::default());
-                reader
-                    .finish_at_eof()
-                    .map_err(|e| ReqError::failed(e.to_string()))?;
-                let (nar_hash, nar_size, ca) = reader.into_inner().finish();
+                let (nar_hash, nar_size, ca) = tee.finish();
                 return Ok(Received {
                     ca_hash: ca_hash(ca, nar_hash)?,
                     nar_hash,
@@ -141,14 +140,17 @@ pub fn receive(
                 });
             }
             let staging = Staging::new(store)?;
-            let rest = Cursor::new(head).chain(input);
-            let tee = Tee::new(BufReader::with_capacity(BUF, rest), ca);
-            let mut reader = NarReader::with_limits(tee, Limits::default());
-            let made = staging
-                .restore(&mut reader, node)?
-                .and_then(|made| reader.finish_at_eof().map(|()| made))
-                .map_err(|e| ReqError::failed(e.to_string()))?;
-            let (nar_hash, nar_size, ca) = reader.into_inner().finish();
+            let made = {
+                // The head was hashed on its way in; the rest is hashed as the parser pulls it.
+                let rest = Cursor::new(head).chain(&mut tee);
+                let mut reader =
+                    NarReader::with_limits(BufReader::with_capacity(BUF, rest), Limits::default());
+                staging
+                    .restore(&mut reader, node)?
+                    .and_then(|made| reader.finish_at_eof().map(|()| made))
+                    .map_err(|e| ReqError::failed(e.to_string()))?
+            };
+            let (nar_hash, nar_size, ca) = tee.finish();
             Ok(Received {
                 ca_hash: ca_hash(ca, nar_hash)?,
                 nar_hash,

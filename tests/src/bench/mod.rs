@@ -12,6 +12,7 @@ use crate::HarnessError;
 mod add;
 mod build;
 mod concurrent;
+mod connect;
 mod disk;
 mod gc;
 mod optimise;
@@ -20,6 +21,7 @@ mod query;
 pub use add::{AddFile, AddTree, ReAddFile, ReAddTree};
 pub use build::{BuildMany, BuildTree};
 pub use concurrent::Concurrent;
+pub use connect::Connect;
 pub use disk::{disk_dir, AddDisk};
 pub use gc::{GcDead, GcMixed};
 pub use optimise::Optimise;
@@ -82,6 +84,7 @@ pub fn workloads(scale: f64) -> Vec<Box<dyn Workload>> {
         Box::new(Concurrent {
             clients: n(32).max(2),
         }),
+        Box::new(Connect { sessions: n(200) }),
         Box::new(BuildMany { drvs: n(200) }),
         Box::new(BuildTree { files: n(10_000) }),
         Box::new(GcDead { paths: n(2000) }),
