@@ -229,6 +229,8 @@ pub fn bench_stockade_conf() -> String {
 /// that drift on the machine hits both alike.
 pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
     let hook = Hook::from_env();
+    // Every run's time on stderr, to see drift within a workload.
+    let verbose = std::env::var_os("STOCKADE_BENCH_VERBOSE").is_some_and(|v| v != "0");
     let mut rows = Vec::new();
     for w in workloads(opts.scale) {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| w.name().starts_with(o.as_str())) {
@@ -313,6 +315,11 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Row>, HarnessError> {
                 let start = Instant::now();
                 let res = it();
                 let el = start.elapsed();
+                if verbose {
+                    let side = if is_nix { "nix-daemon" } else { "stockade" };
+                    let what = if timed { "timed" } else { "warm-up" };
+                    eprintln!("{} run {i} ({what}) {side}: {el:.1?}", w.name());
+                }
                 if let Some(h) = hooked {
                     h.call("stop", is_nix, pid);
                 }
