@@ -67,24 +67,51 @@ fn lock_one(store_fd: BorrowedFd<'_>, name: &str) -> nix::Result<(Flock<OwnedFd>
     }
 }
 
+impl<'a> PathGuard<'a> {
+    /// Keeps the locks held past this guard, for [`Pending::release`] after the reply has
+    /// gone: the client then does not wait for the lock files' removal.
+    pub fn defer(mut self) -> Pending {
+        Pending {
+            held: std::mem::take(&mut self.held),
+        }
+    }
+}
+
 impl Drop for PathGuard<'_> {
     fn drop(&mut self) {
-        for Held { name, lock, id } in self.held.drain(..) {
-            // Unlink only the file we hold (its name could have been replaced meanwhile).
-            let ours = sys::lstat_at(self.store_fd, name.as_str())
-                .is_ok_and(|named| (named.st_dev, named.st_ino) == id);
-            if ours {
-                match nix::unistd::unlinkat(
-                    Some(self.store_fd.as_raw_fd()),
-                    name.as_str(),
-                    UnlinkatFlags::NoRemoveDir,
-                ) {
-                    Ok(()) | Err(Errno::ENOENT) => {}
-                    Err(e) => log::warn!("cannot remove lock file {name}: {e}"),
-                }
+        release(self.store_fd, self.held.drain(..));
+    }
+}
+
+/// Locks still held after their guard, released by [`Pending::release`]. Dropped instead,
+/// the locks go with their descriptors and the (empty) lock files stay behind, as a Nix killed
+/// while holding them leaves them: harmless, a later locker takes the same file.
+pub struct Pending {
+    held: Vec<Held>,
+}
+
+impl Pending {
+    pub fn release(mut self, store_fd: BorrowedFd<'_>) {
+        release(store_fd, self.held.drain(..));
+    }
+}
+
+fn release(store_fd: BorrowedFd<'_>, held: impl Iterator<Item = Held>) {
+    for Held { name, lock, id } in held {
+        // Unlink only the file we hold (its name could have been replaced meanwhile).
+        let ours = sys::lstat_at(store_fd, name.as_str())
+            .is_ok_and(|named| (named.st_dev, named.st_ino) == id);
+        if ours {
+            match nix::unistd::unlinkat(
+                Some(store_fd.as_raw_fd()),
+                name.as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            ) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => log::warn!("cannot remove lock file {name}: {e}"),
             }
-            // Tell a waiter that this file is stale; the lock goes with the descriptor.
-            let _ = nix::unistd::write(lock.as_fd(), b"d");
         }
+        // Tell a waiter that this file is stale; the lock goes with the descriptor.
+        let _ = nix::unistd::write(lock.as_fd(), b"d");
     }
 }

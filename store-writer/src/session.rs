@@ -48,6 +48,8 @@ pub struct Session {
     roots: Arc<Mutex<TempRoots>>,
     hello: bool,
     batches: HashMap<u64, Batch>,
+    /// Path locks of the last add, released once its reply has been sent.
+    after_reply: std::cell::RefCell<Vec<crate::pathlocks::Pending>>,
     /// What the client tried to override, written as one line when the session ends.
     overrides: brokeraudit::Overrides,
 }
@@ -71,9 +73,11 @@ pub fn serve(
         roots,
         hello: false,
         batches: HashMap::new(),
+        after_reply: Default::default(),
         overrides: Default::default(),
     };
     s.run();
+    s.release_locks();
     s.audit_overrides();
 }
 
@@ -144,12 +148,20 @@ impl Session {
     }
 
     fn send<M: Message>(&mut self, reply: &M) -> Result<(), ()> {
-        self.chan.send(reply, &[]).map_err(|e| {
+        let sent = self.chan.send(reply, &[]).map_err(|e| {
             log::warn!(
                 "conn {}: cannot reply to the broker: {e}",
                 self.client.conn_id
             );
-        })
+        });
+        self.release_locks();
+        sent
+    }
+
+    fn release_locks(&self) {
+        for locks in self.after_reply.borrow_mut().drain(..) {
+            locks.release(self.store.store_fd());
+        }
     }
 
     fn violation(&mut self, why: &str) {
@@ -191,6 +203,7 @@ impl Session {
             store: &self.store,
             client: &self.client,
             roots: &self.roots,
+            after_reply: Some(&self.after_reply),
         }
     }
 

@@ -111,16 +111,14 @@ fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, String>) {
     }
 }
 
-/// The store directory's contents as seen from the host. For nix-daemon, the `<path>.lock`
-/// files it creates next to paths it was about to add (and leaves behind when the worker dies)
-/// are left out: they are its locking scheme, not store contents.
+/// The store directory's contents as seen from the host. The `<path>.lock` files next to paths
+/// are left out: they are the locking scheme, not store contents (nix-daemon leaves them behind
+/// when a worker dies; Stockade removes them just after its reply).
 pub fn store_files(d: &Daemon) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let store = d.host_path(&d.store_dir());
     walk(&store, "", &mut out);
-    if *d.kind() == DaemonKind::Nix {
-        out.retain(|k, _| !k.ends_with(".lock") || k.contains('/'));
-    }
+    out.retain(|k, _| !k.ends_with(".lock") || k.contains('/'));
     // Stockade's pool of empty staging directories holds nothing.
     out.retain(|k, _| !(is_staging(k) && is_empty_dir(&store.join(k))));
     out

@@ -79,7 +79,7 @@ impl Batch {
             info,
             repair,
             evidence,
-            seal,
+            seal: Some(seal),
         });
         Ok(())
     }

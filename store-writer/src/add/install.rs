@@ -29,8 +29,9 @@ pub struct Item {
     pub repair: bool,
     /// What vouches for its contents (audit: ca, sig:<key>, trusted, unchecked).
     pub evidence: String,
-    /// The staged tree as it was canonicalised, right after it was hashed.
-    pub seal: Seal,
+    /// The staged tree as it was canonicalised, right after it was hashed; `None` when it was
+    /// sealed just before this commit (a single add), so there is nothing to compare yet.
+    pub seal: Option<Seal>,
 }
 
 /// How each item ended.
@@ -59,9 +60,11 @@ pub fn commit(
     // removed or changed a file of it since (another writer's cleanup did, A75). Its seal
     // (every node's inode, size and change time) shows that without reading it again.
     for it in &items {
-        staging.check_seal(&it.node, &store.full(&it.info.path), &it.seal)?;
+        if let Some(seal) = &it.seal {
+            staging.check_seal(&it.node, &store.full(&it.info.path), seal)?;
+        }
     }
-    let _locks = pathlocks::lock(store.store_fd(), items.iter().map(|i| i.info.path.clone()))?;
+    let locks = pathlocks::lock(store.store_fd(), items.iter().map(|i| i.info.path.clone()))?;
     let mut outcomes = Vec::with_capacity(items.len());
     let mut todo = Vec::with_capacity(items.len());
     {
@@ -129,6 +132,7 @@ pub fn commit(
         }
     }
     outcomes.extend(todo.into_iter().map(|it| Outcome::Added(it.info)));
+    ctx.release_after_reply(locks);
     Ok(outcomes)
 }
 

@@ -256,13 +256,14 @@ fn register_inner(
             info,
             repair: kind == BuildKind::Repair,
             evidence: "built".to_string(),
-            seal: t.seal,
+            seal: Some(t.seal),
         });
     }
     let ctx = Ctx {
         store,
         client: ident,
         roots: &build.roots,
+        after_reply: None,
     };
     let uid = build_uid.map_or("none".to_string(), |u| u.to_string());
     for outcome in install::commit(&ctx, &staging, items, "buildOutput")? {

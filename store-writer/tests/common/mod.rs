@@ -122,6 +122,8 @@ impl Env {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n != ".links")
+            // Path locks go just after the reply (pathlocks::Pending).
+            .filter(|n| !n.ends_with(".lock"))
             .filter(|n| {
                 let pooled = n.starts_with("tmp-stockade-")
                     && std::fs::read_dir(store.join(n)).is_ok_and(|mut d| d.next().is_none());
