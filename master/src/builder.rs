@@ -40,22 +40,8 @@ impl BuilderHelper {
         config: BuilderConfig,
         to_writer: OwnedFd,
     ) -> Result<BuilderHelper> {
-        let (ours, theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
-        let theirs = theirs.into_fd();
-        // Its own process group, as the store-writer: ^C reaches the master only.
-        let pid = spawn::spawn(
-            program,
-            &theirs,
-            confinement,
-            spawn::Output::MasterStderr,
-            true,
-        )?;
-        drop(theirs);
         let what = "builder-helper channel";
-        ours.set_read_timeout(Some(START_TIMEOUT))
-            .map_err(Error::ipc(what))?;
-        ours.set_write_timeout(Some(SEND_TIMEOUT))
-            .map_err(Error::ipc(what))?;
+        let (pid, ours) = spawn::service(program, confinement, what, START_TIMEOUT, SEND_TIMEOUT)?;
         let mut h = BuilderHelper { pid, chan: ours };
         h.handshake(config, to_writer)?;
         h.chan.set_read_timeout(None).map_err(Error::ipc(what))?;

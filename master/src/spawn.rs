@@ -156,6 +156,29 @@ struct Plan {
     keep: CapsHashSet,
 }
 
+/// Starts a privileged service (`program`) that the master keeps for its whole life: in its
+/// own process group (a terminal's ^C reaches the master, which then stops it in order), its
+/// output through the master's stderr, talking over a new channel on which reads wait at most
+/// `start` (its hello and start-up) and writes at most `send`. Returns its pid and the channel.
+pub fn service(
+    program: &Path,
+    confinement: Confinement,
+    what: &'static str,
+    start: std::time::Duration,
+    send: std::time::Duration,
+) -> Result<(i32, stockade_common::ipc::Channel)> {
+    use stockade_common::ipc;
+    let (ours, theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
+    let theirs = theirs.into_fd();
+    let pid = spawn(program, &theirs, confinement, Output::MasterStderr, true)?;
+    drop(theirs);
+    ours.set_read_timeout(Some(start))
+        .map_err(Error::ipc(what))?;
+    ours.set_write_timeout(Some(send))
+        .map_err(Error::ipc(what))?;
+    Ok((pid, ours))
+}
+
 /// Start `program --control-fd 3` with `control` as fd 3 and `output` as fds 1 and 2. Returns
 /// the child's pid; the caller reaps it (`waitpid`), the `Child` handle is not kept.
 pub fn spawn(

@@ -6,7 +6,7 @@
 //! supervisor (systemd `Restart=`) restarting the whole daemon gives a clean state. The one
 //! exception is a store replaced under the running daemon (restart.rs).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -40,22 +40,8 @@ impl StoreWriter {
         confinement: Confinement,
         config: StoreWriterConfig,
     ) -> Result<StoreWriter> {
-        let (ours, theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
-        let theirs = theirs.into_fd();
-        // Its own process group: a terminal's ^C reaches the master, which then shuts the
-        // store-writer down in order instead of interrupting it.
-        let pid = spawn::spawn(
-            program,
-            &theirs,
-            confinement,
-            spawn::Output::MasterStderr,
-            true,
-        )?;
-        drop(theirs);
-        ours.set_read_timeout(Some(START_TIMEOUT))
-            .map_err(Error::ipc("store-writer channel"))?;
-        ours.set_write_timeout(Some(SEND_TIMEOUT))
-            .map_err(Error::ipc("store-writer channel"))?;
+        let what = "store-writer channel";
+        let (pid, ours) = spawn::service(program, confinement, what, START_TIMEOUT, SEND_TIMEOUT)?;
         let mut w = StoreWriter { pid, chan: ours };
         w.handshake(config)?;
         w.chan
@@ -156,47 +142,37 @@ impl StoreWriter {
     /// Connects to a running Nix garbage collector's socket at `path` for the store-writer
     /// (which makes no sockets itself) and hands it the connection, or why there is none.
     pub fn gc_socket(&mut self, id: u64, path: &std::path::Path) -> Result<()> {
-        let (msg, sock) = match std::os::unix::net::UnixStream::connect(path) {
-            Ok(s) => (MasterToStoreWriter::GcSocket { id, error: None }, Some(s)),
-            Err(e) => (
-                MasterToStoreWriter::GcSocket {
-                    id,
-                    error: Some(e.to_string()),
-                },
-                None,
-            ),
-        };
-        let fds: Vec<std::os::fd::BorrowedFd<'_>> =
-            sock.iter().map(std::os::fd::AsFd::as_fd).collect();
-        self.chan
-            .send(&msg, &fds)
-            .map_err(Error::ipc("answering the store-writer"))
+        let connected = std::os::unix::net::UnixStream::connect(path).map(OwnedFd::from);
+        self.answer_gc_socket(id, connected.map_err(|e| e.to_string()))
     }
 
     /// A fresh unix stream socket, unbound, for the store-writer's collector to bind at
     /// `gc-socket/socket` and listen on: it may not make sockets itself.
     pub fn gc_listen(&mut self, id: u64) -> Result<()> {
         use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-        let bound = socket(
+        let unbound = socket(
             AddressFamily::Unix,
             SockType::Stream,
             SockFlag::SOCK_CLOEXEC,
             None,
         );
-        let (msg, sock) = match bound {
-            Ok(l) => (MasterToStoreWriter::GcSocket { id, error: None }, Some(l)),
-            Err(e) => (
-                MasterToStoreWriter::GcSocket {
-                    id,
-                    error: Some(e.to_string()),
-                },
-                None,
-            ),
+        self.answer_gc_socket(id, unbound.map_err(|e| e.to_string()))
+    }
+
+    /// Answers request `id` with the socket, or with why there is none.
+    fn answer_gc_socket(
+        &mut self,
+        id: u64,
+        sock: std::result::Result<OwnedFd, String>,
+    ) -> Result<()> {
+        let (error, fd) = match sock {
+            Ok(fd) => (None, Some(fd)),
+            Err(e) => (Some(e), None),
         };
         let fds: Vec<std::os::fd::BorrowedFd<'_>> =
-            sock.iter().map(std::os::fd::AsFd::as_fd).collect();
+            fd.iter().map(std::os::fd::AsFd::as_fd).collect();
         self.chan
-            .send(&msg, &fds)
+            .send(&MasterToStoreWriter::GcSocket { id, error }, &fds)
             .map_err(Error::ipc("answering the store-writer"))
     }
 

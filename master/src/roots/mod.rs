@@ -84,22 +84,8 @@ impl RootsReader {
         confinement: Confinement,
         config: RootsReaderConfig,
     ) -> Result<RootsReader> {
-        let (ours, theirs) = ipc::socketpair().map_err(Error::ipc("socketpair"))?;
-        let theirs = theirs.into_fd();
-        // Its own process group, as the store-writer: ^C reaches the master only.
-        let pid = spawn::spawn(
-            program,
-            &theirs,
-            confinement,
-            spawn::Output::MasterStderr,
-            true,
-        )?;
-        drop(theirs);
         let what = "roots-reader channel";
-        ours.set_read_timeout(Some(START_TIMEOUT))
-            .map_err(Error::ipc(what))?;
-        ours.set_write_timeout(Some(SEND_TIMEOUT))
-            .map_err(Error::ipc(what))?;
+        let (pid, ours) = spawn::service(program, confinement, what, START_TIMEOUT, SEND_TIMEOUT)?;
         let store_dir = config.store_dir.clone();
         let mut r = RootsReader {
             pid,
