@@ -63,7 +63,9 @@ impl Config {
 
     /// Refuse configurations Stockade does not run with.
     pub fn check(&self) -> Result<()> {
-        if self.settings.has_feature(ExperimentalFeature::RecursiveNix) {
+        if self.settings.has_feature(ExperimentalFeature::RecursiveNix)
+            && !cfg!(feature = "without-v13")
+        {
             // V13: recursive Nix gave builders a daemon socket; Stockade has no such broker yet.
             return Err(Error::Config(
                 "experimental feature 'recursive-nix' is not supported by Stockade".into(),

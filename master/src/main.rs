@@ -136,6 +136,9 @@ fn context(
 /// A33: with `fs.protected_hardlinks = 0` users could hard-link store files (or root-owned
 /// files into places the daemon later changes); refuse to run as root then.
 fn check_protected_hardlinks() -> Result<()> {
+    if cfg!(feature = "without-a33") {
+        return Ok(());
+    }
     match std::fs::read_to_string("/proc/sys/fs/protected_hardlinks") {
         Ok(v) if v.trim() == "0" => Err(Error::Refused(
             "fs.protected_hardlinks is 0; set it to 1 (sysctl fs.protected_hardlinks=1)".into(),
@@ -151,6 +154,12 @@ fn check_protected_hardlinks() -> Result<()> {
 // Test-only switches that turn a defence off (scripts/defences-off.sh). Never in a release build.
 #[cfg(all(
     not(debug_assertions),
-    any(feature = "without-a75", feature = "without-stderr-relay")
+    any(
+        feature = "without-a75",
+        feature = "without-stderr-relay",
+        feature = "without-a7",
+        feature = "without-a33",
+        feature = "without-v13"
+    )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -55,6 +55,8 @@ pub struct UidPool {
     lock_dir: Option<PathBuf>,
     /// Whether leftover processes may be killed (needs root).
     can_kill: bool,
+    /// The last `/proc` scan failed (logged once until one succeeds).
+    scan_failing: bool,
 }
 
 impl UidPool {
@@ -98,11 +100,17 @@ impl UidPool {
         uids.sort_unstable();
         uids.dedup();
         uids.retain(|&u| u != 0);
-        let live = uids_with_processes(proc_dir);
-        let draining = live
-            .into_iter()
-            .filter(|u| uids.binary_search(u).is_ok())
-            .collect();
+        // Without a whole scan every uid may have processes: each is checked before use.
+        let draining = match uids_with_processes(proc_dir) {
+            Ok(live) => live
+                .into_iter()
+                .filter(|u| uids.binary_search(u).is_ok())
+                .collect(),
+            Err(e) => {
+                log::warn!("cannot scan {} for processes: {e}", proc_dir.display());
+                uids.iter().copied().collect()
+            }
+        };
         UidPool {
             uids,
             next: 0,
@@ -112,6 +120,7 @@ impl UidPool {
             proc_dir: proc_dir.to_path_buf(),
             lock_dir: lock_dir.map(Path::to_path_buf),
             can_kill,
+            scan_failing: false,
         }
     }
 
@@ -218,7 +227,27 @@ impl UidPool {
         if self.released.is_empty() {
             return;
         }
-        let live = uids_with_processes(&self.proc_dir);
+        let live = match uids_with_processes(&self.proc_dir) {
+            Ok(live) => {
+                if std::mem::take(&mut self.scan_failing) {
+                    log::info!("scanning {} works again", self.proc_dir.display());
+                }
+                live
+            }
+            // An incomplete scan (out of descriptors, A7) would free uids that still have
+            // processes: they stay released, and locked, until a scan succeeds.
+            Err(_) if cfg!(feature = "without-a7") => HashSet::new(),
+            Err(e) => {
+                if !std::mem::replace(&mut self.scan_failing, true) {
+                    log::warn!(
+                        "cannot scan {} for processes left under released uids: {e}; they \
+                         stay out of use until a scan succeeds",
+                        self.proc_dir.display()
+                    );
+                }
+                return;
+            }
+        };
         // Each lock is held until its uid has been dealt with.
         for (uid, _lock) in self.released.drain() {
             if !live.contains(&uid) {
@@ -238,18 +267,20 @@ impl UidPool {
         if self.draining.is_empty() {
             return;
         }
-        let live = uids_with_processes(&self.proc_dir);
-        self.draining.retain(|uid| live.contains(uid));
+        // Without a whole scan nothing is known to be empty.
+        if let Ok(live) = uids_with_processes(&self.proc_dir) {
+            self.draining.retain(|uid| live.contains(uid));
+        }
     }
 }
 
-/// Every uid (real, effective, saved, filesystem) some process runs under.
-pub fn uids_with_processes(proc_dir: &Path) -> HashSet<u32> {
+/// Every uid (real, effective, saved, filesystem) some process runs under. An error when the
+/// scan cannot be made whole (out of descriptors, say): an empty or partial answer would let
+/// a uid with processes be handed out.
+pub fn uids_with_processes(proc_dir: &Path) -> std::io::Result<HashSet<u32>> {
     let mut out = HashSet::new();
-    let Ok(dir) = std::fs::read_dir(proc_dir) else {
-        return out;
-    };
-    for entry in dir.flatten() {
+    for entry in std::fs::read_dir(proc_dir)? {
+        let entry = entry?;
         let name = entry.file_name();
         if !name
             .to_str()
@@ -257,9 +288,16 @@ pub fn uids_with_processes(proc_dir: &Path) -> HashSet<u32> {
         {
             continue;
         }
-        // The process may have gone meanwhile; then it has no uid either.
-        let Some(status) = status_head(&entry.path().join("status")) else {
-            continue;
+        let status = match status_head(&entry.path().join("status")) {
+            Ok(s) => s,
+            // The process has gone meanwhile; then it has no uid either.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(nix::libc::ESRCH) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
         };
         if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
             out.extend(
@@ -269,17 +307,17 @@ pub fn uids_with_processes(proc_dir: &Path) -> HashSet<u32> {
             );
         }
     }
-    out
+    Ok(out)
 }
 
 /// The start of a `/proc/<pid>/status` file, where `Uid:` is (after Name, Umask, State, Tgid,
 /// Ngid, Pid, PPid, TracerPid), in one `read`: the file reports size 0, so reading it whole
 /// grows the buffer from 32 bytes, one system call per doubling.
-fn status_head(path: &Path) -> Option<String> {
+fn status_head(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut buf = [0u8; 1024];
-    let n = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    let n = std::fs::File::open(path)?.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(buf.get(..n).unwrap_or_default()).into_owned())
 }
 
 /// Kill every process of `uid`: a child switches to it and signals all it may signal, which
@@ -377,6 +415,20 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_that_fails_frees_nothing() {
+        let proc = fake_proc(&[]);
+        let mut pool = test_pool(10, 10, &proc);
+        assert_eq!(pool.allocate(), Some(10));
+        pool.release(10);
+        // A status file that cannot be read (as when out of descriptors, A7).
+        fs::create_dir_all(proc.path().join("100/status")).expect("mkdir");
+        pool.verify_released();
+        assert_eq!(pool.allocate(), None);
+        fs::remove_dir_all(proc.path().join("100")).expect("rm");
+        assert_eq!(pool.allocate(), Some(10));
+    }
+
+    #[test]
     fn release_with_leftovers_drains() {
         let proc = fake_proc(&[]);
         let mut pool = test_pool(20, 21, &proc);
@@ -437,6 +489,8 @@ mod tests {
     #[test]
     fn real_proc_has_our_uid() {
         let me = nix::unistd::getuid().as_raw();
-        assert!(uids_with_processes(Path::new("/proc")).contains(&me));
+        assert!(uids_with_processes(Path::new("/proc"))
+            .unwrap()
+            .contains(&me));
     }
 }

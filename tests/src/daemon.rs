@@ -131,6 +131,7 @@ pub struct DaemonBuilder {
     start_timeout: Duration,
     command_timeout: Duration,
     newer_clients: bool,
+    ns_binds: Vec<(PathBuf, PathBuf)>,
 }
 
 /// The nix.conf every instance starts from: no sandbox (needs no privileges the test host may
@@ -160,6 +161,7 @@ impl DaemonBuilder {
             start_timeout: DEFAULT_START_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             newer_clients: false,
+            ns_binds: Vec::new(),
         }
     }
 
@@ -251,6 +253,14 @@ impl DaemonBuilder {
     /// Default timeout of client commands.
     pub fn command_timeout(mut self, t: Duration) -> Self {
         self.command_timeout = t;
+        self
+    }
+
+    /// Bind-mounts the host file `source` over `target` in the instance's mount namespace
+    /// before the daemon starts (e.g. a file holding `0` over a `/proc/sys` setting, which
+    /// changes what the daemon reads, never the host's setting). Needs root.
+    pub fn ns_bind(mut self, source: impl Into<PathBuf>, target: impl Into<PathBuf>) -> Self {
+        self.ns_binds.push((source.into(), target.into()));
         self
     }
 
@@ -414,7 +424,16 @@ impl Daemon {
             Layout::MountNamespace => "mount --bind \"$1\" /nix",
             Layout::Redirected => "mount -t tmpfs -o ro,mode=0755,size=64k stockade-guard /nix",
         };
-        let script = format!("{script} && echo ready && exec cat >/dev/null");
+        // Extra bind mounts, their paths as positional parameters after the base ($1).
+        let mut binds = String::new();
+        for i in 0..self.builder.ns_binds.len() {
+            binds.push_str(&format!(
+                " && mount --bind \"${{{}}}\" \"${{{}}}\"",
+                2 + 2 * i,
+                3 + 2 * i
+            ));
+        }
+        let script = format!("{script}{binds} && echo ready && exec cat >/dev/null");
         let log = self.base.join("logs/holder.log");
         let log_file = File::create(&log).map_err(HarnessError::io("creating holder.log"))?;
         let mut cmd = Command::new(unshare);
@@ -422,6 +441,12 @@ impl Daemon {
             .arg(&script)
             .arg("stockade-ns-holder")
             .arg(self.base.join("nix"))
+            .args(
+                self.builder
+                    .ns_binds
+                    .iter()
+                    .flat_map(|(s, t)| [s.as_os_str(), t.as_os_str()]),
+            )
             .env_clear()
             .env("PATH", SYSTEM_PATH)
             .stdin(Stdio::piped())

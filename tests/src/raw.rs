@@ -287,6 +287,11 @@ impl RawConn {
         ))
     }
 
+    /// Speaks over a socket connected elsewhere (e.g. by another process, or passed in).
+    pub fn from_socket(s: UnixStream) -> io::Result<RawConn> {
+        RawConn::from_stream(s)
+    }
+
     /// Connects to `d`'s socket as the harness's own user (root in these tests).
     pub fn connect(d: &Daemon) -> io::Result<RawConn> {
         RawConn::from_stream(UnixStream::connect(d.socket_path())?)
