@@ -5,6 +5,7 @@
 //! the store-writer and its configuration. It locks itself down before reading a byte from the
 //! client, then serves the session and exits.
 
+mod budget;
 mod builder;
 mod conn;
 mod ctx;

@@ -22,6 +22,8 @@
 //! run them in a child). `oversized` makes the store-writer close this broker's channel, so
 //! later store requests on the same connection fail.
 
+#[path = "../budget.rs"]
+mod budget;
 #[path = "../lockdown.rs"]
 mod lockdown;
 #[path = "../start.rs"]
