@@ -132,3 +132,27 @@ pub fn release(svc: &Service, conn_id: u64, cgroup: Cgroup) {
     }
     drop(cgroup);
 }
+
+/// Removes the broker cgroups of helpers that are gone (a daemon killed without its clean-up):
+/// names carry the helper's pid, and a cgroup that still holds a process is not removed
+/// (`rmdir` refuses), so another daemon's are safe.
+pub fn sweep(svc: &Service) {
+    for parent in svc.cgroups.parents(Group::Brokers) {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let owner = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("broker-"))
+                .and_then(|n| n.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            let Some(pid) = owner else { continue };
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}

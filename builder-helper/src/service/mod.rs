@@ -94,6 +94,7 @@ impl Service {
             config,
         };
         log::info!("{}", svc.describe_broker_budget());
+        budget::sweep(&svc);
         Ok(svc)
     }
 
