@@ -5,6 +5,7 @@
 //! the store-writer and its configuration. It locks itself down before reading a byte from the
 //! client, then serves the session and exits.
 
+mod budget;
 mod builder;
 mod conn;
 mod ctx;
@@ -13,6 +14,7 @@ mod goals;
 mod handlers;
 mod lockdown;
 mod reply;
+mod serve;
 mod session;
 mod start;
 mod store;
@@ -45,25 +47,5 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let start::Started {
-        cfg,
-        client,
-        writer,
-        builder,
-        db,
-    } = start::start(args.control_fd)?;
-    let mut store = store::Store::new(writer, db);
-    store
-        .hello()
-        .map_err(|e| format!("greeting the store-writer: {}", e.message))?;
-    let mut session =
-        session::Session::new(client, store, builder::Builder::new(Some(builder)), *cfg)
-            .map_err(|e| format!("setting up the connection: {e}"))?;
-    match session.serve() {
-        session::End::Eof => Ok(()),
-        session::End::Error(e) => {
-            log::info!("connection ended: {e}");
-            Ok(())
-        }
-    }
+    serve::serve(start::start(args.control_fd)?)
 }

@@ -11,7 +11,7 @@ use stockade_common::ipc::msg::{BrokerConfig, BrokerFds, MasterToBroker};
 use stockade_common::ipc::Channel;
 use stockade_common::store_path::StoreDir;
 
-use crate::lockdown;
+use crate::{budget, lockdown};
 
 // The `evil` feature builds a broker that attacks the daemon (tests only): never in a release.
 #[cfg(all(not(debug_assertions), feature = "evil"))]
@@ -52,6 +52,10 @@ pub fn start(control_fd: i32) -> Result<Started, String> {
     drop(control);
     let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
     init_logging(level);
+    // The helper sees this end close when the broker exits, which stops its builds.
+    let mut builder = Channel::from_fd(builder_fd).map_err(|e| format!("builder channel: {e}"))?;
+    // In the cgroup (or under rlimits) before anything of the client is read.
+    let budget = budget::apply(&cfg.budget, &mut builder).map_err(|e| e.to_string())?;
 
     // No syslog socket: audit events go to the store-writer, which writes them under this
     // connection's identity (A74).
@@ -60,13 +64,11 @@ pub fn start(control_fd: i32) -> Result<Started, String> {
     let db = open_db(&cfg);
     let summary = lockdown::apply(&cfg).map_err(|e| format!("locking down: {e}"))?;
     log::debug!(
-        "locked down: {summary} db={}",
+        "locked down: {summary} db={} {budget}",
         if db.is_some() { "ro" } else { "none" }
     );
 
     let writer = Channel::from_fd(writer_fd).map_err(|e| format!("store-writer channel: {e}"))?;
-    // The helper sees this end close when the broker exits, which stops its builds.
-    let builder = Channel::from_fd(builder_fd).map_err(|e| format!("builder channel: {e}"))?;
     let client = UnixStream::from(client_fd);
     Ok(Started {
         cfg,

@@ -25,7 +25,11 @@ fn a_build_cgroup_holds_limits_and_is_emptied() {
         return;
     }
     let h = Hierarchies::detect();
-    assert!(h.any(), "no cgroup hierarchy found: {}", h.describe());
+    assert!(
+        h.any(),
+        "no cgroup hierarchy found: {}",
+        h.describe(stockade_builder_helper::cgroup::Group::Builds)
+    );
     let name = format!("test-{}", std::process::id());
     let cg = h
         .create(

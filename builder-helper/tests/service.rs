@@ -102,6 +102,8 @@ impl Helper {
             enforce_determinism: true,
             build_memory_max: 0,
             build_pids_max: 0,
+            broker_memory_max: 0,
+            broker_pids_max: 0,
             audit_socket: None,
         };
         let (mut control, theirs) = ipc::socketpair().unwrap();

@@ -97,6 +97,13 @@ impl BuilderHelper {
             .map_err(Error::ipc("sending a new client to the builder-helper"))
     }
 
+    /// The broker of `conn_id` runs as `pid` and `uid`: the helper puts it into its cgroup.
+    pub fn broker_started(&mut self, conn_id: u64, pid: i32, uid: u32) -> Result<()> {
+        self.chan
+            .send(&MasterToBuilder::BrokerStarted { conn_id, pid, uid }, &[])
+            .map_err(Error::ipc("telling the builder-helper a broker's pid"))
+    }
+
     /// The connection ended.
     pub fn client_gone(&mut self, conn_id: u64) -> Result<()> {
         self.chan

@@ -62,6 +62,8 @@ pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
         enforce_determinism: s.enforce_determinism,
         build_memory_max: ctx.cfg.build_memory_max(),
         build_pids_max: ctx.cfg.stockade.build_pids_max,
+        broker_memory_max: ctx.cfg.broker_memory_max(),
+        broker_pids_max: ctx.cfg.broker_pids_max(),
         audit_socket: ctx
             .cfg
             .audit_socket()

@@ -99,6 +99,23 @@ impl Config {
         }
     }
 
+    /// `broker-memory-max` in bytes (0: no limit). A test build with the defence off
+    /// (`without-broker-cgroup`) gives brokers no budget at all.
+    pub fn broker_memory_max(&self) -> u64 {
+        if cfg!(feature = "without-broker-cgroup") {
+            return 0;
+        }
+        self.stockade.broker_memory_max.0
+    }
+
+    /// `broker-pids-max` (0: no limit), as [`Config::broker_memory_max`].
+    pub fn broker_pids_max(&self) -> u64 {
+        if cfg!(feature = "without-broker-cgroup") {
+            return 0;
+        }
+        self.stockade.broker_pids_max
+    }
+
     /// The idle timeout of a connection (seconds, 0: none).
     pub fn idle_timeout(&self, trusted: bool) -> u64 {
         if trusted {
@@ -175,6 +192,8 @@ impl Config {
             ("max-builds-per-uid", self.max_builds_per_uid().to_string()),
             ("build-memory-max", self.build_memory_max().to_string()),
             ("build-pids-max", st.build_pids_max.to_string()),
+            ("broker-memory-max", self.broker_memory_max().to_string()),
+            ("broker-pids-max", self.broker_pids_max().to_string()),
             (
                 "broker-uid-range",
                 st.get("broker-uid-range").unwrap_or_default(),

@@ -10,13 +10,23 @@
 //!
 //! The broker's build channel is made the same way: one end goes to the builder-helper with
 //! `MasterToBuilder::NewClient`, the other travels in the broker's `Start`. Without a helper
-//! (`--stdio`) the helper's end is closed at once: the broker sees a closed channel and
-//! refuses builds.
+//! the helper's end is closed at once: the broker sees a closed channel and refuses builds.
+//!
+//! The broker's memory and pids budget (`broker-memory-max`, `broker-pids-max`) is held by a
+//! cgroup the builder-helper makes: once the broker runs, the master tells the helper its pid
+//! (`BrokerStarted`), the helper writes it into the cgroup's `cgroup.procs` and then tells the
+//! broker, which waits for that before it reads a byte from its client. The master itself
+//! makes no cgroup: after its lockdown it may neither make directories nor open files for
+//! writing (restrict.rs), and the helper already makes, limits and removes build cgroups.
+//! Where the helper cannot (no cgroup hierarchy, or a daemon run by an ordinary user) or a
+//! limit is not enforced, the broker sets rlimits on itself instead (broker/src/budget.rs).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use stockade_common::ipc::msg::{BrokerConfig, BrokerFds, ClientIdentity, MasterToBroker};
+use stockade_common::ipc::msg::{
+    BrokerBudget, BrokerConfig, BrokerFds, ClientIdentity, MasterToBroker,
+};
 use stockade_common::ipc::{self};
 use stockade_common::lockdown::LockdownOptions;
 
@@ -159,6 +169,12 @@ impl Launcher {
             handshake_timeout: cfg.stockade.handshake_timeout,
             idle_timeout: cfg.idle_timeout(false),
             lockdown,
+            budget: BrokerBudget {
+                memory_max: cfg.broker_memory_max(),
+                pids_max: cfg.broker_pids_max(),
+                from_helper: false,
+                own_uid: false,
+            },
         };
         let db_group = cfg
             .stockade
@@ -197,6 +213,12 @@ impl Launcher {
         if identity.trusted {
             config.idle_timeout = self.trusted_idle_timeout;
         }
+        let budget = &mut config.budget;
+        budget.own_uid = broker_uid.is_some();
+        // Should the helper then not take the client, the broker sees its channel closed and
+        // falls back to rlimits.
+        budget.from_helper = helper.is_some() && (budget.memory_max > 0 || budget.pids_max > 0);
+        let from_helper = budget.from_helper;
         let broker_end = to_writer_broker_end.into_fd();
         let (to_builder_broker_end, to_builder_helper_end) =
             ipc::socketpair().map_err(Error::ipc("socketpair"))?;
@@ -217,10 +239,12 @@ impl Launcher {
         drop(builder_end);
         writer.new_client(identity, to_writer_writer_end)?;
         let mut helper = helper;
+        let mut helper_knows = false;
         if let Some(h) = helper.as_deref_mut() {
-            if let Err(e) = h.new_client(identity, to_builder_helper_end) {
+            match h.new_client(identity, to_builder_helper_end) {
+                Ok(()) => helper_knows = true,
                 // The connection is served without builds rather than refused.
-                log::error!("{e}");
+                Err(e) => log::error!("{e}"),
             }
         }
         let confinement = match broker_uid {
@@ -233,10 +257,19 @@ impl Launcher {
         };
         let start_fd = start_theirs.into_fd();
         match spawn::spawn(&self.programs.broker, &start_fd, confinement, output, false) {
-            Ok(pid) => Ok(Launched {
-                pid,
-                output: relayed,
-            }),
+            Ok(pid) => {
+                if let Some(h) = helper.filter(|_| from_helper && helper_knows) {
+                    // Unsent, the broker gives up waiting for its cgroup and exits.
+                    let uid = broker_uid.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+                    if let Err(e) = h.broker_started(identity.conn_id, pid, uid) {
+                        log::error!("{e}");
+                    }
+                }
+                Ok(Launched {
+                    pid,
+                    output: relayed,
+                })
+            }
             Err(e) => {
                 // The store-writer already knows the client; tell it the client is gone.
                 if let Err(e2) = writer.client_gone(identity.conn_id) {

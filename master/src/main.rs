@@ -159,7 +159,8 @@ fn check_protected_hardlinks() -> Result<()> {
         feature = "without-stderr-relay",
         feature = "without-a7",
         feature = "without-a33",
-        feature = "without-v13"
+        feature = "without-v13",
+        feature = "without-broker-cgroup"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

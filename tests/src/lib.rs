@@ -29,6 +29,7 @@
 pub mod bench;
 mod client;
 mod daemon;
+pub mod evil;
 pub mod fsutil;
 pub mod http;
 pub mod newer;

@@ -42,6 +42,16 @@ fn stockade_as_an_ordinary_user() {
     let f = d.write_work_file("owner.txt", b"the owner's file\n");
     let path = d.run_as_ok(&owner, ["nix-store", "--add", f.to_str().unwrap()]);
     assert!(path.starts_with(&format!("{store}/")), "{path}");
+    // No cgroup for an ordinary user's brokers: rlimits hold their budget, said once however
+    // many connections there were.
+    d.run_as_ok(&owner, ["nix-store", "-q", "--hash", &path]);
+    let log = d.log();
+    let fallback =
+        log.matches("brokers get no cgroup").count() + log.matches("broker cgroups: none").count();
+    assert_eq!(
+        fallback, 1,
+        "expected one line about brokers' rlimits:\n{log}"
+    );
     let on_disk = d.host_path(&path);
     let meta = std::fs::symlink_metadata(&on_disk).unwrap();
     assert_eq!(

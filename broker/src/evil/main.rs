@@ -17,15 +17,45 @@
 //!   `stopped`). Past [`FLOOD_FAST`] bytes it paces itself, so a log that takes it all does not
 //!   fill the disk.
 //!
+//! - `memory-hog`, `pids-hog` and `writer-flood`: see [`hogs`] (A12, A63).
+//!
+//! A client that opens with the worker protocol's magic instead is served as the real broker
+//! serves it (the same code), so honest users of a daemon running this broker use real Nix
+//! clients beside the attacker.
+//!
 //! `exec`, `unshare` and `ptrace` are on seccomp's deny-list, which kills the process: the
 //! client sees the connection close without an answer (brokers may not fork, so nothing can
 //! run them in a child). `oversized` makes the store-writer close this broker's channel, so
 //! later store requests on the same connection fail.
 
+#[path = "../budget.rs"]
+mod budget;
+#[path = "../builder.rs"]
+mod builder;
+#[path = "../conn.rs"]
+mod conn;
+#[path = "../ctx.rs"]
+mod ctx;
+#[path = "../error.rs"]
+mod error;
+#[path = "../goals/mod.rs"]
+mod goals;
+#[path = "../handlers/mod.rs"]
+mod handlers;
 #[path = "../lockdown.rs"]
 mod lockdown;
+#[path = "../reply.rs"]
+mod reply;
+#[path = "../serve.rs"]
+mod serve;
+#[path = "../session.rs"]
+mod session;
 #[path = "../start.rs"]
 mod start;
+#[path = "../store.rs"]
+mod store;
+
+mod hogs;
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -60,6 +90,12 @@ type Attempt = Result<String, String>;
 fn main() {
     let args = Args::parse();
     let s = start::start(args.control_fd).expect("starting as a broker");
+    if speaks_worker_protocol(&s.client) {
+        if let Err(e) = serve::serve(s) {
+            eprintln!("error: {e}");
+        }
+        return;
+    }
     // Held, as the real broker holds it: a read-only database connection.
     let _db = s.db;
     let mut writer = s.writer;
@@ -84,6 +120,17 @@ fn main() {
         let name = line.expect("reading an attack name");
         let outcome = one_line(&evil.run(name.trim()));
         writeln!(out, "{} {outcome}", name.trim()).expect("answering");
+    }
+}
+
+/// Whether the client's first bytes are the worker protocol's magic (`WORKER_MAGIC_1`, a
+/// little-endian u64) rather than an attack name.
+fn speaks_worker_protocol(client: &std::os::unix::net::UnixStream) -> bool {
+    let mut head = [0u8; 8];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_WAITALL;
+    match socket::recv(client.as_raw_fd(), &mut head, flags) {
+        Ok(8) => u64::from_le_bytes(head) == stockade_common::worker::WORKER_MAGIC_1,
+        _ => false,
     }
 }
 
@@ -133,6 +180,9 @@ impl Evil {
             "stderr-forge" => stderr_forge(),
             "stderr-flood" => self.stderr_flood(),
             "stop" => "stopped".into(),
+            "memory-hog" => hogs::memory_hog(),
+            "pids-hog" => hogs::pids_hog(),
+            "writer-flood" => hogs::writer_flood(&mut self.writer, &self.sd),
             _ => "unknown".into(),
         }
     }

@@ -2,8 +2,9 @@
 //! channel (`Hello`, `Start` with the store-writer channel, then `NewClient` / `ClientGone` /
 //! `Uid` answers until `Shutdown` or end of file), one session thread per broker
 //! ([`session`], its phases in [`phase`]), a scheduler shared by all sessions ([`sched`]) and
-//! one thread per build ([`job`]).
+//! one thread per build ([`job`]). Each broker also gets a cgroup of its own ([`budget`]).
 
+pub mod budget;
 pub mod hook;
 pub mod job;
 pub mod links;
@@ -80,15 +81,21 @@ impl Service {
             base.sandbox_paths.push(p);
         }
         let cgroups = crate::cgroup::Hierarchies::detect();
-        log::info!("build cgroups: {}", cgroups.describe());
-        Ok(Service {
+        log::info!(
+            "build cgroups: {}",
+            cgroups.describe(crate::cgroup::Group::Builds)
+        );
+        let svc = Service {
             cgroups,
             sched: Scheduler::new(config.max_jobs, config.max_builds_per_uid),
             writer: WriterLink::new(writer)?,
             master: MasterLink::new(master),
             base,
             config,
-        })
+        };
+        log::info!("{}", svc.describe_broker_budget());
+        budget::sweep(&svc);
+        Ok(svc)
     }
 
     /// The build settings of one build.
@@ -157,6 +164,8 @@ pub(crate) fn no_chroot(drv: &Derivation) -> bool {
 struct Conn {
     broker: Arc<Broker>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The broker's cgroup, once it is in it.
+    cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 /// Serves the control channel; returns the process exit status.
@@ -235,11 +244,20 @@ pub fn serve(mut control: Channel) -> i32 {
                     Err(e) => log::warn!("conn {conn_id}: refused: {e}"),
                 }
             }
+            In::BrokerStarted { conn_id, pid, uid } => match conns.get_mut(&conn_id) {
+                Some(c) if c.cgroup.is_none() => {
+                    c.cgroup = budget::place(&svc, &c.broker, pid, uid);
+                }
+                _ => log::warn!("conn {conn_id}: a broker pid for no new connection"),
+            },
             In::ClientGone { conn_id } => {
                 let gone = conns.remove(&conn_id);
-                if let Some(c) = gone {
+                if let Some(mut c) = gone {
                     // The session thread sees the end of its channel and withdraws its builds.
                     c.broker.shut_down();
+                    if let Some(cg) = c.cgroup.take() {
+                        budget::release(&svc, conn_id, cg);
+                    }
                 }
                 // Its builds nobody else waits for stop; the broker is gone, no `Done` to send.
                 drop(svc.sched.withdraw(conn_id, None));
@@ -301,6 +319,7 @@ fn new_client(svc: &Arc<Service>, client: ClientIdentity, fd: OwnedFd) -> Result
     Ok(Conn {
         broker,
         thread: Some(thread),
+        cgroup: None,
     })
 }
 

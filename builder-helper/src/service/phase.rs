@@ -194,6 +194,8 @@ mod tests {
             enforce_determinism: true,
             build_memory_max: 0,
             build_pids_max: 0,
+            broker_memory_max: 0,
+            broker_pids_max: 0,
             audit_socket: None,
         };
         let asked = BuildSettings {

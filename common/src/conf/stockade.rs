@@ -60,6 +60,17 @@ define_settings! {
         /// Processes and threads each build may have at once (its cgroup's `pids.max`), so a
         /// fork bomb ends at that many; 0 is no limit. Audited `limit=pids` when reached.
         build_pids_max: u64 = "build-pids-max" => 16384;
+        /// Memory (RAM, no swap) the broker of one connection may use, through a cgroup of
+        /// its own (an rlimit on its data segment where there is none): a size as for
+        /// `build-memory-max`; 0 is no limit. A broker streams what it adds and bounds what
+        /// it reads from a client, so it needs a few MiB; over the budget the kernel ends it,
+        /// its client's connection closes, and the helper audits `limit=broker-memory-max`.
+        broker_memory_max: ByteSize = "broker-memory-max" => ByteSize(256 << 20);
+        /// Processes and threads the broker of one connection may have at once (its
+        /// cgroup's `pids.max`, or `RLIMIT_NPROC` of its uid where there is no cgroup); 0 is
+        /// no limit. A broker runs one thread; one over the budget fails to start, audited
+        /// `limit=broker-pids-max`.
+        broker_pids_max: u64 = "broker-pids-max" => 16;
         /// The largest NAR (or file) an untrusted client may add at once; 0: no limit.
         /// Trusted clients and build outputs are not limited.
         untrusted_max_nar_size: ByteSize = "untrusted-max-nar-size" => ByteSize(64 << 30);

@@ -64,6 +64,15 @@ pub enum MasterToBuilder {
     /// The store was replaced and a new store-writer serves it. Carries one descriptor: the
     /// helper's end of a channel to it. Builds begun with the old one fail.
     StoreWriter,
+    /// The broker of `conn_id` (announced with `NewClient`) runs as `pid` and `uid`, waiting in its
+    /// start-up for `BuilderToBroker::Budget`: the helper puts it into a cgroup of its own
+    /// with `broker-memory-max` and `broker-pids-max`, then tells it. The master has not
+    /// reaped `pid` (it reaps only after this message is sent), so the number is the broker's.
+    BrokerStarted {
+        conn_id: u64,
+        pid: i32,
+        uid: u32,
+    },
 }
 
 /// builder-helper → master.
@@ -163,6 +172,10 @@ pub struct BuilderConfig {
     pub build_pids_max: u64,
     /// The extra audit destination.
     pub audit_socket: Option<String>,
+    /// Each broker's cgroup limits (`broker-memory-max` in bytes, `broker-pids-max`); 0:
+    /// none.
+    pub broker_memory_max: u64,
+    pub broker_pids_max: u64,
 }
 
 // ---- broker ↔ builder-helper -----------------------------------------------------------------
@@ -329,6 +342,13 @@ pub enum BuilderToBroker {
     /// The broker broke the protocol; the channel closes after this.
     Error {
         message: String,
+    },
+    /// The helper's first message to a broker whose `BrokerBudget::from_helper` is set, before
+    /// the broker reads anything from its client: the broker is in its cgroup, and these
+    /// limits are enforced by it (the broker sets an rlimit for each that is not).
+    Budget {
+        memory: bool,
+        pids: bool,
     },
 }
 

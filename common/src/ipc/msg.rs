@@ -272,6 +272,25 @@ pub struct BrokerConfig {
     pub idle_timeout: u64,
     /// Whether to refuse to run unconfined, and the seccomp mode (A76).
     pub lockdown: LockdownOptions,
+    /// The broker's memory and pids budget.
+    pub budget: BrokerBudget,
+}
+
+/// What one broker may use (`broker-memory-max`, `broker-pids-max`), and how it is held to
+/// it: by its cgroup, which the builder-helper makes and puts it in, or else by rlimits the
+/// broker sets on itself before it reads from its client (broker/src/budget.rs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerBudget {
+    /// Bytes of memory; 0: no limit.
+    pub memory_max: u64,
+    /// Processes and threads; 0: no limit.
+    pub pids_max: u64,
+    /// The helper places the broker in its cgroup and says so first on the build channel
+    /// (`BuilderToBroker::Budget`); the broker waits for that before reading its client.
+    pub from_helper: bool,
+    /// The broker has a uid of its own, so `RLIMIT_NPROC` (counted per uid) can stand for
+    /// `pids_max`; not where it shares the daemon's uid.
+    pub own_uid: bool,
 }
 
 impl Message for MasterToBroker {

@@ -20,8 +20,10 @@ impl Daemon {
                 let uid = self
                     .conns
                     .values()
-                    .find(|c| c.conn_id == conn_id)
-                    .map_or(0, |c| c.client_uid);
+                    .map(|c| (c.conn_id, c.client_uid))
+                    .chain(self.recently_closed.iter().copied())
+                    .find(|(id, _)| *id == conn_id)
+                    .map_or(0, |(_, uid)| uid);
                 let refs: Vec<(&str, &str)> = fields
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -72,8 +74,10 @@ impl Daemon {
                 let uid = self
                     .conns
                     .values()
-                    .find(|c| c.conn_id == conn_id)
-                    .map_or(0, |c| c.client_uid);
+                    .map(|c| (c.conn_id, c.client_uid))
+                    .chain(self.recently_closed.iter().copied())
+                    .find(|(id, _)| *id == conn_id)
+                    .map_or(0, |(_, uid)| uid);
                 log::warn!("the store-writer dropped connection {conn_id}: {reason}");
                 self.ctx.audit.event_at(
                     Facility::Daemon,

@@ -20,7 +20,7 @@
 //! SIGTERM to the remaining brokers, exit 0. SIGHUP is ignored (configuration is read at start
 //! only).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -98,6 +98,9 @@ struct Conn {
     started: Instant,
 }
 
+/// How many closed connections' client uids [`Daemon::recently_closed`] keeps.
+const RECENTLY_CLOSED: usize = 256;
+
 struct Daemon {
     ctx: Ctx,
     listeners: Option<Listeners>,
@@ -119,6 +122,10 @@ struct Daemon {
     /// The brokers' output (relay.rs).
     relay: Relay,
     per_uid: HashMap<u32, u32>,
+    /// The client uids of the last [`RECENTLY_CLOSED`] connections: the helper audits a
+    /// broker's limits when told the connection ended (service/budget.rs), after it is gone
+    /// from `conns`.
+    recently_closed: VecDeque<(u64, u32)>,
     next_conn: u64,
     groups: Vec<String>,
     /// A spare descriptor, given up to accept-and-close a connection when out of descriptors.
@@ -234,6 +241,7 @@ pub fn run(ctx: Ctx) -> Result<i32> {
         conns: HashMap::new(),
         relay: Relay::new(),
         per_uid: HashMap::new(),
+        recently_closed: VecDeque::new(),
         next_conn: 1,
         groups,
         reserve: open_reserve(),
@@ -534,6 +542,11 @@ impl Daemon {
                 }
             }
         }
+        if self.recently_closed.len() >= RECENTLY_CLOSED {
+            self.recently_closed.pop_front();
+        }
+        self.recently_closed
+            .push_back((conn.conn_id, conn.client_uid));
         if let Some(n) = self.per_uid.get_mut(&conn.client_uid) {
             *n = n.saturating_sub(1);
             if *n == 0 {

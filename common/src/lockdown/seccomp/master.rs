@@ -12,6 +12,7 @@
 //! - reaping (`wait4`, `waitid`, `pidfd_open` while a replaced store's store-writer stops) and
 //!   signalling its children (`kill`, only to a single pid or, from the child that empties a
 //!   released uid after switching to it, `-1`);
+//! - in a broker before its own lockdown, lowering its own rlimits (`prlimit64` on pid 0);
 //! - reading `/proc/<pid>/status` (uid scans), `/etc/passwd`, `/etc/group`,
 //!   `/etc/nsswitch.conf` and NSS modules' sockets (`socket(AF_UNIX)` + `connect`), creating and
 //!   `flock`ing the per-uid lock files, connecting to a Nix garbage collector's socket for the
@@ -171,6 +172,10 @@ pub(super) fn allow_list(pid: u32, store_writer_restarts: bool) -> Result<Rules,
     }
     let prctl_rules: Vec<&[Cond]> = prctl_rules.iter().map(Vec::as_slice).collect();
     r.replace(libc::SYS_prctl, &prctl_rules)?;
+    // Its own limits (pid 0), which a broker sets on itself before its lockdown when no
+    // cgroup holds its budget (broker/src/budget.rs). Without CAP_SYS_RESOURCE, which no
+    // process under this filter has, a limit can only be lowered.
+    r.replace(libc::SYS_prlimit64, &[&[eq(0, 0)]])?;
     // In the child before exec: mark every descriptor above fd 3 close-on-exec.
     r.replace(libc::SYS_close_range, &[&[eq(2, CLOSE_RANGE_CLOEXEC)]])?;
     // AF_UNIX only (SECURITY.md §5): stream sockets to connect to a garbage collector's socket

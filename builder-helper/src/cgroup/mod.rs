@@ -1,17 +1,19 @@
-//! A cgroup per build, on whatever the machine has: the unified (v2) hierarchy, the v1
-//! controllers, or both side by side (v1 controllers beside an empty v2 hierarchy, as on
-//! this project's CI machine; most machines today are v2 only).
+//! A cgroup per build and per broker, on whatever the machine has: the unified (v2)
+//! hierarchy, the v1 controllers, or both side by side (v1 controllers beside an empty v2
+//! hierarchy, as on this project's CI machine; most machines today are v2 only).
 //!
 //! [`Hierarchies::detect`] reads `/proc/self/mountinfo` and `/proc/self/cgroup` once at start
-//! and decides where build cgroups go: below the helper's own cgroup in each hierarchy that
-//! has a controller we use (memory, pids, cpu accounting, freezer), under `stockade-builds/`.
+//! and decides where cgroups go: below the helper's own cgroup (the daemon's) in each
+//! hierarchy that has a controller we use, under `stockade-builds/` for builds (memory, pids,
+//! cpu accounting, freezer) and `stockade-brokers/` for brokers (memory, pids: [`Group`]).
 //! A controller that is missing is reported once ([`Hierarchies::missing`]) and never fails a
-//! build: the pid namespace alone then ends every process of a build.
+//! build: the pid namespace alone then ends every process of a build. A broker whose cgroup
+//! does not enforce a limit gets an rlimit in its place (broker/src/budget.rs).
 //!
-//! A build's cgroup ([`BuildCgroup`]) is joined by the sandbox's first process before it
-//! runs anything (the helper writes its pid into `cgroup.procs` of each directory), can
-//! carry memory and pids limits, reports peak memory and CPU time, and is emptied (every
-//! process killed) and removed when the build ends.
+//! A cgroup ([`Cgroup`]) is joined before its first process runs anything of a build or a
+//! client (the helper writes its pid into `cgroup.procs` of each directory), can carry memory
+//! and pids limits, reports peak memory, CPU time and the limits' events, and is emptied
+//! (every process killed) and removed when the build or the connection ends.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,14 +23,43 @@ use std::time::{Duration, Instant};
 
 /// The controllers builds use, by their v1 names.
 const WANTED: [&str; 4] = ["memory", "pids", "cpuacct", "freezer"];
+/// The controllers brokers use: a broker cannot fork (seccomp), so killing its one process
+/// needs no freezer, and its CPU time is not measured.
+const BROKER_WANTED: [&str; 2] = ["memory", "pids"];
 
-/// Where build cgroups are made.
+/// What a cgroup is for: each kind under a parent directory of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    Builds,
+    Brokers,
+}
+
+impl Group {
+    /// The parent directory's name, below the daemon's own cgroup.
+    pub fn parent(self) -> &'static str {
+        match self {
+            Group::Builds => "stockade-builds",
+            Group::Brokers => "stockade-brokers",
+        }
+    }
+
+    /// The v1 controllers whose hierarchies get a directory.
+    fn controllers(self) -> &'static [&'static str] {
+        match self {
+            Group::Builds => &WANTED,
+            Group::Brokers => &BROKER_WANTED,
+        }
+    }
+}
+
+/// Where cgroups are made.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hierarchies {
-    /// On the unified hierarchy: the parent directory of build cgroups.
+    /// On the unified hierarchy: the helper's own cgroup, below which the [`Group`]
+    /// parents are.
     v2: Option<PathBuf>,
-    /// On v1: controller → parent directory of build cgroups in that controller's hierarchy
-    /// (several controllers may share one, e.g. `cpu,cpuacct`).
+    /// On v1: controller → the helper's own cgroup in that controller's hierarchy (several
+    /// controllers may share one, e.g. `cpu,cpuacct`).
     v1: BTreeMap<&'static str, PathBuf>,
     /// Controllers neither hierarchy offers.
     missing: Vec<&'static str>,
@@ -174,7 +205,7 @@ impl Hierarchies {
                     || ctrls.contains(&"pids")
                     || mounts.iter().all(|m| m.v2)
                 {
-                    h.v2 = Some(dir.join("stockade-builds"));
+                    h.v2 = Some(dir);
                     break;
                 }
             }
@@ -189,7 +220,7 @@ impl Hierarchies {
                         .iter()
                         .find(|m| !m.v2 && m.controllers.iter().any(|c| c == want));
                     if let Some(dir) = m.and_then(|m| own_dir(m, path)) {
-                        h.v1.insert(want, dir.join("stockade-builds"));
+                        h.v1.insert(want, dir);
                     }
                 }
             }
@@ -206,6 +237,24 @@ impl Hierarchies {
         self.v2.is_some() || !self.v1.is_empty()
     }
 
+    /// Whether `group`'s cgroups are made at all.
+    pub fn any_for(&self, group: Group) -> bool {
+        self.v2.is_some() || group.controllers().iter().any(|c| self.v1.contains_key(c))
+    }
+
+    /// The parent directories of `group`'s cgroups, one per hierarchy used.
+    pub fn parents(&self, group: Group) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = self.v2.iter().map(|d| d.join(group.parent())).collect();
+        for ctrl in group.controllers() {
+            if let Some(d) = self.v1.get(ctrl).map(|d| d.join(group.parent())) {
+                if !out.contains(&d) {
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
     /// Whether the unified hierarchy is used.
     pub fn is_v2(&self) -> bool {
         self.v2.is_some()
@@ -216,33 +265,43 @@ impl Hierarchies {
         &self.missing
     }
 
-    /// A one-line description for the start-up log.
-    pub fn describe(&self) -> String {
-        match (&self.v2, self.v1.is_empty()) {
-            (Some(d), _) => format!("cgroup v2 at {}", d.display()),
-            (None, false) => format!(
-                "cgroup v1 ({})",
-                self.v1.keys().copied().collect::<Vec<_>>().join(", ")
-            ),
+    /// A one-line description of where `group`'s cgroups go, for the start-up log.
+    pub fn describe(&self, group: Group) -> String {
+        let v1: Vec<&str> = group
+            .controllers()
+            .iter()
+            .copied()
+            .filter(|c| self.v1.contains_key(c))
+            .collect();
+        match (&self.v2, v1.is_empty()) {
+            (Some(d), _) => format!("cgroup v2 at {}", d.join(group.parent()).display()),
+            (None, false) => format!("cgroup v1 ({})", v1.join(", ")),
             (None, true) => "no cgroups".to_string(),
         }
     }
 
     /// Makes the cgroup of a build named `name` (unique among running builds), with the
     /// given limits where the controller exists.
-    pub fn create(&self, name: &str, limits: Limits) -> Result<BuildCgroup, CgroupError> {
+    pub fn create(&self, name: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
+        self.create_in(Group::Builds, name, limits)
+    }
+
+    /// Makes cgroup `name` (unique in `group`) with the given limits where the controller
+    /// exists; [`Cgroup::enforced`] says which limits took.
+    pub fn create_in(
+        &self,
+        group: Group,
+        name: &str,
+        limits: Limits,
+    ) -> Result<Cgroup, CgroupError> {
         let mut dirs = Vec::new();
         let mut by_ctrl = BTreeMap::new();
-        let mut parents: Vec<&PathBuf> = self.v2.iter().collect();
-        parents.extend(self.v1.values());
-        for parent in parents {
+        let v2_parent = self.v2.as_ref().map(|d| d.join(group.parent()));
+        for parent in self.parents(group) {
             let dir = parent.join(name);
-            if dirs.contains(&dir) {
-                continue;
-            }
-            fs::create_dir_all(parent).map_err(err("making", parent))?;
-            if self.v2.as_ref() == Some(parent) {
-                enable_v2_controllers(parent);
+            fs::create_dir_all(&parent).map_err(err("making", &parent))?;
+            if v2_parent.as_ref() == Some(&parent) {
+                enable_v2_controllers(&parent);
             }
             match fs::create_dir(&dir) {
                 Ok(()) => {}
@@ -254,15 +313,18 @@ impl Hierarchies {
             }
             dirs.push(dir);
         }
-        for (ctrl, parent) in &self.v1 {
-            by_ctrl.insert(*ctrl, parent.join(name));
+        for ctrl in group.controllers() {
+            if let Some(own) = self.v1.get(ctrl) {
+                by_ctrl.insert(*ctrl, own.join(group.parent()).join(name));
+            }
         }
-        let cg = BuildCgroup {
+        let mut cg = Cgroup {
             dirs,
-            v2: self.v2.as_ref().map(|p| p.join(name)),
+            v2: v2_parent.map(|p| p.join(name)),
             v1: by_ctrl,
+            enforced: Enforced::default(),
         };
-        cg.set_limits(limits);
+        cg.enforced = cg.set_limits(limits);
         Ok(cg)
     }
 }
@@ -282,6 +344,14 @@ pub struct Limits {
     pub pids: Option<u64>,
 }
 
+/// Which of the [`Limits`] asked for the kernel enforces: a controller not mounted, or (v2)
+/// not enabled for the parent, has no file to write the limit into.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Enforced {
+    pub memory: bool,
+    pub pids: bool,
+}
+
 /// What a build used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -294,43 +364,57 @@ pub struct Usage {
     pub pids_refused: Option<u64>,
 }
 
-/// One build's cgroup: a directory in each hierarchy used. Dropping it kills what is left in
-/// it and removes it.
+/// One build's or broker's cgroup: a directory in each hierarchy used. Dropping it kills
+/// what is left in it and removes it.
 #[derive(Debug)]
-pub struct BuildCgroup {
+pub struct Cgroup {
     /// Every directory to join, one per hierarchy.
     dirs: Vec<PathBuf>,
     v2: Option<PathBuf>,
     v1: BTreeMap<&'static str, PathBuf>,
+    enforced: Enforced,
 }
 
-impl BuildCgroup {
+/// The name builds know it by.
+pub type BuildCgroup = Cgroup;
+
+impl Cgroup {
     /// The directories the sandbox's first process joins.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
 
-    fn set_limits(&self, limits: Limits) {
-        let write = |path: PathBuf, value: u64| {
-            if let Err(e) = fs::write(&path, value.to_string()) {
+    /// Which limits the kernel enforces.
+    pub fn enforced(&self) -> Enforced {
+        self.enforced
+    }
+
+    fn set_limits(&self, limits: Limits) -> Enforced {
+        let write = |path: PathBuf, value: u64| match fs::write(&path, value.to_string()) {
+            Ok(()) => true,
+            Err(e) => {
                 log::debug!("{}: {e}", path.display());
+                false
             }
         };
+        let mut on = Enforced::default();
         if let Some(v2) = &self.v2 {
             if let Some(m) = limits.memory_bytes {
-                write(v2.join("memory.max"), m);
+                on.memory = write(v2.join("memory.max"), m);
+                // No swap controller (or no swap) is fine: nothing to swap to then.
                 write(v2.join("memory.swap.max"), 0);
             }
             if let Some(p) = limits.pids {
-                write(v2.join("pids.max"), p);
+                on.pids = write(v2.join("pids.max"), p);
             }
         }
         if let (Some(m), Some(d)) = (limits.memory_bytes, self.v1.get("memory")) {
-            write(d.join("memory.limit_in_bytes"), m);
+            on.memory |= write(d.join("memory.limit_in_bytes"), m);
         }
         if let (Some(p), Some(d)) = (limits.pids, self.v1.get("pids")) {
-            write(d.join("pids.max"), p);
+            on.pids |= write(d.join("pids.max"), p);
         }
+        on
     }
 
     /// Puts `pid` (and the threads it will have) into every directory.
@@ -418,12 +502,12 @@ impl BuildCgroup {
     }
 }
 
-impl Drop for BuildCgroup {
+impl Drop for Cgroup {
     fn drop(&mut self) {
         self.kill_all();
         for d in &self.dirs {
             if let Err(e) = fs::remove_dir(d) {
-                log::warn!("removing the build cgroup {}: {e}", d.display());
+                log::warn!("removing the cgroup {}: {e}", d.display());
             }
         }
     }
@@ -468,96 +552,6 @@ fn kill_dir(dir: &Path, v2: bool) {
     }
 }
 
+mod join;
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const HYBRID_MOUNTS: &str = "\
-31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
-33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
-35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
-39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
-40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-";
-    const HYBRID_OWN: &str = "\
-9:name=systemd:/
-8:pids:/
-6:freezer:/
-4:memory:/process_api/abc
-2:cpuacct:/
-1:cpu:/
-0::/
-";
-
-    #[test]
-    fn hybrid_uses_v1_controllers() {
-        let h = Hierarchies::from_texts(HYBRID_MOUNTS, HYBRID_OWN, |_| Some(String::new()));
-        assert!(!h.is_v2());
-        assert_eq!(
-            h.v1.get("memory"),
-            Some(&PathBuf::from(
-                "/sys/fs/cgroup/memory/process_api/abc/stockade-builds"
-            ))
-        );
-        assert_eq!(
-            h.v1.get("pids"),
-            Some(&PathBuf::from("/sys/fs/cgroup/pids/stockade-builds"))
-        );
-        assert!(h.v1.contains_key("cpuacct") && h.v1.contains_key("freezer"));
-        assert!(h.missing().is_empty());
-    }
-
-    #[test]
-    fn unified_only() {
-        let mounts = "25 20 0:22 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
-        let own = "0::/system.slice/stockade.service\n";
-        let h = Hierarchies::from_texts(mounts, own, |p| {
-            assert_eq!(
-                p,
-                Path::new("/sys/fs/cgroup/system.slice/stockade.service/cgroup.controllers")
-            );
-            Some("cpu io memory pids\n".into())
-        });
-        assert_eq!(
-            h.v2,
-            Some(PathBuf::from(
-                "/sys/fs/cgroup/system.slice/stockade.service/stockade-builds"
-            ))
-        );
-        assert!(h.missing().is_empty());
-        assert_eq!(
-            h.describe(),
-            "cgroup v2 at /sys/fs/cgroup/system.slice/stockade.service/stockade-builds"
-        );
-    }
-
-    /// Inside a container whose cgroup mount shows only its own subtree.
-    #[test]
-    fn mount_root_below_the_hierarchy_root() {
-        let mounts = "25 20 0:22 /ctr /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        let own = "0::/ctr/inner\n";
-        let h = Hierarchies::from_texts(mounts, own, |_| Some("memory pids".into()));
-        assert_eq!(
-            h.v2,
-            Some(PathBuf::from("/sys/fs/cgroup/inner/stockade-builds"))
-        );
-    }
-
-    #[test]
-    fn nothing_mounted() {
-        let h = Hierarchies::from_texts("", "0::/\n", |_| None);
-        assert!(!h.any());
-        assert_eq!(h.missing(), &WANTED);
-        assert_eq!(h.describe(), "no cgroups");
-    }
-
-    #[test]
-    fn escaped_mount_points() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/trailing\\04"), "/trailing\\04");
-    }
-}
+mod tests;
