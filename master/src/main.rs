@@ -151,6 +151,10 @@ fn check_protected_hardlinks() -> Result<()> {
 // Test-only switches that turn a defence off (scripts/defences-off.sh). Never in a release build.
 #[cfg(all(
     not(debug_assertions),
-    any(feature = "without-a75", feature = "without-stderr-relay")
+    any(
+        feature = "without-a75",
+        feature = "without-stderr-relay",
+        feature = "without-private-builds-dir"
+    )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");
