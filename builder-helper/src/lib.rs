@@ -24,7 +24,11 @@ pub mod service;
         feature = "without-utsns",
         feature = "without-private-store",
         feature = "without-ro-inputs",
-        feature = "without-pdeathsig"
+        feature = "without-pdeathsig",
+        feature = "without-private-build-top",
+        feature = "without-fd-delete",
+        feature = "without-nofollow-keep",
+        feature = "without-read-only-kept-dir"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

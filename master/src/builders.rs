@@ -93,6 +93,13 @@ fn ssl_cert_file() -> Option<String> {
 /// `0755`) can be read by whoever knows its printed name, while a running build's own
 /// directory stays `0700`.
 pub fn prepare_builds_dir(dir: &Path, uid: u32) -> Result<()> {
+    // V7: nobody but the helper may make entries here. The defence off leaves it as world-
+    // writable as `/tmp` (test builds only, to show tests/tests/build_dir_attacks.rs fails).
+    let mode = if cfg!(feature = "without-private-builds-dir") {
+        0o1777
+    } else {
+        0o711
+    };
     // The state directory normally exists (the store-writer made it); its mode is Nix's.
     if let Some(parent) = dir.parent() {
         std::fs::DirBuilder::new()
@@ -101,7 +108,7 @@ pub fn prepare_builds_dir(dir: &Path, uid: u32) -> Result<()> {
             .create(parent)
             .map_err(Error::io(format!("creating {}", parent.display())))?;
     }
-    match std::fs::DirBuilder::new().mode(0o711).create(dir) {
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(format!("creating {}", dir.display()))(e)),
@@ -116,7 +123,7 @@ pub fn prepare_builds_dir(dir: &Path, uid: u32) -> Result<()> {
         dir.display()
     )))?;
     use std::os::unix::fs::PermissionsExt;
-    f.set_permissions(std::fs::Permissions::from_mode(0o711))
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(Error::io(format!("setting the mode of {}", dir.display())))
 }
 

@@ -160,7 +160,8 @@ fn check_protected_hardlinks() -> Result<()> {
         feature = "without-a7",
         feature = "without-a33",
         feature = "without-v13",
-        feature = "without-broker-cgroup"
+        feature = "without-broker-cgroup",
+        feature = "without-private-builds-dir"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -27,6 +27,7 @@
 //! thread that started it ends.
 
 pub mod bench;
+pub mod builddir;
 mod client;
 mod daemon;
 pub mod evil;

@@ -103,6 +103,12 @@ struct Attack {
 /// Builds a fixed-output derivation (named `name`, with the right hash) whose builder passes
 /// its open output to a listener on the host.
 fn attack(name: &str) -> Attack {
+    attack_with(name, ORIGINAL)
+}
+
+/// [`attack`] with the hash of `claimed` as the output hash: the build fails (V6) unless
+/// `claimed` is what the probe writes.
+fn attack_with(name: &str, claimed: &[u8]) -> Attack {
     // No build-users-group: Stockade's own uid range, out of reach of a concurrent nix-daemon.
     let d = Daemon::builder(DaemonKind::Stockade)
         .conf_line("sandbox = true")
@@ -112,7 +118,7 @@ fn attack(name: &str) -> Attack {
     let probe = d.add_static_probe();
     let socket = format!("stockade-fdpass-{}-{name}", std::process::id());
     let host = Host::listen(&socket);
-    let hash: String = Sha256::digest(ORIGINAL)
+    let hash: String = Sha256::digest(claimed)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
@@ -130,7 +136,11 @@ fn attack(name: &str) -> Attack {
         .args(["--no-out-link", "-E", &expr])
         .output();
     let seen = host.finish();
-    assert!(built.success(), "the build failed: {built}");
+    assert_eq!(
+        built.success(),
+        claimed == ORIGINAL,
+        "the build's outcome is not the expected one: {built}"
+    );
     let out = built.stdout_str().trim_end().to_string();
     let log = built.stderr_str();
     eprintln!("the build said:\n{log}");
@@ -191,4 +201,30 @@ fn a_passed_descriptor_cannot_change_the_stored_output() {
         a.out
     );
     a.d.run_ok(["nix-store", "--verify-path", &a.out]);
+}
+
+/// CVE-2025-46416: the V1 attack with a fixed-output derivation that fails (its output does
+/// not match the claimed hash), whose output is deleted, not registered. The builder still
+/// cannot connect out (Landlock's scoping; `without-landlock` shows it fails), and whatever
+/// descriptor did leave names a file that is gone from the staging directory once the build
+/// has failed, nor is anything registered.
+#[test]
+fn v6_a_failing_fixed_output_builder_cannot_pass_a_descriptor_out() {
+    skip_unless_root!();
+    let a = attack_with("pass-fd-failing", TAMPERED);
+    if let Some(fd) = &a.seen.fd {
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).expect("fstat");
+        eprintln!("a descriptor arrived; its file has {} links", st.st_nlink);
+        assert_eq!(st.st_nlink, 0, "the failed output was not deleted");
+    }
+    assert!(
+        a.log.contains("pass-fd: refused") && !a.log.contains("pass-fd: sent"),
+        "the probe's line is missing or says it sent:\n{}",
+        a.log
+    );
+    assert_eq!(
+        a.seen.connections, 0,
+        "the host's listener got a connection from the failing builder"
+    );
+    assert!(a.out.is_empty(), "{}", a.out);
 }

@@ -20,6 +20,7 @@ pub mod dirs;
 pub mod env;
 pub mod host;
 pub mod invoke;
+pub mod keep;
 pub mod log;
 pub mod refgraph;
 mod run;
@@ -547,7 +548,7 @@ pub fn run_derivation_with(
         dir.staging()
     };
     let fail = |kind: BuildErrorKind, dir: BuildDir, tail: LogTail| {
-        let kept_build_dir = cfg.keep_failed.then(|| dir.keep());
+        let kept_build_dir = if cfg.keep_failed { dir.keep() } else { None };
         BuildError {
             kind: Box::new(kind),
             kept_build_dir,
