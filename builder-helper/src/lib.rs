@@ -24,7 +24,8 @@ pub mod service;
         feature = "without-utsns",
         feature = "without-private-store",
         feature = "without-ro-inputs",
-        feature = "without-pdeathsig"
+        feature = "without-pdeathsig",
+        feature = "without-a54"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");
