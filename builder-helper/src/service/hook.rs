@@ -176,7 +176,9 @@ pub fn after_build(
             .sched
             .waiters(a.drv, cancel)
             .into_iter()
-            .filter(|w| w.follows)
+            // A client's hook and what it prints are its own connection's, not those of
+            // others waiting for the same build (as under nix-daemon, where they wait apart).
+            .filter(|w| w.follows && (!a.from_client || w.broker.client.conn_id == a.conn))
             .collect(),
     };
     let outcome = run(svc, hook_run, cancel);
