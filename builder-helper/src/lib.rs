@@ -28,7 +28,8 @@ pub mod service;
         feature = "without-private-build-top",
         feature = "without-fd-delete",
         feature = "without-nofollow-keep",
-        feature = "without-read-only-kept-dir"
+        feature = "without-read-only-kept-dir",
+        feature = "without-a54"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -203,6 +203,8 @@ fn run_options(ctx: &Ctx<'_>) -> RunOptions {
                     _ => None,
                 }
             }),
+            // Passed as asked: the helper alone decides by the client's trust (A54).
+            post_build_hook: o.overrides.get("post-build-hook").cloned(),
         },
         log_lines: num("log-lines")
             .and_then(|n| usize::try_from(n).ok())

@@ -242,6 +242,29 @@ pub fn supervise(
     }
 }
 
+/// A log line as Nix's `handleChildOutput` hands it to clients: a carriage return moves back
+/// to the start of the line and what follows overwrites it (`10%\r100%` is `100%`). The
+/// stored log keeps the builder's bytes, as Nix's does.
+pub fn overwritten(line: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !line.contains(&b'\r') {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(line.len());
+    let mut pos = 0;
+    for &c in line {
+        if c == b'\r' {
+            pos = 0;
+            continue;
+        }
+        match out.get_mut(pos) {
+            Some(slot) => *slot = c,
+            None => out.push(c),
+        }
+        pos += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Writes every completed line (with its `\n`) and keeps the unfinished rest in `pending`.
 fn write_lines(sink: &mut dyn Write, pending: &mut Vec<u8>, data: &[u8]) -> io::Result<()> {
     let mut rest = data;
@@ -272,6 +295,17 @@ mod tests {
         write_lines(&mut sink, &mut pending, b"o\nthree").unwrap();
         assert_eq!(sink, b"one\ntwo\n");
         assert_eq!(pending, b"three");
+    }
+
+    #[test]
+    fn carriage_returns_overwrite_the_line() {
+        assert_eq!(
+            &*overwritten(b"progress 10%\rprogress 100%"),
+            b"progress 100%"
+        );
+        assert_eq!(&*overwritten(b"abcdef\rXY"), b"XYcdef");
+        assert_eq!(&*overwritten(b"a\r\rb\r"), b"b");
+        assert_eq!(&*overwritten(b"plain"), b"plain");
     }
 
     #[test]

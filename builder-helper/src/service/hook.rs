@@ -1,4 +1,4 @@
-//! The daemon's `post-build-hook`, run once a build's outputs are valid: by the helper (a
+//! The `post-build-hook`, run once a build's outputs are valid: by the helper (a
 //! process that may exec; the store-writer never runs a program), never as root. A root
 //! daemon runs it as the build's own uid (unique to this build, no supplementary group, no
 //! capability, `no_new_privs`) in a fresh cgroup of the build, so that everything it starts
@@ -7,8 +7,9 @@
 //! with its whole environment: admins whose hook needs a secret give that uid's group read
 //! access or have the hook talk to a service.
 //!
-//! Only the daemon's own configuration names a hook (a client's `post-build-hook` never
-//! reaches the helper). Its environment: the helper's (the variables the master passes on),
+//! The daemon's configuration names a hook, and so may a trusted client (A54: nix-daemon
+//! lets it, for the builds of its connection); an untrusted client's is dropped in
+//! [`super::phase::effective`]. Its environment: the helper's (the variables the master passes on),
 //! `HOME=/homeless-shelter` unless set, `DRV_PATH` and `OUT_PATHS` (every output of the
 //! build, space-separated, as Nix 2.9 and later pass it; Nix 2.8 passed an empty list).
 //! Its output, stdout and stderr merged, reaches the clients line by line as Nix's
@@ -18,7 +19,7 @@ use std::ffi::OsString;
 use std::io::{self, Write};
 use std::path::Path;
 
-use stockade_common::ipc::builder::BuilderToBroker;
+use stockade_common::ipc::builder::{BuildReport, BuilderToBroker};
 use stockade_common::store_path::StorePath;
 use stockade_common::worker::hl;
 
@@ -142,4 +143,66 @@ impl Write for HookLines<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// A hook to run for a build whose outputs are now valid.
+pub struct AfterBuild<'a> {
+    pub hook: &'a str,
+    /// Set by a trusted client rather than the daemon's configuration.
+    pub from_client: bool,
+    pub drv: &'a StorePath,
+    pub report: &'a BuildReport,
+    /// The build's uid and gid.
+    pub ids: (u32, u32),
+    pub build: u64,
+    pub conn: u64,
+}
+
+/// Runs `a`'s hook as the build's uid (a root daemon) and audits it; `Some(message)` when it
+/// failed.
+pub fn after_build(
+    svc: &Service,
+    a: AfterBuild<'_>,
+    cancel: &super::sched::Cancel,
+) -> Option<String> {
+    let (uid, _) = a.ids;
+    let hook_run = HookRun {
+        hook: a.hook,
+        drv: a.drv,
+        outputs: a.report.outputs.values().collect(),
+        ids: svc.config.as_root.then_some(a.ids),
+        build: a.build,
+        followers: svc
+            .sched
+            .waiters(a.drv, cancel)
+            .into_iter()
+            // A client's hook and what it prints are its own connection's, not those of
+            // others waiting for the same build (as under nix-daemon, where they wait apart).
+            .filter(|w| w.follows && (!a.from_client || w.broker.client.conn_id == a.conn))
+            .collect(),
+    };
+    let outcome = run(svc, hook_run, cancel);
+    svc.audit(
+        a.conn,
+        "post-build-hook",
+        &[
+            ("drv", svc.base.store_dir.display(a.drv)),
+            ("hook", a.hook.to_string()),
+            (
+                "from",
+                if a.from_client { "client" } else { "daemon" }.to_string(),
+            ),
+            // Not `uid`: the line's own `uid` is the client's.
+            (
+                "hook-uid",
+                if svc.config.as_root {
+                    uid.to_string()
+                } else {
+                    "daemon".to_string()
+                },
+            ),
+            ("ok", outcome.is_ok().to_string()),
+        ],
+    );
+    outcome.err()
 }

@@ -159,8 +159,12 @@ fn build(
         ),
         _ => (1, true),
     };
+    // The hook and whether a client set it.
+    let hook = eff
+        .hook(svc.config.post_build_hook.as_deref())
+        .map(|h| (h, eff.post_build_hook.is_some()));
     let report = begun(
-        svc, drv, kind, cancel, conn, slot, &cfg, &facts, &inputs, build, rounds,
+        svc, drv, kind, cancel, conn, slot, &cfg, &facts, &inputs, build, rounds, hook,
     );
     if let Err(e) = svc
         .writer
@@ -185,6 +189,7 @@ fn begun(
     inputs: &BuildInputs,
     build: u64,
     (rounds, enforce): (u32, bool),
+    hook: Option<(&str, bool)>,
 ) -> BuildReport {
     let shown = cfg.store_dir.display(drv);
     let valid: BTreeSet<&StorePath> = inputs.valid_outputs.iter().collect();
@@ -317,9 +322,21 @@ fn begun(
         Err(e) => failed(e, facts.fixed),
     };
     if report.status == BuildStatus::Built {
-        if let Some(hook) = &svc.config.post_build_hook {
-            report.hook_failure =
-                post_build_hook(svc, hook, drv, &report, (uid, gid), build, cancel, conn);
+        if let Some((hook, from_client)) = hook {
+            let ids = (uid, gid);
+            report.hook_failure = super::hook::after_build(
+                svc,
+                super::hook::AfterBuild {
+                    hook,
+                    from_client,
+                    drv,
+                    report: &report,
+                    ids,
+                    build,
+                    conn,
+                },
+                cancel,
+            );
         }
     }
     // run_derivation returns only once every process of the build is gone.
@@ -402,53 +419,6 @@ fn limits_hit(
         ));
     }
     hit
-}
-
-/// Runs the daemon's `post-build-hook` for a build whose outputs are now valid (see
-/// [`super::hook`]); `Some(message)` when it failed.
-#[allow(clippy::too_many_arguments)]
-fn post_build_hook(
-    svc: &Service,
-    hook: &str,
-    drv: &StorePath,
-    report: &BuildReport,
-    (uid, gid): (u32, u32),
-    build: u64,
-    cancel: &Cancel,
-    conn: u64,
-) -> Option<String> {
-    let run = super::hook::HookRun {
-        hook,
-        drv,
-        outputs: report.outputs.values().collect(),
-        ids: svc.config.as_root.then_some((uid, gid)),
-        build,
-        followers: svc
-            .sched
-            .waiters(drv, cancel)
-            .into_iter()
-            .filter(|w| w.follows)
-            .collect(),
-    };
-    let outcome = super::hook::run(svc, run, cancel);
-    svc.audit(
-        conn,
-        "post-build-hook",
-        &[
-            ("drv", svc.base.store_dir.display(drv)),
-            ("hook", hook.to_string()),
-            (
-                "uid",
-                if svc.config.as_root {
-                    uid.to_string()
-                } else {
-                    "daemon".to_string()
-                },
-            ),
-            ("ok", outcome.is_ok().to_string()),
-        ],
-    );
-    outcome.err()
 }
 
 pub(super) fn failed(e: BuildError, fixed: bool) -> BuildReport {
@@ -554,7 +524,10 @@ impl<'a> LogSink<'a> {
         })
     }
 
+    /// One line to the clients, carriage returns applied as nix-daemon applies them (A44:
+    /// escape codes go through as nix-daemon sends them, Nix's client strips those).
     fn send_line(&self, line: &[u8]) {
+        let line = crate::build::log::overwritten(line);
         let followers: Vec<_> = self
             .svc
             .sched

@@ -70,7 +70,7 @@ pub fn permitted(phase: Phase, kind: Kind, trusted: bool) -> Verdict {
 }
 
 /// The settings one build runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Effective {
     pub max_silent_time: u64,
     pub timeout: u64,
@@ -80,6 +80,19 @@ pub struct Effective {
     /// Extra rounds of each normal build, and whether a difference fails it.
     pub repeat: u64,
     pub enforce_determinism: bool,
+    /// A trusted client's `post-build-hook`, in place of the daemon's (`Some("")`: none).
+    pub post_build_hook: Option<String>,
+}
+
+impl Effective {
+    /// The hook to run once the build's outputs are valid: the client's if it set one, else
+    /// the daemon's.
+    pub fn hook<'a>(&'a self, daemon: Option<&'a str>) -> Option<&'a str> {
+        match self.post_build_hook.as_deref() {
+            Some(h) => Some(h).filter(|h| !h.is_empty()),
+            None => daemon,
+        }
+    }
 }
 
 /// A limit (0 = none) a client may lower but not raise.
@@ -132,6 +145,12 @@ pub fn effective(cfg: &BuilderConfig, s: &BuildSettings, trusted: bool) -> Effec
             .enforce_determinism
             .filter(|_| may("enforce-determinism"))
             .unwrap_or(cfg.enforce_determinism),
+        // A54: nix-daemon runs a trusted client's hook (as root; here unprivileged, see
+        // `hook`); an untrusted client's is ignored, whatever its broker says.
+        post_build_hook: s
+            .post_build_hook
+            .clone()
+            .filter(|_| trusted || cfg!(feature = "without-a54")),
     }
 }
 
@@ -206,6 +225,7 @@ mod tests {
             cores: Some(64),
             repeat: None,
             enforce_determinism: None,
+            post_build_hook: Some("/tmp/hook".into()),
         };
         let u = effective(&cfg, &asked, false);
         assert_eq!(
@@ -218,9 +238,17 @@ mod tests {
                 cores: 4,
                 repeat: 0,
                 enforce_determinism: true,
+                post_build_hook: None,
             }
         );
+        assert_eq!(u.hook(Some("/daemon")), Some("/daemon"));
         let t = effective(&cfg, &asked, true);
+        assert_eq!(t.hook(Some("/daemon")), Some("/tmp/hook"));
+        let off = BuildSettings {
+            post_build_hook: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(effective(&cfg, &off, true).hook(Some("/daemon")), None);
         assert_eq!(t.max_silent_time, 0);
         assert_eq!(t.max_build_log_size, 5000);
         assert!(t.keep_failed);

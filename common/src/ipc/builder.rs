@@ -193,6 +193,9 @@ pub struct BuildSettings {
     pub repeat: Option<u64>,
     /// `enforce-determinism` (with `repeat`).
     pub enforce_determinism: Option<bool>,
+    /// `post-build-hook` as the client set it (empty: none); the helper runs it for trusted
+    /// clients only, in place of the daemon's (A54).
+    pub post_build_hook: Option<String>,
 }
 
 /// How a build treats outputs that are valid already.

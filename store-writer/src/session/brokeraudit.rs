@@ -123,6 +123,15 @@ impl Session {
             o.unnamed.to_string(),
         );
         let (allowed, ignored) = (join(&o.allowed), join(&o.ignored));
+        // A54: what only a trusted client may set (hooks, the sandbox, keys) is allowed as
+        // nix-daemon allows it, and named in a warning.
+        let restricted: BTreeSet<String> = o
+            .allowed
+            .iter()
+            .filter(|n| restricted(n))
+            .cloned()
+            .collect();
+        let restricted = join(&restricted);
         let mut fields = vec![
             ("op", "setOptions"),
             ("calls", calls.as_str()),
@@ -130,16 +139,28 @@ impl Session {
             ("allowed", allowed.as_str()),
             ("ignored", ignored.as_str()),
         ];
+        if !restricted.is_empty() {
+            fields.push(("restricted", restricted.as_str()));
+        }
         if o.unnamed > 0 {
             fields.push(("unnamed", unnamed.as_str()));
         }
-        let sev = if o.ignored.is_empty() {
+        let sev = if o.ignored.is_empty() && restricted.is_empty() {
             Severity::Info
         } else {
             Severity::Warning
         };
         self.store.audit.client_event(sev, &self.client, &fields);
     }
+}
+
+/// Whether an untrusted client could not have set `name` (`policy`'s filter, nix-daemon's).
+fn restricted(name: &str) -> bool {
+    use stockade_policy::overrides::{filter_override, OverrideDecision, SubstituterPolicy};
+    !matches!(
+        filter_override(name, "", false, &SubstituterPolicy::default()),
+        OverrideDecision::Apply { .. }
+    )
 }
 
 #[cfg(test)]
@@ -161,5 +182,20 @@ mod tests {
         assert_eq!(o.tried, 1003);
         // Two names were known before the flood; the flood got the rest of the room.
         assert_eq!(o.unnamed, 1000 - (NAMES_MAX as u64 - 2));
+    }
+
+    #[test]
+    fn only_what_untrusted_clients_may_not_set_is_restricted() {
+        for name in [
+            "post-build-hook",
+            "sandbox",
+            "trusted-public-keys",
+            "max-silent-time",
+        ] {
+            assert!(restricted(name), "{name}");
+        }
+        for name in ["timeout", "repeat", "substituters", "builders"] {
+            assert!(!restricted(name), "{name}");
+        }
     }
 }
