@@ -273,12 +273,14 @@ fn a47_mount_pivot_root_and_user_namespaces_are_refused() {
 
 // ---- A51: builders that will not stop ------------------------------------------------------
 
-/// A marker in every command line of the build's processes, for finding leftovers.
+/// A marker in every command line of the build's processes, for finding leftovers; each test
+/// appends its build's name, so that the two A51 tests, which may run at once, never count
+/// each other's.
 const SPIN_MARKER: &str = "a51-spin-marker";
 
 /// The pids of processes whose uid (real, effective or saved) is `uid`, or whose command line
-/// holds [`SPIN_MARKER`].
-fn build_processes(uid: u32) -> Vec<String> {
+/// holds `marker`.
+fn build_processes(uid: u32, marker: &str) -> Vec<String> {
     let mut found = Vec::new();
     for e in fs::read_dir("/proc").expect("/proc").filter_map(|e| e.ok()) {
         let pid = e.file_name().to_string_lossy().into_owned();
@@ -291,7 +293,7 @@ fn build_processes(uid: u32) -> Vec<String> {
             .find_map(|l| l.strip_prefix("Uid:"))
             .is_some_and(|ids| ids.split_whitespace().take(3).any(|i| i == uid.to_string()));
         let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let by_marker = String::from_utf8_lossy(&cmdline).contains(SPIN_MARKER);
+        let by_marker = String::from_utf8_lossy(&cmdline).contains(marker);
         if by_uid || by_marker {
             found.push(format!("{pid}: {}", String::from_utf8_lossy(&cmdline)));
         }
@@ -324,7 +326,7 @@ fn run_stubborn(d: &Daemon, bb: &str, name: &str, script: &str, options: &[&str]
     let err = out.stderr_str();
     let uid = build_uid(d, name);
     assert_ne!(uid, 0);
-    let left = build_processes(uid);
+    let left = build_processes(uid, &format!("{SPIN_MARKER}-{name}"));
     assert!(
         left.is_empty(),
         "{name}: processes of the build (uid {uid}) are left:\n{left:#?}"
@@ -342,7 +344,7 @@ fn a51_a_builder_ignoring_sigterm_is_killed_at_the_timeout() {
     let script = format!(
         "trap '' TERM HUP INT; echo spinning; \
          busybox setsid sh -c \"trap '' TERM HUP; while :; do busybox sleep 1; done\" \
-         {SPIN_MARKER} < /dev/null > /dev/null 2>&1 & \
+         {SPIN_MARKER}-a51-sigterm < /dev/null > /dev/null 2>&1 & \
          while :; do :; done; echo > $out"
     );
     let err = run_stubborn(
@@ -371,7 +373,7 @@ fn a51_a_builder_that_closes_its_output_is_killed_when_silent() {
     let script = format!(
         "echo going silent; exec >&- 2>&-; trap '' TERM HUP INT; \
          busybox setsid sh -c \"trap '' TERM HUP; while :; do busybox sleep 1; done\" \
-         {SPIN_MARKER} & \
+         {SPIN_MARKER}-a51-silent & \
          while :; do busybox sleep 1; done; echo > $out"
     );
     let err = run_stubborn(
