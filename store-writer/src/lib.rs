@@ -44,7 +44,9 @@ pub mod verify;
         feature = "without-a75",
         feature = "without-nofollow",
         feature = "without-roots-reader",
-        feature = "without-fod-copy"
+        feature = "without-fod-copy",
+        feature = "without-v16",
+        feature = "without-drv-outputs-check"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -801,6 +801,15 @@ pub fn create_user_dirs(store: &Store, user: &str, uid: u32) -> std::io::Result<
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(e.into()),
         }
+        #[cfg(feature = "without-v16")]
+        {
+            // The defence off: by path, through whatever is there.
+            let p = store.state_dir.join(base).join(user);
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+            std::os::unix::fs::chown(&p, Some(uid), Some(store.egid.as_raw()))?;
+            continue;
+        }
+        #[allow(unreachable_code)]
         let fd = sys::open_dir_at(parent.as_fd(), user)?;
         nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o755))?;
         if store.cfg.as_root {

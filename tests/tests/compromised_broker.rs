@@ -11,7 +11,7 @@
 //! useradd, a root-owned libexec directory).
 
 use stockade_tests::evil::{evil_broker, field, libexec_with, Evil, WAIT};
-use stockade_tests::sec::{audit_line, stockade_with, AuditCollector};
+use stockade_tests::sec::{assert_unchanged, audit_line, snapshot, stockade_with, AuditCollector};
 use stockade_tests::{ensure_user, skip_unless_root, Daemon};
 
 #[test]
@@ -249,4 +249,65 @@ fn a_broker_reaches_the_log_only_prefixed_escaped_and_bounded() {
     assert!(written > 2 * relayed.len(), "{written} lines written");
     assert_eq!(log.matches(&notice).count(), 1, "{}", d.log_tail(20));
     assert!(stockade_tests::process_alive(d.pid()), "the master exited");
+}
+
+/// A62, the input-addressed half: a compromised broker of mallory gets no input-addressed
+/// derivation built as a trusted client's would be. A copy of a stored `.drv` whose `out` is a
+/// path of its choosing (what an inline BuildDerivation would claim) is not added and so not
+/// built; the stored one in repair mode and a store path that is not a derivation are refused
+/// by the helper. Nothing is built or registered, and the refusals are audited.
+#[test]
+fn a62_a_compromised_broker_gets_no_input_addressed_build_as_if_trusted() {
+    skip_unless_root!();
+    let Some(evil) = evil_broker() else {
+        return;
+    };
+    let mallory = ensure_user("st-mallory").unwrap();
+    let libexec = libexec_with(&evil);
+    let audit = AuditCollector::new();
+    let d = stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
+        .env("STOCKADE_LIBEXEC_DIR", libexec.path().to_str().unwrap())
+        .start()
+        .expect("stockade with the evil broker");
+    let bb = d.add_busybox();
+    let expr = stockade_tests::busybox_derivation(&bb, "a62", "echo built > $out");
+    let drv = d
+        .run_ok(["nix-instantiate", "-E", &expr])
+        .trim()
+        .to_string();
+    let out = d
+        .run_ok(["nix-store", "-q", "--outputs", &drv])
+        .trim()
+        .to_string();
+    let before = snapshot(&d);
+
+    let mut m = Evil::connect(&d, &mallory);
+    let o = m
+        .ask(&format!("a62-ia {drv}"))
+        .expect("an answer to a62-ia");
+    let details = o
+        .strip_prefix("refused ")
+        .unwrap_or_else(|| panic!("not refused: {o}"));
+    for (part, words) in [
+        ("add-lying: ", "has incorrect output"),
+        ("build-lying: ", "from the store"),
+        ("repair: ", "repairing is not allowed"),
+        ("not-a-drv: ", "is not a derivation"),
+    ] {
+        assert!(
+            details
+                .split(" | ")
+                .any(|p| p.starts_with(part) && p.contains(words)),
+            "{part}{words}: {o}"
+        );
+    }
+    assert!(o.ends_with(" chosen-valid=false drv-valid=false"), "{o}");
+    assert!(!d.host_path(&out).exists(), "{out} was built");
+    assert_unchanged(&d, &before, "a62-ia");
+    audit
+        .wait_for(WAIT, |l| {
+            let l = audit_line(l);
+            field(l, "conn") == Some(m.conn.as_str()) && l.contains("build-refused")
+        })
+        .unwrap_or_else(|| panic!("the repair was not audited: {:#?}", audit.lines()));
 }

@@ -17,7 +17,8 @@
 //!   `stopped`). Past [`FLOOD_FAST`] bytes it paces itself, so a log that takes it all does not
 //!   fill the disk.
 //!
-//! - `memory-hog`, `pids-hog` and `writer-flood`: see [`hogs`] (A12, A63).
+//! - `memory-hog`, `pids-hog` and `writer-flood`: see [`hogs`] (A12, A63);
+//! - `a62-ia <drv>`: see [`builds`] (A62).
 //!
 //! A client that opens with the worker protocol's magic instead is served as the real broker
 //! serves it (the same code), so honest users of a daemon running this broker use real Nix
@@ -55,6 +56,7 @@ mod start;
 #[path = "../store.rs"]
 mod store;
 
+mod builds;
 mod hogs;
 
 use std::collections::BTreeSet;
@@ -183,7 +185,10 @@ impl Evil {
             "memory-hog" => hogs::memory_hog(),
             "pids-hog" => hogs::pids_hog(),
             "writer-flood" => hogs::writer_flood(&mut self.writer, &self.sd),
-            _ => "unknown".into(),
+            other => match other.split_once(' ') {
+                Some(("a62-ia", drv)) => self.a62_input_addressed(drv),
+                _ => "unknown".into(),
+            },
         }
     }
 
