@@ -447,6 +447,34 @@ impl<R: Read> WireReader<R> {
         self.read_string_set(what, self.limits.max_list, self.limits.max_path)
     }
 
+    /// A set of paths bounded as [`read_path_set`](Self::read_path_set), each turned into a
+    /// `T` by `parse` as it is read, so that a large set is never held twice (as strings and
+    /// parsed). The first error (in wire order, as Nix parses) is returned once the whole set
+    /// has been read.
+    pub fn read_path_set_parsed<T: Ord>(
+        &mut self,
+        what: &'static str,
+        mut parse: impl FnMut(&str) -> Result<T, WireError>,
+    ) -> Result<BTreeSet<T>, WireError> {
+        let mut out = BTreeSet::new();
+        let mut first_err = None;
+        let (max_count, max_len) = (self.limits.max_list, self.limits.max_path);
+        self.read_strings_into(what, max_count, max_len, |s| {
+            if first_err.is_none() {
+                match parse(&s) {
+                    Ok(v) => {
+                        out.insert(v);
+                    }
+                    Err(e) => first_err = Some(e),
+                }
+            }
+        })?;
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
     /// `map<str, str>`. A repeated key keeps its first value (`std::map::emplace` in Nix).
     pub fn read_string_map(
         &mut self,

@@ -67,10 +67,9 @@ pub(crate) fn read_paths<R: Read>(
     what: &'static str,
 ) -> Result<BTreeSet<StorePath>, WireError> {
     let offset = r.position();
-    r.read_path_set(what)?
-        .iter()
-        .map(|s| sd.parse(s).map_err(|e| path_error(e, what, offset)))
-        .collect()
+    r.read_path_set_parsed(what, |s| {
+        sd.parse(s).map_err(|e| path_error(e, what, offset))
+    })
 }
 
 pub(crate) fn read_sigs<R: Read>(r: &mut WireReader<R>) -> Result<BTreeSet<String>, WireError> {
