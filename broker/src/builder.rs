@@ -90,7 +90,14 @@ impl Builder {
         let ch = self.channel()?;
         ch.send(&BrokerToBuilder::Hello { version }, &[])
             .map_err(channel_error)?;
-        match ch.recv::<BuilderToBroker>().map_err(channel_error)?.0 {
+        let mut answer = ch.recv::<BuilderToBroker>().map_err(channel_error)?.0;
+        // The helper's first message, sent when it placed this broker in its cgroup.
+        if let BuilderToBroker::Budget { memory, pids } = answer {
+            crate::budget::settle(memory, pids)
+                .map_err(|e| BuilderError::Broken(format!("settling the budget: {e}")))?;
+            answer = ch.recv::<BuilderToBroker>().map_err(channel_error)?.0;
+        }
+        match answer {
             BuilderToBroker::Hello { version: v } if v == version => Ok(()),
             BuilderToBroker::Hello { version: v } => Err(BuilderError::Broken(format!(
                 "speaks message version {v}, the broker {version}"

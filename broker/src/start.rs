@@ -53,9 +53,9 @@ pub fn start(control_fd: i32) -> Result<Started, String> {
     let level = stockade_common::worker::Verbosity::from_wire(cfg.verbosity);
     init_logging(level);
     // The helper sees this end close when the broker exits, which stops its builds.
-    let mut builder = Channel::from_fd(builder_fd).map_err(|e| format!("builder channel: {e}"))?;
-    // In the cgroup (or under rlimits) before anything of the client is read.
-    let budget = budget::apply(&cfg.budget, &mut builder).map_err(|e| e.to_string())?;
+    let builder = Channel::from_fd(builder_fd).map_err(|e| format!("builder channel: {e}"))?;
+    // Under rlimits before anything of the client is read; the cgroup follows (budget.rs).
+    let budget = budget::apply(&cfg.budget).map_err(|e| e.to_string())?;
 
     // No syslog socket: audit events go to the store-writer, which writes them under this
     // connection's identity (A74).

@@ -47,6 +47,22 @@ fn broker_cgroups(audit: &AuditCollector, conn: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("the broker's cgroups")
 }
 
+/// Whether the broker of `conn` is in a broker cgroup, once the helper has moved it there:
+/// the broker does not wait for the move (broker/src/budget.rs), so this waits for it, or
+/// for the daemon to have said that brokers get no cgroup.
+fn placed(d: &Daemon, audit: &AuditCollector, conn: &str) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if broker_cgroups(audit, conn).contains("/stockade-brokers/broker-") {
+            return true;
+        }
+        if rlimits_instead(d) || std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Whether the daemon said its brokers get rlimits instead of a cgroup (a machine or daemon
 /// where the helper cannot make one).
 fn rlimits_instead(d: &Daemon) -> bool {
@@ -92,7 +108,7 @@ fn a_broker_past_its_memory_budget_is_ended_and_others_are_served() {
     let d = start(&audit, libexec.path());
 
     let mut m = Evil::connect(&d, &mallory);
-    let in_cgroup = broker_cgroups(&audit, &m.conn).contains("/stockade-brokers/broker-");
+    let in_cgroup = placed(&d, &audit, &m.conn);
     match m.ask("memory-hog") {
         // The kernel ended it at its cgroup's limit: no answer.
         None => {
@@ -152,7 +168,7 @@ fn a_broker_past_its_pids_budget_gets_no_more_threads_and_others_are_served() {
         .start()
         .expect("stockade with the evil broker, seccomp logging");
     let mut m = Evil::connect(&d, &mallory);
-    let in_cgroup = broker_cgroups(&audit, &m.conn).contains("/stockade-brokers/broker-");
+    let in_cgroup = placed(&d, &audit, &m.conn);
     let o = m.ask("pids-hog").expect("an answer to pids-hog");
     let started: u64 = o
         .strip_prefix("refused after ")

@@ -100,7 +100,11 @@ impl Evil {
         self.builder
             .send(&BrokerToBuilder::Hello { version: VERSION }, &[])
             .map_err(closed)?;
-        match self.builder.recv::<BuilderToBroker>() {
+        let mut answer = self.builder.recv::<BuilderToBroker>();
+        if let Ok((BuilderToBroker::Budget { .. }, _)) = answer {
+            answer = self.builder.recv::<BuilderToBroker>();
+        }
+        match answer {
             Ok((BuilderToBroker::Hello { .. }, _)) => Ok(()),
             Ok((other, _)) => Err(format!("helper Hello: {other:?}")),
             Err(e) => Err(closed(e)),

@@ -286,7 +286,7 @@ pub struct BrokerBudget {
     /// Processes and threads; 0: no limit.
     pub pids_max: u64,
     /// The helper places the broker in its cgroup and says so first on the build channel
-    /// (`BuilderToBroker::Budget`); the broker waits for that before reading its client.
+    /// (`BuilderToBroker::Budget`); the broker does not wait for that (broker/src/budget.rs).
     pub from_helper: bool,
     /// The broker has a uid of its own, so `RLIMIT_NPROC` (counted per uid) can stand for
     /// `pids_max`; not where it shares the daemon's uid.

@@ -221,7 +221,10 @@ pub fn bench_stockade_conf() -> String {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let slot = (std::process::id().wrapping_mul(64).wrapping_add(n)) % 1_000_000;
     let first = 1_000_000_000 + slot * SPAN;
-    format!("broker-uid-range = {first}-{}\n", first + SPAN - 1)
+    // `STOCKADE_BENCH_STOCKADE_CONF`: more stockade.conf lines (`\n`-separated), to measure
+    // what a Stockade setting costs.
+    let extra = std::env::var("STOCKADE_BENCH_STOCKADE_CONF").unwrap_or_default();
+    format!("broker-uid-range = {first}-{}\n{extra}\n", first + SPAN - 1)
 }
 
 /// Runs the selected workloads. Each workload gets a fresh nix-daemon and a fresh Stockade,

@@ -67,7 +67,11 @@ impl Rules {
     }
 
     /// Replace whatever `nr` had with `alternatives` (or unconditional when empty).
-    fn replace(&mut self, nr: libc::c_long, alternatives: &[&[Cond]]) -> Result<(), LockdownError> {
+    pub(super) fn replace(
+        &mut self,
+        nr: libc::c_long,
+        alternatives: &[&[Cond]],
+    ) -> Result<(), LockdownError> {
         self.map.remove(&nr);
         if alternatives.is_empty() {
             self.allow(nr)

@@ -333,6 +333,9 @@ fn allow_list(profile: SeccompProfile, pid: u32) -> Result<Rules, LockdownError>
     if profile == SeccompProfile::Broker {
         // Moving an upload from the client's socket into the store-writer's pipe.
         r.allow(libc::SYS_splice)?;
+        // Lowering its own rlimits to its budget once the helper says what its cgroup does
+        // not hold (broker/src/budget.rs); without CAP_SYS_RESOURCE it cannot raise them.
+        r.replace(libc::SYS_prlimit64, &[&[eq(0, 0)]])?;
     }
     Ok(r)
 }
