@@ -90,14 +90,7 @@ impl Builder {
         let ch = self.channel()?;
         ch.send(&BrokerToBuilder::Hello { version }, &[])
             .map_err(channel_error)?;
-        let mut answer = ch.recv::<BuilderToBroker>().map_err(channel_error)?.0;
-        // The helper's first message, sent when it placed this broker in its cgroup.
-        if let BuilderToBroker::Budget { memory, pids } = answer {
-            crate::budget::settle(memory, pids)
-                .map_err(|e| BuilderError::Broken(format!("settling the budget: {e}")))?;
-            answer = ch.recv::<BuilderToBroker>().map_err(channel_error)?.0;
-        }
-        match answer {
+        match next(ch)? {
             BuilderToBroker::Hello { version: v } if v == version => Ok(()),
             BuilderToBroker::Hello { version: v } => Err(BuilderError::Broken(format!(
                 "speaks message version {v}, the broker {version}"
@@ -119,12 +112,39 @@ impl Builder {
         client: Option<BorrowedFd<'_>>,
     ) -> Result<BuilderToBroker, BuilderError> {
         let ch = self.channel()?;
-        if let Some(client) = client {
-            wait_for(ch.as_fd(), client)?;
+        loop {
+            if let Some(client) = client {
+                wait_for(ch.as_fd(), client)?;
+            }
+            match one(ch)? {
+                Some(BuilderToBroker::Error { message }) => {
+                    return Err(BuilderError::Broken(message))
+                }
+                Some(msg) => return Ok(msg),
+                None => continue,
+            }
         }
-        match ch.recv::<BuilderToBroker>().map_err(channel_error)?.0 {
-            BuilderToBroker::Error { message } => Err(BuilderError::Broken(message)),
-            msg => Ok(msg),
+    }
+}
+
+/// The helper's next message; `None` for a `Budget`, settled here: the helper sends it once
+/// its move of this broker into a cgroup is done, before or after any other answer.
+fn one(ch: &mut Channel) -> Result<Option<BuilderToBroker>, BuilderError> {
+    match ch.recv::<BuilderToBroker>().map_err(channel_error)?.0 {
+        BuilderToBroker::Budget { memory, pids } => {
+            crate::budget::settle(memory, pids)
+                .map_err(|e| BuilderError::Broken(format!("settling the budget: {e}")))?;
+            Ok(None)
+        }
+        msg => Ok(Some(msg)),
+    }
+}
+
+/// The helper's next message but `Budget`s ([`one`]).
+fn next(ch: &mut Channel) -> Result<BuilderToBroker, BuilderError> {
+    loop {
+        if let Some(msg) = one(ch)? {
+            return Ok(msg);
         }
     }
 }

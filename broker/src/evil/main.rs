@@ -377,7 +377,12 @@ impl Evil {
         if let Err(e) = self.builder.send(&hello, &[]) {
             return fail(e);
         }
-        match self.builder.recv::<BuilderToBroker>() {
+        let mut answer = self.builder.recv::<BuilderToBroker>();
+        // The helper's word on this broker's cgroup may come first.
+        if let Ok((BuilderToBroker::Budget { .. }, _)) = answer {
+            answer = self.builder.recv::<BuilderToBroker>();
+        }
+        match answer {
             Ok((BuilderToBroker::Hello { .. }, _)) => {}
             Ok((other, _)) => return Err(format!("helper Hello: {other:?}")),
             Err(e) => return fail(e),

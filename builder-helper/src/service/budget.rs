@@ -23,7 +23,7 @@ use stockade_common::ipc::builder::BuilderToBroker;
 
 use super::sched::Broker;
 use super::Service;
-use crate::cgroup::{Cgroup, Group, Limits};
+use crate::cgroup::{Cgroup, CgroupError, Group, Limits};
 
 /// Whether the first broker without a cgroup has been logged (once per helper).
 static FALLBACK_SAID: AtomicBool = AtomicBool::new(false);
@@ -72,19 +72,34 @@ fn make(svc: &Service, conn_id: u64, pid: i32, uid: u32) -> Option<Cgroup> {
         return None;
     }
     let name = format!("broker-{}-{conn_id}", std::process::id());
-    let made = svc
+    let fallback = |e: &CgroupError| {
+        if !FALLBACK_SAID.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "brokers get no cgroup ({e}); they hold themselves to broker-memory-max \
+                 and broker-pids-max with rlimits (said once)"
+            );
+        }
+    };
+    let cg = match svc
         .cgroups
         .create_in(Group::Brokers, &name, svc.broker_limits())
-        .and_then(|cg| cg.add_as(pid, uid).map(|()| cg));
-    match made {
-        Ok(cg) => Some(cg),
+    {
+        Ok(cg) => cg,
         Err(e) => {
-            if !FALLBACK_SAID.swap(true, Ordering::Relaxed) {
-                log::warn!(
-                    "brokers get no cgroup ({e}); they hold themselves to broker-memory-max \
-                     and broker-pids-max with rlimits (said once)"
-                );
-            }
+            fallback(&e);
+            return None;
+        }
+    };
+    match cg.add_as(pid, uid) {
+        Ok(()) => Some(cg),
+        // A broker that has ended already (a client that only probed the socket) says
+        // nothing about the machine's cgroups; its empty cgroup goes with `cg`.
+        Err(e) if e.source.raw_os_error() == Some(nix::libc::ESRCH) => {
+            log::debug!("conn {conn_id}: the broker ended before it was placed");
+            None
+        }
+        Err(e) => {
+            fallback(&e);
             None
         }
     }
