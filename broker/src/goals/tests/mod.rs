@@ -194,6 +194,13 @@ fn helper(mut ch: Channel, failing: Vec<&'static str>, logged: mpsc::Receiver<()
         let (id, drv) = match msg {
             BrokerToBuilder::Hello { version } => {
                 ch.send(&BuilderToBroker::Hello { version }, &[]).unwrap();
+                // As the real helper may: its word on the broker's cgroup after the Hello (it
+                // comes whenever the move is done), which the broker must settle and skip.
+                let budget = BuilderToBroker::Budget {
+                    memory: true,
+                    pids: true,
+                };
+                ch.send(&budget, &[]).unwrap();
                 continue;
             }
             BrokerToBuilder::Cancel { id } => {
