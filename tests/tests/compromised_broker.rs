@@ -311,3 +311,63 @@ fn a62_a_compromised_broker_gets_no_input_addressed_build_as_if_trusted() {
         })
         .unwrap_or_else(|| panic!("the repair was not audited: {:#?}", audit.lines()));
 }
+
+/// A61: a daemon with a real signing key (`secret-key-files`, read by the store-writer alone,
+/// before its lockdown); a compromised broker of mallory tries the key file by its path and
+/// through the store-writer's, the master's and the helper's `/proc/<pid>` (`root`, every
+/// descriptor number, `environ`, `mem`): every attempt is refused and nothing of the key
+/// comes back.
+#[test]
+fn a61_a_compromised_broker_cannot_read_the_signing_key() {
+    use std::os::unix::fs::PermissionsExt;
+    skip_unless_root!();
+    let Some(evil) = evil_broker() else {
+        return;
+    };
+    let mallory = ensure_user("st-mallory").unwrap();
+    let keys = tempfile::Builder::new()
+        .prefix("stockade-a61-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (secret, public) = (keys.path().join("sec"), keys.path().join("pub"));
+    let made = std::process::Command::new("nix-store")
+        .arg("--generate-binary-cache-key")
+        .arg("a61.example.org-1")
+        .args([&secret, &public])
+        .output()
+        .expect("nix-store --generate-binary-cache-key");
+    assert!(made.status.success(), "{made:?}");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = std::fs::read_to_string(&secret).unwrap();
+    let key_b64 = key.trim().split_once(':').expect("name:key").1.to_string();
+
+    let libexec = libexec_with(&evil);
+    // The store-writer refuses to start without a key it can read and parse.
+    let d = stockade_with("")
+        .conf_line(&format!("secret-key-files = {}", secret.display()))
+        .env("STOCKADE_LIBEXEC_DIR", libexec.path().to_str().unwrap())
+        .start()
+        .expect("stockade with a signing key and the evil broker");
+    let pids: Vec<String> = stockade_tests::sec::instance_processes(&d, "stockade")
+        .into_iter()
+        .filter(|p| p.exe != "stockade-broker")
+        .map(|p| p.pid.to_string())
+        .collect();
+    let writer = stockade_tests::sec::instance_processes(&d, "stockade-store-writer");
+    assert_eq!(writer.len(), 1, "the store-writer: {writer:?}");
+    assert!(pids.len() >= 3, "master, store-writer, helper: {pids:?}");
+
+    let mut m = Evil::connect(&d, &mallory);
+    let attack = format!("read-secret {} {}", secret.display(), pids.join(" "));
+    let o = m.refused(&attack, &["EACCES", "EPERM", "ENOENT"]);
+    let by_path = o
+        .strip_prefix("refused path: ")
+        .and_then(|r| r.split(" | ").next())
+        .unwrap_or_else(|| panic!("{o}"));
+    assert!(matches!(by_path, "EACCES" | "EPERM"), "{o}");
+    for pid in &pids {
+        assert!(o.contains(&format!("root-{pid}: ")), "{pid} not tried: {o}");
+    }
+    assert!(!o.contains(&key_b64), "{o}");
+}

@@ -89,7 +89,7 @@ impl Evil {
         Derivation::parse(&self.sd, &text, name).map_err(|e| e.to_string())
     }
 
-    fn helper_hello(&mut self) -> Result<(), String> {
+    pub(super) fn helper_hello(&mut self) -> Result<(), String> {
         let closed = |e: stockade_common::ipc::Error| {
             if channel_closed(&e) {
                 "closed".to_string()

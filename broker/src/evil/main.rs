@@ -19,6 +19,9 @@
 //!
 //! - `memory-hog`, `pids-hog` and `writer-flood`: see [`hogs`] (A12, A63);
 //! - `a62-ia <drv>`: see [`builds`] (A62).
+//! - `master-only <message> [<conn>]`: see [`master_only`] (A58).
+//! - `read-secret <path> [<pid>…]`: see [`secrets`] (A61).
+//! - `hold-builds <want> <drv>…`, `build-status`, `hold-upload`: see [`slots`] (A63).
 //!
 //! A client that opens with the worker protocol's magic instead is served as the real broker
 //! serves it (the same code), so honest users of a daemon running this broker use real Nix
@@ -58,6 +61,9 @@ mod store;
 
 mod builds;
 mod hogs;
+mod master_only;
+mod secrets;
+mod slots;
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -111,6 +117,7 @@ fn main() {
         client: std::os::fd::AsFd::as_fd(&s.client)
             .try_clone_to_owned()
             .expect("dup of the client socket"),
+        holds: Default::default(),
     };
     let hello = evil.call(w::Hello { version: VERSION });
     assert!(
@@ -143,6 +150,8 @@ struct Evil {
     builder: Channel,
     /// The client socket, to see whether the client sent a line (`stderr-flood`).
     client: std::os::fd::OwnedFd,
+    /// Build slots and uploads this connection holds (`slots`).
+    holds: slots::Holds,
 }
 
 /// A forged line: what the master's audit fallback writes on standard error.
@@ -185,8 +194,13 @@ impl Evil {
             "memory-hog" => hogs::memory_hog(),
             "pids-hog" => hogs::pids_hog(),
             "writer-flood" => hogs::writer_flood(&mut self.writer, &self.sd),
+            "build-status" => self.build_status(),
+            "hold-upload" => self.hold_upload(),
             other => match other.split_once(' ') {
                 Some(("a62-ia", drv)) => self.a62_input_addressed(drv),
+                Some(("master-only", what)) => self.master_only(what),
+                Some(("read-secret", what)) => secrets::read_secret(what),
+                Some(("hold-builds", what)) => self.hold_builds(what),
                 _ => "unknown".into(),
             },
         }
