@@ -2,7 +2,8 @@
 //! of one path past the broker's list limit, and a SetOptions of 1 M overrides, streamed raw
 //! by mallory, are refused with an error that names the limit, by a broker that was not ended
 //! by its memory budget (`broker-memory-max`) for it; one at the list limit is answered within
-//! that budget. Meanwhile bob adds and queries as usual. Needs root; fails loudly in CI without
+//! that budget. Meanwhile bob adds and queries as usual. And (A29) root's 2^18 + 3 pipelined
+//! AddTempRoots on one connection reach the hard cap. Needs root; fails loudly in CI without
 //! it.
 
 use std::io::Write;
@@ -213,4 +214,73 @@ fn a13_huge_path_lists_and_option_maps_are_bounded() {
     );
     drop((c, c2));
     bobs_work(&d, &bob, "after the limits");
+}
+
+/// The store-writer's hard cap on one connection's temporary roots (store-writer/src/roots.rs
+/// `MAX_TEMP_ROOTS`), which trusted clients are held to as well.
+const MAX_TEMP_ROOTS: u64 = 1 << 18;
+
+/// A29, trusted: root adds distinct temporary roots on one connection, pipelined (all written
+/// from a thread while the answers are read), past the hard cap. Every one up to the cap is
+/// taken, every one past it is refused in words naming the cap, and the connection and the
+/// daemon serve on.
+#[test]
+fn a29_a_trusted_client_is_held_to_the_hard_temp_root_cap() {
+    skip_unless_root!();
+    let d = stockade_with("").start().expect("stockade");
+    let f = d.write_work_file("a29-cap.txt", b"a29 cap\n");
+    let added = d.run_ok(["nix-store", "--add", f.to_str().unwrap()]);
+    let over = 3;
+    let count = MAX_TEMP_ROOTS + over;
+
+    let s = UnixStream::connect(d.socket_path()).expect("connect as root");
+    let mut tx = s.try_clone().unwrap();
+    let mut c = RawConn::from_socket(s).unwrap();
+    c.set_timeout(WAIT);
+    c.handshake().expect("handshake");
+    assert_eq!(
+        c.daemon.as_ref().and_then(|i| i.trust),
+        Some(stockade_common::worker::TrustFlag::Trusted),
+        "root is not trusted"
+    );
+    let sender = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        for i in 0..count {
+            buf.extend_from_slice(&u64::from(Op::AddTempRoot).to_le_bytes());
+            wire_str(&mut buf, &path(i));
+            if buf.len() >= 1 << 20 || i + 1 == count {
+                tx.write_all(&buf).expect("sending AddTempRoot");
+                buf.clear();
+            }
+        }
+    });
+    let mut refused = Vec::new();
+    for i in 0..count {
+        match c.response().expect("an answer").outcome {
+            Outcome::Last => {
+                c.r().read_u64("result").expect("AddTempRoot's result");
+            }
+            Outcome::Error(e) => refused.push((i, e)),
+        }
+    }
+    sender.join().expect("the sender");
+    let first = refused.first().map(|(i, _)| *i);
+    assert_eq!(
+        first,
+        Some(MAX_TEMP_ROOTS),
+        "{:?}",
+        &refused[..refused.len().min(3)]
+    );
+    assert_eq!(refused.len() as u64, over);
+    for (_, e) in &refused {
+        assert!(
+            e.contains("too many temporary roots on this connection (at most 262144)"),
+            "{e}"
+        );
+    }
+    // The connection and the daemon serve on.
+    assert_eq!(c.is_valid_path(added.trim()).unwrap(), Ok(true));
+    drop(c);
+    let g = d.write_work_file("a29-cap-after.txt", b"a29 after\n");
+    d.run_ok(["nix-store", "--add", g.to_str().unwrap()]);
 }
