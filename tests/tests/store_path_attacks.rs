@@ -372,3 +372,85 @@ fn v12_an_untrusted_realisation_is_refused() {
         assert_eq!(n, 0, "realisations registered");
     }
 }
+
+/// V17, the daemon that accepted `.drv`s with wrong output paths (Nix b2027f70d9): mallory
+/// takes a real input-addressed derivation and gives its `out` a path of her choosing. Added
+/// as a derivation (raw AddTextToStore) or as a file (`nix-store --add`: a NAR-hashed store
+/// path, but named `….drv`) it is refused, its output paths recomputed (the store-writer
+/// checks every path named `….drv`, however added); building it then fails, as it is not in
+/// the store. Nothing is built at the chosen path.
+#[test]
+fn v17_a_derivation_with_a_wrong_output_path_is_neither_added_nor_built() {
+    use stockade_common::derivation::{name_from_drv_path, Derivation, DerivationOutput};
+    use stockade_common::hash::Hash;
+    use stockade_common::store_path::StoreDir;
+    skip_unless_root!();
+    let audit = AuditCollector::new();
+    let d = stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
+        .start()
+        .expect("stockade");
+    let mallory = ensure_user("st-mallory").unwrap();
+    let bb = d.add_busybox();
+    let expr = stockade_tests::busybox_derivation(&bb, "v17", "echo built > $out");
+    let drv = d
+        .run_ok(["nix-instantiate", "-E", &expr])
+        .trim()
+        .to_string();
+    let sd = StoreDir::new(&d.store_dir()).unwrap();
+    let drv_path = sd.parse(&drv).unwrap();
+    let text = std::fs::read(d.host_path(&drv)).unwrap();
+    let name = name_from_drv_path(&drv_path).unwrap();
+    let mut lying = Derivation::parse(&sd, &text, name).unwrap();
+    let chosen = sd
+        .make_path("output:out", &Hash::sha256(b"v17 chosen"), &lying.name)
+        .unwrap();
+    let chosen_s = sd.display(&chosen);
+    lying.outputs.insert(
+        "out".into(),
+        DerivationOutput::InputAddressed(chosen.clone()),
+    );
+    lying
+        .env
+        .insert(b"out".to_vec(), chosen_s.clone().into_bytes());
+    let lying_text = lying.to_aterm(&sd).unwrap();
+    let lying_path = sd.display(&lying.drv_path(&sd).unwrap());
+
+    // As a derivation: refused.
+    let mut c = RawConn::session(&d, Some(&mallory));
+    c.send_u64(Op::AddTextToStore.into()).unwrap();
+    c.send_str(format!("{}.drv", lying.name)).unwrap();
+    c.send_str(&lying_text).unwrap();
+    let refs: Vec<String> = lying.references().iter().map(|p| sd.display(p)).collect();
+    c.send_strs(&refs).unwrap();
+    c.flush().unwrap();
+    let err = c
+        .response()
+        .unwrap()
+        .error("AddTextToStore of the lying derivation");
+    assert!(err.contains("has incorrect output"), "{err}");
+    assert_eq!(c.is_valid_path(&lying_path).unwrap(), Ok(false));
+    drop(c);
+    let built = d
+        .cmd("nix-store")
+        .args(["--realise", &lying_path])
+        .as_user(&mallory)
+        .output();
+    assert!(!built.success(), "{built}");
+
+    // As a file (`nix-store --add`: a NAR-hashed path, but named `….drv`): refused the same.
+    let f = d.write_work_file("v17/v17.drv", &lying_text);
+    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let as_file = d
+        .cmd("nix-store")
+        .args(["--add", f.to_str().unwrap()])
+        .as_user(&mallory)
+        .output();
+    assert!(!as_file.success(), "{as_file}");
+    assert!(
+        as_file.stderr_str().contains("has incorrect output"),
+        "{as_file}"
+    );
+    assert!(!d.host_path(&chosen_s).exists(), "{chosen_s} was built");
+    let mut c = RawConn::session(&d, Some(&mallory));
+    assert_eq!(c.is_valid_path(&chosen_s).unwrap(), Ok(false));
+}
