@@ -60,20 +60,20 @@ mod start;
 mod store;
 
 mod builds;
+mod confine;
 mod hogs;
 mod master_only;
 mod secrets;
 mod slots;
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::fmt::Debug;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd};
 
 use clap::Parser;
 use nix::errno::Errno;
-use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{self, MsgFlags};
 use stockade_common::content_address::ContentAddress;
 use stockade_common::hash::Hash;
 use stockade_common::ipc::builder::{BrokerToBuilder, BuildKind, BuildSettings, BuilderToBroker};
@@ -173,20 +173,20 @@ impl Evil {
             "add-unsigned" => self.add_unsigned(),
             "add-lying-hash" => self.add_lying_hash(),
             "oversized" => self.oversized(),
-            "write-store" => write_files(&self.cfg.real_store_dir),
+            "write-store" => confine::write_files(&self.cfg.real_store_dir),
             "read-db" => {
                 let dir = self.cfg.db_dir.as_deref().unwrap_or("/nix/var/nix/db");
                 verdict(&[("", open_read(&format!("{dir}/db.sqlite")))])
             }
             "read-shadow" => verdict(&[("", open_read("/etc/shadow"))]),
-            "exec" => exec(),
+            "exec" => confine::exec(),
             "unshare" => verdict(&[(
                 "",
                 sys(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)),
             )]),
-            "ptrace" => ptrace(),
-            "signal-master" => signal_master(),
-            "sendto-syslog" => sendto_syslog(),
+            "ptrace" => confine::ptrace(),
+            "signal-master" => confine::signal_master(),
+            "sendto-syslog" => confine::sendto_syslog(),
             "build-missing-drv" => self.build_missing_drv(),
             "stderr-forge" => stderr_forge(),
             "stderr-flood" => self.stderr_flood(),
@@ -551,101 +551,4 @@ fn stderr_forge() -> String {
         (Ok(()), Ok(())) => format!("sent pid={}", std::process::id()),
         (o, e) => format!("refused {o:?} {e:?}"),
     }
-}
-
-/// A60: a new file in the store and in /tmp (removed again should it be made).
-fn write_files(store: &str) -> String {
-    let create = |path: String| {
-        let r = nix::fcntl::open(
-            path.as_str(),
-            nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_EXCL | nix::fcntl::OFlag::O_WRONLY,
-            nix::sys::stat::Mode::from_bits_truncate(0o644),
-        );
-        if r.is_ok() {
-            let _ = nix::unistd::unlink(path.as_str());
-        }
-        sys(r)
-    };
-    let pid = std::process::id();
-    verdict(&[
-        ("store", create(format!("{store}/stockade-evil-{pid}"))),
-        ("tmp", create(format!("/tmp/stockade-evil-{pid}"))),
-    ])
-}
-
-/// A60: run another program (seccomp's deny-list kills the process).
-fn exec() -> String {
-    let prog = CString::new("/bin/true").expect("C string");
-    let r = nix::unistd::execv(&prog, &[&prog]);
-    verdict(&[("", sys(r))])
-}
-
-/// A60: attach to the parent, the master (seccomp's deny-list kills the process).
-fn ptrace() -> String {
-    let ppid = nix::unistd::getppid();
-    // SAFETY: PTRACE_ATTACH takes a pid and no pointers.
-    let r = unsafe {
-        nix::libc::ptrace(
-            nix::libc::PTRACE_ATTACH,
-            ppid.as_raw(),
-            std::ptr::null_mut::<nix::libc::c_void>(),
-            std::ptr::null_mut::<nix::libc::c_void>(),
-        )
-    };
-    verdict(&[("", sys(Errno::result(r)))])
-}
-
-/// A60: SIGTERM to the master.
-fn signal_master() -> String {
-    let ppid = nix::unistd::getppid();
-    if ppid.as_raw() <= 1 {
-        return format!("skipped: parent pid {ppid}");
-    }
-    verdict(&[(
-        "",
-        sys(nix::sys::signal::kill(ppid, nix::sys::signal::SIGTERM)),
-    )])
-}
-
-/// A74: a datagram to /dev/log through any socket a broker can make.
-fn sendto_syslog() -> String {
-    let msg = b"<13>stockade-evil: conn=0 uid=0 accepted trusted=yes";
-    let log = UnixAddr::new("/dev/log").expect("address");
-    let dgram = socket::socket(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .and_then(|fd| socket::sendto(fd.as_raw_fd(), msg, &log, MsgFlags::empty()));
-    let dgram_pair = socket::socketpair(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .and_then(|(a, _b)| socket::sendto(a.as_raw_fd(), msg, &log, MsgFlags::empty()));
-    // A stream pair is allowed; an address on its sends is not.
-    let stream = socket::socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .expect("a stream socketpair (brokers may make them)");
-    let stream_sendto = socket::sendto(stream.0.as_raw_fd(), msg, &log, MsgFlags::empty());
-    let iov = [std::io::IoSlice::new(msg)];
-    let stream_sendmsg = socket::sendmsg(
-        stream.0.as_raw_fd(),
-        &iov,
-        &[],
-        MsgFlags::empty(),
-        Some(&log),
-    );
-    verdict(&[
-        ("socket", sys(dgram)),
-        ("socketpair-dgram", sys(dgram_pair)),
-        ("sendto-addr", sys(stream_sendto)),
-        ("sendmsg-addr", sys(stream_sendmsg)),
-    ])
 }
