@@ -6,9 +6,11 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
+use std::os::fd::BorrowedFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use stockade_common::floor::{Crossed, Floors, FsFree};
 use stockade_common::ipc::msg::ClientIdentity;
 
 const WINDOW: Duration = Duration::from_secs(3600);
@@ -25,6 +27,8 @@ pub struct Quotas {
     max_add: u64,
     per_hour: u64,
     used: Mutex<HashMap<u32, Window>>,
+    /// The store's free-space and inode floors (A43).
+    floors: Option<Floors>,
 }
 
 impl Quotas {
@@ -34,7 +38,31 @@ impl Quotas {
             max_add,
             per_hour,
             used: Mutex::new(HashMap::new()),
+            floors: None,
         }
+    }
+
+    /// The same, holding untrusted adds to `floors` (A43).
+    pub fn with_floors(mut self, floors: Floors) -> Quotas {
+        self.floors = Some(floors);
+        self
+    }
+
+    /// A43: which floor an untrusted add of `bytes` more would take the file system of `fs`
+    /// below, if any. Trusted clients are not held to it (the floor is their room), nor is
+    /// anyone when the file system cannot be asked.
+    pub fn floor_crossed(
+        &self,
+        client: &ClientIdentity,
+        fs: BorrowedFd<'_>,
+        bytes: u64,
+    ) -> Option<Crossed> {
+        let floors = self.floors.filter(|_| !client.trusted)?;
+        if cfg!(feature = "without-a43") {
+            return None;
+        }
+        let free = FsFree::of_fd(fs).ok()?;
+        floors.crossed(&free, bytes, 1)
     }
 
     fn applies(&self, client: &ClientIdentity) -> bool {

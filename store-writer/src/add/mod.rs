@@ -71,6 +71,37 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// A43: refuses (and audits) an untrusted add of `bytes` more that would take the store's
+    /// file system below its free-space or inode floor.
+    fn floor(&self, op: &str, what: &str, bytes: u64) -> Result<(), ReqError> {
+        let fs = std::os::fd::AsFd::as_fd(&self.store.store_fd);
+        let Some(c) = self.store.quotas.floor_crossed(self.client, fs, bytes) else {
+            return Ok(());
+        };
+        let (free, floor, size) = (c.free.to_string(), c.floor.to_string(), bytes.to_string());
+        self.store.audit.client_event(
+            Severity::Warning,
+            self.client,
+            &[
+                ("op", op),
+                ("outcome", "limit"),
+                ("limit", c.setting()),
+                ("path", what),
+                ("size", &size),
+                ("free", &free),
+                ("floor", &floor),
+            ],
+        );
+        Err(ReqError::failed(format!(
+            "cannot add '{what}': the store's file system has {} {unit} free, and adding {bytes} \
+             bytes would leave less than the {} {unit} kept for trusted users ({})",
+            c.free,
+            c.floor,
+            c.setting(),
+            unit = c.unit()
+        )))
+    }
+
     fn refuse(&self, op: &str, path: &str, reason: &str) {
         self.store.audit.client_event(
             Severity::Warning,
@@ -137,6 +168,8 @@ fn add_to_store_inner(
     let store = ctx.store;
     let refs: BTreeSet<StorePath> = references.into_iter().collect();
     decide::ca_request(ctx, name, method, algo, &refs)?;
+    // Its size is not known yet: refused at once when the floor is crossed already.
+    ctx.floor("addToStore", name, 0)?;
     // Its size is known once it has all arrived: an untrusted client's data stops at the
     // largest add it may make; the hour's budget is charged once the path is known.
     let allowance = store.quotas.allowance(ctx.client);
@@ -166,6 +199,12 @@ fn add_to_store_inner(
     }
     crate::gc::auto_gc(store, true);
     let full = store.full(&path);
+    // Data that arrived in memory is yet to be written; staged data is on disk already.
+    let to_write = match got.data {
+        ingest::Data::Memory(_) => got.nar_size,
+        ingest::Data::Staged(..) => 0,
+    };
+    ctx.floor("addToStore", &full, to_write)?;
     store
         .quotas
         .charge(ctx.client, &full, got.nar_size)
@@ -260,6 +299,7 @@ fn add_nar_inner(
     }
     decide::references(ctx, Some(&info.path), &info.references, &staged)?;
     let full = store.full(&info.path);
+    ctx.floor("addNar", &full, info.nar_size)?;
     store
         .quotas
         .charge(ctx.client, &full, info.nar_size)
