@@ -75,9 +75,20 @@ impl Ctx<'_> {
     /// file system below its free-space or inode floor.
     fn floor(&self, op: &str, what: &str, bytes: u64) -> Result<(), ReqError> {
         let fs = std::os::fd::AsFd::as_fd(&self.store.store_fd);
-        let Some(c) = self.store.quotas.floor_crossed(self.client, fs, bytes) else {
-            return Ok(());
-        };
+        match self.store.quotas.floor_crossed(self.client, fs, bytes) {
+            Some(c) => Err(self.below_floor(op, what, bytes, c)),
+            None => Ok(()),
+        }
+    }
+
+    /// The audited refusal of an add of `bytes` more for floor `c`.
+    fn below_floor(
+        &self,
+        op: &str,
+        what: &str,
+        bytes: u64,
+        c: stockade_common::floor::Crossed,
+    ) -> ReqError {
         let (free, floor, size) = (c.free.to_string(), c.floor.to_string(), bytes.to_string());
         self.store.audit.client_event(
             Severity::Warning,
@@ -92,14 +103,14 @@ impl Ctx<'_> {
                 ("floor", &floor),
             ],
         );
-        Err(ReqError::failed(format!(
+        ReqError::failed(format!(
             "cannot add '{what}': the store's file system has {} {unit} free, and adding {bytes} \
              bytes would leave less than the {} {unit} kept for trusted users ({})",
             c.free,
             c.floor,
             c.setting(),
             unit = c.unit()
-        )))
+        ))
     }
 
     fn refuse(&self, op: &str, path: &str, reason: &str) {
@@ -173,9 +184,15 @@ fn add_to_store_inner(
     // Its size is known once it has all arrived: an untrusted client's data stops at the
     // largest add it may make; the hour's budget is charged once the path is known.
     let allowance = store.quotas.allowance(ctx.client);
-    let mut capped = crate::quota::Capped::new(input, allowance);
-    let got = match ingest::receive(store, &mut capped, method, algo, name, NODE) {
-        Err(_) if capped.exceeded => {
+    let capped = crate::quota::Capped::new(input, allowance);
+    let fs = std::os::fd::AsFd::as_fd(&store.store_fd);
+    let mut input = crate::quota::Floored::new(capped, &store.quotas, ctx.client, fs);
+    let received = ingest::receive(store, &mut input, method, algo, name, NODE);
+    if let (Err(_), Some(c)) = (&received, input.crossed) {
+        return Err(ctx.below_floor("addToStore", name, 0, c));
+    }
+    let got = match received {
+        Err(_) if input.inner.exceeded => {
             let limit = allowance.unwrap_or(0);
             return Err(ReqError::failed(format!(
                 "cannot add '{name}': it is more than the {limit} bytes an untrusted user may add \
