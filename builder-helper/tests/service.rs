@@ -103,6 +103,7 @@ impl Helper {
             build_memory_max: 0,
             build_pids_max: 0,
             broker_memory_max: 0,
+            store_floors: stockade_common::floor::Floors::NONE,
             broker_pids_max: 0,
             audit_socket: None,
         };

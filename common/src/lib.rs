@@ -16,6 +16,7 @@ pub mod content_address;
 #[cfg(feature = "db")]
 pub mod db;
 pub mod derivation;
+pub mod floor;
 pub mod hash;
 pub mod ipc;
 pub mod lockdown;

@@ -64,6 +64,7 @@ pub fn builder_config(ctx: &Ctx) -> BuilderConfig {
         build_pids_max: ctx.cfg.stockade.build_pids_max,
         broker_memory_max: ctx.cfg.broker_memory_max(),
         broker_pids_max: ctx.cfg.broker_pids_max(),
+        store_floors: ctx.cfg.store_floors(),
         audit_socket: ctx
             .cfg
             .audit_socket()

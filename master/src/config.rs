@@ -116,6 +116,15 @@ impl Config {
         self.stockade.broker_pids_max
     }
 
+    /// `store-free-space-floor` and `store-free-inodes-floor` (A43), for the store-writer and
+    /// the builder-helper, which resolve them against the file system they look at.
+    pub fn store_floors(&self) -> stockade_common::floor::Floors {
+        stockade_common::floor::Floors {
+            space: self.stockade.store_free_space_floor,
+            inodes: self.stockade.store_free_inodes_floor,
+        }
+    }
+
     /// The idle timeout of a connection (seconds, 0: none).
     pub fn idle_timeout(&self, trusted: bool) -> u64 {
         if trusted {
@@ -194,6 +203,14 @@ impl Config {
             ("build-pids-max", st.build_pids_max.to_string()),
             ("broker-memory-max", self.broker_memory_max().to_string()),
             ("broker-pids-max", self.broker_pids_max().to_string()),
+            (
+                "store-free-space-floor",
+                st.get("store-free-space-floor").unwrap_or_default(),
+            ),
+            (
+                "store-free-inodes-floor",
+                st.get("store-free-inodes-floor").unwrap_or_default(),
+            ),
             (
                 "broker-uid-range",
                 st.get("broker-uid-range").unwrap_or_default(),

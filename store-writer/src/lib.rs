@@ -46,7 +46,8 @@ pub mod verify;
         feature = "without-roots-reader",
         feature = "without-fod-copy",
         feature = "without-v16",
-        feature = "without-drv-outputs-check"
+        feature = "without-drv-outputs-check",
+        feature = "without-a43"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

@@ -6,9 +6,11 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
+use std::os::fd::BorrowedFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use stockade_common::floor::{Crossed, Floors, FsFree};
 use stockade_common::ipc::msg::ClientIdentity;
 
 const WINDOW: Duration = Duration::from_secs(3600);
@@ -25,6 +27,8 @@ pub struct Quotas {
     max_add: u64,
     per_hour: u64,
     used: Mutex<HashMap<u32, Window>>,
+    /// The store's free-space and inode floors (A43).
+    floors: Option<Floors>,
 }
 
 impl Quotas {
@@ -34,7 +38,31 @@ impl Quotas {
             max_add,
             per_hour,
             used: Mutex::new(HashMap::new()),
+            floors: None,
         }
+    }
+
+    /// The same, holding untrusted adds to `floors` (A43).
+    pub fn with_floors(mut self, floors: Floors) -> Quotas {
+        self.floors = Some(floors);
+        self
+    }
+
+    /// A43: which floor an untrusted add of `bytes` more would take the file system of `fs`
+    /// below, if any. Trusted clients are not held to it (the floor is their room), nor is
+    /// anyone when the file system cannot be asked.
+    pub fn floor_crossed(
+        &self,
+        client: &ClientIdentity,
+        fs: BorrowedFd<'_>,
+        bytes: u64,
+    ) -> Option<Crossed> {
+        let floors = self.floors.filter(|_| !client.trusted)?;
+        if cfg!(feature = "without-a43") {
+            return None;
+        }
+        let free = FsFree::of_fd(fs).ok()?;
+        floors.crossed(&free, bytes, 1)
     }
 
     fn applies(&self, client: &ClientIdentity) -> bool {
@@ -104,6 +132,55 @@ impl Quotas {
         if let Some(w) = map.get_mut(&client.uid) {
             w.bytes = w.bytes.saturating_sub(bytes);
         }
+    }
+}
+
+/// How much of an untrusted add's data arrives between two looks at the store's floors.
+const FLOOR_STEP: u64 = 8 << 20;
+
+/// A43: the data of an untrusted add whose size is not known beforehand (AddToStore): every
+/// [`FLOOR_STEP`] bytes the store's file system is looked at, and the reader fails once it is
+/// below a floor, remembering which, so that a large upload streaming into a staging directory
+/// stops near the floor instead of at a full disk.
+pub struct Floored<'a, R> {
+    pub inner: R,
+    quotas: &'a Quotas,
+    client: &'a ClientIdentity,
+    fs: BorrowedFd<'a>,
+    since: u64,
+    pub crossed: Option<Crossed>,
+}
+
+impl<'a, R: Read> Floored<'a, R> {
+    pub fn new(
+        inner: R,
+        quotas: &'a Quotas,
+        client: &'a ClientIdentity,
+        fs: BorrowedFd<'a>,
+    ) -> Self {
+        Floored {
+            inner,
+            quotas,
+            client,
+            fs,
+            since: 0,
+            crossed: None,
+        }
+    }
+}
+
+impl<R: Read> Read for Floored<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.since += n as u64;
+        if self.since >= FLOOR_STEP {
+            self.since = 0;
+            if let Some(c) = self.quotas.floor_crossed(self.client, self.fs, 0) {
+                self.crossed = Some(c);
+                return Err(io::Error::other(c.to_string()));
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -177,6 +254,35 @@ mod tests {
         let none = Quotas::new(0, 0);
         none.charge(&m, "g", u64::MAX).unwrap();
         assert_eq!(none.allowance(&m), None);
+    }
+
+    #[test]
+    fn floored_reader_stops_untrusted_data_below_the_floor() {
+        use std::os::fd::AsFd;
+        use stockade_common::floor::{Floor, InodeFloor, SpaceFloor};
+        let dir = tempfile::tempdir().unwrap();
+        let fd = std::fs::File::open(dir.path()).unwrap();
+        // A floor no file system has room for: crossed wherever it is looked at.
+        let q = Quotas::new(0, 0).with_floors(Floors {
+            space: SpaceFloor(Floor::Fixed(u64::MAX)),
+            inodes: InodeFloor(Floor::Fixed(0)),
+        });
+        let data = vec![0u8; 20 << 20];
+        let (m, root) = (client(1000, false), client(0, true));
+        let mut r = Floored::new(&data[..], &q, &m, fd.as_fd());
+        let mut sink = Vec::new();
+        assert!(r.read_to_end(&mut sink).is_err());
+        assert!(r.crossed.is_some_and(|c| !c.inodes));
+        // Stopped once FLOOR_STEP bytes had come (the read that crossed is not handed on).
+        assert!((sink.len() as u64) < FLOOR_STEP, "{}", sink.len());
+        assert!(q.floor_crossed(&m, fd.as_fd(), 0).is_some());
+        // Trusted data, or no floors: everything comes through.
+        let mut r = Floored::new(&data[..], &q, &root, fd.as_fd());
+        assert_eq!(r.read_to_end(&mut Vec::new()).unwrap(), data.len());
+        let none = Quotas::new(0, 0);
+        let mut r = Floored::new(&data[..], &none, &m, fd.as_fd());
+        assert_eq!(r.read_to_end(&mut Vec::new()).unwrap(), data.len());
+        assert!(r.crossed.is_none());
     }
 
     #[test]

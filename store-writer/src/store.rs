@@ -235,7 +235,8 @@ impl Store {
             quotas: crate::quota::Quotas::new(
                 cfg.untrusted_max_nar_size,
                 cfg.untrusted_bytes_per_hour,
-            ),
+            )
+            .with_floors(cfg.store_floors),
             db_fs,
             staging_pool: Mutex::new(Vec::new()),
             gc: Default::default(),

@@ -132,6 +132,8 @@ pub struct DaemonBuilder {
     command_timeout: Duration,
     newer_clients: bool,
     ns_binds: Vec<(PathBuf, PathBuf)>,
+    /// `/nix` on a tmpfs of its own: (size, inodes).
+    nix_tmpfs: Option<(String, u64)>,
 }
 
 /// The nix.conf every instance starts from: no sandbox (needs no privileges the test host may
@@ -162,6 +164,7 @@ impl DaemonBuilder {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             newer_clients: false,
             ns_binds: Vec::new(),
+            nix_tmpfs: None,
         }
     }
 
@@ -261,6 +264,16 @@ impl DaemonBuilder {
     /// changes what the daemon reads, never the host's setting). Needs root.
     pub fn ns_bind(mut self, source: impl Into<PathBuf>, target: impl Into<PathBuf>) -> Self {
         self.ns_binds.push((source.into(), target.into()));
+        self
+    }
+
+    /// `/nix` is a tmpfs of its own in the namespace, of `size` (tmpfs syntax, e.g. `48m`) and
+    /// `inodes` inodes, so that a test can fill it (A43). The socket is put outside it
+    /// ([`DaemonBuilder::socket_outside_state`]); [`Daemon::host_path`] reaches it through
+    /// the namespace holder's `/proc/PID/root`. Needs root.
+    pub fn nix_tmpfs(mut self, size: &str, inodes: u64) -> Self {
+        self.nix_tmpfs = Some((size.to_string(), inodes));
+        self.socket_outside_state = true;
         self
     }
 
@@ -420,9 +433,15 @@ impl Daemon {
                 "/nix does not exist on the host to mount over (apt-get install nix-bin)".into(),
             ));
         }
-        let script = match self.layout {
-            Layout::MountNamespace => "mount --bind \"$1\" /nix",
-            Layout::Redirected => "mount -t tmpfs -o ro,mode=0755,size=64k stockade-guard /nix",
+        let script = match (self.layout, &self.builder.nix_tmpfs) {
+            (Layout::MountNamespace, Some((size, inodes))) => format!(
+                "mount -t tmpfs -o mode=0755,size={size},nr_inodes={inodes} stockade-nixfs /nix \
+                 && mkdir -p /nix/var/nix"
+            ),
+            (Layout::MountNamespace, None) => "mount --bind \"$1\" /nix".into(),
+            (Layout::Redirected, _) => {
+                "mount -t tmpfs -o ro,mode=0755,size=64k stockade-guard /nix".into()
+            }
         };
         // Extra bind mounts, their paths as positional parameters after the base ($1).
         let mut binds = String::new();
@@ -857,6 +876,10 @@ impl Daemon {
     /// Where a path the daemon and clients see (e.g. a store path) lives on the host.
     pub fn host_path(&self, logical: &str) -> PathBuf {
         match (self.layout, logical.strip_prefix("/nix/")) {
+            (Layout::MountNamespace, Some(rest)) if self.builder.nix_tmpfs.is_some() => {
+                let pid = self.holder_pid().unwrap_or(0);
+                PathBuf::from(format!("/proc/{pid}/root/nix")).join(rest)
+            }
             (Layout::MountNamespace, Some(rest)) => self.base.join("nix").join(rest),
             _ => PathBuf::from(logical),
         }

@@ -1,7 +1,8 @@
 //! Supervision of a running builder: its merged stdout and stderr copied to the log sink
 //! line by line, `timeout`, `max-silent-time` and `max-build-log-size` enforced as Nix's
 //! worker loop and `handleChildOutput` do (silence is checked before the total time; the log
-//! limit is exceeded when more than the limit has been written).
+//! limit is exceeded when more than the limit has been written), and the store's floors
+//! (A43) looked at every [`FLOOR_INTERVAL`] on the same loop.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -10,15 +11,38 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use stockade_common::floor::{Crossed, Floors, FsFree};
 
 use crate::sandbox::{BuildExit, Sandbox, SandboxError};
 
+/// How often a build held to the floors looks at its file systems: a `statvfs` each, cheap;
+/// a builder writes at most a second's worth past the floor before it is stopped.
+pub const FLOOR_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The limits of one build; `None` / 0: none.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Limits {
     pub max_silent_time: Option<Duration>,
     pub timeout: Option<Duration>,
     pub max_log_size: u64,
+    pub floor: Option<FloorWatch>,
+}
+
+/// The store's floors (A43) and the directories whose file systems the build writes to.
+#[derive(Debug, Clone)]
+pub struct FloorWatch {
+    pub floors: Floors,
+    pub dirs: Vec<std::path::PathBuf>,
+}
+
+impl FloorWatch {
+    /// The first floor one of the file systems is below (one that cannot be asked is not).
+    pub fn crossed(&self) -> Option<Crossed> {
+        self.dirs
+            .iter()
+            .filter_map(|d| FsFree::of_path(d).ok())
+            .find_map(|fs| self.floors.crossed(&fs, 0, 0))
+    }
 }
 
 /// How supervision ended. In every case the builder and all its processes are gone.
@@ -32,6 +56,8 @@ pub enum Ended {
     LogLimit,
     /// The cancel descriptor became readable (or hung up): nobody wants the build any more.
     Cancelled,
+    /// A file system it writes to went below the store's floor (A43).
+    Floor(Crossed),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,8 +171,18 @@ pub fn supervise(
         Ok(e)
     };
     let mut idle = Duration::from_millis(1);
+    // Looked at once before the first wait: a build that starts below the floor stops at once.
+    let mut next_floor = started;
     loop {
         let now = Instant::now();
+        if let Some(w) = &limits.floor {
+            if now >= next_floor {
+                if let Some(c) = w.crossed() {
+                    return kill(sandbox, Ended::Floor(c));
+                }
+                next_floor = now + FLOOR_INTERVAL;
+            }
+        }
         if let Some(m) = limits.max_silent_time {
             if now >= last_output + m {
                 return kill(sandbox, Ended::TimedOut { silence: true });
@@ -160,6 +196,7 @@ pub fn supervise(
         let deadline = [
             limits.max_silent_time.map(|m| last_output + m),
             limits.timeout.map(|t| started + t),
+            limits.floor.as_ref().map(|_| next_floor),
         ]
         .into_iter()
         .flatten()
@@ -223,7 +260,9 @@ pub fn supervise(
         if n == 0 {
             log = None;
             if !pending.is_empty() {
-                sink.write_all(&pending).map_err(SuperviseError::Sink)?;
+                if let Err(e) = sink.write_all(&pending) {
+                    return sink_failed(sandbox, &limits, e);
+                }
                 pending.clear();
             }
             continue;
@@ -236,9 +275,24 @@ pub fn supervise(
         last_output = Instant::now();
         tail.feed(data);
         if let Err(e) = write_lines(sink, &mut pending, data) {
-            let _ = kill(sandbox, Ended::LogLimit);
-            return Err(SuperviseError::Sink(e));
+            return sink_failed(sandbox, &limits, e);
         }
+    }
+}
+
+/// The log could not be written: the builder is killed. When that is because the file system
+/// went below a floor (the log is kept in the builds directory, so it runs out of room with
+/// the build), that is what stopped it.
+fn sink_failed(
+    sandbox: &mut dyn Builder,
+    limits: &Limits,
+    e: io::Error,
+) -> Result<Ended, SuperviseError> {
+    sandbox.kill()?;
+    sandbox.wait()?;
+    match limits.floor.as_ref().and_then(FloorWatch::crossed) {
+        Some(c) => Ok(Ended::Floor(c)),
+        None => Err(SuperviseError::Sink(e)),
     }
 }
 

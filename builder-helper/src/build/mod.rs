@@ -24,6 +24,7 @@ pub mod keep;
 pub mod log;
 pub mod refgraph;
 mod run;
+mod status;
 pub mod structured;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,12 +37,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use stockade_common::derivation::{name_from_drv_path, Derivation, DrvError, DrvLimits};
+use stockade_common::floor::Crossed;
 use stockade_common::store_path::{StoreDir, StorePath};
 
-use crate::sandbox::{BuildExit, SandboxError, SandboxPath};
+use crate::sandbox::{SandboxError, SandboxPath};
 pub use dirs::{BuildDir, DirError};
 pub use env::{BuilderEnv, EnvError, EnvParams};
 pub use log::{Ended, Limits, LogTail, SuperviseError};
+pub use status::status_to_string;
 
 /// The daemon's settings that shape a build.
 #[derive(Debug, Clone)]
@@ -79,6 +82,9 @@ pub struct BuildConfig {
     /// Whether the build runs in the sandbox; `false` builds on the host ([`host`]) when its
     /// outputs' paths are free.
     pub sandboxed: bool,
+    /// The store's floors the build is held to (A43; `None`: a trusted client's build):
+    /// stopped once the builds directory's or the store's file system is below one.
+    pub floors: Option<stockade_common::floor::Floors>,
 }
 
 impl BuildConfig {
@@ -101,6 +107,7 @@ impl BuildConfig {
             hashed_mirrors: Vec::new(),
             cgroups: Vec::new(),
             sandboxed: true,
+            floors: None,
         }
     }
 }
@@ -226,6 +233,9 @@ pub enum BuildErrorKind {
         output: String,
         path: String,
     },
+    /// A43: the file system it wrote to went below a floor.
+    #[error("build of '{drv}' was stopped: {crossed}")]
+    Floor { drv: String, crossed: Crossed },
     /// Nobody wanted the build any more (every client that asked for it cancelled or left).
     #[error("build of '{drv}' was cancelled")]
     Cancelled { drv: String },
@@ -249,48 +259,6 @@ impl<E: Into<BuildErrorKind>> From<E> for BuildError {
             log_tail: Vec::new(),
         }
     }
-}
-
-/// Nix's `statusToString` for a builder that did not succeed.
-pub fn status_to_string(exit: BuildExit) -> String {
-    match exit {
-        BuildExit::Exited(0) => "succeeded".to_string(),
-        BuildExit::Exited(n) => format!("failed with exit code {n}"),
-        BuildExit::Signaled(sig) => {
-            format!(
-                "failed due to signal {} ({})",
-                sig as i32,
-                signal_description(sig)
-            )
-        }
-    }
-}
-
-/// glibc's `strsignal` text for the signals a builder can die of.
-fn signal_description(sig: nix::sys::signal::Signal) -> String {
-    use nix::sys::signal::Signal::*;
-    match sig {
-        SIGHUP => "Hangup",
-        SIGINT => "Interrupt",
-        SIGQUIT => "Quit",
-        SIGILL => "Illegal instruction",
-        SIGTRAP => "Trace/breakpoint trap",
-        SIGABRT => "Aborted",
-        SIGBUS => "Bus error",
-        SIGFPE => "Floating point exception",
-        SIGKILL => "Killed",
-        SIGUSR1 => "User defined signal 1",
-        SIGSEGV => "Segmentation fault",
-        SIGUSR2 => "User defined signal 2",
-        SIGPIPE => "Broken pipe",
-        SIGALRM => "Alarm clock",
-        SIGTERM => "Terminated",
-        SIGXCPU => "CPU time limit exceeded",
-        SIGXFSZ => "File size limit exceeded",
-        SIGSYS => "Bad system call",
-        other => return format!("Unknown signal {}", other as i32),
-    }
-    .to_string()
 }
 
 /// Reads a regular file of the store (never through a symlink), at most `limit` bytes.
@@ -548,7 +516,9 @@ pub fn run_derivation_with(
         dir.staging()
     };
     let fail = |kind: BuildErrorKind, dir: BuildDir, tail: LogTail| {
-        let kept_build_dir = if cfg.keep_failed { dir.keep() } else { None };
+        // Stopped for the floor: never kept, the space must come back.
+        let keep = cfg.keep_failed && !matches!(kind, BuildErrorKind::Floor { .. });
+        let kept_build_dir = if keep { dir.keep() } else { None };
         BuildError {
             kind: Box::new(kind),
             kept_build_dir,
@@ -578,6 +548,10 @@ pub fn run_derivation_with(
             limit: cfg.max_log_size,
         }),
         Ended::Cancelled => Some(BuildErrorKind::Cancelled { drv: shown.clone() }),
+        Ended::Floor(crossed) => Some(BuildErrorKind::Floor {
+            drv: shown.clone(),
+            crossed,
+        }),
     };
     if let Some(kind) = kind {
         return Err(fail(kind, dir, tail));

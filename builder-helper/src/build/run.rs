@@ -32,6 +32,12 @@ fn limits(cfg: &BuildConfig) -> Limits {
             .then(|| Duration::from_secs(cfg.max_silent_time)),
         timeout: (cfg.timeout > 0).then(|| Duration::from_secs(cfg.timeout)),
         max_log_size: cfg.max_log_size,
+        // Outputs are staged in the builds directory (or written to the store on the host);
+        // the build directory is there too.
+        floor: cfg.floors.map(|floors| log::FloorWatch {
+            floors,
+            dirs: vec![cfg.builds_dir.clone(), cfg.host_store_dir.clone()],
+        }),
     }
 }
 

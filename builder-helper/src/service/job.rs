@@ -278,7 +278,8 @@ fn begun(
     let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
     // Whatever the build left behind dies with its cgroup, before the uid is given back.
     drop(cgroup);
-    let limits_hit = limits_hit(&svc.config, &usage);
+    let mut limits_hit = limits_hit(&svc.config, &usage);
+    limits_hit.extend(super::floor::stopped(svc, conn, &shown, &ran));
     for (_, note) in &limits_hit {
         let _ = sink.write_all(format!("{note}\n").as_bytes());
     }

@@ -5,6 +5,7 @@
 //! one thread per build ([`job`]). Each broker also gets a cgroup of its own ([`budget`]).
 
 pub mod budget;
+pub mod floor;
 pub mod hook;
 pub mod job;
 pub mod links;
@@ -106,6 +107,7 @@ impl Service {
         c.timeout = eff.timeout;
         c.max_log_size = eff.max_build_log_size;
         c.keep_failed = eff.keep_failed;
+        c.floors = eff.held_to_floors.then_some(self.config.store_floors);
         c
     }
 

@@ -82,6 +82,9 @@ pub struct Effective {
     pub enforce_determinism: bool,
     /// A trusted client's `post-build-hook`, in place of the daemon's (`Some("")`: none).
     pub post_build_hook: Option<String>,
+    /// Stopped when the store's file system goes below its floors (A43): an untrusted
+    /// client's build. A trusted client's may use the room the floors keep.
+    pub held_to_floors: bool,
 }
 
 impl Effective {
@@ -151,6 +154,7 @@ pub fn effective(cfg: &BuilderConfig, s: &BuildSettings, trusted: bool) -> Effec
             .post_build_hook
             .clone()
             .filter(|_| trusted || cfg!(feature = "without-a54")),
+        held_to_floors: !trusted && !cfg!(feature = "without-a43"),
     }
 }
 
@@ -214,6 +218,7 @@ mod tests {
             build_memory_max: 0,
             build_pids_max: 0,
             broker_memory_max: 0,
+            store_floors: stockade_common::floor::Floors::NONE,
             broker_pids_max: 0,
             audit_socket: None,
         };
@@ -239,6 +244,7 @@ mod tests {
                 repeat: 0,
                 enforce_determinism: true,
                 post_build_hook: None,
+                held_to_floors: !cfg!(feature = "without-a43"),
             }
         );
         assert_eq!(u.hook(Some("/daemon")), Some("/daemon"));
@@ -253,6 +259,7 @@ mod tests {
         assert_eq!(t.max_build_log_size, 5000);
         assert!(t.keep_failed);
         assert_eq!(t.cores, 64);
+        assert!(!t.held_to_floors);
         let lower = BuildSettings {
             max_build_log_size: Some(10),
             ..Default::default()

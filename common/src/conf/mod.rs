@@ -57,6 +57,7 @@ pub use host::HostFacts;
 pub use parse::{Entry, FileSource, Filesystem, MemorySource};
 pub use schema::{Resolved, SettingDef};
 pub use settings::{Settings, CACHE_NIXOS_ORG_KEY};
+pub(crate) use stockade::parse_size;
 pub use stockade::{AutoCount, AutoSize, ByteSize, StockadeSettings};
 pub use value::{AccessTokens, ExperimentalFeature, MaxJobs, OptionalPath, SandboxMode, UidRange};
 

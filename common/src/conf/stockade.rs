@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{ValueError, WarningKind};
 use super::schema::define_settings;
 use super::value::{Ctx, SettingValue, UidRange};
+use crate::floor::{Floor, InodeFloor, SpaceFloor};
 
 define_settings! {
     /// Settings only Stockade has. Durations are seconds; for the limits and timeouts, 0 means
@@ -78,6 +79,19 @@ define_settings! {
         /// connections, so that one account cannot fill the disk for everyone at once; 0: no
         /// limit. Counted on what is added (a path already valid costs nothing).
         untrusted_bytes_per_hour: ByteSize = "untrusted-bytes-per-hour" => ByteSize(128 << 30);
+        /// Room kept free on the store's file system (where builds and adds are staged): a
+        /// size as for `broker-memory-max`, a share of the file system (`N%`), or `auto`, the
+        /// smaller of 1 GiB and 5 % (room for an administrator's repair or rollback, the
+        /// database, and the cleanup of what was stopped, without holding back much of a
+        /// small disk); 0: none. Below it, every running build of an untrusted client that
+        /// writes there is stopped and its directories removed, and an untrusted client's add
+        /// that would go below it is refused; trusted clients' builds and adds are not held
+        /// to it. Audited `limit=store-free-space-floor`.
+        store_free_space_floor: SpaceFloor = "store-free-space-floor" => SpaceFloor(Floor::Auto);
+        /// The same for free inodes: a count, `N%`, or `auto`, the smaller of 65536 and 5 %
+        /// of the file system's inodes; 0: none (and none where the file system has no fixed
+        /// number, as btrfs). Audited `limit=store-free-inodes-floor`.
+        store_free_inodes_floor: InodeFloor = "store-free-inodes-floor" => InodeFloor(Floor::Auto);
         /// Temporary roots one untrusted connection may hold (each a line in its roots file
         /// and an entry in the store-writer's memory); 0: only the hard cap of 262144.
         untrusted_temp_roots: u64 = "untrusted-temp-roots" => 262_144;
@@ -181,7 +195,11 @@ impl SettingValue for AutoSize {
 }
 
 /// `N`, `NK`, `NM`, `NG` or `NT` (powers of 1024) as bytes.
-fn parse_size(name: &'static str, text: &str, what: &'static str) -> Result<u64, ValueError> {
+pub(crate) fn parse_size(
+    name: &'static str,
+    text: &str,
+    what: &'static str,
+) -> Result<u64, ValueError> {
     let invalid = || ValueError::Invalid {
         name,
         value: text.into(),

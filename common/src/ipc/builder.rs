@@ -176,6 +176,9 @@ pub struct BuilderConfig {
     /// none.
     pub broker_memory_max: u64,
     pub broker_pids_max: u64,
+    /// `store-free-space-floor` and `store-free-inodes-floor` (A43): untrusted builds are
+    /// stopped when the file system they write to goes below either.
+    pub store_floors: crate::floor::Floors,
 }
 
 // ---- broker ↔ builder-helper -----------------------------------------------------------------

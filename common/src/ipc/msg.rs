@@ -110,6 +110,9 @@ pub struct StoreWriterConfig {
     /// in an hour.
     pub untrusted_max_nar_size: u64,
     pub untrusted_bytes_per_hour: u64,
+    /// `store-free-space-floor` and `store-free-inodes-floor` (A43): untrusted adds that
+    /// would go below either are refused.
+    pub store_floors: crate::floor::Floors,
     /// How the garbage collector decides and when it runs by itself.
     pub gc: GcSettings,
     /// Whether the master answers `FindRuntimeRoots` (it runs a roots-reader and reads this

@@ -43,6 +43,7 @@ impl Ctx {
             lockdown: self.lockdown(),
             untrusted_max_nar_size: self.cfg.stockade.untrusted_max_nar_size.0,
             untrusted_bytes_per_hour: self.cfg.stockade.untrusted_bytes_per_hour.0,
+            store_floors: self.cfg.store_floors(),
             gc: GcSettings {
                 keep_outputs: s.keep_outputs,
                 keep_derivations: s.keep_derivations,

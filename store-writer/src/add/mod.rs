@@ -71,6 +71,48 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// A43: refuses (and audits) an untrusted add of `bytes` more that would take the store's
+    /// file system below its free-space or inode floor.
+    fn floor(&self, op: &str, what: &str, bytes: u64) -> Result<(), ReqError> {
+        let fs = std::os::fd::AsFd::as_fd(&self.store.store_fd);
+        match self.store.quotas.floor_crossed(self.client, fs, bytes) {
+            Some(c) => Err(self.below_floor(op, what, bytes, c)),
+            None => Ok(()),
+        }
+    }
+
+    /// The audited refusal of an add of `bytes` more for floor `c`.
+    fn below_floor(
+        &self,
+        op: &str,
+        what: &str,
+        bytes: u64,
+        c: stockade_common::floor::Crossed,
+    ) -> ReqError {
+        let (free, floor, size) = (c.free.to_string(), c.floor.to_string(), bytes.to_string());
+        self.store.audit.client_event(
+            Severity::Warning,
+            self.client,
+            &[
+                ("op", op),
+                ("outcome", "limit"),
+                ("limit", c.setting()),
+                ("path", what),
+                ("size", &size),
+                ("free", &free),
+                ("floor", &floor),
+            ],
+        );
+        ReqError::failed(format!(
+            "cannot add '{what}': the store's file system has {} {unit} free, and adding {bytes} \
+             bytes would leave less than the {} {unit} kept for trusted users ({})",
+            c.free,
+            c.floor,
+            c.setting(),
+            unit = c.unit()
+        ))
+    }
+
     fn refuse(&self, op: &str, path: &str, reason: &str) {
         self.store.audit.client_event(
             Severity::Warning,
@@ -137,12 +179,20 @@ fn add_to_store_inner(
     let store = ctx.store;
     let refs: BTreeSet<StorePath> = references.into_iter().collect();
     decide::ca_request(ctx, name, method, algo, &refs)?;
+    // Its size is not known yet: refused at once when the floor is crossed already.
+    ctx.floor("addToStore", name, 0)?;
     // Its size is known once it has all arrived: an untrusted client's data stops at the
     // largest add it may make; the hour's budget is charged once the path is known.
     let allowance = store.quotas.allowance(ctx.client);
-    let mut capped = crate::quota::Capped::new(input, allowance);
-    let got = match ingest::receive(store, &mut capped, method, algo, name, NODE) {
-        Err(_) if capped.exceeded => {
+    let capped = crate::quota::Capped::new(input, allowance);
+    let fs = std::os::fd::AsFd::as_fd(&store.store_fd);
+    let mut input = crate::quota::Floored::new(capped, &store.quotas, ctx.client, fs);
+    let received = ingest::receive(store, &mut input, method, algo, name, NODE);
+    if let (Err(_), Some(c)) = (&received, input.crossed) {
+        return Err(ctx.below_floor("addToStore", name, 0, c));
+    }
+    let got = match received {
+        Err(_) if input.inner.exceeded => {
             let limit = allowance.unwrap_or(0);
             return Err(ReqError::failed(format!(
                 "cannot add '{name}': it is more than the {limit} bytes an untrusted user may add \
@@ -166,6 +216,12 @@ fn add_to_store_inner(
     }
     crate::gc::auto_gc(store, true);
     let full = store.full(&path);
+    // Data that arrived in memory is yet to be written; staged data is on disk already.
+    let to_write = match got.data {
+        ingest::Data::Memory(_) => got.nar_size,
+        ingest::Data::Staged(..) => 0,
+    };
+    ctx.floor("addToStore", &full, to_write)?;
     store
         .quotas
         .charge(ctx.client, &full, got.nar_size)
@@ -260,6 +316,7 @@ fn add_nar_inner(
     }
     decide::references(ctx, Some(&info.path), &info.references, &staged)?;
     let full = store.full(&info.path);
+    ctx.floor("addNar", &full, info.nar_size)?;
     store
         .quotas
         .charge(ctx.client, &full, info.nar_size)

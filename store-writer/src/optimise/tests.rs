@@ -44,6 +44,7 @@ fn env() -> Env {
         lockdown: Default::default(),
         untrusted_max_nar_size: 0,
         untrusted_bytes_per_hour: 0,
+        store_floors: stockade_common::floor::Floors::NONE,
         auto_optimise_store: false,
         untrusted_temp_roots: 0,
         untrusted_temp_roots_per_uid: 0,

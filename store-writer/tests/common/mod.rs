@@ -48,6 +48,7 @@ pub fn config(root: &Path, keys: Vec<String>) -> StoreWriterConfig {
         lockdown: Default::default(),
         untrusted_max_nar_size: 0,
         untrusted_bytes_per_hour: 0,
+        store_floors: stockade_common::floor::Floors::NONE,
         gc: Default::default(),
         runtime_roots_from_master: false,
         auto_optimise_store: false,
