@@ -30,7 +30,8 @@ pub mod service;
         feature = "without-nofollow-keep",
         feature = "without-read-only-kept-dir",
         feature = "without-a54",
-        feature = "without-a43"
+        feature = "without-a43",
+        feature = "without-v11"
     )
 ))]
 compile_error!("the without-* features switch defences off; they are for test builds only");

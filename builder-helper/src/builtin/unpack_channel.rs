@@ -303,6 +303,9 @@ fn extract_entry<R: Read>(
         return Ok(());
     }
     let name = entry.path().map_err(UnpackError::Read)?.into_owned();
+    if cfg!(feature = "without-v11") {
+        return unchecked(entry, out, &name);
+    }
     let rel = relative(&name)?;
     // Old (pre-ustar) archives mark a directory by a trailing slash on a file entry.
     let old_dir = kind == EntryType::Regular
@@ -357,6 +360,22 @@ fn extract_entry<R: Read>(
         Ok(false) => Err(UnpackError::DotDot(name)),
         Err(source) => Err(UnpackError::Create { path: dst, source }),
     }
+}
+
+/// Test-only (V11's defence off): the member is written at `out` joined with its name as it
+/// stands (`..`, absolute names and symlinked parents followed), as the unpacker of
+/// CVE-2026-44029 did, so tests/tests/build_attacks.rs can be seen to fail.
+fn unchecked<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    out: &Path,
+    name: &Path,
+) -> Result<(), UnpackError> {
+    let dst = out.join(name);
+    let made = dst
+        .parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| entry.unpack(&dst).map(|_| ()));
+    made.map_err(|source| UnpackError::Create { path: dst, source })
 }
 
 /// The entry name `name` as a path of normal components (empty for `.`), or its refusal.

@@ -17,7 +17,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/ptrace.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -140,6 +142,16 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(mode, "kill")) {
         return report(kill((pid_t) atoi(arg), SIGUSR1));
+    }
+    if (!strcmp(mode, "ptrace")) {
+        return report(ptrace(PTRACE_ATTACH, (pid_t) atoi(arg), NULL, NULL) == 0 ? 0 : -1);
+    }
+    if (!strcmp(mode, "vm-read")) {
+        /* One byte from the other process: the pid and permission checks come before the
+         * address is looked at, so anything but ESRCH or EPERM means the process was reached. */
+        char byte;
+        struct iovec local = {&byte, 1}, remote = {(void *) 0x400000, 1};
+        return report(process_vm_readv((pid_t) atoi(arg), &local, 1, &remote, 1, 0) == 1 ? 0 : -1);
     }
     return 2;
 }
