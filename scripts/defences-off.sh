@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Shows that each security test can fail: builds the workspace once with every defence of
-# scripts/defences.txt switched off (test-only cargo features `without-aNN`, which refuse to
+# Shows that each security test can fail: builds the workspace once with the defences of
+# scripts/defences.txt switched off (test-only cargo features `without-…`, which refuse to
 # compile in a release build) into target/defences-off, then runs each listed test against that
 # build and expects it to FAIL. A test that still passes there asserts nothing about its defence.
+#
+# A control test (tests/tests/defences_control.rs: an untrusted add and build) must PASS
+# against that shared build: a switch that breaks every build would make each build test fail
+# for that reason alone. Such a switch is marked `#! alone <feature>` in defences.txt: it is
+# left out of the shared build, and each row naming it runs against a build of its own row's
+# features only (target/defences-off-alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d "$HOME/.cargo/bin" ]; then export PATH="$HOME/.cargo/bin:$PATH"; fi
@@ -10,10 +16,24 @@ list=scripts/defences.txt
 target=target/defences-off
 mapfile -t rows < <(grep -v '^\s*#' "$list" | grep -v '^\s*$')
 [ "${#rows[@]}" -gt 0 ] || { echo "no defences listed in $list"; exit 0; }
-features=$(printf '%s\n' "${rows[@]}" | awk '{print $1}' | tr , '\n' | sort -u | paste -sd, -)
-echo "==> building with the defences off: $features"
-cargo build --quiet --workspace --bins --target-dir "$target" --features "$features"
-export STOCKADE_BIN="$PWD/$target/debug/stockade"
+mapfile -t alone < <(awk '$1 == "#!" && $2 == "alone" {print $3}' "$list")
+
+# Whether a row's feature list names a feature marked alone.
+is_alone() {
+  local f
+  for f in $(tr , ' ' <<<"$1"); do
+    for a in "${alone[@]}"; do [ "$f" = "$a" ] && return 0; done
+  done
+  return 1
+}
+
+shared=$(for row in "${rows[@]}"; do
+  read -r feature _ <<<"$row"
+  is_alone "$feature" || tr , '\n' <<<"$feature"
+done | sort -u | paste -sd, -)
+echo "==> building with the defences off: $shared"
+cargo build --quiet --workspace --bins --target-dir "$target" --features "$shared"
+shared_bin="$PWD/$target/debug/stockade"
 # compromised_broker.rs runs the evil broker of the normal build (its own lockdown intact)
 # against the defences-off store-writer; scripts/test.sh has built it already.
 if [ -z "${STOCKADE_EVIL_BROKER:-}" ]; then
@@ -21,9 +41,26 @@ if [ -z "${STOCKADE_EVIL_BROKER:-}" ]; then
   export STOCKADE_EVIL_BROKER="${CARGO_TARGET_DIR:-$PWD/target}/debug/stockade-evil-broker"
 fi
 status=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+echo "==> control: an untrusted add and build must work with those defences off"
+if STOCKADE_BIN="$shared_bin" cargo test --quiet -p stockade-tests --test defences_control \
+    >"$log" 2>&1; then
+  echo "ok: the control passes"
+else
+  echo "FAIL: the control fails in the shared build; a switch breaks builds (mark it alone)"
+  tail -n 30 "$log"
+  status=1
+fi
+
 for row in "${rows[@]}"; do
   read -r feature package testfile name <<<"$row"
-  log=$(mktemp)
+  export STOCKADE_BIN="$shared_bin"
+  if is_alone "$feature"; then
+    cargo build --quiet --workspace --bins --target-dir "$target-alone" --features "$feature"
+    export STOCKADE_BIN="$PWD/$target-alone/debug/stockade"
+  fi
   # A test in the defence's own package links it: build that package's tests with the
   # feature (in a target dir of their own, so the binaries above stay as they are).
   extra=()
@@ -42,6 +79,5 @@ for row in "${rows[@]}"; do
     tail -n 20 "$log"
     status=1
   fi
-  rm -f "$log"
 done
 exit "$status"
