@@ -5,7 +5,14 @@
 
 // Test-only switches that turn a defence off (scripts/defences-off.sh). Never in a release
 // build.
-#[cfg(all(not(debug_assertions), feature = "without-a74"))]
+#[cfg(all(
+    not(debug_assertions),
+    any(
+        feature = "without-a74",
+        feature = "without-nar-names",
+        feature = "without-nar-limits"
+    )
+))]
 compile_error!("the without-* features switch defences off; they are for test builds only");
 
 pub mod audit;

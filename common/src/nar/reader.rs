@@ -305,7 +305,7 @@ impl<R: Read> NarReader<R> {
         self.expect("type")?;
         self.token_start = self.offset;
         let len = self.read_u64()?;
-        if len > MAX_TAG_LEN as u64 {
+        if len > MAX_TAG_LEN as u64 && !cfg!(feature = "without-nar-limits") {
             return Err(self.error(NarErrorKind::UnknownFileType(format!(
                 "<string of {len} bytes>"
             ))));
@@ -347,7 +347,7 @@ impl<R: Read> NarReader<R> {
                 self.expect("target")?;
                 self.token_start = self.offset;
                 let len = self.read_u64()?;
-                if len > MAX_TARGET_LEN as u64 {
+                if len > MAX_TARGET_LEN as u64 && !cfg!(feature = "without-nar-limits") {
                     return Err(self.error(NarErrorKind::TargetTooLong(len)));
                 }
                 self.read_string_body(len)?;
@@ -372,11 +372,11 @@ impl<R: Read> NarReader<R> {
     fn read_entry_name(&mut self) -> Result<(), NarError> {
         self.token_start = self.offset;
         let len = self.read_u64()?;
-        if len > MAX_NAME_LEN as u64 {
+        if len > MAX_NAME_LEN as u64 && !cfg!(feature = "without-nar-limits") {
             return Err(self.error(NarErrorKind::NameTooLong(len)));
         }
         self.read_string_body(len)?;
-        if !is_valid_name(&self.token) {
+        if !is_valid_name(&self.token) && !cfg!(feature = "without-nar-names") {
             return Err(self.error(NarErrorKind::InvalidName(show(&self.token))));
         }
         let Some(prev) = self.prev_names.last_mut() else {
@@ -384,12 +384,12 @@ impl<R: Read> NarReader<R> {
         };
         // Strictly increasing byte-wise: also rejects duplicates. The first entry compares with
         // the empty string, which no valid name equals.
-        if self.token.as_slice() <= prev.as_slice() {
+        if self.token.as_slice() <= prev.as_slice() && !cfg!(feature = "without-nar-names") {
             return Err(self.error(NarErrorKind::NotSorted));
         }
         prev.clear();
         prev.extend_from_slice(&self.token);
-        if self.path_marks.len() >= self.limits.max_depth {
+        if self.path_marks.len() >= self.limits.max_depth && !cfg!(feature = "without-nar-limits") {
             return Err(self.error(NarErrorKind::TooDeep(self.limits.max_depth)));
         }
         self.path_marks.push(self.path.len());
@@ -402,7 +402,7 @@ impl<R: Read> NarReader<R> {
     fn read_tag(&mut self, expected: &'static str) -> Result<Tag, NarError> {
         self.token_start = self.offset;
         let len = self.read_u64()?;
-        if len > MAX_TAG_LEN as u64 {
+        if len > MAX_TAG_LEN as u64 && !cfg!(feature = "without-nar-limits") {
             return Err(self.error(NarErrorKind::TagTooLong { expected, len }));
         }
         self.read_string_body(len)?;
@@ -419,7 +419,7 @@ impl<R: Read> NarReader<R> {
     fn expect(&mut self, expected: &'static str) -> Result<(), NarError> {
         self.token_start = self.offset;
         let len = self.read_u64()?;
-        if len > MAX_TAG_LEN as u64 {
+        if len > MAX_TAG_LEN as u64 && !cfg!(feature = "without-nar-limits") {
             return Err(self.error(NarErrorKind::TagTooLong { expected, len }));
         }
         self.read_string_body(len)?;
