@@ -8,6 +8,20 @@ use super::{
     NAR_MAGIC,
 };
 
+/// The longest string a canonical NAR holds outside file contents.
+const LONGEST_TOKEN: usize = {
+    let names = if MAX_NAME_LEN > MAX_TAG_LEN {
+        MAX_NAME_LEN
+    } else {
+        MAX_TAG_LEN
+    };
+    if MAX_TARGET_LEN > names {
+        MAX_TARGET_LEN
+    } else {
+        names
+    }
+};
+
 /// One step of a NAR, in archive order.
 ///
 /// The root node comes first. A [`Event::Directory`] is followed by zero or more
@@ -438,6 +452,11 @@ impl<R: Read> NarReader<R> {
 
     /// Reads `len` (already bounded by the caller) bytes plus padding into `self.token`.
     fn read_string_body(&mut self, len: u64) -> Result<(), NarError> {
+        // Every caller has checked `len` against its own limit; this is the backstop that keeps
+        // a forgotten check from allocating what a client names (V10).
+        if len > LONGEST_TOKEN as u64 && !cfg!(feature = "without-nar-limits") {
+            return Err(self.error(NarErrorKind::TooLarge(len)));
+        }
         let n = usize::try_from(len).map_err(|_| self.error(NarErrorKind::TooLarge(len)))?;
         self.token.clear();
         self.token.resize(n, 0);

@@ -136,6 +136,12 @@ pub fn restore_with<R: Read>(
                 made.nodes += 1;
             }
             Event::Entry { name } => {
+                // The reader has checked the name; a second check here, since nothing else
+                // keeps `..` or `a/b` from leaving the directory being restored (V4).
+                if !is_valid_name(name) && !cfg!(feature = "without-nar-names") {
+                    let bad = show(name);
+                    return Err(nar.error(NarErrorKind::InvalidName(bad)));
+                }
                 pending.clear();
                 pending.extend_from_slice(name);
             }
