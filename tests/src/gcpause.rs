@@ -79,6 +79,29 @@ pub fn arm(d: &Daemon, point: &str) {
     std::fs::write(dir.join(format!("arm-{point}")), b"").unwrap();
 }
 
+/// Arms `point`, starts the collection `gc`, runs `during` once it has stopped there, then lets
+/// it go on (also when `during` panics, so a failing test never leaves it waiting) and returns
+/// its output with what `during` returned.
+pub fn while_paused<T>(
+    d: &Daemon,
+    point: &str,
+    gc: impl FnOnce() -> RunOutput + Send,
+    during: impl FnOnce() -> T,
+) -> (RunOutput, T) {
+    arm(d, point);
+    std::thread::scope(|s| {
+        let gc = s.spawn(gc);
+        wait_paused(d, point, &gc);
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
+        release(d, point);
+        let out = gc.join().expect("the collection's thread");
+        match res {
+            Ok(v) => (out, v),
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
+}
+
 /// Waits until the collection `gc` has stopped at `point`; panics if it ends first or does not
 /// get there in time.
 pub fn wait_paused(d: &Daemon, point: &str, gc: &ScopedJoinHandle<'_, RunOutput>) {

@@ -9,7 +9,7 @@
 
 use stockade_tests::gcpause::{self, AFTER_ROOTS, BEFORE_DELETE, BETWEEN_ROOTS};
 use stockade_tests::raw::RawConn;
-use stockade_tests::{ensure_user, skip_unless_root, Daemon, User};
+use stockade_tests::{ensure_user, skip_unless_root, Daemon, RunOutput, User};
 
 fn valid(d: &Daemon, p: &str) -> bool {
     d.cmd("nix-store")
@@ -23,6 +23,11 @@ fn valid(d: &Daemon, p: &str) -> bool {
 fn garbage(d: &Daemon, tag: &str) -> String {
     let f = d.write_work_file(&format!("{tag}.txt"), format!("{tag}\n").as_bytes());
     d.run_ok(["nix-store", "--add", f.to_str().unwrap()])
+}
+
+/// Bob's `nix-store --gc`, to run paused.
+fn gc<'a>(d: &'a Daemon, bob: &'a User) -> impl FnOnce() -> RunOutput + Send + 'a {
+    move || d.cmd("nix-store").arg("--gc").as_user(bob).output()
 }
 
 /// Bob's `nix-store --gc`, asserted to succeed.
@@ -52,23 +57,14 @@ fn a28_a_temp_root_taken_mid_collection_holds_its_path_while_her_connection_live
     let d = gcpause::stockade(libexec.path()).start().expect("stockade");
     let held = garbage(&d, "a28-held");
     let other = garbage(&d, "a28-other");
-    gcpause::arm(&d, AFTER_ROOTS);
-    let conn = std::thread::scope(|s| {
-        let gc = s.spawn(|| d.cmd("nix-store").arg("--gc").as_user(&bob).output());
-        gcpause::wait_paused(&d, AFTER_ROOTS, &gc);
+    let (o, conn) = gcpause::while_paused(&d, AFTER_ROOTS, gc(&d, &bob), || {
         let mut conn = RawConn::session(&d, Some(&mallory));
         conn.add_temp_root(&held)
             .unwrap()
             .expect("mallory's temp root");
-        gcpause::release(&d, AFTER_ROOTS);
-        let o = gc.join().unwrap();
-        assert!(o.success(), "{o}");
-        assert!(
-            !o.stderr_str().contains(&format!("deleting '{held}'")),
-            "{o}"
-        );
         conn
     });
+    assert!(o.success(), "{o}");
     assert!(valid(&d, &held), "{held}, held by mallory, was deleted");
     assert!(!valid(&d, &other), "{other}, held by no one, survived");
     // Her connection lives: a later collection keeps it too.
@@ -107,10 +103,7 @@ fn a28_a_root_made_between_the_collectors_root_scans_is_not_missed() {
     conn.add_temp_root(&kept)
         .unwrap()
         .expect("mallory's temp root");
-    gcpause::arm(&d, BETWEEN_ROOTS);
-    std::thread::scope(|s| {
-        let gc = s.spawn(|| d.cmd("nix-store").arg("--gc").as_user(&bob).output());
-        gcpause::wait_paused(&d, BETWEEN_ROOTS, &gc);
+    let (o, ()) = gcpause::while_paused(&d, BETWEEN_ROOTS, gc(&d, &bob), || {
         std::os::unix::fs::symlink(&kept, &link).unwrap();
         std::os::unix::fs::lchown(&link, Some(mallory.uid), Some(mallory.gid)).unwrap();
         let r = conn
@@ -119,10 +112,8 @@ fn a28_a_root_made_between_the_collectors_root_scans_is_not_missed() {
         assert!(r.is_ok(), "{}", r.error("AddIndirectRoot"));
         drop(conn);
         gcpause::wait_unrooted(&d, &kept);
-        gcpause::release(&d, BETWEEN_ROOTS);
-        let o = gc.join().unwrap();
-        assert!(o.success(), "{o}");
     });
+    assert!(o.success(), "{o}");
     assert!(
         valid(&d, &kept),
         "{kept}, rooted by mallory during the collection, was deleted"
@@ -143,10 +134,7 @@ fn a28_a_path_added_mid_collection_keeps_the_garbage_it_refers_to() {
     let d = gcpause::stockade(libexec.path()).start().expect("stockade");
     let referred = garbage(&d, "a28-referred");
     let other = garbage(&d, "a28-doomed");
-    gcpause::arm(&d, BEFORE_DELETE);
-    let (conn, added) = std::thread::scope(|s| {
-        let gc = s.spawn(|| d.cmd("nix-store").arg("--gc").as_user(&bob).output());
-        gcpause::wait_paused(&d, BEFORE_DELETE, &gc);
+    let (o, (conn, added)) = gcpause::while_paused(&d, BEFORE_DELETE, gc(&d, &bob), || {
         let mut conn = RawConn::session(&d, Some(&mallory));
         let (r, added) = conn
             .add_to_store(
@@ -157,11 +145,9 @@ fn a28_a_path_added_mid_collection_keeps_the_garbage_it_refers_to() {
             )
             .unwrap();
         assert!(r.is_ok(), "{}", r.error("AddToStore"));
-        gcpause::release(&d, BEFORE_DELETE);
-        let o = gc.join().unwrap();
-        assert!(o.success(), "{o}");
         (conn, added.expect("the added path"))
     });
+    assert!(o.success(), "{o}");
     assert!(
         valid(&d, &added),
         "{added}, just added by mallory, was deleted"
@@ -177,4 +163,47 @@ fn a28_a_path_added_mid_collection_keeps_the_garbage_it_refers_to() {
     collect(&d, &bob);
     assert!(!valid(&d, &added) && !valid(&d, &referred));
     verify_clean(&d);
+}
+
+/// Mallory builds while bob's collection has read every root: her build's output, registered
+/// and rooted by her out-link after the collector read the roots, survives (the collector
+/// heard of its temp root; and a path registered after it read the database counts as alive).
+/// Her build's input, which nothing roots, was held while the build ran.
+#[test]
+fn a28_a_build_finished_mid_collection_keeps_its_output() {
+    skip_unless_root!();
+    let bob = ensure_user("st-bob").unwrap();
+    let mallory = ensure_user("st-mallory").unwrap();
+    let libexec = gcpause::libexec();
+    let d = gcpause::stockade(libexec.path())
+        .conf_line("sandbox = true")
+        .start()
+        .expect("stockade");
+    let bb = d.add_busybox();
+    let expr = stockade_tests::busybox_derivation(&bb, "a28-built", "echo a28 built > $out");
+    let links = d.work_dir().join("a28-build-links");
+    std::fs::create_dir_all(&links).unwrap();
+    std::os::unix::fs::chown(&links, Some(mallory.uid), Some(mallory.gid)).unwrap();
+    let link = links.join("result").display().to_string();
+    let (o, b) = gcpause::while_paused(&d, AFTER_ROOTS, gc(&d, &bob), || {
+        d.cmd("nix-build")
+            .as_user(&mallory)
+            .args(["--out-link", &link, "-E", &expr])
+            .output()
+    });
+    assert!(o.success(), "{o}");
+    assert!(b.success(), "{b}");
+    let out = b.stdout_str().trim().to_string();
+    assert!(valid(&d, &out), "{out}, built by mallory, was deleted");
+    assert_eq!(
+        std::fs::read_to_string(d.host_path(&out)).unwrap(),
+        "a28 built\n"
+    );
+    verify_clean(&d);
+    // Rooted by her out-link, it outlives her connection.
+    collect(&d, &bob);
+    assert!(
+        valid(&d, &out),
+        "{out}, rooted by her out-link, was deleted"
+    );
 }
