@@ -34,6 +34,9 @@ done | sort -u | paste -sd, -)
 echo "==> building with the defences off: $shared"
 cargo build --quiet --workspace --bins --target-dir "$target" --features "$shared"
 shared_bin="$PWD/$target/debug/stockade"
+# The A28 tests (tests/src/gcpause.rs) then run this build's store-writer, which has
+# test-gc-pause (listed with their switches), not the pausing one of the normal build.
+unset STOCKADE_GC_PAUSE_WRITER
 # compromised_broker.rs runs the evil broker of the normal build (its own lockdown intact)
 # against the defences-off store-writer; scripts/test.sh has built it already.
 if [ -z "${STOCKADE_EVIL_BROKER:-}" ]; then

@@ -50,6 +50,14 @@ step "cargo build --bin stockade-evil-broker (feature stockade-broker/evil)"
 cargo build --workspace --features stockade-broker/evil --bin stockade-evil-broker
 export STOCKADE_EVIL_BROKER="${CARGO_TARGET_DIR:-$PWD/target}/debug/stockade-evil-broker"
 
+# The A28 race tests (tests/tests/gc_pause.rs) run a store-writer whose collections stop
+# where a test arms them (test-only feature test-gc-pause), built apart so that the binaries
+# above stay as they are.
+step "cargo build --bin stockade-store-writer (feature test-gc-pause, target/gc-pause)"
+cargo build -p stockade-store-writer --bin stockade-store-writer --features test-gc-pause \
+  --target-dir "${CARGO_TARGET_DIR:-$PWD/target}/gc-pause"
+export STOCKADE_GC_PAUSE_WRITER="${CARGO_TARGET_DIR:-$PWD/target}/gc-pause/debug/stockade-store-writer"
+
 step "cargo test --workspace"
 set +e
 cargo test --workspace 2>&1 | tee "$work/test.log"

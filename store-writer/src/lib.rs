@@ -31,7 +31,8 @@ pub mod upload;
 pub mod verify;
 
 // Test-only switches that turn a defence off, so its security test can be shown to fail
-// (scripts/defences-off.sh). Never in a release build.
+// (scripts/defences-off.sh), and `test-gc-pause`, which lets a test stop a collection.
+// Never in a release build.
 #[cfg(all(
     not(debug_assertions),
     any(
@@ -47,7 +48,9 @@ pub mod verify;
         feature = "without-fod-copy",
         feature = "without-v16",
         feature = "without-drv-outputs-check",
-        feature = "without-a43"
+        feature = "without-a43",
+        feature = "without-a28",
+        feature = "test-gc-pause"
     )
 ))]
-compile_error!("the without-* features switch defences off; they are for test builds only");
+compile_error!("the without-* and test-* features are for test builds only");

@@ -32,6 +32,7 @@ mod client;
 mod daemon;
 pub mod evil;
 pub mod fsutil;
+pub mod gcpause;
 pub mod http;
 pub mod newer;
 mod proc;

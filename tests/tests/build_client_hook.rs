@@ -6,12 +6,16 @@
 //! runs nix-daemon once for the reference.
 
 use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use stockade_tests::sec::{audit_line, stockade_with, AuditCollector};
-use stockade_tests::{busybox_derivation, ensure_user, skip_unless_root, Daemon, DaemonKind, User};
+use stockade_tests::{
+    busybox_derivation, ensure_user, nix_string, skip_unless_root, Daemon, DaemonKind, User,
+};
 
 const TRUSTED: &str = "trusted-users = root st-alice";
 
@@ -186,6 +190,173 @@ fn a54_a_trusted_clients_post_build_hook_runs_unprivileged_for_its_connection_on
             .filter(|l| l.contains(" post-build-hook ") && l.contains("from="))
             .count(),
         1,
+        "{hooks:#?}"
+    );
+}
+
+/// A54 with two connections building at once: alice (trusted) builds with `--option sandbox
+/// false` and her hook; while her build runs (its fixed-output builder waits on the test's
+/// HTTP server), bob (untrusted) builds on his own connection. Her settings are allowed and
+/// audited as a warning, and stay hers: bob's builder is confined (the host's directories are
+/// not there; audited `sandboxed=true`), and her hook does not run for his build, only for
+/// hers. (A root Stockade confines her build too: stricter than nix-daemon.)
+#[test]
+fn a54_a_trusted_clients_sandbox_off_and_hook_do_not_reach_a_concurrent_build() {
+    skip_unless_root!();
+    let alice = ensure_user("st-alice").unwrap();
+    let bob = ensure_user("st-bob").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("stockade-a54c-")
+        .tempdir()
+        .expect("temp dir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+    let hook = write_hook(dir.path());
+    let audit = AuditCollector::new();
+    let d = stockade_with(&format!("audit-socket = {}\n", audit.path().display()))
+        .conf_line("sandbox = true")
+        .conf_line("max-jobs = 2")
+        .conf_line(TRUSTED)
+        .start()
+        .expect("stockade");
+    let bb = d.add_busybox();
+
+    // Alice's fixed-output build fetches from the test, which answers only once bob is done.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let payload = format!("a54 concurrent {}\n", std::process::id());
+    let file = d.write_work_file("a54-payload", payload.as_bytes());
+    let hash = d.run_ok([
+        "nix-hash",
+        "--type",
+        "sha256",
+        "--flat",
+        file.to_str().unwrap(),
+    ]);
+    let fetch = format!("wget -q -O $out http://127.0.0.1:{port}/a54");
+    let alice_expr = format!(
+        "let bb = builtins.storePath {bbs}; in derivation {{ name = \"a54-alice-fetch\"; \
+         system = builtins.currentSystem; builder = \"${{bb}}/bin/sh\"; PATH = \"${{bb}}/bin\"; \
+         args = [ \"-c\" {script} ]; outputHashMode = \"flat\"; outputHashAlgo = \"sha256\"; \
+         outputHash = \"{hash}\"; }}",
+        bbs = nix_string(&bb),
+        script = nix_string(&fetch),
+    );
+    let alice_drv = d.run_as_ok(&alice, ["nix-instantiate", "-E", &alice_expr]);
+    // Bob's builder says which host paths it sees.
+    let host = dir.path().display().to_string();
+    let probe = format!(
+        "for p in {host} {hook} /etc/shadow /root /nix/var/nix/db; do \
+         if [ -e $p ]; then echo visible $p; fi; done > $out; echo probed >> $out"
+    );
+    let bob_expr = busybox_derivation(&bb, "a54-bob-probe", &probe);
+    let bob_drv = d.run_as_ok(&bob, ["nix-instantiate", "-E", &bob_expr]);
+
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            d.cmd("nix-build")
+                .as_user(&alice)
+                .args(["--no-out-link", "--option", "sandbox", "false"])
+                .args(["--option", "post-build-hook", &hook, "-E", &alice_expr])
+                .output()
+        });
+        // Her builder is running once it asks the test.
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut conn, _) = loop {
+            match listener.accept() {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+            assert!(!a.is_finished(), "alice's build ended without fetching");
+            assert!(Instant::now() < deadline, "alice's builder never fetched");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut request = String::new();
+        BufReader::new(conn.try_clone().unwrap())
+            .read_line(&mut request)
+            .unwrap();
+        assert!(request.starts_with("GET /a54 "), "{request:?}");
+
+        // Meanwhile, bob's build: confined, and no hook.
+        let b = d
+            .cmd("nix-build")
+            .as_user(&bob)
+            .args(["--no-out-link", "-E", &bob_expr])
+            .output();
+        assert!(b.success(), "{b}");
+        assert!(!a.is_finished(), "alice's build did not wait for the test");
+        let out = b.stdout_str().trim().to_string();
+        let seen = fs::read_to_string(d.host_path(&out)).unwrap();
+        assert_eq!(seen, "probed\n", "bob's builder saw host paths");
+        assert!(
+            !b.stderr_str().contains("post-build-hook") && !b.stderr_str().contains("hook.sh"),
+            "{b}"
+        );
+        assert_eq!(take_report(dir.path()), Vec::<String>::new());
+
+        // Now alice's build ends, and her hook runs for it.
+        conn.write_all(
+            format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{payload}",
+                payload.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        drop(conn);
+        let a = a.join().unwrap();
+        assert!(a.success(), "{a}");
+        assert!(a.stderr_str().contains("post-build-hook: hook for"), "{a}");
+    });
+    let report = take_report(dir.path());
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert!(
+        report[0].ends_with(&format!("drv={alice_drv}")),
+        "{report:?}"
+    );
+    assert!(!report[0].starts_with("uid=0 "), "{report:?}");
+
+    // Her overrides are allowed and said in a warning; bob set none.
+    let set = audited(&audit, alice.uid, "op=setOptions");
+    for name in ["sandbox", "post-build-hook"] {
+        assert!(
+            field(&set, "allowed").split(',').any(|n| n == name),
+            "{set}"
+        );
+        assert!(
+            field(&set, "restricted").split(',').any(|n| n == name),
+            "{set}"
+        );
+    }
+    assert!(set.starts_with("<28>"), "not a warning: {set}");
+    let lines = audit.lines();
+    let bob_uid = format!(" uid={} ", bob.uid);
+    assert!(
+        !lines.iter().any(|l| l.contains(&bob_uid)
+            && l.contains("op=setOptions")
+            && field(l, "allowed").contains("sandbox")),
+        "{lines:#?}"
+    );
+    // Each build's start says whether it is confined.
+    for drv in [&bob_drv, &alice_drv] {
+        let start = audit
+            .wait_for(Duration::from_secs(10), |l| {
+                l.contains("build-start") && l.contains(drv.as_str())
+            })
+            .unwrap_or_else(|| panic!("no build-start for {drv}: {lines:#?}"));
+        assert_eq!(field(&start, "sandboxed"), "true", "{start}");
+    }
+    let hooks: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(" post-build-hook ") && l.contains("from="))
+        .collect();
+    assert_eq!(hooks.len(), 1, "{hooks:#?}");
+    assert!(
+        hooks[0].contains(&format!(" uid={} ", alice.uid)),
         "{hooks:#?}"
     );
 }

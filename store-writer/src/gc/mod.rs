@@ -7,6 +7,7 @@
 mod auto;
 mod delete;
 mod graph;
+mod pause;
 mod server;
 mod state;
 mod walk;
@@ -162,17 +163,32 @@ fn collect(
     // Temp roots first (Nix reads them after the permanent ones): a client makes a permanent
     // root while its temp root holds the path, and may then drop the temp root. Read in this
     // order, a permanent root made after the scan is covered by a temp root that was read or
-    // has come through the socket since; in Nix's order both can be missed.
+    // has come through the socket since; in Nix's order both can be missed (A28).
     let mut temp = roots::new_roots();
-    roots::find_temp_roots(store, &mut temp, true, log);
-    shared.add_known_roots(temp.iter().map(|(p, _)| p.hash_part().to_string()));
-    let reader = store.reader()?;
-    let found = {
+    let read_temp = |temp: &mut roots::Roots, log: &mut dyn FnMut(u32, String)| {
+        roots::find_temp_roots(store, temp, true, log);
+        shared.add_known_roots(temp.iter().map(|(p, _)| p.hash_part().to_string()));
+    };
+    let permanent = |reader: &crate::db::StoreDb, log: &mut dyn FnMut(u32, String)| {
         let mut is_valid = |p: &StorePath| reader.is_valid(p).unwrap_or(false);
         roots::find_roots_no_temp(store, &mut is_valid, true, log)
     };
+    let (reader, found) = if cfg!(feature = "without-a28") {
+        let reader = store.reader()?;
+        let found = permanent(&reader, log);
+        pause::at(store, pause::BETWEEN_ROOTS);
+        read_temp(&mut temp, log);
+        (reader, found)
+    } else {
+        read_temp(&mut temp, log);
+        pause::at(store, pause::BETWEEN_ROOTS);
+        let reader = store.reader()?;
+        let found = permanent(&reader, log);
+        (reader, found)
+    };
 
     let graph = graph::Graph::load(&reader)?;
+    pause::at(store, pause::AFTER_ROOTS);
     let only = (req.action == GcAction::DeleteSpecific)
         .then(|| req.paths.iter().cloned().collect::<HashSet<_>>());
     let mut walk = Walk::new(

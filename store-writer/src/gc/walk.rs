@@ -279,6 +279,7 @@ impl<'a> Walk<'a> {
         if self.batch.is_empty() {
             return Ok(());
         }
+        super::pause::at(self.store, super::pause::BEFORE_DELETE);
         let batch = std::mem::take(&mut self.batch);
         let hashes = std::mem::take(&mut self.batch_hashes);
         if self.max_freed != u64::MAX {
