@@ -72,25 +72,52 @@ impl Daemon {
         id
     }
 
-    fn refuse_limit(&mut self, conn_id: u64, uid: u32, pid: i32, limit: &str, reason: &str) {
-        let Some(suppressed) = self.limit_log.admit(Instant::now()) else {
+    fn refuse_limit(
+        &mut self,
+        conn_id: u64,
+        uid: u32,
+        pid: i32,
+        limit: &'static str,
+        reason: &str,
+    ) {
+        let now = Instant::now();
+        self.report_suppressed(now);
+        if !self.limit_log.admit(now, uid, limit) {
             return;
-        };
-        log::warn!("refusing connection from pid {pid} (uid {uid}): {reason}");
-        let suppressed = suppressed.to_string();
-        let pid = pid.to_string();
-        let mut fields = vec![("pid", pid.as_str()), ("limit", limit), ("reason", reason)];
-        if suppressed != "0" {
-            fields.push(("suppressed-before", &suppressed));
         }
+        log::warn!("refusing connection from pid {pid} (uid {uid}): {reason}");
+        let pid = pid.to_string();
         self.ctx.audit.event_at(
             Facility::AuthPriv,
             Severity::Warning,
             conn_id,
             uid,
             "limit",
-            &fields,
+            &[("pid", pid.as_str()), ("limit", limit), ("reason", reason)],
         );
+    }
+
+    /// The refusals left out of the log whose second is over: one line per uid and limit.
+    pub(super) fn report_suppressed(&mut self, now: Instant) {
+        for (uid, limit, n) in self.limit_log.take_due(now) {
+            log::warn!("refused {n} more connections of uid {uid} ({limit}) without a line each");
+            let n = n.to_string();
+            self.ctx.audit.event_at(
+                Facility::AuthPriv,
+                Severity::Warning,
+                0,
+                uid,
+                "limit",
+                &[
+                    ("limit", limit),
+                    ("suppressed", n.as_str()),
+                    (
+                        "reason",
+                        "refusals in the last second past the audit's rate",
+                    ),
+                ],
+            );
+        }
     }
 
     fn handle_connection(&mut self, stream: UnixStream, source: Source) {

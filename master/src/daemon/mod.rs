@@ -251,6 +251,18 @@ pub fn run(ctx: Ctx) -> Result<i32> {
     d.run()
 }
 
+/// `timeout`, or the time left until `deadline` if that is sooner.
+fn sooner(timeout: PollTimeout, deadline: Option<Instant>) -> PollTimeout {
+    let Some(d) = deadline else { return timeout };
+    let left = PollTimeout::try_from(d.saturating_duration_since(Instant::now()))
+        .unwrap_or(PollTimeout::MAX);
+    if timeout == PollTimeout::NONE || left < timeout {
+        left
+    } else {
+        timeout
+    }
+}
+
 impl Daemon {
     fn run(&mut self) -> Result<i32> {
         loop {
@@ -279,19 +291,9 @@ impl Daemon {
             } else {
                 timeout
             };
-            // A runtime-roots scan that must end by its deadline.
-            let timeout = match self.roots.as_ref().and_then(RootsReader::deadline) {
-                Some(d) => {
-                    let left = PollTimeout::try_from(d.saturating_duration_since(Instant::now()))
-                        .unwrap_or(PollTimeout::MAX);
-                    if timeout == PollTimeout::NONE || left < timeout {
-                        left
-                    } else {
-                        timeout
-                    }
-                }
-                None => timeout,
-            };
+            // A runtime-roots scan that must end by its deadline; refusal counts to report.
+            let timeout = sooner(timeout, self.roots.as_ref().and_then(RootsReader::deadline));
+            let timeout = sooner(timeout, self.limit_log.due());
             let (sig, chan, helper, roots, main, untrusted, relayed) = {
                 let roots_chan = self.roots.as_ref().and_then(RootsReader::channel);
                 let mut fds = vec![PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN)];
@@ -388,6 +390,7 @@ impl Daemon {
             if untrusted {
                 self.accept_batch(Source::Untrusted);
             }
+            self.report_suppressed(Instant::now());
             // Reaped brokers' streams are gone already (`closed`): nothing to do for those.
             for id in relayed {
                 if let Err(e) = self.relay.ready(id, &mut io::stderr()) {
