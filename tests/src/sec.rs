@@ -500,7 +500,11 @@ pub fn private_broker_uids() -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
     let slot = (std::process::id() % 8192) * 16 + n;
-    let first = 1_000_000 + slot * 256;
+    // 512 apart: the four uids the master takes just below its range for its services (the
+    // store-writer, the database readers' gid, the builder-helper, the roots-reader) must not
+    // fall into another instance's range, whose master would kill them as a leftover broker
+    // once it got that far (CI: a 1 000-connection test killed its neighbour's helper).
+    let first = 1_000_000 + slot * 512 + 256;
     format!("broker-uid-range = {first}-{}\n", first + 255)
 }
 

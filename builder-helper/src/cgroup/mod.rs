@@ -519,6 +519,9 @@ fn procs(dir: &Path) -> Vec<i32> {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.trim().parse().ok())
+        // A process outside our pid namespace reads as 0, and kill(0) would signal our own
+        // process group.
+        .filter(|&pid| pid > 0)
         .collect()
 }
 

@@ -224,7 +224,13 @@ pub fn bench_stockade_conf() -> String {
     // `STOCKADE_BENCH_STOCKADE_CONF`: more stockade.conf lines (`\n`-separated), to measure
     // what a Stockade setting costs.
     let extra = std::env::var("STOCKADE_BENCH_STOCKADE_CONF").unwrap_or_default();
-    format!("broker-uid-range = {first}-{}\n{extra}\n", first + SPAN - 1)
+    // The range starts 8 into its span: the master's service uids sit just below it and must
+    // not fall into another instance's range (its master would kill them as leftovers).
+    format!(
+        "broker-uid-range = {}-{}\n{extra}\n",
+        first + 8,
+        first + SPAN - 1
+    )
 }
 
 /// Runs the selected workloads. Each workload gets a fresh nix-daemon and a fresh Stockade,
