@@ -331,7 +331,13 @@ fn a61_a_compromised_broker_cannot_read_the_signing_key() {
         .unwrap();
     std::fs::set_permissions(keys.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let (secret, public) = (keys.path().join("sec"), keys.path().join("pub"));
+    // Nix opens its state even to make a key: give it a throw-away one, never the host's /nix.
+    let state = keys.path().join("nix-state");
     let made = std::process::Command::new("nix-store")
+        .env("NIX_REMOTE", "dummy://")
+        .env("NIX_STATE_DIR", &state)
+        .env("NIX_LOG_DIR", state.join("log"))
+        .env("NIX_STORE_DIR", state.join("store"))
         .arg("--generate-binary-cache-key")
         .arg("a61.example.org-1")
         .args([&secret, &public])
