@@ -139,8 +139,6 @@ impl SettingValue for InodeFloor {
 /// What a file system has, as `statvfs` says.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FsFree {
-    /// Its file system id, to tell two directories on one file system apart from two.
-    pub fsid: u64,
     pub bytes_total: u64,
     pub bytes_free: u64,
     /// 0 where the file system has no fixed number of inodes (btrfs): no inode floor then.
@@ -161,7 +159,6 @@ impl FsFree {
     fn from_stat(s: &nix::sys::statvfs::Statvfs) -> FsFree {
         let unit = u64::from(s.fragment_size()).max(1);
         FsFree {
-            fsid: u64::from(s.filesystem_id()),
             bytes_total: u64::from(s.blocks()).saturating_mul(unit),
             bytes_free: u64::from(s.blocks_available()).saturating_mul(unit),
             inodes_total: u64::from(s.files()),
@@ -227,9 +224,7 @@ impl Crossed {
             "store-free-space-floor"
         }
     }
-}
 
-impl Crossed {
     /// What is counted: `bytes` or `inodes`.
     pub fn unit(&self) -> &'static str {
         if self.inodes {
@@ -316,7 +311,6 @@ mod tests {
 
     fn fs(bytes_free: u64, inodes_free: u64, inodes_total: u64) -> FsFree {
         FsFree {
-            fsid: 1,
             bytes_total: 1000,
             bytes_free,
             inodes_total,
